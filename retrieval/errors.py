@@ -1,0 +1,39 @@
+"""Typed errors of the model layer. The edge (api/) turns them into exit codes and HTTP bodies."""
+
+from __future__ import annotations
+
+
+class BlipsearchError(Exception):
+    """Base class of every error blipsearch reports to a user in its own words."""
+
+    exit_code = 1
+
+
+class UsageError(BlipsearchError):
+    """A request that cannot mean anything: an empty query, k <= 0, a bad option value."""
+
+    exit_code = 2
+
+
+class ModelNotFoundError(BlipsearchError):
+    """The weights are neither in a local directory nor downloadable."""
+
+    exit_code = 2
+
+    def __init__(self, model: str, looked_in: str, reason: str = "") -> None:
+        self.model = model
+        self.looked_in = looked_in
+        self.reason = reason
+        lines = [
+            f"model {model!r} is not available: not a local model directory, and not in {looked_in}"
+            + (f" ({reason})" if reason else "") + ".",
+            "Download it on a connected machine (huggingface-cli download "
+            f"{model} --local-dir DIR) and pass --model DIR, or point HF_HOME at a cache that holds it.",
+        ]
+        super().__init__("\n".join(lines))
+
+
+class ModelMismatchError(BlipsearchError):
+    """An index built with one model is used with another."""
+
+    exit_code = 2

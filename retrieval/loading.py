@@ -1,0 +1,150 @@
+"""Load BLIP-2 checkpoints from a hub id or a local directory through one code path.
+
+`from_pretrained` already accepts both; what this module adds is the user-facing contract: a
+missing model becomes one `ModelNotFoundError` that says where we looked and what to do,
+instead of a traceback after half a minute of network retries.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import re
+import socket
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlparse
+
+from retrieval.config import DTYPES, DEVICES, ModelConfig
+from retrieval.errors import ModelNotFoundError, UsageError
+
+
+@dataclass(frozen=True)
+class ModelIdentity:
+    """What an index records about the model that made its vectors, to refuse mixing models."""
+
+    name: str
+    fingerprint: str
+    embed_dim: int
+    num_queries: int
+
+
+@dataclass(frozen=True)
+class Loaded:
+    model: Any
+    processor: Any
+    device: str
+    dtype: Any  # torch.dtype
+
+
+def resolve_device(requested: str) -> str:
+    import torch
+
+    if requested not in DEVICES:
+        raise UsageError(f"--device must be one of {', '.join(DEVICES)}, not {requested!r}")
+    if requested == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if requested == "cuda" and not torch.cuda.is_available():
+        raise UsageError("--device cuda was asked for, but torch sees no CUDA device; use --device cpu")
+    return requested
+
+
+def resolve_dtype(requested: str, device: str):
+    import torch
+
+    if requested not in DTYPES:
+        raise UsageError(f"--dtype must be one of {', '.join(DTYPES)}, not {requested!r}")
+    if requested == "auto":
+        return torch.float16 if device.startswith("cuda") else torch.float32
+    return getattr(torch, requested)
+
+
+def hub_cache_dir() -> str:
+    from huggingface_hub.constants import HF_HUB_CACHE
+
+    return HF_HUB_CACHE
+
+
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
+
+
+def _looks_like_path(name: str) -> bool:
+    """A hub id is `name` or `org/name`; anything else (./x, /abs, a/b/c, ~/x) can only be a path."""
+    return not _HUB_ID.match(name) or name.startswith(".")
+
+
+def _hub_reachable(timeout: float = 3.0) -> bool:
+    """One quick TCP connect to the hub, so an offline machine fails in seconds, not after minutes of retries."""
+    from huggingface_hub.constants import ENDPOINT, HF_HUB_OFFLINE
+
+    if HF_HUB_OFFLINE:
+        return False
+    url = urlparse(ENDPOINT)
+    try:
+        with socket.create_connection((url.hostname, url.port or 443), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+def _from_pretrained(cls: Any, name: str, **kwargs: Any) -> Any:
+    """`cls.from_pretrained(name)` for a directory or a hub id; local files and the cache first."""
+    path = Path(name).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").exists() and "Processor" not in cls.__name__:
+            raise ModelNotFoundError(name, str(path), "the directory has no config.json")
+        try:
+            return cls.from_pretrained(str(path), **kwargs)
+        except (OSError, ValueError) as exc:
+            raise ModelNotFoundError(name, str(path), _first_line(exc)) from exc
+    if _looks_like_path(name) or path.exists():
+        raise ModelNotFoundError(name, str(path), "no such directory")
+    try:
+        return cls.from_pretrained(name, local_files_only=True, **kwargs)
+    except (OSError, ValueError):
+        pass
+    if not _hub_reachable():
+        raise ModelNotFoundError(name, hub_cache_dir(), "the model hub cannot be reached")
+    try:
+        return cls.from_pretrained(name, **kwargs)
+    except (OSError, ValueError) as exc:
+        raise ModelNotFoundError(name, hub_cache_dir(), _first_line(exc)) from exc
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0][:200] if text else type(exc).__name__
+
+
+def _quiet_hub_logs() -> None:
+    # Retry chatter from huggingface_hub would bury our one-sentence error.
+    for name in ("huggingface_hub", "transformers"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+
+
+def load(model_cls_name: str, config: ModelConfig) -> Loaded:
+    """Load `transformers.<model_cls_name>` and its processor on the configured device and dtype."""
+    import transformers
+
+    _quiet_hub_logs()
+    device = resolve_device(config.device)
+    dtype = resolve_dtype(config.dtype, device)
+    model_cls = getattr(transformers, model_cls_name)
+    model = _from_pretrained(model_cls, config.name, dtype=dtype)
+    processor = _from_pretrained(transformers.AutoProcessor, config.name)
+    model.to(device).eval()
+    return Loaded(model=model, processor=processor, device=device, dtype=dtype)
+
+
+def fingerprint(model: Any) -> str:
+    """A short hash of weights that every load keeps in fp32 (query tokens, Q-Former norm).
+
+    Hashing parameters rather than files makes a hub id and a downloaded copy of it agree, and tells
+    two checkpoints with the same config but different weights apart.
+    """
+    digest = hashlib.sha256()
+    for tensor in (model.query_tokens, model.qformer.layernorm.weight, model.qformer.layernorm.bias):
+        digest.update(tensor.detach().float().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()[:16]

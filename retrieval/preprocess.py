@@ -1,0 +1,49 @@
+"""The BLIP image transform as a small picklable value: PIL image in, normalised CHW float32 out.
+
+It is built from the checkpoint's own image-processor settings and reproduces transformers'
+PIL `BlipImageProcessor` (resize -> rescale -> normalise), tested against it. Owning it lets decode
+workers run it without importing torch or transformers, and keeps results identical on machines
+where transformers would pick its torchvision backend instead.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class ImageTransform:
+    height: int
+    width: int
+    resample: int  # a PIL.Image.Resampling value
+    rescale_factor: float
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+
+    @classmethod
+    def from_processor(cls, processor: Any) -> "ImageTransform":
+        """From a `Blip2Processor` or its `image_processor`."""
+        ip = getattr(processor, "image_processor", processor)
+        size = ip.size
+        height = size["height"] if "height" in size else size["shortest_edge"]
+        width = size["width"] if "width" in size else size["shortest_edge"]
+        if not (ip.do_resize and ip.do_rescale and ip.do_normalize):
+            raise ValueError("blipsearch expects a BLIP image processor that resizes, rescales and normalises")
+        return cls(
+            height=int(height),
+            width=int(width),
+            resample=int(ip.resample),
+            rescale_factor=float(ip.rescale_factor),
+            mean=tuple(float(m) for m in ip.image_mean),
+            std=tuple(float(s) for s in ip.image_std),
+        )
+
+    def __call__(self, image: Any) -> np.ndarray:
+        """An RGB PIL image -> (3, H, W) float32."""
+        resized = image.resize((self.width, self.height), resample=self.resample)
+        array = np.asarray(resized, dtype=np.float32) * np.float32(self.rescale_factor)
+        array = (array - np.asarray(self.mean, dtype=np.float32)) / np.asarray(self.std, dtype=np.float32)
+        return np.ascontiguousarray(array.transpose(2, 0, 1))
