@@ -119,9 +119,12 @@ def _first_line(exc: BaseException) -> str:
 
 
 def _quiet_hub_logs() -> None:
-    # Retry chatter from huggingface_hub would bury our one-sentence error.
-    for name in ("huggingface_hub", "transformers"):
-        logging.getLogger(name).setLevel(logging.ERROR)
+    # Retry chatter and per-load progress bars would bury our own output and one-sentence errors.
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    logging.getLogger("huggingface_hub").setLevel(logging.ERROR)
 
 
 def load(model_cls_name: str, config: ModelConfig) -> Loaded:

@@ -1,0 +1,200 @@
+"""`blipsearch` command line. Heavy libraries (torch, transformers, faiss) load inside the commands
+that need them, so `blipsearch --help` answers at once."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import click
+
+from retrieval.errors import BlipsearchError
+
+
+class BlipsearchGroup(click.Group):
+    """Turns the core's typed errors into `Error: ...` on stderr and the error's exit code."""
+
+    def invoke(self, ctx: click.Context):
+        try:
+            return super().invoke(ctx)
+        except BlipsearchError as exc:
+            click.echo(f"Error: {exc}", err=True)
+            ctx.exit(exc.exit_code)
+
+
+@click.group(cls=BlipsearchGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="blipsearch")
+def main() -> None:
+    """Find images by describing them: BLIP-2 retrieval over folders of images."""
+
+
+# -- shared options -----------------------------------------------------------------------------
+def index_options(func):
+    func = click.option(
+        "--catalog-url", default=None, envvar="BLIPSEARCH_CATALOG_URL",
+        help="SQLAlchemy URL of the catalog (e.g. postgresql+psycopg://host/db); default SQLite inside --index.",
+    )(func)
+    return click.option(
+        "--index", "index_dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+        help="Index directory (catalog, vectors, lock). Default: $BLIPSEARCH_INDEX or a per-user data directory.",
+    )(func)
+
+
+def model_options(func):
+    func = click.option("--dtype", type=click.Choice(["auto", "float32", "float16", "bfloat16"]), default=None,
+                        help="Model precision; auto: float16 on GPU, float32 on CPU.")(func)
+    func = click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default=None,
+                        help="Where the model runs; auto: CUDA when present. Env: BLIPSEARCH_DEVICE.")(func)
+    return click.option("--model", default=None,
+                        help="Retrieval model: hub id or local directory (default Salesforce/blip2-itm-vit-g). "
+                             "Env: BLIPSEARCH_MODEL.")(func)
+
+
+def _store_config(index_dir: Path | None, catalog_url: str | None):
+    from indexer.store import StoreConfig, default_index_dir
+
+    return StoreConfig(directory=(index_dir or default_index_dir()).expanduser(), catalog_url=catalog_url)
+
+
+def _emit_json(payload) -> None:
+    click.echo(json.dumps(payload, indent=None, ensure_ascii=False))
+
+
+# -- models -------------------------------------------------------------------------------------
+@main.group()
+def models() -> None:
+    """Model utilities."""
+
+
+@models.command("make-tiny")
+@click.argument("directory", type=click.Path(file_okay=False, path_type=Path))
+@click.option("--seed", default=0, show_default=True, help="Seed of the random weights.")
+def make_tiny_command(directory: Path, seed: int) -> None:
+    """Write tiny random BLIP-2 checkpoints (retrieval and captioning) to DIRECTORY, to try blipsearch offline.
+
+    Their scores carry no meaning; they exercise the real code paths with the real file layout.
+    """
+    from retrieval.tiny import make_tiny
+
+    retrieval_dir, caption_dir = make_tiny(directory, seed=seed)
+    click.echo(f"retrieval model: {retrieval_dir}\ncaption model:   {caption_dir}")
+
+
+# -- index --------------------------------------------------------------------------------------
+@main.command()
+@click.argument("paths", nargs=-1, required=True)
+@index_options
+@model_options
+@click.option("--batch-size", type=click.IntRange(1, 4096), default=16, show_default=True)
+@click.option("--workers", type=click.IntRange(1, 256), default=None,
+              help="Decode worker processes [default: CPU cores - 1, at least 1].")
+@click.option("--exclude", multiple=True, help="Glob of file or directory names/paths to skip (repeatable).")
+@click.option("--follow-symlinks", is_flag=True, help="Follow symbolic links to files and directories.")
+@click.option("--max-megapixels", type=click.FloatRange(0.01, 10_000), default=100.0, show_default=True,
+              help="Skip images larger than this (decompression-bomb guard).")
+@click.option("--decode-timeout", type=click.FloatRange(0.1, 3600), default=60.0, show_default=True,
+              help="Seconds one file may take to decode before it is skipped.")
+@click.option("--quiet", "-q", is_flag=True, help="No progress output.")
+@click.option("--json", "as_json", is_flag=True, help="Print the summary as one JSON object on stdout.")
+def index(paths, index_dir, catalog_url, model, device, dtype, batch_size, workers, exclude, follow_symlinks,
+          max_megapixels, decode_timeout, quiet, as_json) -> None:
+    """Index the images under PATHS (folders or files): new and changed files are embedded, renamed and
+    duplicate files reuse their vectors, files gone from disk are removed."""
+    import os
+
+    from api.progress import make_progress
+    from indexer.pipeline import IndexConfig, Indexer
+    from indexer.store import IndexStore
+    from indexer.walk import WalkOptions, resolve_roots
+    from indexer.workers import PoolOptions
+    from retrieval.config import ModelConfig
+    from retrieval.encoders import Blip2Retriever
+
+    resolve_roots(list(paths))  # fail on a wrong path before loading anything
+    max_pixels = int(max_megapixels * 1e6)
+    config = IndexConfig(
+        batch_size=batch_size,
+        walk=WalkOptions(excludes=tuple(exclude), follow_symlinks=follow_symlinks),
+        pool=PoolOptions(
+            workers=workers or max(1, (os.cpu_count() or 2) - 1),
+            timeout_s=decode_timeout,
+            memory_limit_bytes=max(4 << 30, 16 * max_pixels + (1 << 30)),
+        ),
+        max_pixels=max_pixels,
+    )
+    store = IndexStore.open(_store_config(index_dir, catalog_url), create=True)
+    try:
+        with store.writer_lock():
+            embedder = Blip2Retriever.load(ModelConfig.retrieval(model, device, dtype))
+            summary = Indexer(store, embedder, config, make_progress("index", quiet)).run(paths)
+    finally:
+        store.close()
+    result = {"index": str(store.directory), **summary.as_dict()}
+    if as_json:
+        _emit_json(result)
+    else:
+        skipped = ", ".join(f"{n} {reason}" for reason, n in result["skipped_by_reason"].items())
+        click.echo(
+            f"indexed {result['indexed']}, unchanged {result['unchanged']}, reused {result['reused']}, "
+            f"removed {result['removed']}, skipped {result['skipped']}" + (f" ({skipped})" if skipped else "")
+            + f" in {result['seconds']['total']:.1f} s"
+        )
+
+
+# -- export / status ----------------------------------------------------------------------------
+@main.command()
+@index_options
+@click.option("--format", "fmt", type=click.Choice(["jsonl", "csv"]), default="jsonl", show_default=True)
+@click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="File to write (default stdout).")
+def export(index_dir, catalog_url, fmt, output) -> None:
+    """Write one row per file in the catalog: path, status, error, size, mtime, hash, width, height, format."""
+    from indexer.export import export_rows
+    from indexer.store import IndexStore
+
+    store = IndexStore.open(_store_config(index_dir, catalog_url))
+    try:
+        rows = store.catalog.files()
+    finally:
+        store.close()
+    if output is None:
+        export_rows(rows, sys.stdout, fmt)
+        return
+    tmp = output.with_name(output.name + ".tmp")
+    with open(tmp, "w", newline="", encoding="utf-8") as handle:
+        count = export_rows(rows, handle, fmt)
+    tmp.replace(output)
+    click.echo(f"wrote {count} rows to {output}", err=True)
+
+
+@main.command()
+@index_options
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+def status(index_dir, catalog_url, as_json) -> None:
+    """Summarise an index: model, counts, size on disk."""
+    from indexer.store import IndexStore
+
+    store = IndexStore.open(_store_config(index_dir, catalog_url))
+    try:
+        identity = store.catalog.model()
+        result = {
+            "index": str(store.directory),
+            "model": identity.name if identity else None,
+            "model_fingerprint": identity.fingerprint if identity else None,
+            "embed_dim": identity.embed_dim if identity else None,
+            "num_queries": identity.num_queries if identity else None,
+            **store.catalog.counts(),
+            "bytes_on_disk": store.disk_bytes(),
+        }
+    finally:
+        store.close()
+    if as_json:
+        _emit_json(result)
+    else:
+        for key, value in result.items():
+            click.echo(f"{key}: {value}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""Files, the catalog and the bulk pipeline: folders in, catalog rows and FAISS vectors out."""

@@ -1,0 +1,283 @@
+"""The SQL catalog: every file seen, every distinct image content with its vectors, the model used.
+
+SQLite by default (WAL, so searches read while an indexer writes), any SQLAlchemy URL otherwise.
+Each write method is one transaction: a batch of files and their vectors lands whole or not at all,
+which is what makes `kill -9` at any moment safe.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, Iterator, Sequence
+
+import numpy as np
+from sqlalchemy import and_, create_engine, delete, event, exists, func, insert, select
+from sqlalchemy.engine import Engine
+
+from indexer import schema
+from indexer.errors import CatalogVersionError
+from retrieval.errors import ModelMismatchError
+from retrieval.loading import ModelIdentity
+
+_CHUNK = 500  # rows per IN (...) clause, well under SQLite's variable limit
+
+
+@dataclass(frozen=True)
+class FileRow:
+    """A row of `files` as the catalog holds it."""
+
+    id: int
+    path: str
+    size: int
+    mtime_ns: int
+    content_hash: str | None
+    status: str
+    error: str | None
+    width: int | None
+    height: int | None
+    format: str | None
+    embedding_id: int | None
+    updated_at: float
+
+
+@dataclass(frozen=True)
+class FileEntry:
+    """What a writer records about one file: indexed (with an embedding) or skipped (with an error)."""
+
+    path: str
+    size: int
+    mtime_ns: int
+    content_hash: str | None
+    status: str
+    error: str | None = None
+    width: int | None = None
+    height: int | None = None
+    format: str | None = None
+
+
+@dataclass(frozen=True)
+class BatchWritten:
+    created: dict[str, int]  # content hash -> new embedding id
+    orphaned: list[int]  # embedding ids deleted because no file points at them any more
+
+
+def sqlite_url(path: Path) -> str:
+    return f"sqlite:///{path}"
+
+
+def _chunks(items: Sequence, size: int = _CHUNK) -> Iterator[Sequence]:
+    for start in range(0, len(items), size):
+        yield items[start : start + size]
+
+
+def _under(root: str):
+    """`files.path` strictly under directory `root`, as an index-friendly range (no LIKE escaping)."""
+    prefix = root.rstrip("/") + "/"
+    return and_(schema.files.c.path >= prefix, schema.files.c.path < prefix[:-1] + "0")  # "0" follows "/"
+
+
+class Catalog:
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+
+    @classmethod
+    def open(cls, url: str) -> "Catalog":
+        engine = create_engine(url, future=True)
+        if engine.dialect.name == "sqlite":
+            event.listen(engine, "connect", _sqlite_pragmas)
+        catalog = cls(engine)
+        catalog._migrate()
+        return catalog
+
+    def close(self) -> None:
+        self.engine.dispose()
+
+    def _migrate(self) -> None:
+        from alembic import command
+        from alembic.config import Config
+        from alembic.script import ScriptDirectory
+        from alembic.runtime.migration import MigrationContext
+
+        config = Config()
+        config.set_main_option("script_location", str(Path(__file__).parent / "migrations"))
+        head = ScriptDirectory.from_config(config).get_current_head()
+        with self.engine.begin() as conn:
+            current = MigrationContext.configure(conn).get_current_revision()
+            if current == head:
+                return
+            if current is not None and current not in {s.revision for s in ScriptDirectory.from_config(config).walk_revisions()}:
+                raise CatalogVersionError(
+                    f"the catalog has schema version {current}, newer than this blipsearch knows; upgrade blipsearch"
+                )
+            config.attributes["connection"] = conn
+            command.upgrade(config, "head")
+
+    # -- model identity -------------------------------------------------------------------------
+    def model(self) -> ModelIdentity | None:
+        with self.engine.connect() as conn:
+            values = dict(conn.execute(select(schema.meta.c.key, schema.meta.c.value)).all())
+        if "model_fingerprint" not in values:
+            return None
+        return ModelIdentity(
+            name=values["model_name"],
+            fingerprint=values["model_fingerprint"],
+            embed_dim=int(values["embed_dim"]),
+            num_queries=int(values["num_queries"]),
+        )
+
+    def claim_model(self, identity: ModelIdentity) -> None:
+        """Record the model on first use; refuse any other model afterwards."""
+        recorded = self.model()
+        if recorded is None:
+            with self.engine.begin() as conn:
+                conn.execute(
+                    insert(schema.meta),
+                    [
+                        {"key": "model_name", "value": identity.name},
+                        {"key": "model_fingerprint", "value": identity.fingerprint},
+                        {"key": "embed_dim", "value": str(identity.embed_dim)},
+                        {"key": "num_queries", "value": str(identity.num_queries)},
+                    ],
+                )
+            return
+        check_same_model(recorded, identity)
+
+    # -- reads ------------------------------------------------------------------------------------
+    def files_under(self, roots: Iterable[str]) -> dict[str, FileRow]:
+        rows: dict[str, FileRow] = {}
+        with self.engine.connect() as conn:
+            for root in roots:
+                for row in conn.execute(select(schema.files).where(_under(root))):
+                    rows[row.path] = FileRow(**row._mapping)
+        return rows
+
+    def files(self, ids: Sequence[int] | None = None, embedding_ids: Sequence[int] | None = None) -> list[FileRow]:
+        query = select(schema.files).order_by(schema.files.c.path)
+        if ids is None and embedding_ids is None:
+            with self.engine.connect() as conn:
+                return [FileRow(**r._mapping) for r in conn.execute(query)]
+        column, keys = (schema.files.c.id, ids) if ids is not None else (schema.files.c.embedding_id, embedding_ids)
+        out: list[FileRow] = []
+        with self.engine.connect() as conn:
+            for chunk in _chunks([int(k) for k in keys]):
+                out.extend(FileRow(**r._mapping) for r in conn.execute(query.where(column.in_(chunk))))
+        return out
+
+    def embedding_ids_for(self, hashes: Iterable[str]) -> dict[str, int]:
+        found: dict[str, int] = {}
+        e = schema.embeddings
+        with self.engine.connect() as conn:
+            for chunk in _chunks(list(set(hashes))):
+                found.update(conn.execute(select(e.c.content_hash, e.c.id).where(e.c.content_hash.in_(chunk))).all())
+        return found
+
+    def embedding_ids(self) -> np.ndarray:
+        with self.engine.connect() as conn:
+            ids = conn.execute(select(schema.embeddings.c.id).order_by(schema.embeddings.c.id)).scalars().all()
+        return np.asarray(ids, dtype=np.int64)
+
+    def vectors(self, ids: Sequence[int], num_queries: int, dim: int) -> tuple[np.ndarray, np.ndarray]:
+        """(ids found, vectors (n, Q, D) float32) for the given embedding ids."""
+        e = schema.embeddings
+        got_ids, arrays = [], []
+        with self.engine.connect() as conn:
+            for chunk in _chunks([int(i) for i in ids]):
+                for eid, blob in conn.execute(select(e.c.id, e.c.vectors).where(e.c.id.in_(chunk))):
+                    got_ids.append(eid)
+                    arrays.append(np.frombuffer(blob, dtype=np.float32).reshape(num_queries, dim))
+        if not arrays:
+            return np.zeros(0, np.int64), np.zeros((0, num_queries, dim), np.float32)
+        return np.asarray(got_ids, dtype=np.int64), np.stack(arrays)
+
+    def counts(self) -> dict[str, int]:
+        f = schema.files
+        with self.engine.connect() as conn:
+            by_status = dict(conn.execute(select(f.c.status, func.count()).group_by(f.c.status)).all())
+            n_embeddings = conn.execute(select(func.count()).select_from(schema.embeddings)).scalar_one()
+        return {"files": sum(by_status.values()), **by_status, "distinct_images": n_embeddings}
+
+    # -- writes -----------------------------------------------------------------------------------
+    def write_batch(self, entries: Sequence[FileEntry], new_vectors: dict[str, np.ndarray]) -> BatchWritten:
+        """In one transaction: add embeddings for `new_vectors` (hash -> (Q, D)), then upsert `entries`.
+
+        An indexed entry points at the embedding of its content hash, new or already present.
+        Embeddings left without any file by the upsert (a file whose content changed) are deleted in
+        the same transaction.
+        """
+        e, f = schema.embeddings, schema.files
+        now = time.time()
+        created: dict[str, int] = {}
+        with self.engine.begin() as conn:
+            for content_hash, vectors in new_vectors.items():
+                blob = np.ascontiguousarray(vectors, dtype=np.float32).tobytes()
+                result = conn.execute(insert(e).values(content_hash=content_hash, vectors=blob, created_at=now))
+                created[content_hash] = int(result.inserted_primary_key[0])
+            wanted = {x.content_hash for x in entries if x.status == schema.INDEXED} - set(created)
+            known = dict(created)
+            for chunk in _chunks(sorted(wanted)):
+                known.update(conn.execute(select(e.c.content_hash, e.c.id).where(e.c.content_hash.in_(chunk))).all())
+            paths = [x.path for x in entries]
+            previous = self._embedding_ids_of_paths(conn, paths)
+            for chunk in _chunks(paths):
+                conn.execute(delete(f).where(f.c.path.in_(chunk)))
+            rows = [
+                {**x.__dict__, "embedding_id": known[x.content_hash] if x.status == schema.INDEXED else None,
+                 "updated_at": now}
+                for x in entries
+            ]
+            if rows:
+                conn.execute(insert(f), rows)
+            orphaned = self._delete_orphans(conn, previous)
+        return BatchWritten(created, orphaned)
+
+    def remove_paths(self, paths: Sequence[str]) -> list[int]:
+        """Forget files; returns the embedding ids this left without any file (deleted too)."""
+        f = schema.files
+        with self.engine.begin() as conn:
+            previous = self._embedding_ids_of_paths(conn, paths)
+            for chunk in _chunks(list(paths)):
+                conn.execute(delete(f).where(f.c.path.in_(chunk)))
+            return self._delete_orphans(conn, previous)
+
+    @staticmethod
+    def _embedding_ids_of_paths(conn, paths: Sequence[str]) -> set[int]:
+        f = schema.files
+        ids: set[int] = set()
+        for chunk in _chunks(list(paths)):
+            ids.update(
+                conn.execute(select(f.c.embedding_id).where(f.c.path.in_(chunk), f.c.embedding_id.is_not(None))).scalars()
+            )
+        return ids
+
+    @staticmethod
+    def _delete_orphans(conn, candidates: set[int]) -> list[int]:
+        e, f = schema.embeddings, schema.files
+        orphans: list[int] = []
+        for chunk in _chunks(sorted(candidates)):
+            unused = ~exists().where(f.c.embedding_id == e.c.id)
+            orphans.extend(conn.execute(select(e.c.id).where(e.c.id.in_(chunk), unused)).scalars())
+        for chunk in _chunks(orphans):
+            conn.execute(delete(e).where(e.c.id.in_(chunk)))
+        return orphans
+
+
+def check_same_model(recorded: ModelIdentity, identity: ModelIdentity) -> None:
+    if (recorded.fingerprint, recorded.embed_dim, recorded.num_queries) != (
+        identity.fingerprint, identity.embed_dim, identity.num_queries,
+    ):
+        raise ModelMismatchError(
+            f"this index was built with model {recorded.name!r} (fingerprint {recorded.fingerprint}), "
+            f"not {identity.name!r} (fingerprint {identity.fingerprint}); pass --model {recorded.name} "
+            "or use another --index"
+        )
+
+
+def _sqlite_pragmas(dbapi_connection, _record) -> None:
+    cursor = dbapi_connection.cursor()
+    cursor.execute("PRAGMA journal_mode=WAL")
+    cursor.execute("PRAGMA synchronous=NORMAL")  # durable across process crashes in WAL mode
+    cursor.execute("PRAGMA busy_timeout=30000")
+    cursor.execute("PRAGMA foreign_keys=ON")
+    cursor.close()

@@ -1,0 +1,163 @@
+"""Reader stage: one file in, pixels ready for the model (or a reason it was skipped) out.
+
+Runs inside decode worker processes (see `workers.py`), so it imports neither torch nor
+transformers. Every failure becomes a `Skipped` with a short reason code the summary counts and a
+detail the catalog keeps.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import warnings
+from dataclasses import dataclass
+
+import numpy as np
+
+from retrieval.preprocess import ImageTransform
+
+# Reason codes, counted per run and stored in the catalog as "code: detail".
+EMPTY = "empty"
+NOT_AN_IMAGE = "not-an-image"
+TRUNCATED = "truncated"
+CORRUPT = "corrupt"
+TOO_LARGE = "too-large"
+UNREADABLE = "unreadable"
+DECODER_TIMEOUT = "decoder-timeout"
+DECODER_CRASHED = "decoder-crashed"
+OUT_OF_MEMORY = "out-of-memory"
+
+_ORIENTATION = 0x0112
+_TRANSPOSED_ORIENTATIONS = {5, 6, 7, 8}
+
+
+@dataclass(frozen=True)
+class DecodeOptions:
+    transform: ImageTransform
+    max_pixels: int
+    use_draft: bool = True
+
+
+@dataclass(frozen=True)
+class Decoded:
+    content_hash: str
+    pixels: np.ndarray  # (3, H, W) float32, the model's input
+    width: int
+    height: int
+    format: str
+
+
+@dataclass(frozen=True)
+class Skipped:
+    reason: str
+    detail: str
+    content_hash: str | None = None
+    width: int | None = None
+    height: int | None = None
+    format: str | None = None
+
+    @property
+    def error(self) -> str:
+        return f"{self.reason}: {self.detail}"
+
+
+def content_hash(data: bytes) -> str:
+    return hashlib.blake2b(data, digest_size=20).hexdigest()
+
+
+def decode_file(path: str, options: DecodeOptions) -> Decoded | Skipped:
+    try:
+        with open(path, "rb") as handle:
+            data = handle.read()
+    except OSError as exc:
+        return Skipped(UNREADABLE, exc.strerror or str(exc))
+    return decode_bytes(data, options)
+
+
+def decode_bytes(data: bytes, options: DecodeOptions) -> Decoded | Skipped:
+    from PIL import Image, UnidentifiedImageError
+
+    digest = content_hash(data)
+    if not data:
+        return Skipped(EMPTY, "the file is empty", digest)
+    Image.MAX_IMAGE_PIXELS = None  # we apply our own limit below, with a clearer message
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            image = Image.open(io.BytesIO(data))
+    except UnidentifiedImageError:
+        return Skipped(NOT_AN_IMAGE, "not a format Pillow can read", digest)
+    except Exception as exc:  # noqa: BLE001 - any decoder failure is this file's problem only
+        return Skipped(CORRUPT, _describe(exc), digest)
+    width, height = _oriented_size(image)
+    fmt = image.format or "unknown"
+    if width * height > options.max_pixels:
+        return Skipped(
+            TOO_LARGE,
+            f"{width}x{height} is {width * height / 1e6:.0f} MP, over the {options.max_pixels / 1e6:.0f} MP limit "
+            "(raise --max-megapixels to index it)",
+            digest, width, height, fmt,
+        )
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            rgb = load_rgb(image, options)
+            pixels = options.transform(rgb)
+    except MemoryError:
+        return Skipped(OUT_OF_MEMORY, "decoding needed more memory than a worker may use", digest, width, height, fmt)
+    except Exception as exc:  # noqa: BLE001
+        reason = TRUNCATED if "truncated" in str(exc).lower() else CORRUPT
+        return Skipped(reason, _describe(exc), digest, width, height, fmt)
+    return Decoded(digest, pixels, width, height, fmt)
+
+
+def load_rgb(image, options: DecodeOptions):
+    """First frame, reduced-scale JPEG decode when far larger than needed, EXIF orientation, RGB."""
+    from PIL import ImageOps
+
+    if options.use_draft and image.format == "JPEG":
+        # Draft picks the smallest 1/2, 1/4 or 1/8 scale still >= the size asked: twice the model's
+        # input keeps the final resize's quality close to a full decode (tested).
+        side = 2 * max(options.transform.width, options.transform.height)
+        image.draft("RGB", (side, side))
+    image.seek(0)
+    image.load()
+    image = ImageOps.exif_transpose(image)
+    return to_rgb(image)
+
+
+def to_rgb(image):
+    """Any mode to RGB: alpha composited over white, 16-bit and float scaled, not clipped."""
+    from PIL import Image
+
+    mode = image.mode
+    if mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
+        array = np.asarray(image, dtype=np.float64)
+        if mode == "F" and array.max(initial=0) <= 1.0:
+            array = array * 255.0
+        elif mode != "F" and array.max(initial=0) > 255:
+            array = array / 257.0
+        image = Image.fromarray(np.clip(array, 0, 255).astype(np.uint8), "L")
+        mode = "L"
+    if mode == "P":
+        image = image.convert("RGBA")
+        mode = "RGBA"
+    if mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return image.convert("RGB")
+
+
+def _oriented_size(image) -> tuple[int, int]:
+    width, height = image.size
+    try:
+        orientation = image.getexif().get(_ORIENTATION)
+    except Exception:  # noqa: BLE001 - broken EXIF only loses orientation
+        orientation = None
+    return (height, width) if orientation in _TRANSPOSED_ORIENTATIONS else (width, height)
+
+
+def _describe(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return (text[0] if text else type(exc).__name__)[:300]

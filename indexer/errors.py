@@ -1,0 +1,17 @@
+"""Typed errors of the indexer; the edge maps them to exit codes and HTTP statuses."""
+
+from __future__ import annotations
+
+from retrieval.errors import BlipsearchError
+
+
+class IndexBusyError(BlipsearchError):
+    exit_code = 3
+
+
+class IndexNotFoundError(BlipsearchError):
+    exit_code = 2
+
+
+class CatalogVersionError(BlipsearchError):
+    exit_code = 2

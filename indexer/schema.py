@@ -1,0 +1,49 @@
+"""Catalog tables (SQLAlchemy Core). Migrations in `migrations/versions` create and evolve them.
+
+`embeddings` holds one row per distinct image content (keyed by content hash) with its 32 query
+vectors: the catalog is the source of truth, and the FAISS file is derived from it and reconciled
+with it on open. `files` holds one row per file seen, indexed or skipped with a reason; renamed and
+duplicate files point at the same embedding row.
+"""
+
+from __future__ import annotations
+
+from sqlalchemy import BigInteger, Column, Float, ForeignKey, Integer, LargeBinary, MetaData, String, Table, Text
+
+metadata = MetaData()
+
+meta = Table(
+    "meta",
+    metadata,
+    Column("key", String(64), primary_key=True),
+    Column("value", Text, nullable=False),
+)
+
+embeddings = Table(
+    "embeddings",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("content_hash", String(64), nullable=False, unique=True),
+    Column("vectors", LargeBinary, nullable=False),  # float32, (num_queries, embed_dim), C order
+    Column("created_at", Float, nullable=False),
+)
+
+files = Table(
+    "files",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("path", Text, nullable=False, unique=True),
+    Column("size", BigInteger, nullable=False),
+    Column("mtime_ns", BigInteger, nullable=False),
+    Column("content_hash", String(64), index=True),
+    Column("status", String(16), nullable=False),  # indexed | skipped
+    Column("error", Text),  # "reason: detail" for every file not indexed
+    Column("width", Integer),
+    Column("height", Integer),
+    Column("format", String(16)),
+    Column("embedding_id", Integer, ForeignKey("embeddings.id"), index=True),
+    Column("updated_at", Float, nullable=False),
+)
+
+INDEXED = "indexed"
+SKIPPED = "skipped"

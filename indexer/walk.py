@@ -1,0 +1,95 @@
+"""Find candidate files under the roots: recursive, hidden and excluded directories skipped.
+
+Files are recognised as images by content later (the decoder sniffs them), so the walk keeps
+every regular file except ones whose extension says they certainly are not images.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator
+
+from indexer.errors import IndexNotFoundError
+
+# Extensions that are never images; everything else is offered to the decoder to sniff.
+_NOT_IMAGES = frozenset(
+    ".txt .md .json .jsonl .csv .tsv .xml .html .htm .css .js .py .c .h .sh .log .ini .cfg .toml .yaml .yml "
+    ".pdf .doc .docx .xls .xlsx .ppt .pptx .zip .gz .tar .bz2 .xz .7z .rar .mp3 .wav .flac .ogg .m4a .mp4 .mov "
+    ".avi .mkv .webm .db .sqlite .faiss .lock .pyc .so .o .exe .dll .iso".split()
+)
+
+
+@dataclass(frozen=True)
+class WalkOptions:
+    excludes: tuple[str, ...] = ()
+    follow_symlinks: bool = False
+
+
+@dataclass(frozen=True)
+class FoundFile:
+    path: str  # absolute, normalised
+    size: int
+    mtime_ns: int
+
+
+@dataclass
+class WalkResult:
+    files: dict[str, FoundFile] = field(default_factory=dict)
+    roots: list[str] = field(default_factory=list)
+
+
+def resolve_roots(paths: list[str]) -> list[str]:
+    roots = []
+    for raw in paths:
+        path = Path(raw).expanduser()
+        if not path.exists():
+            raise IndexNotFoundError(f"{raw}: no such file or directory")
+        roots.append(str(path.resolve()))
+    return roots
+
+
+def _excluded(path: str, name: str, excludes: tuple[str, ...]) -> bool:
+    return any(fnmatch.fnmatch(name, pattern) or fnmatch.fnmatch(path, pattern) for pattern in excludes)
+
+
+def walk(roots: list[str], options: WalkOptions) -> WalkResult:
+    result = WalkResult(roots=roots)
+    for root in roots:
+        for found in _walk_one(root, options):
+            result.files[found.path] = found
+    return result
+
+
+def _walk_one(root: str, options: WalkOptions) -> Iterator[FoundFile]:
+    if os.path.isfile(root):
+        stat = os.stat(root)
+        yield FoundFile(root, stat.st_size, stat.st_mtime_ns)
+        return
+    seen_dirs: set[tuple[int, int]] = set()
+    stack = [root]
+    while stack:
+        directory = stack.pop()
+        try:
+            stat = os.stat(directory)
+            if (stat.st_dev, stat.st_ino) in seen_dirs:  # symlink loops
+                continue
+            seen_dirs.add((stat.st_dev, stat.st_ino))
+            entries = sorted(os.scandir(directory), key=lambda e: e.name)
+        except OSError:
+            continue
+        for entry in entries:
+            if entry.name.startswith(".") or _excluded(entry.path, entry.name, options.excludes):
+                continue
+            try:
+                if entry.is_dir(follow_symlinks=options.follow_symlinks):
+                    stack.append(entry.path)
+                elif entry.is_file(follow_symlinks=options.follow_symlinks):
+                    if os.path.splitext(entry.name)[1].lower() in _NOT_IMAGES:
+                        continue
+                    stat = entry.stat(follow_symlinks=options.follow_symlinks)
+                    yield FoundFile(entry.path, stat.st_size, stat.st_mtime_ns)
+            except OSError:
+                continue

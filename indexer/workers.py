@@ -1,0 +1,130 @@
+"""Decode worker processes that survive whatever a file does to them.
+
+Decoding runs in separate processes so it overlaps with the model and so a hostile file cannot take
+the run down: each worker caps its address space (a decompression blow-up raises MemoryError
+instead of waking the OOM killer), silences C-library noise on its stderr, and gets a time limit
+per file. A worker that hangs is killed; a worker that dies (segfault, kill) breaks the pool, after
+which the files that were in flight are retried one at a time in a fresh pool, so the culprit is
+named exactly and innocent files are not blamed.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+from collections import deque
+from concurrent.futures import Future, ProcessPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
+from concurrent.futures.process import BrokenProcessPool
+from dataclasses import dataclass
+from typing import Iterable, Iterator
+
+from indexer.decode import DECODER_CRASHED, DECODER_TIMEOUT, Decoded, DecodeOptions, Skipped, decode_file
+
+
+@dataclass(frozen=True)
+class PoolOptions:
+    workers: int = 1
+    timeout_s: float = 60.0
+    memory_limit_bytes: int | None = 4 << 30
+    quiet: bool = True  # send the workers' C-level stderr to /dev/null
+
+
+def _init_worker(options: PoolOptions) -> None:
+    if options.memory_limit_bytes:
+        import resource
+
+        soft, hard = resource.getrlimit(resource.RLIMIT_AS)
+        limit = options.memory_limit_bytes if hard == resource.RLIM_INFINITY else min(hard, options.memory_limit_bytes)
+        resource.setrlimit(resource.RLIMIT_AS, (limit, hard))
+    if options.quiet:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, 2)
+        os.close(devnull)
+
+
+class DecodePool:
+    """`imap(paths)` yields `(path, Decoded | Skipped)` in input order, never raising for a file."""
+
+    def __init__(self, decode: DecodeOptions, options: PoolOptions) -> None:
+        self.decode = decode
+        self.options = options
+        self.window = max(4, 4 * options.workers)
+        self._executor: ProcessPoolExecutor | None = None
+
+    def __enter__(self) -> "DecodePool":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        if self._executor is not None:
+            self._kill()
+
+    def _pool(self) -> ProcessPoolExecutor:
+        if self._executor is None:
+            self._executor = ProcessPoolExecutor(
+                max_workers=self.options.workers,
+                mp_context=multiprocessing.get_context("spawn"),  # never fork a process holding torch threads
+                initializer=_init_worker,
+                initargs=(self.options,),
+            )
+        return self._executor
+
+    def _kill(self) -> None:
+        executor, self._executor = self._executor, None
+        if executor is None:
+            return
+        for process in list((getattr(executor, "_processes", None) or {}).values()):
+            process.kill()  # a hung decoder ignores polite shutdown
+        executor.shutdown(wait=True, cancel_futures=True)
+
+    def _submit(self, path: str) -> Future:
+        return self._pool().submit(decode_file, path, self.decode)
+
+    def imap(self, paths: Iterable[str]) -> Iterator[tuple[str, Decoded | Skipped]]:
+        pending = iter(paths)
+        inflight: deque[tuple[str, Future]] = deque()
+        isolate: deque[str] = deque()  # after a crash: run these one at a time to find the culprit
+        while True:
+            if isolate:
+                path = isolate.popleft()
+                yield path, self._run_alone(path)
+                continue
+            while len(inflight) < self.window:
+                path = next(pending, None)
+                if path is None:
+                    break
+                inflight.append((path, self._submit(path)))
+            if not inflight:
+                return
+            path, future = inflight[0]
+            try:
+                result = future.result(timeout=self.options.timeout_s)
+            except FutureTimeout:
+                inflight.popleft()
+                self._restart(inflight, isolate)
+                yield path, Skipped(DECODER_TIMEOUT, f"decoding took over {self.options.timeout_s:g} s; gave up")
+                continue
+            except BrokenProcessPool:
+                self._restart(inflight, isolate)
+                continue
+            inflight.popleft()
+            yield path, result
+
+    def _restart(self, inflight: deque, isolate: deque) -> None:
+        """Kill the pool; the files it held go to one-at-a-time retries."""
+        self._kill()
+        isolate.extend(path for path, _ in inflight)
+        inflight.clear()
+
+    def _run_alone(self, path: str) -> Decoded | Skipped:
+        try:
+            return self._submit(path).result(timeout=self.options.timeout_s)
+        except FutureTimeout:
+            self._kill()
+            return Skipped(DECODER_TIMEOUT, f"decoding took over {self.options.timeout_s:g} s; gave up")
+        except BrokenProcessPool:
+            self._kill()
+            return Skipped(DECODER_CRASHED, "the decoder crashed on this file")
