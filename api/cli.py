@@ -196,5 +196,123 @@ def status(index_dir, catalog_url, as_json) -> None:
             click.echo(f"{key}: {value}")
 
 
+# -- search -------------------------------------------------------------------------------------
+@main.command()
+@click.argument("texts", nargs=-1)
+@index_options
+@model_options
+@click.option("-k", "k", type=int, default=10, show_default=True, help="Number of results.")
+@click.option("--candidates", type=int, default=None, help="ITC candidates to re-rank [default: max(32, k)].")
+@click.option("--no-rerank", is_flag=True, help="Rank by ITC alone (no ITM head).")
+@click.option("--score", type=click.Choice(["itm", "itm+itc", "itc"]), default=None,
+              help="Final score: ITM match probability (default), ITM logit + ITC as LAVIS ranks, or ITC.")
+@click.option("--min-score", type=float, default=None, help="Drop results scoring below this.")
+@click.option("--path", "path_glob", default=None, help="Only files whose path matches this glob.")
+@click.option("--not", "negatives", multiple=True, help="Push results away from this text (repeatable).")
+@click.option("--image", "image_path", type=click.Path(dir_okay=False), default=None,
+              help="Search by an example image instead of text.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout.")
+def search(texts, index_dir, catalog_url, model, device, dtype, k, candidates, no_rerank, score, min_score,
+           path_glob, negatives, image_path, as_json) -> None:
+    """Find indexed images matching TEXTS.
+
+    Several texts add up (rclip-style query arithmetic); give a text a weight as WEIGHT:TEXT, e.g.
+    blipsearch search "2:a red car" "at night" --not "rain".
+    """
+    from indexer.search import Searcher, SearchOptions
+    from retrieval.errors import UsageError
+    from retrieval.query import TextQuery
+
+    if bool(texts) == bool(image_path):
+        raise UsageError("give either query TEXTS or --image FILE")
+    options = SearchOptions(
+        k=k, candidates=candidates, rerank=not no_rerank and not image_path,
+        score=score or ("itc" if no_rerank or image_path else "itm"),
+        min_score=min_score, path_glob=path_glob,
+    )
+    options.validate()
+    query = TextQuery.parse(list(texts), list(negatives)) if texts else None
+    response, label = _run_search(index_dir, catalog_url, model, device, dtype, query, image_path, options)
+    _print_search(label, response, as_json)
+
+
+def _run_search(index_dir, catalog_url, model, device, dtype, query, image_path, options):
+    from indexer.search import Searcher
+    from indexer.store import IndexStore
+    from retrieval.config import ModelConfig
+    from retrieval.encoders import Blip2Retriever
+
+    store = IndexStore.open(_store_config(index_dir, catalog_url))
+    try:
+        recorded = store.catalog.model()
+        name = model or (recorded.name if recorded else None)
+        searcher = Searcher(store, Blip2Retriever.load(ModelConfig.retrieval(name, device, dtype)))
+        if query is not None:
+            return searcher.search_text(query, options), " + ".join(query.texts)
+        return searcher.search_image(image_path, options), image_path
+    finally:
+        store.close()
+
+
+def _print_search(label, response, as_json: bool) -> None:
+    from dataclasses import asdict
+
+    if as_json:
+        results = [{k: v for k, v in asdict(r).items() if k != "file_id"} for r in response.results]
+        _emit_json({"query": label, "results": results, "missing": response.missing})
+        return
+    for path in response.missing:
+        click.echo(f"warning: {path} was indexed but is gone from disk; skipped", err=True)
+    if not response.results:
+        click.echo("no results", err=True)
+    for rank, result in enumerate(response.results, 1):
+        click.echo(f"{rank:>3}  {result.score:.4f}  {result.path}")
+
+
+# -- demo ---------------------------------------------------------------------------------------
+@main.command()
+@click.option("--dir", "directory", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Where to put the demo images, models and index [default: a per-user data directory].")
+@click.option("--model", default=None, help="Retrieval model to use instead of the built-in tiny one.")
+def demo(directory, model) -> None:
+    """Build a small example collection, index it, and run a few searches, all offline."""
+    from platformdirs import user_data_dir
+
+    from indexer.demo import make_demo_images
+    from indexer.pipeline import IndexConfig, Indexer
+    from indexer.search import SearchOptions
+    from indexer.store import IndexStore, StoreConfig
+    from retrieval.config import ModelConfig
+    from retrieval.encoders import Blip2Retriever
+    from retrieval.query import TextQuery
+    from retrieval.tiny import RETRIEVAL_DIR, make_retrieval
+
+    directory = (directory or Path(user_data_dir("blipsearch")) / "demo").expanduser()
+    images = make_demo_images(directory / "images")
+    click.echo(f"demo images: {len(images)} in {directory / 'images'}", err=True)
+    if model is None:
+        model = str(directory / "models" / RETRIEVAL_DIR)
+        if not (Path(model) / "config.json").exists():
+            make_retrieval(model)
+        click.echo(f"model: tiny random BLIP-2 at {model} (plumbing only: its rankings carry no meaning)", err=True)
+    store = IndexStore.open(StoreConfig(directory / "index"), create=True)
+    try:
+        with store.writer_lock():
+            retriever = Blip2Retriever.load(ModelConfig.retrieval(model))
+            summary = Indexer(store, retriever, IndexConfig()).run([str(directory / "images")])
+        click.echo(f"indexed {summary.indexed}, unchanged {summary.unchanged} -> {store.directory}", err=True)
+        from indexer.search import Searcher
+
+        searcher = Searcher(store, retriever)
+        for text in ("a red circle", "a blue square on a black background"):
+            click.echo(f"\nsearch: {text!r}")
+            response = searcher.search_text(TextQuery.parse([text]), SearchOptions(k=3))
+            for rank, result in enumerate(response.results, 1):
+                click.echo(f"{rank:>3}  {result.score:.4f}  {Path(result.path).name}")
+    finally:
+        store.close()
+    click.echo(f"\ntry: blipsearch search \"a green triangle\" --index {directory / 'index'}", err=True)
+
+
 if __name__ == "__main__":
     main()

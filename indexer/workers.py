@@ -17,7 +17,7 @@ from concurrent.futures import Future, ProcessPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
-from typing import Iterable, Iterator
+from typing import Callable, Iterable, Iterator
 
 from indexer.decode import DECODER_CRASHED, DECODER_TIMEOUT, Decoded, DecodeOptions, Skipped, decode_file
 
@@ -46,8 +46,9 @@ def _init_worker(options: PoolOptions) -> None:
 class DecodePool:
     """`imap(paths)` yields `(path, Decoded | Skipped)` in input order, never raising for a file."""
 
-    def __init__(self, decode: DecodeOptions, options: PoolOptions) -> None:
+    def __init__(self, decode: DecodeOptions, options: PoolOptions, task: Callable = decode_file) -> None:
         self.decode = decode
+        self.task = task  # a picklable (path, DecodeOptions) -> Decoded | Skipped; tests swap in hostile ones
         self.options = options
         self.window = max(4, 4 * options.workers)
         self._executor: ProcessPoolExecutor | None = None
@@ -81,7 +82,7 @@ class DecodePool:
         executor.shutdown(wait=True, cancel_futures=True)
 
     def _submit(self, path: str) -> Future:
-        return self._pool().submit(decode_file, path, self.decode)
+        return self._pool().submit(self.task, path, self.decode)
 
     def imap(self, paths: Iterable[str]) -> Iterator[tuple[str, Decoded | Skipped]]:
         pending = iter(paths)

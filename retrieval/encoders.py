@@ -136,6 +136,10 @@ class Blip2Retriever:
 
     def itm_probabilities(self, vit_features: Any, texts: Sequence[str]) -> np.ndarray:
         """Match probability softmax(logits)[:, 1], shape (N,)."""
-        logits = self.itm_logits(vit_features, texts)
-        shifted = np.exp(logits - logits.max(axis=1, keepdims=True))
-        return (shifted[:, 1] / shifted.sum(axis=1)).astype(np.float32)
+        return match_probability(self.itm_logits(vit_features, texts)).astype(np.float32)
+
+
+def match_probability(logits: np.ndarray) -> np.ndarray:
+    """ITM logits (N, 2) -> softmax(logits)[:, 1], computed stably."""
+    shifted = np.exp(logits - logits.max(axis=1, keepdims=True))
+    return shifted[:, 1] / shifted.sum(axis=1)

@@ -107,6 +107,7 @@ def make_retrieval(directory: str | Path, seed: int = 0) -> Path:
     """A tiny `Blip2ForImageTextRetrieval` checkpoint like Salesforce/blip2-itm-vit-g."""
     from transformers import Blip2Config, Blip2ForImageTextRetrieval, Blip2Processor
 
+    _quiet()
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as scratch:
@@ -128,6 +129,7 @@ def make_captioner(directory: str | Path, seed: int = 0) -> Path:
     """A tiny `Blip2ForConditionalGeneration` checkpoint like Salesforce/blip2-opt-2.7b."""
     from transformers import Blip2Config, Blip2ForConditionalGeneration, Blip2Processor, OPTConfig
 
+    _quiet()
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     processor = Blip2Processor(image_processor=_image_processor(), tokenizer=_bpe_tokenizer(), num_query_tokens=32)
@@ -148,6 +150,13 @@ def make_captioner(directory: str | Path, seed: int = 0) -> Path:
     model.save_pretrained(directory)
     processor.save_pretrained(directory)
     return directory
+
+
+def _quiet() -> None:
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
 
 
 def make_tiny(directory: str | Path, seed: int = 0) -> tuple[Path, Path]:
