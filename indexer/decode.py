@@ -86,6 +86,8 @@ def decode_bytes(data: bytes, options: DecodeOptions) -> Decoded | Skipped:
             warnings.simplefilter("ignore")
             image = Image.open(io.BytesIO(data))
     except UnidentifiedImageError:
+        if _has_image_signature(data):
+            return Skipped(CORRUPT, "looks like an image but cannot be decoded", digest)
         return Skipped(NOT_AN_IMAGE, "not a format Pillow can read", digest)
     except Exception as exc:  # noqa: BLE001 - any decoder failure is this file's problem only
         return Skipped(CORRUPT, _describe(exc), digest)
@@ -156,6 +158,13 @@ def _oriented_size(image) -> tuple[int, int]:
     except Exception:  # noqa: BLE001 - broken EXIF only loses orientation
         orientation = None
     return (height, width) if orientation in _TRANSPOSED_ORIENTATIONS else (width, height)
+
+
+_SIGNATURES = (b"\xff\xd8\xff", b"\x89PNG", b"GIF8", b"BM", b"II*\x00", b"MM\x00*")
+
+
+def _has_image_signature(data: bytes) -> bool:
+    return data.startswith(_SIGNATURES) or (data[:4] == b"RIFF" and data[8:12] == b"WEBP")
 
 
 def _describe(exc: BaseException) -> str:

@@ -19,7 +19,9 @@ from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from typing import Callable, Iterable, Iterator
 
-from indexer.decode import DECODER_CRASHED, DECODER_TIMEOUT, Decoded, DecodeOptions, Skipped, decode_file
+from indexer.decode import (
+    CORRUPT, DECODER_CRASHED, DECODER_TIMEOUT, OUT_OF_MEMORY, Decoded, DecodeOptions, Skipped, decode_file,
+)
 
 
 @dataclass(frozen=True)
@@ -102,7 +104,7 @@ class DecodePool:
                 return
             path, future = inflight[0]
             try:
-                result = future.result(timeout=self.options.timeout_s)
+                result = _outcome(future, self.options.timeout_s)
             except FutureTimeout:
                 inflight.popleft()
                 self._restart(inflight, isolate)
@@ -122,10 +124,22 @@ class DecodePool:
 
     def _run_alone(self, path: str) -> Decoded | Skipped:
         try:
-            return self._submit(path).result(timeout=self.options.timeout_s)
+            return _outcome(self._submit(path), self.options.timeout_s)
         except FutureTimeout:
             self._kill()
             return Skipped(DECODER_TIMEOUT, f"decoding took over {self.options.timeout_s:g} s; gave up")
         except BrokenProcessPool:
             self._kill()
             return Skipped(DECODER_CRASHED, "the decoder crashed on this file")
+
+
+def _outcome(future: Future, timeout_s: float) -> Decoded | Skipped:
+    """The task's result; an exception it raised is that file's failure, not the run's."""
+    try:
+        return future.result(timeout=timeout_s)
+    except (FutureTimeout, BrokenProcessPool):
+        raise
+    except MemoryError:
+        return Skipped(OUT_OF_MEMORY, "decoding needed more memory than a worker may use")
+    except Exception as exc:  # noqa: BLE001
+        return Skipped(CORRUPT, f"{type(exc).__name__}: {exc}"[:300])

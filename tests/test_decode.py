@@ -1,0 +1,134 @@
+"""Reader stage: every image mode to RGB, orientation, animations, draft decoding, bad files, hostile files."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from indexer.decode import DecodeOptions, Decoded, Skipped, decode_bytes, to_rgb
+from indexer.workers import DecodePool, PoolOptions
+from retrieval.preprocess import ImageTransform
+from tests.conftest import make_images
+
+TRANSFORM = ImageTransform(224, 224, int(Image.Resampling.BICUBIC), 1 / 255, (0.48, 0.46, 0.41), (0.27, 0.26, 0.28))
+OPTIONS = DecodeOptions(TRANSFORM, max_pixels=50_000_000)
+
+
+def encode(image: Image.Image, fmt: str, **kwargs) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, fmt, **kwargs)
+    return buffer.getvalue()
+
+
+def test_alpha_is_composited_over_white():
+    rgba = Image.new("RGBA", (4, 4), (255, 0, 0, 0))
+    assert to_rgb(rgba).getpixel((0, 0)) == (255, 255, 255)
+    half = Image.new("RGBA", (4, 4), (0, 0, 0, 128))
+    assert to_rgb(half).getpixel((0, 0)) == (127, 127, 127)
+    la = Image.new("LA", (4, 4), (0, 0))
+    assert to_rgb(la).getpixel((0, 0)) == (255, 255, 255)
+
+
+def test_palette_with_transparency():
+    image = Image.new("P", (4, 4), 0)
+    image.putpalette([0, 0, 0, 255, 0, 0] + [0] * 762)
+    image.info["transparency"] = 0
+    decoded = Image.open(io.BytesIO(encode(image, "PNG")))
+    assert to_rgb(decoded).getpixel((0, 0)) == (255, 255, 255)
+
+
+def test_sixteen_bit_is_scaled_not_clipped():
+    image = Image.fromarray(np.full((4, 4), 32896, dtype=np.uint16))  # mid-grey in 16 bits
+    assert image.mode.startswith("I;16")
+    assert to_rgb(image).getpixel((0, 0)) == (128, 128, 128)
+
+
+def test_cmyk_and_grey():
+    assert to_rgb(Image.new("CMYK", (2, 2), (0, 0, 0, 0))).getpixel((0, 0)) == (255, 255, 255)
+    assert to_rgb(Image.new("L", (2, 2), 7)).getpixel((0, 0)) == (7, 7, 7)
+
+
+def test_exif_orientation_applied_and_reported():
+    image = Image.new("RGB", (200, 100), (0, 0, 255))
+    image.paste((255, 0, 0), (0, 0, 100, 100))  # left half red
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90 CW on display
+    decoded = decode_bytes(encode(image, "JPEG", exif=exif), OPTIONS)
+    assert isinstance(decoded, Decoded)
+    assert (decoded.width, decoded.height) == (100, 200)
+    upright = np.asarray(Image.new("RGB", (100, 200)))  # after rotation red is on top
+    plain = decode_bytes(encode(image.transpose(Image.Transpose.ROTATE_270), "JPEG"), OPTIONS)
+    np.testing.assert_allclose(decoded.pixels, plain.pixels, atol=0.1)
+    assert upright.shape == (200, 100, 3)
+
+
+def test_first_frame_of_animation():
+    frames = [Image.new("RGB", (32, 32), c) for c in [(255, 0, 0), (0, 255, 0)]]
+    buffer = io.BytesIO()
+    frames[0].save(buffer, "GIF", save_all=True, append_images=frames[1:])
+    decoded = decode_bytes(buffer.getvalue(), OPTIONS)
+    first = decode_bytes(encode(frames[0], "GIF"), OPTIONS)
+    np.testing.assert_allclose(decoded.pixels, first.pixels, atol=1e-6)
+
+
+@pytest.mark.parametrize("fmt", ["PNG", "WEBP", "BMP", "TIFF", "GIF"])
+def test_formats_are_recognised_by_content(fmt):
+    decoded = decode_bytes(encode(Image.new("RGB", (40, 30), (9, 99, 199)), fmt), OPTIONS)
+    assert isinstance(decoded, Decoded) and decoded.format == fmt and decoded.pixels.shape == (3, 224, 224)
+
+
+def test_draft_decode_stays_close_to_full_decode(tmp_path):
+    from PIL import ImageFilter
+
+    path = make_images(tmp_path, 1, seed=5, size=(3000, 2000))[0]
+    # smooth photo-like content; draft mode changes only what the final 224 px resize would discard
+    Image.open(path).filter(ImageFilter.GaussianBlur(4)).save(path, quality=92)
+    data = path.read_bytes()
+    drafted = decode_bytes(data, OPTIONS)
+    full = decode_bytes(data, DecodeOptions(TRANSFORM, OPTIONS.max_pixels, use_draft=False))
+    difference = np.abs(drafted.pixels - full.pixels) * np.asarray(TRANSFORM.std)[:, None, None]
+    assert difference.mean() < 0.01 and difference.max() < 0.1  # in [0, 1] pixel units
+
+
+@pytest.mark.parametrize(
+    "data,reason",
+    [
+        (b"", "empty"),
+        (b"just some text, not an image", "not-an-image"),
+        (b"\xff\xd8\xff\xe0" + b"\x00" * 50, "corrupt"),
+    ],
+)
+def test_bad_bytes_get_reasons(data, reason):
+    result = decode_bytes(data, OPTIONS)
+    assert isinstance(result, Skipped) and result.reason == reason and result.detail
+
+
+def test_truncated_and_too_large():
+    data = encode(Image.effect_noise((400, 300), 60).convert("RGB"), "JPEG")
+    assert decode_bytes(data[: len(data) // 2], OPTIONS).reason == "truncated"
+    small_limit = DecodeOptions(TRANSFORM, max_pixels=1000)
+    skipped = decode_bytes(data, small_limit)
+    assert skipped.reason == "too-large" and "--max-megapixels" in skipped.detail
+
+
+def test_pool_survives_hangs_crashes_and_bombs(tmp_path):
+    from tests.hostile import hang_or_crash
+
+    good = make_images(tmp_path, 4, seed=1)
+    names = ["hang.jpg", "crash.jpg", "bomb.jpg"]
+    for name in names:
+        (tmp_path / name).write_bytes(good[0].read_bytes())
+    order = [str(good[0]), str(tmp_path / "hang.jpg"), str(good[1]), str(tmp_path / "crash.jpg"),
+             str(good[2]), str(tmp_path / "bomb.jpg"), str(good[3])]
+    options = PoolOptions(workers=2, timeout_s=3, memory_limit_bytes=2 << 30)
+    with DecodePool(OPTIONS, options, task=hang_or_crash) as pool:
+        results = list(pool.imap(order))
+    assert [p for p, _ in results] == order
+    outcome = {p.split("/")[-1]: r for p, r in results}
+    assert outcome["hang.jpg"].reason == "decoder-timeout"
+    assert outcome["crash.jpg"].reason == "decoder-crashed"
+    assert outcome["bomb.jpg"].reason == "out-of-memory"
+    assert all(isinstance(outcome[p.name], Decoded) for p in good)

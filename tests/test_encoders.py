@@ -1,0 +1,87 @@
+"""The stage-wise encoders against transformers' own Blip2ForImageTextRetrieval, on a tiny checkpoint."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from tests.conftest import make_images
+
+TEXTS = ["a red circle", "two dogs on the beach near a large tree", "a photo of a blue car at night"]
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_model):
+    from transformers import AutoProcessor, Blip2ForImageTextRetrieval
+
+    model = Blip2ForImageTextRetrieval.from_pretrained(str(tiny_model)).eval()
+    return model, AutoProcessor.from_pretrained(str(tiny_model))
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory):
+    from PIL import Image
+
+    return [Image.open(p).convert("RGB") for p in make_images(tmp_path_factory.mktemp("enc"), 4, seed=3)]
+
+
+def test_transform_matches_processor(retriever, reference, images):
+    _, processor = reference
+    expected = processor(images=images, return_tensors="np")["pixel_values"]
+    mine = np.stack([retriever.transform(im) for im in images])
+    np.testing.assert_allclose(mine, expected, atol=1e-5)
+
+
+def test_shapes_and_normalisation(retriever, images):
+    pixels = np.stack([retriever.transform(im) for im in images])
+    encoding = retriever.encode_images(pixels, keep_vit=True)
+    assert encoding.query_embeds.shape == (4, 32, 16)
+    np.testing.assert_allclose(np.linalg.norm(encoding.query_embeds, axis=-1), 1.0, atol=1e-5)
+    texts = retriever.encode_texts(TEXTS)
+    assert texts.shape == (3, 16)
+    np.testing.assert_allclose(np.linalg.norm(texts, axis=-1), 1.0, atol=1e-5)
+    assert encoding.vit_features.shape[:2] == (4, 257)
+    # The 32 queries must not collapse into one vector, or max-sim would mean nothing.
+    assert encoding.query_embeds.std(axis=1).mean() > 0.01
+
+
+def test_itc_max_sim_equals_transformers(retriever, reference, images):
+    model, processor = reference
+    pixels = np.stack([retriever.transform(im) for im in images])
+    sims = np.einsum("bqd,td->btq", retriever.encode_images(pixels).query_embeds, retriever.encode_texts(TEXTS))
+    for i, image in enumerate(images):
+        inputs = processor(images=image, text=TEXTS, return_tensors="pt", padding=True)
+        with torch.no_grad():
+            expected = model(**inputs, use_image_text_matching_head=False).logits_per_image.numpy().ravel()
+        np.testing.assert_allclose(sims[i].max(axis=-1), expected, atol=1e-5)
+
+
+def test_itm_equals_transformers_softmax(retriever, reference, images):
+    model, processor = reference
+    pixels = np.stack([retriever.transform(im) for im in images])
+    vit = retriever.vit_features(pixels)
+    for text in TEXTS:
+        mine = retriever.itm_probabilities(vit, [text])
+        for i, image in enumerate(images):
+            inputs = processor(images=image, text=text, return_tensors="pt")
+            with torch.no_grad():
+                logits = model(**inputs, use_image_text_matching_head=True).logits_per_image
+            assert abs(torch.softmax(logits, dim=1)[0, 1].item() - mine[i]) < 1e-5
+
+
+def test_itm_paired_texts_and_batching_agree(retriever, images):
+    pixels = np.stack([retriever.transform(im) for im in images[:3]])
+    vit = retriever.vit_features(pixels)
+    paired = retriever.itm_probabilities(vit, TEXTS)
+    one_by_one = [retriever.itm_probabilities(vit[i : i + 1], [TEXTS[i]])[0] for i in range(3)]
+    np.testing.assert_allclose(paired, one_by_one, atol=1e-5)
+    batched = retriever.encode_texts(TEXTS)
+    single = np.concatenate([retriever.encode_texts([t]) for t in TEXTS])
+    np.testing.assert_allclose(batched, single, atol=1e-5)
+
+
+def test_text_truncated_to_35_tokens(retriever):
+    long = " ".join(["red"] * 100)
+    ids, _ = retriever._tokenize([long])
+    assert ids.shape[1] == 35

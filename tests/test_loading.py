@@ -1,0 +1,72 @@
+"""Loading by hub id or directory, the short missing-model error, and a fast `--help`."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from retrieval.config import ModelConfig
+from retrieval.errors import ModelNotFoundError
+from retrieval.loading import load
+from tests.conftest import ROOT, run_cli
+
+
+def test_tiny_checkpoints_have_the_real_layout(tiny_models):
+    retrieval_dir, caption_dir = tiny_models
+    for directory in tiny_models:
+        names = {p.name for p in directory.iterdir()}
+        assert {"config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"} <= names
+        assert "processor_config.json" in names or "preprocessor_config.json" in names
+    retrieval_config = json.loads((retrieval_dir / "config.json").read_text())
+    assert retrieval_config["architectures"] == ["Blip2ForImageTextRetrieval"]
+    assert retrieval_config["qformer_config"]["use_qformer_text_input"] is True
+    assert retrieval_config["num_query_tokens"] == 32
+    caption_config = json.loads((caption_dir / "config.json").read_text())
+    assert caption_config["architectures"] == ["Blip2ForConditionalGeneration"]
+    assert caption_config["text_config"]["model_type"] == "opt"
+    assert caption_config["image_token_index"] is not None
+
+
+def test_captioner_loads_through_the_same_loader(tiny_models):
+    loaded = load("Blip2ForConditionalGeneration", ModelConfig(name=str(tiny_models[1]), device="cpu"))
+    assert type(loaded.model).__name__ == "Blip2ForConditionalGeneration"
+    assert loaded.processor.num_query_tokens == 32
+
+
+@pytest.mark.parametrize("name", ["Salesforce/blip2-itm-vit-g-not-cached", "./no/such/dir", "/no/such/abs"])
+def test_missing_model_is_a_model_not_found_error(name):
+    with pytest.raises(ModelNotFoundError) as info:
+        load("Blip2ForImageTextRetrieval", ModelConfig(name=name, device="cpu"))
+    assert name in str(info.value)
+
+
+def test_missing_model_cli_says_what_to_do_with_exit_2(tmp_path):
+    images = tmp_path / "imgs"
+    images.mkdir()
+    result = run_cli("index", str(images), "--index", str(tmp_path / "idx"), "--model", "Salesforce/blip2-itm-vit-g")
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    assert len(result.stderr.strip().splitlines()) <= 3
+    assert "Salesforce/blip2-itm-vit-g" in result.stderr and "--model DIR" in result.stderr
+
+
+def test_help_does_not_import_heavy_libraries():
+    code = (
+        "import sys\nfrom api.cli import main\n"
+        "try:\n    main(['--help'])\nexcept SystemExit:\n    pass\n"
+        "heavy = [m for m in ('torch', 'transformers', 'faiss') if m in sys.modules]\n"
+        "print('HEAVY', heavy)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True).stdout
+    assert "HEAVY []" in out
+    assert "index" in out and "search" in out
+
+
+def test_make_tiny_command(tmp_path):
+    result = run_cli("models", "make-tiny", str(tmp_path / "m"), check=True)
+    assert (tmp_path / "m" / "blip2-itm-tiny" / "model.safetensors").exists()
+    assert (tmp_path / "m" / "blip2-opt-tiny" / "model.safetensors").exists()
+    assert "blip2-itm-tiny" in result.stdout

@@ -1,0 +1,106 @@
+"""`blipsearch index` end to end: bad files, incremental runs, reuse, removal, model identity, the lock."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+
+import pytest
+from PIL import Image
+
+from tests.conftest import assert_consistent, make_images, run_cli
+
+
+def index(folder, index_dir, model, *extra, expect=0):
+    result = run_cli("index", str(folder), "--index", str(index_dir), "--model", str(model), "--json", "-q", *extra)
+    assert result.returncode == expect, result.stderr
+    return json.loads(result.stdout) if expect == 0 else result
+
+
+@pytest.fixture
+def folder(tmp_path):
+    images = tmp_path / "photos"
+    make_images(images, 6)
+    make_images(images / "nested" / "deeper", 2, seed=9)
+    make_images(images / ".thumbnails", 2, seed=11)  # hidden: never walked
+    (images / "empty.jpg").write_bytes(b"")
+    (images / "notes.bin").write_bytes(b"not an image at all")
+    good = (images / "img0000.jpg").read_bytes()
+    (images / "truncated.jpg").write_bytes(good[: len(good) // 2])
+    Image.new("RGBA", (30, 30), (0, 255, 0, 100)).save(images / "alpha.png")
+    Image.new("RGB", (300, 300)).save(images / "huge.png")
+    return images
+
+
+def test_first_run_indexes_and_records_reasons(folder, tmp_path, tiny_model):
+    summary = index(folder, tmp_path / "idx", tiny_model, "--max-megapixels", "0.05")
+    assert summary["indexed"] == 9  # 6 + 2 nested + alpha.png
+    assert summary["skipped_by_reason"] == {"empty": 1, "not-an-image": 1, "too-large": 1, "truncated": 1}
+    assert_consistent(tmp_path / "idx")
+    rows = [json.loads(line) for line in run_cli("export", "--index", str(tmp_path / "idx"), check=True).stdout.splitlines()]
+    assert len(rows) == 13 and not any(".thumbnails" in r["path"] for r in rows)
+    for row in rows:
+        assert (row["status"] == "indexed") == (row["error"] is None)
+        assert {"path", "size", "mtime_ns", "content_hash", "width", "height", "format"} <= row.keys()
+    csv_out = tmp_path / "catalog.csv"
+    run_cli("export", "--index", str(tmp_path / "idx"), "--format", "csv", "-o", str(csv_out), check=True)
+    assert csv_out.read_text().splitlines()[0].startswith("path,status,error")
+    status = json.loads(run_cli("status", "--index", str(tmp_path / "idx"), "--json", check=True).stdout)
+    assert status["indexed"] == 9 and status["skipped"] == 4 and status["num_queries"] == 32
+
+
+def test_incremental_rename_duplicate_change_delete(folder, tmp_path, tiny_model):
+    idx = tmp_path / "idx"
+    index(folder, idx, tiny_model)
+    again = index(folder, idx, tiny_model)
+    assert again["indexed"] == 0 and again["reused"] == 0 and again["unchanged"] == 13
+
+    os.rename(folder / "img0001.jpg", folder / "renamed.jpg")
+    shutil.copy(folder / "img0002.jpg", folder / "copy-of-2.jpg")
+    make_images(tmp_path / "new", 1, seed=42)[0].replace(folder / "img0003.jpg")  # new content, same name
+    (folder / "img0004.jpg").unlink()
+    summary = index(folder, idx, tiny_model)
+    assert summary["reused"] == 2  # the rename and the duplicate: no model run
+    assert summary["indexed"] == 1  # the changed file only
+    assert summary["removed"] == 2  # the old name and the deleted file
+    assert_consistent(idx)
+    exported = run_cli("export", "--index", str(idx), check=True).stdout.splitlines()
+    rows = {os.path.relpath(r["path"], folder): r for r in map(json.loads, exported)}
+    assert rows["copy-of-2.jpg"]["content_hash"] == rows["img0002.jpg"]["content_hash"]
+    assert "img0004.jpg" not in rows and "img0001.jpg" not in rows
+
+
+def test_touch_without_change_is_not_reembedded(folder, tmp_path, tiny_model):
+    idx = tmp_path / "idx"
+    index(folder, idx, tiny_model)
+    os.utime(folder / "img0000.jpg", ns=(1, 1))
+    summary = index(folder, idx, tiny_model)
+    assert summary["indexed"] == 0 and summary["reused"] == 0 and summary["unchanged"] == 13
+
+
+def test_other_model_is_refused(folder, tmp_path, tiny_model):
+    from retrieval.tiny import make_retrieval
+
+    idx = tmp_path / "idx"
+    index(folder, idx, tiny_model)
+    other = make_retrieval(tmp_path / "other-model", seed=1)
+    result = index(folder, idx, other, expect=2)
+    assert "was built with model" in result.stderr and "Traceback" not in result.stderr
+    searched = run_cli("search", "a red circle", "--index", str(idx), "--model", str(other))
+    assert searched.returncode == 2 and "was built with model" in searched.stderr
+
+
+def test_second_writer_gets_busy_error(folder, tmp_path, tiny_model):
+    from filelock import FileLock
+
+    idx = tmp_path / "idx"
+    idx.mkdir()
+    with FileLock(str(idx / "index.lock")):
+        result = index(folder, idx, tiny_model, expect=3)
+    assert "busy" in result.stderr
+
+
+def test_wrong_path_is_a_clear_error(tmp_path, tiny_model):
+    result = index(tmp_path / "nope", tmp_path / "idx", tiny_model, expect=2)
+    assert "no such file or directory" in result.stderr and "Traceback" not in result.stderr
