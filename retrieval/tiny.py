@@ -25,16 +25,20 @@ above below left right near next top bottom background dark light striped plain 
 
 
 def _bert_tokenizer(directory: Path):
+    import inspect
+
     from transformers import BertTokenizerFast
 
     letters = [chr(c) for c in range(ord("a"), ord("z") + 1)] + [str(d) for d in range(10)]
     punctuation = list(".,!?'\"-:;()")
     vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + letters + punctuation
     vocab += ["##" + ch for ch in letters] + sorted(set(_WORDS) - set(letters))
-    vocab_file = directory / "vocab.txt"
-    vocab_file.write_text("\n".join(vocab) + "\n")
-    tokenizer = BertTokenizerFast(vocab_file=str(vocab_file), do_lower_case=True)
-    vocab_file.unlink()  # save_pretrained writes its own copy next to tokenizer.json
+    if "vocab" in inspect.signature(BertTokenizerFast.__init__).parameters:  # transformers >= 5
+        tokenizer = BertTokenizerFast(vocab={token: i for i, token in enumerate(vocab)}, do_lower_case=True)
+    else:
+        vocab_file = directory / "vocab.txt"
+        vocab_file.write_text("\n".join(vocab) + "\n")
+        tokenizer = BertTokenizerFast(vocab_file=str(vocab_file), do_lower_case=True)
     tokenizer.add_special_tokens({"bos_token": "[DEC]"})
     return tokenizer
 

@@ -70,3 +70,12 @@ def test_make_tiny_command(tmp_path):
     assert (tmp_path / "m" / "blip2-itm-tiny" / "model.safetensors").exists()
     assert (tmp_path / "m" / "blip2-opt-tiny" / "model.safetensors").exists()
     assert "blip2-itm-tiny" in result.stdout
+
+
+def test_tiny_tokenizer_knows_its_words(tiny_model):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(tiny_model))
+    tokens = tokenizer.convert_ids_to_tokens(tokenizer("a red circle near two dogs")["input_ids"])
+    assert tokens == ["[CLS]", "a", "red", "circle", "near", "two", "dogs", "[SEP]"]
+    assert tokenizer.bos_token == "[DEC]"

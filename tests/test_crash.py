@@ -1,0 +1,55 @@
+"""Crash safety: `kill -9` a real indexing process several times mid-run, then finish the job."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+
+from tests.conftest import ROOT, assert_consistent, make_images
+
+
+def committed_embeddings(index_dir) -> int:
+    path = index_dir / "catalog.sqlite"
+    if not path.exists():
+        return 0
+    try:
+        with sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=5) as conn:
+            return conn.execute("SELECT count(*) FROM embeddings").fetchone()[0]
+    except sqlite3.OperationalError:  # schema not created yet
+        return 0
+
+
+def test_kill_dash_nine_repeatedly_then_resume(tmp_path, tiny_model):
+    folder = tmp_path / "photos"
+    total = len(make_images(folder, 120, seed=7))
+    idx = tmp_path / "idx"
+    command = [sys.executable, "-m", "api.cli", "index", str(folder), "--index", str(idx), "--model",
+               str(tiny_model), "--batch-size", "4", "--workers", "1", "--json", "-q"]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    kills = 0
+    for _ in range(3):
+        before = committed_embeddings(idx)
+        process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        deadline = time.monotonic() + 120
+        while committed_embeddings(idx) < before + 8 and process.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        if process.poll() is None:
+            process.send_signal(signal.SIGKILL)
+            kills += 1
+        process.wait()
+    assert kills >= 2, "the runs finished before they could be killed; make the collection larger"
+    done_before_final = committed_embeddings(idx)
+    assert 0 < done_before_final < total
+    final = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert final.returncode == 0, final.stderr
+    summary = json.loads(final.stdout)
+    # Nothing committed before a kill is embedded again, and nothing is lost.
+    assert summary["indexed"] == total - done_before_final
+    assert summary["indexed"] + summary["unchanged"] == total
+    assert committed_embeddings(idx) == total
+    assert_consistent(idx)

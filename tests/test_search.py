@@ -1,0 +1,146 @@
+"""Search against an independent reference: transformers' Blip2ForImageTextRetrieval, image by image."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from indexer.pipeline import IndexConfig, Indexer
+from indexer.search import Searcher, SearchOptions
+from indexer.store import IndexStore, StoreConfig
+from retrieval.errors import UsageError
+from retrieval.query import TextQuery
+from tests.conftest import make_images, run_cli
+
+QUERY = "a red circle on a blue background"
+
+
+@pytest.fixture(scope="module")
+def indexed(tmp_path_factory, retriever):
+    root = tmp_path_factory.mktemp("search")
+    paths = make_images(root / "photos", 40, seed=21)
+    store = IndexStore.open(StoreConfig(root / "idx"), create=True)
+    Indexer(store, retriever, IndexConfig(batch_size=8)).run([str(root / "photos")])
+    yield root, paths, Searcher(store, retriever)
+    store.close()
+
+
+@pytest.fixture(scope="module")
+def reference_scores(tiny_model, indexed):
+    """ITC logits_per_image and ITM softmax from transformers, one image at a time."""
+    from transformers import AutoProcessor, Blip2ForImageTextRetrieval
+
+    model = Blip2ForImageTextRetrieval.from_pretrained(str(tiny_model)).eval()
+    processor = AutoProcessor.from_pretrained(str(tiny_model))
+    itc, itm = {}, {}
+    for path in indexed[1]:
+        inputs = processor(images=Image.open(path).convert("RGB"), text=QUERY, return_tensors="pt")
+        with torch.no_grad():
+            itc[str(path)] = model(**inputs, use_image_text_matching_head=False).logits_per_image.item()
+            logits = model(**inputs, use_image_text_matching_head=True).logits_per_image
+            itm[str(path)] = torch.softmax(logits, dim=1)[0, 1].item()
+    return itc, itm
+
+
+def test_itc_ranking_equals_transformers(indexed, reference_scores):
+    _, paths, searcher = indexed
+    itc, _ = reference_scores
+    response = searcher.search_text(TextQuery.parse([QUERY]), SearchOptions(k=len(paths), rerank=False, score="itc"))
+    expected = sorted(itc, key=lambda p: -itc[p])
+    assert [r.path for r in response.results] == expected
+    for result in response.results:
+        assert abs(result.itc_score - itc[result.path]) < 1e-5
+        assert result.score == result.itc_score and result.itm_score is None and 0 <= result.query_slot < 32
+
+
+def test_top_k_is_exact_for_every_k(indexed, reference_scores):
+    _, _, searcher = indexed
+    itc, _ = reference_scores
+    expected = sorted(itc, key=lambda p: -itc[p])
+    for k in (1, 2, 5, 13):
+        response = searcher.search_text(TextQuery.parse([QUERY]), SearchOptions(k=k, rerank=False, score="itc"))
+        assert [r.path for r in response.results] == expected[:k]
+
+
+def test_itm_rerank_equals_transformers_softmax(indexed, reference_scores):
+    _, paths, searcher = indexed
+    itc, itm = reference_scores
+    candidates = 12
+    response = searcher.search_text(TextQuery.parse([QUERY]), SearchOptions(k=candidates, candidates=candidates))
+    top_itc = sorted(itc, key=lambda p: -itc[p])[:candidates]
+    assert {r.path for r in response.results} == set(top_itc)  # ITM re-ranks exactly the ITC candidates
+    for result in response.results:
+        assert abs(result.itm_score - itm[result.path]) < 1e-5
+        assert result.score == result.itm_score
+    assert [r.path for r in response.results] == sorted(top_itc, key=lambda p: -itm[p])
+
+
+def test_itm_plus_itc_score(indexed):
+    _, _, searcher = indexed
+    response = searcher.search_text(TextQuery.parse([QUERY]), SearchOptions(k=5, score="itm+itc"))
+    scores = [r.score for r in response.results]
+    assert scores == sorted(scores, reverse=True)
+    for r in response.results:
+        logit_gap = np.log(r.itm_score / (1 - r.itm_score))  # = l1 - l0, not l1 itself
+        assert np.isfinite(logit_gap) and r.score != r.itc_score
+
+
+def test_query_arithmetic_moves_results(indexed):
+    _, _, searcher = indexed
+    options = SearchOptions(k=5, rerank=False, score="itc")
+    plain = searcher.search_text(TextQuery.parse(["a red circle"]), options)
+    pushed = searcher.search_text(TextQuery.parse(["a red circle"], ["a blue square"]), options)
+    weighted = searcher.search_text(TextQuery.parse(["a red circle", "3:a dog"]), options)
+    assert [r.path for r in plain.results] != [r.path for r in pushed.results] or \
+        [r.path for r in plain.results] != [r.path for r in weighted.results]
+
+
+def test_image_query_excludes_itself(indexed):
+    _, paths, searcher = indexed
+    response = searcher.search_image(str(paths[3]), SearchOptions(k=5, rerank=False, score="itc"))
+    assert len(response.results) == 5 and str(paths[3]) not in [r.path for r in response.results]
+
+
+def test_path_filter_and_min_score(indexed):
+    _, _, searcher = indexed
+    response = searcher.search_text(TextQuery.parse([QUERY]), SearchOptions(k=3, rerank=False, score="itc",
+                                                                            path_glob="*img001?.jpg"))
+    assert len(response.results) == 3 and all("img001" in r.path for r in response.results)
+    high = searcher.search_text(TextQuery.parse([QUERY]), SearchOptions(k=40, rerank=False, score="itc", min_score=2.0))
+    assert high.results == []
+
+
+def test_vanished_file_is_reported_not_a_crash(tmp_path, retriever):
+    paths = make_images(tmp_path / "photos", 6, seed=2)
+    store = IndexStore.open(StoreConfig(tmp_path / "idx"), create=True)
+    try:
+        Indexer(store, retriever, IndexConfig()).run([str(tmp_path / "photos")])
+        os.unlink(paths[0])
+        response = Searcher(store, retriever).search_text(TextQuery.parse([QUERY]), SearchOptions(k=6))
+    finally:
+        store.close()
+    assert response.missing == [str(paths[0])]
+    assert len(response.results) == 5 and all(r.itm_score is not None for r in response.results)
+
+
+@pytest.mark.parametrize("texts,options", [([""], SearchOptions()), (["ok"], SearchOptions(k=0)),
+                                           (["ok"], SearchOptions(k=10**9)), (["ok"], SearchOptions(score="bogus"))])
+def test_bad_queries_are_usage_errors(indexed, texts, options):
+    _, _, searcher = indexed
+    with pytest.raises(UsageError):
+        searcher.search_text(TextQuery.parse(texts), options)
+
+
+def test_cli_json_shape(indexed, tiny_model):
+    root = indexed[0]
+    result = run_cli("search", QUERY, "--index", str(root / "idx"), "-k", "3", "--json", check=True)
+    payload = json.loads(result.stdout)
+    assert payload["query"] == QUERY and len(payload["results"]) == 3
+    assert set(payload["results"][0]) >= {"path", "score", "itc_score", "itm_score", "query_slot"}
+    bad = run_cli("search", "", "--index", str(root / "idx"))
+    assert bad.returncode == 2 and "empty" in bad.stderr
