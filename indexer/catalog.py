@@ -102,12 +102,13 @@ class Catalog:
 
         config = Config()
         config.set_main_option("script_location", str(Path(__file__).parent / "migrations"))
-        head = ScriptDirectory.from_config(config).get_current_head()
+        scripts = ScriptDirectory.from_config(config)
+        head = scripts.get_current_head()
         with self.engine.begin() as conn:
             current = MigrationContext.configure(conn).get_current_revision()
             if current == head:
                 return
-            if current is not None and current not in {s.revision for s in ScriptDirectory.from_config(config).walk_revisions()}:
+            if current is not None and current not in {s.revision for s in scripts.walk_revisions()}:
                 raise CatalogVersionError(
                     f"the catalog has schema version {current}, newer than this blipsearch knows; upgrade blipsearch"
                 )
@@ -153,16 +154,16 @@ class Catalog:
                     rows[row.path] = FileRow(**row._mapping)
         return rows
 
-    def files(self, ids: Sequence[int] | None = None, embedding_ids: Sequence[int] | None = None) -> list[FileRow]:
+    def files(self, embedding_ids: Sequence[int] | None = None) -> list[FileRow]:
+        """Every file, or only those pointing at `embedding_ids`; ordered by path."""
         query = select(schema.files).order_by(schema.files.c.path)
-        if ids is None and embedding_ids is None:
+        if embedding_ids is None:
             with self.engine.connect() as conn:
                 return [FileRow(**r._mapping) for r in conn.execute(query)]
-        column, keys = (schema.files.c.id, ids) if ids is not None else (schema.files.c.embedding_id, embedding_ids)
         out: list[FileRow] = []
         with self.engine.connect() as conn:
-            for chunk in _chunks([int(k) for k in keys]):
-                out.extend(FileRow(**r._mapping) for r in conn.execute(query.where(column.in_(chunk))))
+            for chunk in _chunks([int(k) for k in embedding_ids]):
+                out.extend(FileRow(**r._mapping) for r in conn.execute(query.where(schema.files.c.embedding_id.in_(chunk))))
         return out
 
     def embedding_ids_for(self, hashes: Iterable[str]) -> dict[str, int]:

@@ -93,7 +93,7 @@ class Indexer:
         self.store.catalog.claim_model(identity)
         vectors = self.store.load_vectors(identity)
         roots = resolve_roots(list(paths))
-        found = walk(roots, self.config.walk).files
+        found = walk(roots, self.config.walk)
         known = self.store.catalog.files_under(roots)
         todo = [f for path, f in found.items() if not _unchanged(f, known.get(path))]
         summary.unchanged = len(found) - len(todo)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import fnmatch
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
@@ -35,12 +35,6 @@ class FoundFile:
     mtime_ns: int
 
 
-@dataclass
-class WalkResult:
-    files: dict[str, FoundFile] = field(default_factory=dict)
-    roots: list[str] = field(default_factory=list)
-
-
 def resolve_roots(paths: list[str]) -> list[str]:
     roots = []
     for raw in paths:
@@ -55,12 +49,9 @@ def _excluded(path: str, name: str, excludes: tuple[str, ...]) -> bool:
     return any(fnmatch.fnmatch(name, pattern) or fnmatch.fnmatch(path, pattern) for pattern in excludes)
 
 
-def walk(roots: list[str], options: WalkOptions) -> WalkResult:
-    result = WalkResult(roots=roots)
-    for root in roots:
-        for found in _walk_one(root, options):
-            result.files[found.path] = found
-    return result
+def walk(roots: list[str], options: WalkOptions) -> dict[str, FoundFile]:
+    """Absolute path -> file, for every candidate file under `roots`."""
+    return {found.path: found for root in roots for found in _walk_one(root, options)}
 
 
 def _walk_one(root: str, options: WalkOptions) -> Iterator[FoundFile]:
