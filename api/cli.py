@@ -51,6 +51,21 @@ def model_options(func):
                              "Env: BLIPSEARCH_MODEL.")(func)
 
 
+def feature_cache_option(func):
+    return click.option(
+        "--feature-cache-mb", type=click.IntRange(0, 10_000_000), default=0, envvar="BLIPSEARCH_FEATURE_CACHE_MB",
+        show_default=True,
+        help="Keep up to this many MB of fp16 ViT features in the index directory, so re-ranking a known "
+             "image skips decoding and the ViT (0: off). Env: BLIPSEARCH_FEATURE_CACHE_MB.",
+    )(func)
+
+
+def _feature_cache(store, identity, megabytes: int):
+    from indexer.features import FeatureCache, FeatureCacheConfig
+
+    return FeatureCache.for_model(store.directory, identity.fingerprint, FeatureCacheConfig(megabytes * 1_000_000))
+
+
 def _store_config(index_dir: Path | None, catalog_url: str | None):
     from indexer.store import StoreConfig, default_index_dir
 
@@ -95,10 +110,11 @@ def make_tiny_command(directory: Path, seed: int) -> None:
               help="Skip images larger than this (decompression-bomb guard).")
 @click.option("--decode-timeout", type=click.FloatRange(0.1, 3600), default=60.0, show_default=True,
               help="Seconds one file may take to decode before it is skipped.")
+@feature_cache_option
 @click.option("--quiet", "-q", is_flag=True, help="No progress output.")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as one JSON object on stdout.")
 def index(paths, index_dir, catalog_url, model, device, dtype, batch_size, workers, exclude, follow_symlinks,
-          max_megapixels, decode_timeout, quiet, as_json) -> None:
+          max_megapixels, decode_timeout, feature_cache_mb, quiet, as_json) -> None:
     """Index the images under PATHS (folders or files): new and changed files are embedded, renamed and
     duplicate files reuse their vectors, files gone from disk are removed."""
     import os
@@ -127,7 +143,8 @@ def index(paths, index_dir, catalog_url, model, device, dtype, batch_size, worke
     try:
         with store.writer_lock():
             embedder = Blip2Retriever.load(ModelConfig.retrieval(model, device, dtype))
-            summary = Indexer(store, embedder, config, make_progress("index", quiet)).run(paths)
+            cache = _feature_cache(store, embedder.identity, feature_cache_mb)
+            summary = Indexer(store, embedder, config, make_progress("index", quiet), cache).run(paths)
     finally:
         store.close()
     result = {"index": str(store.directory), **summary.as_dict()}
@@ -211,15 +228,16 @@ def status(index_dir, catalog_url, as_json) -> None:
 @click.option("--not", "negatives", multiple=True, help="Push results away from this text (repeatable).")
 @click.option("--image", "image_path", type=click.Path(dir_okay=False), default=None,
               help="Search by an example image instead of text.")
+@feature_cache_option
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout.")
 def search(texts, index_dir, catalog_url, model, device, dtype, k, candidates, no_rerank, score, min_score,
-           path_glob, negatives, image_path, as_json) -> None:
+           path_glob, negatives, image_path, feature_cache_mb, as_json) -> None:
     """Find indexed images matching TEXTS.
 
     Several texts add up (rclip-style query arithmetic); give a text a weight as WEIGHT:TEXT, e.g.
     blipsearch search "2:a red car" "at night" --not "rain".
     """
-    from indexer.search import Searcher, SearchOptions
+    from indexer.search import SearchOptions
     from retrieval.errors import UsageError
     from retrieval.query import TextQuery
 
@@ -232,11 +250,14 @@ def search(texts, index_dir, catalog_url, model, device, dtype, k, candidates, n
     )
     options.validate()
     query = TextQuery.parse(list(texts), list(negatives)) if texts else None
-    response, label = _run_search(index_dir, catalog_url, model, device, dtype, query, image_path, options)
+    response, label = _run_search(
+        index_dir, catalog_url, model, device, dtype, query, image_path, options, feature_cache_mb
+    )
     _print_search(label, response, as_json)
 
 
-def _run_search(index_dir, catalog_url, model, device, dtype, query, image_path, options):
+def _run_search(index_dir, catalog_url, model, device, dtype, query, image_path, options, feature_cache_mb):
+    from indexer.rerank import Reranker
     from indexer.search import Searcher
     from indexer.store import IndexStore
     from retrieval.config import ModelConfig
@@ -246,7 +267,9 @@ def _run_search(index_dir, catalog_url, model, device, dtype, query, image_path,
     try:
         recorded = store.catalog.model()
         name = model or (recorded.name if recorded else None)
-        searcher = Searcher(store, Blip2Retriever.load(ModelConfig.retrieval(name, device, dtype)))
+        retriever = Blip2Retriever.load(ModelConfig.retrieval(name, device, dtype))
+        reranker = Reranker(retriever, _feature_cache(store, retriever.identity, feature_cache_mb))
+        searcher = Searcher(store, retriever, reranker)
         if query is not None:
             return searcher.search_text(query, options), " + ".join(query.texts)
         return searcher.search_image(image_path, options), image_path

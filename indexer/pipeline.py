@@ -17,6 +17,7 @@ import numpy as np
 
 from indexer.catalog import FileEntry, FileRow
 from indexer.decode import Decoded, DecodeOptions, Skipped
+from indexer.features import FeatureCache
 from indexer.schema import INDEXED, SKIPPED
 from indexer.store import IndexStore
 from indexer.walk import FoundFile, WalkOptions, resolve_roots, walk
@@ -80,11 +81,15 @@ class _Result:
 
 
 class Indexer:
-    def __init__(self, store: IndexStore, embedder: Embedder, config: IndexConfig, progress: Progress | None = None):
+    def __init__(
+        self, store: IndexStore, embedder: Embedder, config: IndexConfig, progress: Progress | None = None,
+        feature_cache: FeatureCache | None = None,
+    ):
         self.store = store
         self.embedder = embedder
         self.config = config
         self.progress = progress or NoProgress()
+        self.feature_cache = feature_cache  # filled with the ViT features the run computes anyway
 
     def run(self, paths: Sequence[str]) -> IndexSummary:
         started = time.perf_counter()
@@ -158,9 +163,12 @@ class Indexer:
         new_vectors: dict[str, np.ndarray] = {}
         if fresh:
             began = time.perf_counter()
-            encoded = self.embedder.encode_images(np.stack(list(fresh.values())))
+            encoded = self.embedder.encode_images(np.stack(list(fresh.values())), keep_vit=bool(self.feature_cache))
             summary.seconds["model"] += time.perf_counter() - began
             new_vectors = dict(zip(fresh.keys(), encoded.query_embeds))
+            if self.feature_cache:
+                for content_hash, vit in zip(fresh, encoded.vit_features):
+                    self.feature_cache.put(content_hash, vit.float().cpu().numpy())
         began = time.perf_counter()
         written = catalog.write_batch(entries, new_vectors)
         vectors.remove(np.asarray(written.orphaned, dtype=np.int64))

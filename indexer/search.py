@@ -16,9 +16,9 @@ import numpy as np
 
 from indexer.catalog import FileRow, check_same_model
 from indexer.decode import Decoded, DecodeOptions, decode_file
+from indexer.rerank import Reranker
 from indexer.schema import INDEXED
 from indexer.store import IndexStore
-from retrieval.encoders import match_probability
 from retrieval.errors import UsageError
 from retrieval.query import TextQuery, combine, image_query_vector
 
@@ -34,7 +34,6 @@ class SearchOptions:
     score: str = "itm"
     min_score: float | None = None
     path_glob: str | None = None
-    itm_batch: int = 32
 
     def validate(self) -> None:
         if not 1 <= self.k <= MAX_K:
@@ -77,7 +76,7 @@ class _Candidate:
 
 
 class Searcher:
-    def __init__(self, store: IndexStore, retriever: Any) -> None:
+    def __init__(self, store: IndexStore, retriever: Any, reranker: Reranker | None = None) -> None:
         recorded = store.catalog.model()
         if recorded is None:
             raise UsageError(f"the index at {store.directory} is empty; run blipsearch index first")
@@ -85,7 +84,9 @@ class Searcher:
         self.store = store
         self.retriever = retriever
         self.vectors = store.load_vectors(recorded)
+        self.exact_vectors = store.exact_vectors(recorded)
         self.decode_options = DecodeOptions(retriever.transform, max_pixels=1 << 40)
+        self.reranker = reranker or Reranker(retriever)
 
     def search_text(self, query: TextQuery, options: SearchOptions) -> SearchResponse:
         options.validate()
@@ -112,7 +113,7 @@ class Searcher:
         wanted = options.depth
         n_images = wanted
         while True:
-            hits = self.vectors.search(vector[None], n_images)[0]
+            hits = self.vectors.search(vector[None], n_images, exact=self.exact_vectors)[0]
             rows = self.store.catalog.files(embedding_ids=hits.keys.tolist())
             by_key: dict[int, list[FileRow]] = {}
             for row in rows:
@@ -139,11 +140,17 @@ class Searcher:
         missing = [c.row.path for c in candidates if not os.path.exists(c.row.path)]
         gone = set(missing)
         candidates = [c for c in candidates if c.row.path not in gone]
-        itm = self._itm(candidates, query, options) if options.rerank and query else {}
+        matches = {}
+        if options.rerank and query:
+            first_file: dict[str, str] = {}
+            for c in candidates:
+                first_file.setdefault(c.row.content_hash, c.row.path)
+            matches = self.reranker.score(first_file, query.texts, query.weights)
         results = []
         for c in candidates:
-            prob, logit = itm.get(c.row.content_hash, (None, None))
-            score = {"itc": c.itc, "itm": prob, "itm+itc": None if logit is None else logit + c.itc}[options.score]
+            match = matches.get(c.row.content_hash)
+            prob = match.probability if match else None
+            score = {"itc": c.itc, "itm": prob, "itm+itc": match.logit + c.itc if match else None}[options.score]
             if score is None:  # the re-ranker could not read this file after all
                 continue
             results.append(SearchResult(c.row.path, float(score), c.itc, prob, c.slot, c.row.id))
@@ -151,30 +158,3 @@ class Searcher:
         if options.min_score is not None:
             results = [r for r in results if r.score >= options.min_score]
         return SearchResponse(results[: options.k], missing)
-
-    def _itm(self, candidates: list[_Candidate], query: TextQuery, options: SearchOptions) -> dict[str, tuple]:
-        """content hash -> (match probability, positive logit), weighted over the positive texts."""
-        first_file: dict[str, str] = {}
-        for c in candidates:
-            first_file.setdefault(c.row.content_hash, c.row.path)
-        hashes, pixels = [], []
-        for content_hash, path in first_file.items():
-            decoded = decode_file(path, self.decode_options)
-            if isinstance(decoded, Decoded):
-                hashes.append(content_hash)
-                pixels.append(decoded.pixels)
-        weights = np.asarray(query.weights, np.float64)
-        weights = weights / weights.sum() if weights.sum() > 0 else np.full(len(weights), 1 / len(weights))
-        scores: dict[str, tuple] = {}
-        for start in range(0, len(hashes), options.itm_batch):
-            vit = self.retriever.vit_features(np.stack(pixels[start : start + options.itm_batch]))
-            prob = np.zeros(vit.shape[0])
-            logit = np.zeros(vit.shape[0])
-            for text, weight in zip(query.texts, weights):
-                logits = self.retriever.itm_logits(vit, [text]).astype(np.float64)
-                prob += weight * match_probability(logits)
-                logit += weight * logits[:, 1]
-            for i, content_hash in enumerate(hashes[start : start + options.itm_batch]):
-                scores[content_hash] = (float(prob[i]), float(logit[i]))
-        return scores
-

@@ -84,6 +84,10 @@ class IndexStore:
         reconcile(index, self.catalog, identity)
         return index
 
+    def exact_vectors(self, identity: ModelIdentity):
+        """A `VectorSource` for `MaxSimIndex.search`: the fp32 vectors, read from the catalog."""
+        return lambda keys: self.catalog.vectors(keys, identity.num_queries, identity.embed_dim)
+
     def save_vectors(self, index) -> None:
         index.save(self.vectors_path)
 

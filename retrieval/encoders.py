@@ -64,6 +64,13 @@ class Blip2Retriever:
         with torch.inference_mode():
             return self.model.vision_model(pixel_values=self._pixels(pixel_values)).last_hidden_state
 
+    def stack_vit_features(self, features: Sequence[Any]):
+        """Per-image ViT features (P, Dv), e.g. from a cache -> one (B, P, Dv) tensor as `vit_features` gives."""
+        import torch
+
+        dtype = self.model.vision_model.embeddings.patch_embedding.weight.dtype
+        return torch.stack([torch.as_tensor(f).to(self.device, dtype) for f in features])
+
     def query_embeds_from_vit(self, vit_features: Any) -> np.ndarray:
         """ViT features -> (B, Q, D) L2-normalised ITC query embeddings."""
         import torch

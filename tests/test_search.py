@@ -90,14 +90,39 @@ def test_itm_plus_itc_score(indexed):
         assert np.isfinite(logit_gap) and r.score != r.itc_score
 
 
-def test_query_arithmetic_moves_results(indexed):
-    _, _, searcher = indexed
-    options = SearchOptions(k=5, rerank=False, score="itc")
-    plain = searcher.search_text(TextQuery.parse(["a red circle"]), options)
-    pushed = searcher.search_text(TextQuery.parse(["a red circle"], ["a blue square"]), options)
-    weighted = searcher.search_text(TextQuery.parse(["a red circle", "3:a dog"]), options)
-    assert [r.path for r in plain.results] != [r.path for r in pushed.results] or \
-        [r.path for r in plain.results] != [r.path for r in weighted.results]
+@pytest.mark.parametrize("texts, negatives", [
+    (["a red circle"], ["a blue square"]),
+    (["a red circle", "3:a dog"], []),
+    (["0.5:a green triangle", "a yellow background"], ["a black square", "a cat"]),
+])
+def test_query_arithmetic_equals_brute_force(indexed, retriever, texts, negatives):
+    """Weighted sum of text vectors minus the --not vectors, normalised, scored by max-sim."""
+    _, paths, searcher = indexed
+    query = TextQuery.parse(texts, negatives)
+    options = SearchOptions(k=len(paths), rerank=False, score="itc")
+    response = searcher.search_text(query, options)
+    weights = np.asarray(query.weights, np.float32)[:, None]
+    vector = (weights * retriever.encode_texts(list(query.texts))).sum(axis=0)
+    if negatives:
+        vector = vector - retriever.encode_texts(negatives).sum(axis=0)
+    vector /= np.linalg.norm(vector)
+    catalog = searcher.store.catalog
+    rows = {row.path: row for row in catalog.files()}
+    ids, vectors = catalog.vectors([rows[str(p)].embedding_id for p in paths], 32, vector.shape[0])
+    best = dict(zip(ids.tolist(), (vectors @ vector).max(axis=1)))
+    expected = {str(p): best[rows[str(p)].embedding_id] for p in paths}
+    assert [r.path for r in response.results] == sorted(expected, key=lambda p: -expected[p])
+    for result in response.results:
+        assert abs(result.itc_score - expected[result.path]) < 1e-5
+    plain = searcher.search_text(TextQuery.parse(texts[:1]), options)
+    assert [r.itc_score for r in plain.results] != [r.itc_score for r in response.results]
+
+
+def test_query_weights_parse():
+    query = TextQuery.parse(["2:a red car", "at night", "ratio 16:9 photo", "-1.5: rain"], ["fog"])
+    assert query.texts == ("a red car", "at night", "ratio 16:9 photo", "rain")
+    assert query.weights == (2.0, 1.0, 1.0, -1.5)
+    assert query.negatives == ("fog",)
 
 
 def test_image_query_excludes_itself(indexed):

@@ -1,0 +1,92 @@
+"""An optional on-disk cache of ViT features for ITM re-ranking: fp16, size-limited, off by default.
+
+Re-ranking needs each candidate's ViT features (257 x 1408 for ViT-g: 0.7 MB in fp16). Without the
+cache they are recomputed from the file (decode + ViT); with it, a repeated candidate costs one file
+read. Entries are keyed by content hash under a folder named by the model fingerprint, written to a
+temporary file and renamed (readers never see half an entry), and evicted least-recently-used
+(reads refresh the mtime) when the folder grows past its limit. fp16 moves ITM logits by about 1e-3.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+FEATURES_DIR = "features"
+
+
+@dataclass(frozen=True)
+class FeatureCacheConfig:
+    max_bytes: int  # 0 disables the cache
+
+    def __post_init__(self) -> None:
+        if self.max_bytes < 0:
+            raise ValueError("the feature cache size cannot be negative")
+
+
+class FeatureCache:
+    def __init__(self, directory: Path, max_bytes: int) -> None:
+        self.directory = Path(directory)
+        self.max_bytes = max_bytes
+        self.directory.mkdir(parents=True, exist_ok=True)
+        self._bytes = sum(size for _, size, _ in self._entries())
+
+    @classmethod
+    def for_model(cls, index_dir: Path, fingerprint: str, config: FeatureCacheConfig) -> "FeatureCache | None":
+        if config.max_bytes == 0:
+            return None
+        return cls(Path(index_dir) / FEATURES_DIR / fingerprint[:16], config.max_bytes)
+
+    def _path(self, content_hash: str) -> Path:
+        return self.directory / content_hash[:2] / f"{content_hash}.npy"
+
+    def get(self, content_hash: str) -> np.ndarray | None:
+        path = self._path(content_hash)
+        try:
+            features = np.load(path, allow_pickle=False)
+            os.utime(path)  # recently used
+        except (OSError, ValueError):  # absent, evicted meanwhile, or unreadable: recompute
+            return None
+        return features
+
+    def put(self, content_hash: str, features: np.ndarray) -> None:
+        array = np.ascontiguousarray(features, dtype=np.float16)
+        if array.nbytes > self.max_bytes:
+            return
+        path = self._path(content_hash)
+        path.parent.mkdir(exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        with open(tmp, "wb") as handle:
+            np.save(handle, array, allow_pickle=False)
+        os.replace(tmp, path)
+        self._bytes += path.stat().st_size
+        if self._bytes > self.max_bytes:
+            self._evict(target=int(self.max_bytes * 0.9))
+
+    def _entries(self) -> list[tuple[Path, int, float]]:
+        out = []
+        for path in self.directory.glob("*/*.npy"):
+            try:
+                stat = path.stat()
+            except FileNotFoundError:
+                continue
+            out.append((path, stat.st_size, stat.st_mtime))
+        return out
+
+    def _evict(self, target: int) -> None:
+        """Delete least recently used entries until the cache holds at most `target` bytes."""
+        entries = sorted(self._entries(), key=lambda entry: entry[2])
+        total = sum(size for _, size, _ in entries)
+        for path, size, _ in entries:
+            if total <= target:
+                break
+            path.unlink(missing_ok=True)
+            total -= size
+        self._bytes = total
+
+    @property
+    def bytes(self) -> int:
+        return self._bytes

@@ -1,0 +1,74 @@
+"""ITM re-ranking: candidate files -> ViT features (feature cache, or decode + ViT in batches) -> ITM head.
+
+This is the second half of LAVIS's `compute_sim_matrix`: the ITM head scores each (text, image)
+pair on the image's ViT features. Files are decoded in parallel threads with draft-mode JPEG
+decoding, so a 12 MP photo costs a fraction of a full decode. Several candidates with the same content are scored once.
+"""
+
+from __future__ import annotations
+
+import os
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import numpy as np
+
+from indexer.decode import Decoded, DecodeOptions, decode_file
+from indexer.features import FeatureCache
+from retrieval.encoders import match_probability
+
+
+@dataclass(frozen=True)
+class Match:
+    probability: float  # ITM match probability, weighted over the query's texts
+    logit: float  # the positive ITM logit, weighted the same way
+
+
+class Reranker:
+    def __init__(self, retriever: Any, cache: FeatureCache | None = None, batch_size: int = 32) -> None:
+        self.retriever = retriever
+        self.cache = cache
+        self.batch_size = batch_size
+        self.decode_options = DecodeOptions(retriever.transform, max_pixels=1 << 40)
+
+    def score(self, files: dict[str, str], texts: Sequence[str], weights: Sequence[float]) -> dict[str, Match]:
+        """`files`: content hash -> a path holding it. Returns a Match per hash whose features could be
+        had; a file that can no longer be decoded is left out."""
+        weights = np.asarray(weights, np.float64)
+        weights = weights / weights.sum() if weights.sum() > 0 else np.full(len(weights), 1 / len(weights))
+        matches: dict[str, Match] = {}
+        hashes = list(files)
+        for start in range(0, len(hashes), self.batch_size):
+            chunk, vit = self._features(hashes[start : start + self.batch_size], files)
+            if not chunk:
+                continue
+            probability = np.zeros(len(chunk))
+            logit = np.zeros(len(chunk))
+            for text, weight in zip(texts, weights):
+                logits = self.retriever.itm_logits(vit, [text]).astype(np.float64)
+                probability += weight * match_probability(logits)
+                logit += weight * logits[:, 1]
+            for i, content_hash in enumerate(chunk):
+                matches[content_hash] = Match(float(probability[i]), float(logit[i]))
+        return matches
+
+    def _features(self, hashes: list[str], files: dict[str, str]):
+        """(hashes with features, their ViT features stacked as one tensor on the model's device)."""
+        cached = {h: f for h in hashes if (f := self.cache.get(h) if self.cache else None) is not None}
+        todo = [h for h in hashes if h not in cached]
+        # Pillow decodes and resizes with the GIL released, so threads decode files in parallel.
+        with ThreadPoolExecutor(max_workers=min(len(todo), os.cpu_count() or 1) or 1) as pool:
+            outcomes = pool.map(lambda h: decode_file(files[h], self.decode_options), todo)
+            decoded = {h: o.pixels for h, o in zip(todo, outcomes) if isinstance(o, Decoded)}
+        features: dict[str, Any] = dict(cached)
+        if decoded:
+            computed = self.retriever.vit_features(np.stack(list(decoded.values())))
+            for content_hash, vit in zip(decoded, computed):
+                features[content_hash] = vit
+                if self.cache:
+                    self.cache.put(content_hash, vit.float().cpu().numpy())
+        order = [h for h in hashes if h in features]
+        if not order:
+            return [], None
+        return order, self.retriever.stack_vit_features([features[h] for h in order])

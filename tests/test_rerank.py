@@ -1,0 +1,80 @@
+"""ITM re-ranking with and without the fp16 ViT feature cache."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import indexer.rerank
+from indexer.decode import DecodeOptions, decode_file
+from indexer.features import FeatureCache
+from indexer.rerank import Reranker
+from tests.conftest import make_images, run_cli
+
+TEXT = "a red circle on a blue background"
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory, retriever):
+    paths = make_images(tmp_path_factory.mktemp("rerank"), 6, seed=5)
+    options = DecodeOptions(retriever.transform, max_pixels=1 << 40)
+    return {decode_file(str(p), options).content_hash: str(p) for p in paths}
+
+
+def test_itm_matches_direct_scoring(retriever, files):
+    options = DecodeOptions(retriever.transform, max_pixels=1 << 40)
+    pixels = np.stack([decode_file(p, options).pixels for p in files.values()])
+    expected = retriever.itm_probabilities(retriever.vit_features(pixels), [TEXT])
+    matches = Reranker(retriever, batch_size=4).score(files, [TEXT], [1.0])
+    np.testing.assert_allclose([matches[h].probability for h in files], expected, atol=1e-6)
+
+
+def test_cache_serves_features_without_decoding(retriever, files, tmp_path, monkeypatch):
+    uncached = Reranker(retriever).score(files, [TEXT], [1.0])
+    cache = FeatureCache(tmp_path / "features", max_bytes=10**8)
+    Reranker(retriever, cache).score(files, [TEXT], [1.0])  # fills it
+    assert len(list((tmp_path / "features").glob("*/*.npy"))) == len(files)
+
+    def no_decoding(*args, **kwargs):
+        raise AssertionError("decoded a file whose features are cached")
+
+    monkeypatch.setattr(indexer.rerank, "decode_file", no_decoding)
+    cached = Reranker(retriever, cache).score(files, [TEXT], [1.0])
+    for content_hash in files:  # fp16 features: close, not equal
+        assert abs(cached[content_hash].probability - uncached[content_hash].probability) < 2e-3
+        assert abs(cached[content_hash].logit - uncached[content_hash].logit) < 1e-2
+
+
+def test_corrupt_entry_is_recomputed(retriever, files, tmp_path):
+    cache = FeatureCache(tmp_path / "features", max_bytes=10**8)
+    Reranker(retriever, cache).score(files, [TEXT], [1.0])
+    victim = next(iter(files))
+    (tmp_path / "features" / victim[:2] / f"{victim}.npy").write_bytes(b"garbage")
+    matches = Reranker(retriever, cache).score(files, [TEXT], [1.0])
+    assert set(matches) == set(files)
+
+
+def test_cache_evicts_least_recently_used(tmp_path):
+    entry = np.zeros((10, 100), np.float32)  # 2,000 bytes in fp16, plus the .npy header
+    cache = FeatureCache(tmp_path, max_bytes=5 * 2128)
+    for i in range(5):
+        cache.put(f"{i:02d}hash", entry)
+    import os
+    import time
+
+    for i in range(5):  # make recency explicit: entry 0 used last
+        os.utime(tmp_path / f"{i:02d}" / f"{i:02d}hash.npy", (time.time() - 100 + i, time.time() - 100 + i))
+    assert cache.get("00hash") is not None
+    cache.put("05hash", entry)
+    assert cache.bytes <= cache.max_bytes
+    assert cache.get("00hash") is not None and cache.get("05hash") is not None
+    assert cache.get("01hash") is None  # the least recently used went first
+
+
+def test_index_fills_the_cache_and_search_uses_it(tiny_model, tmp_path):
+    make_images(tmp_path / "photos", 5, seed=8)
+    common = ["--index", str(tmp_path / "idx"), "--model", str(tiny_model), "--feature-cache-mb", "50"]
+    assert run_cli("index", str(tmp_path / "photos"), "-q", *common).returncode == 0
+    assert len(list((tmp_path / "idx" / "features").glob("*/*/*.npy"))) == 5
+    result = run_cli("search", "a red circle", "-k", "3", "--json", *common)
+    assert result.returncode == 0, result.stderr
