@@ -103,7 +103,7 @@ def make_tiny_command(directory: Path, seed: int) -> None:
 @model_options
 @click.option("--batch-size", type=click.IntRange(1, 4096), default=16, show_default=True)
 @click.option("--workers", type=click.IntRange(1, 256), default=None,
-              help="Decode worker processes [default: CPU cores - 1, at least 1].")
+              help="Decode worker processes [default: the number of CPU cores; the main process mostly waits on them].")
 @click.option("--exclude", multiple=True, help="Glob of file or directory names/paths to skip (repeatable).")
 @click.option("--follow-symlinks", is_flag=True, help="Follow symbolic links to files and directories.")
 @click.option("--max-megapixels", type=click.FloatRange(0.01, 10_000), default=100.0, show_default=True,
@@ -118,14 +118,17 @@ def index(paths, index_dir, catalog_url, model, device, dtype, batch_size, worke
     """Index the images under PATHS (folders or files): new and changed files are embedded, renamed and
     duplicate files reuse their vectors, files gone from disk are removed."""
     import os
+    from concurrent.futures import ThreadPoolExecutor
 
     from api.progress import make_progress
+    from indexer.features import FeatureCacheConfig
     from indexer.pipeline import IndexConfig, Indexer
     from indexer.store import IndexStore
     from indexer.walk import WalkOptions, resolve_roots
     from indexer.workers import PoolOptions
     from retrieval.config import ModelConfig
     from retrieval.encoders import Blip2Retriever
+    from retrieval.preprocess import peek_transform
 
     resolve_roots(list(paths))  # fail on a wrong path before loading anything
     max_pixels = int(max_megapixels * 1e6)
@@ -133,18 +136,21 @@ def index(paths, index_dir, catalog_url, model, device, dtype, batch_size, worke
         batch_size=batch_size,
         walk=WalkOptions(excludes=tuple(exclude), follow_symlinks=follow_symlinks),
         pool=PoolOptions(
-            workers=workers or max(1, (os.cpu_count() or 2) - 1),
+            workers=workers or os.cpu_count() or 1,
             timeout_s=decode_timeout,
             memory_limit_bytes=max(4 << 30, 16 * max_pixels + (1 << 30)),
         ),
         max_pixels=max_pixels,
+        feature_cache=FeatureCacheConfig(feature_cache_mb * 1_000_000),
     )
     store = IndexStore.open(_store_config(index_dir, catalog_url), create=True)
+    model_config = ModelConfig.retrieval(model, device, dtype)
     try:
-        with store.writer_lock():
-            embedder = Blip2Retriever.load(ModelConfig.retrieval(model, device, dtype))
-            cache = _feature_cache(store, embedder.identity, feature_cache_mb)
-            summary = Indexer(store, embedder, config, make_progress("index", quiet), cache).run(paths)
+        with store.writer_lock(), ThreadPoolExecutor(max_workers=1) as loader:
+            # The model loads in the background while files are walked and decoded.
+            embedder = loader.submit(Blip2Retriever.load, model_config)
+            indexer = Indexer(store, embedder, config, make_progress("index", quiet), peek_transform(model_config.name))
+            summary = indexer.run(paths)
     finally:
         store.close()
     result = {"index": str(store.directory), **summary.as_dict()}

@@ -1,5 +1,5 @@
-"""Photo-sized JPEGs for the benchmarks: smooth gradients, shapes and sensor-like noise, so they
-compress like photos (a few MB each) rather than like flat synthetic images."""
+"""Photo-sized JPEGs for the benchmarks: gradients, shapes and sensor-like noise, so they compress
+like photos (a few MB each) rather than like flat synthetic images. Every image has distinct content."""
 
 from __future__ import annotations
 
@@ -15,21 +15,23 @@ def make_photos(directory: Path, count: int, size: tuple[int, int] = (3000, 2000
     directory.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
     width, height = size
-    ys, xs = np.mgrid[0:height, 0:width].astype(np.float32)
+    # One noise field, shifted per image: drawing fresh noise for every photo would dominate the time.
+    noise = rng.normal(0, 14, (height, width, 3)).astype(np.int16)
+    ramp_x = np.linspace(-1, 1, width, dtype=np.float32)[None, :, None]
+    ramp_y = np.linspace(-1, 1, height, dtype=np.float32)[:, None, None]
     paths = []
     for i in range(count):
-        path = directory / f"photo_{i:04d}.jpg"
+        path = directory / f"photo_{i:05d}.jpg"
         paths.append(path)
         if path.exists():
             continue
-        a, b, c = rng.uniform(0, 255, 3), rng.uniform(-0.05, 0.05, 3), rng.uniform(-0.05, 0.05, 3)
-        base = a[None, None, :] + xs[..., None] * b[None, None, :] + ys[..., None] * c[None, None, :]
-        noise = rng.normal(0, 6, (height, width, 3)).astype(np.float32)
-        image = Image.fromarray(np.clip(base + noise, 0, 255).astype(np.uint8))
+        base = rng.uniform(40, 215, 3) + ramp_x * rng.uniform(-40, 40, 3) + ramp_y * rng.uniform(-40, 40, 3)
+        shifted = np.roll(noise, (int(rng.integers(height)), int(rng.integers(width))), axis=(0, 1))
+        image = Image.fromarray(np.clip(base.astype(np.int16) + shifted, 0, 255).astype(np.uint8))
         draw = ImageDraw.Draw(image)
         for _ in range(6):
-            x0, y0 = rng.integers(0, width - 200), rng.integers(0, height - 200)
-            x1, y1 = x0 + rng.integers(100, 1200), y0 + rng.integers(100, 900)
+            x0, y0 = int(rng.integers(0, width - 200)), int(rng.integers(0, height - 200))
+            x1, y1 = x0 + int(rng.integers(100, width // 2)), y0 + int(rng.integers(100, height // 2))
             draw.ellipse((x0, y0, x1, y1), fill=tuple(int(v) for v in rng.integers(0, 255, 3)))
-        image.save(path, quality=90)
+        image.save(path, quality=92)
     return paths

@@ -15,6 +15,7 @@ from typing import Iterable, Iterator, Sequence
 import numpy as np
 from sqlalchemy import and_, create_engine, delete, event, exists, func, insert, select
 from sqlalchemy.engine import Engine
+from sqlalchemy.exc import IntegrityError
 
 from indexer import schema
 from indexer.errors import CatalogVersionError
@@ -105,6 +106,8 @@ class Catalog:
         scripts = ScriptDirectory.from_config(config)
         head = scripts.get_current_head()
         with self.engine.begin() as conn:
+            if conn.dialect.name == "postgresql":  # several indexers/servers may open a new catalog at once
+                conn.exec_driver_sql("SELECT pg_advisory_xact_lock(4242000001)")
             current = MigrationContext.configure(conn).get_current_revision()
             if current == head:
                 return
@@ -132,17 +135,20 @@ class Catalog:
         """Record the model on first use; refuse any other model afterwards."""
         recorded = self.model()
         if recorded is None:
-            with self.engine.begin() as conn:
-                conn.execute(
-                    insert(schema.meta),
-                    [
-                        {"key": "model_name", "value": identity.name},
-                        {"key": "model_fingerprint", "value": identity.fingerprint},
-                        {"key": "embed_dim", "value": str(identity.embed_dim)},
-                        {"key": "num_queries", "value": str(identity.num_queries)},
-                    ],
-                )
-            return
+            try:
+                with self.engine.begin() as conn:
+                    conn.execute(
+                        insert(schema.meta),
+                        [
+                            {"key": "model_name", "value": identity.name},
+                            {"key": "model_fingerprint", "value": identity.fingerprint},
+                            {"key": "embed_dim", "value": str(identity.embed_dim)},
+                            {"key": "num_queries", "value": str(identity.num_queries)},
+                        ],
+                    )
+                return
+            except IntegrityError:  # another writer sharing this catalog claimed it first
+                recorded = self.model()
         check_same_model(recorded, identity)
 
     # -- reads ------------------------------------------------------------------------------------

@@ -7,6 +7,7 @@ detail the catalog keeps.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import io
 import warnings
@@ -74,9 +75,21 @@ def decode_file(path: str, options: DecodeOptions) -> Decoded | Skipped:
     return decode_bytes(data, options)
 
 
+@functools.cache
+def register_optional_formats() -> None:
+    """HEIC/HEIF through pillow-heif when it is installed (`pip install blipsearch[heif]`); AVIF is
+    Pillow's own from Pillow 11.3 on."""
+    try:
+        import pillow_heif
+    except ImportError:
+        return
+    pillow_heif.register_heif_opener()
+
+
 def decode_bytes(data: bytes, options: DecodeOptions) -> Decoded | Skipped:
     from PIL import Image, UnidentifiedImageError
 
+    register_optional_formats()
     digest = content_hash(data)
     if not data:
         return Skipped(EMPTY, "the file is empty", digest)
@@ -164,7 +177,9 @@ _SIGNATURES = (b"\xff\xd8\xff", b"\x89PNG", b"GIF8", b"BM", b"II*\x00", b"MM\x00
 
 
 def _has_image_signature(data: bytes) -> bool:
-    return data.startswith(_SIGNATURES) or (data[:4] == b"RIFF" and data[8:12] == b"WEBP")
+    riff_webp = data[:4] == b"RIFF" and data[8:12] == b"WEBP"
+    iso_media = data[4:8] == b"ftyp" and data[8:12] in (b"heic", b"heix", b"mif1", b"msf1", b"avif", b"avis")
+    return data.startswith(_SIGNATURES) or riff_webp or iso_media
 
 
 def _describe(exc: BaseException) -> str:

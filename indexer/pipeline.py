@@ -1,6 +1,8 @@
 """The bulk indexing pipeline: walk -> decode (worker processes) -> embed (model) -> write (catalog + FAISS).
 
-Decoding overlaps with the model because workers run ahead of it by a bounded window. Each batch is
+Decoding overlaps with the model because workers run ahead of it by a bounded window; it even starts
+while the model is still loading (the embedder may be a Future), holding up to `prefetch_images`
+decoded images until the model is there. Each batch is
 committed to the catalog in one transaction before the next begins, so after `kill -9` a re-run
 finds every finished batch unchanged and embeds none of it again. Files gone from disk are removed
 last, so a file renamed in the same run first reuses its vectors by content hash.
@@ -10,6 +12,7 @@ from __future__ import annotations
 
 import time
 from collections import Counter
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any, Protocol, Sequence
 
@@ -17,11 +20,12 @@ import numpy as np
 
 from indexer.catalog import FileEntry, FileRow
 from indexer.decode import Decoded, DecodeOptions, Skipped
-from indexer.features import FeatureCache
+from indexer.features import FeatureCache, FeatureCacheConfig
 from indexer.schema import INDEXED, SKIPPED
 from indexer.store import IndexStore
 from indexer.walk import FoundFile, WalkOptions, resolve_roots, walk
 from indexer.workers import DecodePool, PoolOptions
+from retrieval.errors import BlipsearchError
 
 
 class Embedder(Protocol):
@@ -51,6 +55,8 @@ class IndexConfig:
     max_pixels: int = 100_000_000
     use_draft: bool = True
     save_every_s: float = 30.0  # how often the FAISS file catches up with the catalog mid-run
+    prefetch_images: int = 256  # decoded images held while the model loads (~0.6 MB each at 224 px)
+    feature_cache: FeatureCacheConfig = FeatureCacheConfig(0)  # keep ViT features for re-ranking
 
 
 @dataclass
@@ -61,6 +67,7 @@ class IndexSummary:
     removed: int = 0
     skipped: Counter = field(default_factory=Counter)
     seconds: dict[str, float] = field(default_factory=lambda: Counter())
+    decoded_before_model: int = 0  # files decoded while the model was still loading
 
     def as_dict(self) -> dict:
         return {
@@ -82,48 +89,74 @@ class _Result:
 
 class Indexer:
     def __init__(
-        self, store: IndexStore, embedder: Embedder, config: IndexConfig, progress: Progress | None = None,
-        feature_cache: FeatureCache | None = None,
+        self, store: IndexStore, embedder: Embedder | Future, config: IndexConfig, progress: Progress | None = None,
+        transform: Any = None,
     ):
+        """`embedder` may still be loading (a Future); give `transform` too, and decoding starts at once."""
         self.store = store
-        self.embedder = embedder
+        self._embedder = embedder
+        self.transform = transform
         self.config = config
         self.progress = progress or NoProgress()
-        self.feature_cache = feature_cache  # filled with the ViT features the run computes anyway
+
+    @property
+    def embedder(self) -> Embedder:
+        if isinstance(self._embedder, Future):
+            self._embedder = self._embedder.result()  # re-raises a failed load, e.g. ModelNotFoundError
+        return self._embedder
+
+    def _model_ready(self) -> bool:
+        return not isinstance(self._embedder, Future) or self._embedder.done()
 
     def run(self, paths: Sequence[str]) -> IndexSummary:
         started = time.perf_counter()
         summary = IndexSummary()
-        identity = self.embedder.identity
-        self.store.catalog.claim_model(identity)
-        vectors = self.store.load_vectors(identity)
         roots = resolve_roots(list(paths))
         found = walk(roots, self.config.walk)
         known = self.store.catalog.files_under(roots)
         todo = [f for path, f in found.items() if not _unchanged(f, known.get(path))]
         summary.unchanged = len(found) - len(todo)
         self.progress.start(len(todo))
-        saved_at = time.monotonic()
-        options = DecodeOptions(self.embedder.transform, self.config.max_pixels, self.config.use_draft)
+        transform = self.transform or self.embedder.transform
+        options = DecodeOptions(transform, self.config.max_pixels, self.config.use_draft)
+        writer: _Writer | None = None
+        held: list[list[_Result]] = []  # decoded batches waiting for the model
         with DecodePool(options, self.config.pool) as pool:
             batch: list[_Result] = []
             for result in self._decoded(pool, todo, summary):
                 batch.append(result)
+                summary.decoded_before_model += writer is None and not self._model_ready()
                 if len(batch) >= self.config.batch_size:
-                    self._write(batch, known, vectors, summary)
+                    held.append(batch)
                     batch = []
-                    if time.monotonic() - saved_at > self.config.save_every_s:
-                        self.store.save_vectors(vectors)
-                        saved_at = time.monotonic()
-            if batch:
-                self._write(batch, known, vectors, summary)
+                    if self._model_ready() or len(held) * self.config.batch_size >= self.config.prefetch_images:
+                        writer = writer or self._start_writing(transform, summary)
+                        writer.write_all(held, known, summary)
+                        held = []
+            writer = writer or self._start_writing(transform, summary)
+            writer.write_all(held + [batch], known, summary)
         gone = sorted(set(known) - set(found))
-        vectors.remove(np.asarray(self.store.catalog.remove_paths(gone), dtype=np.int64))
+        writer.vectors.remove(np.asarray(self.store.catalog.remove_paths(gone), dtype=np.int64))
         summary.removed = len(gone)
-        self.store.save_vectors(vectors)
+        self.store.save_vectors(writer.vectors)
         summary.seconds["total"] = time.perf_counter() - started
         self.progress.close()
         return summary
+
+    def _start_writing(self, transform, summary: IndexSummary) -> "_Writer":
+        """Once the model is loaded: check it decodes as assumed, claim the index for it, load vectors."""
+        began = time.perf_counter()
+        embedder = self.embedder
+        summary.seconds["model_wait"] += time.perf_counter() - began
+        if embedder.transform != transform:
+            raise BlipsearchError(
+                f"the model's processor file describes {transform}, but its loaded processor {embedder.transform}; "
+                "please report this"
+            )
+        identity = embedder.identity
+        self.store.catalog.claim_model(identity)
+        cache = FeatureCache.for_model(self.store.directory, identity.fingerprint, self.config.feature_cache)
+        return _Writer(self, self.store.load_vectors(identity), cache)
 
     def _decoded(self, pool: DecodePool, todo: list[FoundFile], summary: IndexSummary):
         by_path = {f.path: f for f in todo}
@@ -137,7 +170,28 @@ class Indexer:
             path, outcome = item
             yield _Result(by_path[path], outcome)
 
-    def _write(self, batch: list[_Result], known: dict[str, FileRow], vectors, summary: IndexSummary) -> None:
+
+class _Writer:
+    """The embed and write stages: a batch of decoded files -> model -> one catalog transaction + FAISS."""
+
+    def __init__(self, indexer: Indexer, vectors, feature_cache: FeatureCache | None) -> None:
+        self.store = indexer.store
+        self.embedder = indexer.embedder
+        self.config = indexer.config
+        self.progress = indexer.progress
+        self.vectors = vectors
+        self.feature_cache = feature_cache  # filled with the ViT features the run computes anyway
+        self.saved_at = time.monotonic()
+
+    def write_all(self, batches: list[list[_Result]], known: dict[str, FileRow], summary: IndexSummary) -> None:
+        for batch in batches:
+            if batch:
+                self.write(batch, known, summary)
+            if time.monotonic() - self.saved_at > self.config.save_every_s:
+                self.store.save_vectors(self.vectors)
+                self.saved_at = time.monotonic()
+
+    def write(self, batch: list[_Result], known: dict[str, FileRow], summary: IndexSummary) -> None:
         catalog = self.store.catalog
         decoded = [r for r in batch if isinstance(r.outcome, Decoded)]
         existing = catalog.embedding_ids_for(r.outcome.content_hash for r in decoded)
@@ -171,10 +225,10 @@ class Indexer:
                     self.feature_cache.put(content_hash, vit.float().cpu().numpy())
         began = time.perf_counter()
         written = catalog.write_batch(entries, new_vectors)
-        vectors.remove(np.asarray(written.orphaned, dtype=np.int64))
+        self.vectors.remove(np.asarray(written.orphaned, dtype=np.int64))
         if written.created:
             keys = np.fromiter(written.created.values(), np.int64)
-            vectors.add(keys, np.stack([new_vectors[h] for h in written.created]))
+            self.vectors.add(keys, np.stack([new_vectors[h] for h in written.created]))
         summary.seconds["write"] += time.perf_counter() - began
         self.progress.advance(len(batch))
 

@@ -113,6 +113,19 @@ def _from_pretrained(cls: Any, name: str, **kwargs: Any) -> Any:
         raise ModelNotFoundError(name, hub_cache_dir(), _first_line(exc)) from exc
 
 
+def local_file(name: str, filename: str) -> Path | None:
+    """`filename` of model `name` if it is on this machine (a directory, or the hub cache); no network."""
+    path = Path(name).expanduser()
+    if path.is_dir():
+        return path / filename if (path / filename).is_file() else None
+    if _looks_like_path(name):
+        return None
+    from huggingface_hub import try_to_load_from_cache
+
+    cached = try_to_load_from_cache(name, filename)
+    return Path(cached) if isinstance(cached, str) else None
+
+
 def _first_line(exc: BaseException) -> str:
     text = str(exc).strip().splitlines()
     return text[0][:200] if text else type(exc).__name__

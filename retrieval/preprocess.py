@@ -8,7 +8,9 @@ where transformers would pick its torchvision backend instead.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -41,6 +43,33 @@ class ImageTransform:
             std=tuple(float(s) for s in ip.image_std),
         )
 
+    @classmethod
+    def from_config_file(cls, path: Path) -> "ImageTransform | None":
+        """From a checkpoint's `preprocessor_config.json` or `processor_config.json`, without importing
+        transformers, when it states every setting explicitly (None otherwise: load the processor)."""
+        try:
+            config = json.loads(Path(path).read_text())
+        except (OSError, ValueError):
+            return None
+        config = config.get("image_processor", config)
+        size = config.get("size") or {}
+        needed = ("resample", "rescale_factor", "image_mean", "image_std")
+        if config.get("image_processor_type") not in (None, "BlipImageProcessor") or not all(k in config for k in needed):
+            return None
+        if not all(config.get(k, True) for k in ("do_resize", "do_rescale", "do_normalize")):
+            return None
+        height, width = size.get("height", size.get("shortest_edge")), size.get("width", size.get("shortest_edge"))
+        if height is None or width is None:
+            return None
+        return cls(
+            height=int(height),
+            width=int(width),
+            resample=int(config["resample"]),
+            rescale_factor=float(config["rescale_factor"]),
+            mean=tuple(float(m) for m in config["image_mean"]),
+            std=tuple(float(v) for v in config["image_std"]),
+        )
+
     def __call__(self, image: Any) -> np.ndarray:
         """An RGB PIL image -> (3, H, W) float32."""
         channels = np.asarray(image.resize((self.width, self.height), resample=self.resample)).transpose(2, 0, 1)
@@ -53,3 +82,15 @@ class ImageTransform:
         values = np.arange(256, dtype=np.float32)[None, :] * np.float32(self.rescale_factor)
         mean = np.asarray(self.mean, dtype=np.float32)[:, None]
         return (values - mean) / np.asarray(self.std, dtype=np.float32)[:, None]
+
+
+def peek_transform(model_name: str) -> ImageTransform | None:
+    """The transform of model `model_name` from its processor file on this machine, before (and
+    without) loading the model, so decoding can start while it loads; None if that is not possible."""
+    from retrieval.loading import local_file
+
+    for filename in ("preprocessor_config.json", "processor_config.json"):
+        path = local_file(model_name, filename)
+        if path is not None:
+            return ImageTransform.from_config_file(path)
+    return None

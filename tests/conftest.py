@@ -68,13 +68,13 @@ def run_cli(*args: str, check: bool = False, timeout: float = 240, env: dict | N
     return result
 
 
-def assert_consistent(index_dir: Path) -> None:
+def assert_consistent(index_dir: Path, catalog_url: str | None = None) -> None:
     """Catalog and FAISS file agree: every embedding has exactly its vectors, nothing else is stored."""
     import faiss
 
     from indexer.catalog import Catalog, sqlite_url
 
-    catalog = Catalog.open(sqlite_url(index_dir / "catalog.sqlite"))
+    catalog = Catalog.open(catalog_url or sqlite_url(index_dir / "catalog.sqlite"))
     try:
         identity = catalog.model()
         stored = faiss.read_index(str(index_dir / "vectors.faiss"))  # keep alive: id_map points into it
@@ -90,3 +90,42 @@ def assert_consistent(index_dir: Path) -> None:
     assert len({f.path for f in files}) == len(files)
     referenced = {f.embedding_id for f in files if f.status == "indexed"}
     assert referenced == set(embedding_ids.tolist()), "orphan or missing embeddings"
+
+
+# -- PostgreSQL ------------------------------------------------------------------------------------
+POSTGRES_URL = os.environ.get("BLIPSEARCH_TEST_POSTGRES", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
+
+
+def _postgres_admin():
+    """An autocommit connection to the test server, or a skip (a failure where CI requires it)."""
+    try:
+        import psycopg
+
+        plain = POSTGRES_URL.replace("postgresql+psycopg://", "postgresql://")
+        return psycopg.connect(plain, autocommit=True, connect_timeout=3)
+    except Exception as exc:  # noqa: BLE001
+        if os.environ.get("BLIPSEARCH_REQUIRE_POSTGRES"):
+            raise
+        pytest.skip(f"no PostgreSQL server at {POSTGRES_URL} ({type(exc).__name__})")
+
+
+@pytest.fixture
+def postgres_url():
+    """A new, empty database for one test, with a locale (ICU en-US) collation like a typical server's."""
+    import uuid
+
+    admin = _postgres_admin()
+    name = f"blipsearch_test_{uuid.uuid4().hex[:12]}"
+    admin.execute(f"CREATE DATABASE {name} TEMPLATE template0 ENCODING 'UTF8' LOCALE_PROVIDER icu ICU_LOCALE 'en-US'")
+    try:
+        yield POSTGRES_URL.rsplit("/", 1)[0] + "/" + name
+    finally:
+        admin.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+        admin.close()
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def catalog_url(request, tmp_path):
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'catalog.sqlite'}"
+    return request.getfixturevalue("postgres_url")

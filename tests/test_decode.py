@@ -93,6 +93,24 @@ def test_draft_decode_stays_close_to_full_decode(tmp_path):
     assert difference.mean() < 0.01 and difference.max() < 0.1  # in [0, 1] pixel units
 
 
+@pytest.mark.parametrize("fmt", ["HEIF", "AVIF"])
+def test_heic_and_avif_when_a_plugin_reads_them(fmt):
+    from PIL import features
+
+    from indexer.decode import register_optional_formats
+
+    register_optional_formats()  # pillow-heif is in the test extra; AVIF is Pillow's own
+    if fmt == "AVIF" and not features.check("avif"):
+        pytest.skip("this Pillow was built without AVIF")
+    image = Image.new("RGB", (64, 48), (200, 30, 30))
+    decoded = decode_bytes(encode(image, fmt), OPTIONS)
+    assert isinstance(decoded, Decoded) and decoded.format == fmt
+    expected = decode_bytes(encode(image, "PNG"), OPTIONS)
+    assert np.abs(decoded.pixels - expected.pixels).mean() < 0.1  # lossy codecs, same picture
+    broken = encode(image, fmt)[:40]
+    assert decode_bytes(broken, OPTIONS).reason in ("corrupt", "truncated")
+
+
 @pytest.mark.parametrize(
     "data,reason",
     [

@@ -85,3 +85,25 @@ def test_text_truncated_to_35_tokens(retriever):
     long = " ".join(["red"] * 100)
     ids, _ = retriever._tokenize([long])
     assert ids.shape[1] == 35
+
+
+def test_transform_read_from_the_processor_file_without_loading(tiny_model, retriever, tmp_path):
+    """Decoding starts before the model loads, so the file-derived transform must equal the processor's."""
+    import json
+
+    from transformers import BlipImageProcessor
+
+    from retrieval.preprocess import ImageTransform, peek_transform
+
+    assert peek_transform(str(tiny_model)) == retriever.transform
+    # The layout of Salesforce/blip2-itm-vit-g's preprocessor_config.json.
+    hub_style = {"do_normalize": True, "do_rescale": True, "do_resize": True, "image_mean": [0.5, 0.4, 0.3],
+                 "image_std": [0.2, 0.3, 0.25], "image_processor_type": "BlipImageProcessor", "resample": 3,
+                 "rescale_factor": 0.00392156862745098, "size": {"height": 364, "width": 364}}
+    (tmp_path / "preprocessor_config.json").write_text(json.dumps(hub_style))
+    expected = ImageTransform.from_processor(BlipImageProcessor(**hub_style))
+    assert ImageTransform.from_config_file(tmp_path / "preprocessor_config.json") == expected
+    del hub_style["image_std"]  # left to a default: load the processor instead
+    (tmp_path / "preprocessor_config.json").write_text(json.dumps(hub_style))
+    assert ImageTransform.from_config_file(tmp_path / "preprocessor_config.json") is None
+    assert peek_transform(str(tmp_path / "missing")) is None

@@ -104,3 +104,49 @@ def test_second_writer_gets_busy_error(folder, tmp_path, tiny_model):
 def test_wrong_path_is_a_clear_error(tmp_path, tiny_model):
     result = index(tmp_path / "nope", tmp_path / "idx", tiny_model, expect=2)
     assert "no such file or directory" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_decoding_starts_while_the_model_loads(tmp_path, retriever):
+    """The embedder arrives as a Future; decoded batches wait for it, then land as usual."""
+    import threading
+    import time
+    from concurrent.futures import Future
+
+    from indexer.pipeline import IndexConfig, Indexer
+    from indexer.store import IndexStore, StoreConfig
+
+    make_images(tmp_path / "photos", 10, seed=3)
+    loading: Future = Future()
+    store = IndexStore.open(StoreConfig(tmp_path / "idx"), create=True)
+    decoded_before_model = []
+
+    def finish_loading():
+        time.sleep(3)
+        decoded_before_model.append(store.catalog.counts()["files"])
+        loading.set_result(retriever)
+
+    threading.Thread(target=finish_loading).start()
+    config = IndexConfig(batch_size=2, prefetch_images=100)
+    summary = Indexer(store, loading, config, transform=retriever.transform).run([str(tmp_path / "photos")])
+    store.close()
+    assert summary.indexed == 10 and decoded_before_model == [0]  # nothing written before the model
+    assert summary.decoded_before_model == 10  # all decoded while it loaded
+    assert 0 < summary.seconds["model_wait"] < 3.5
+    assert_consistent(tmp_path / "idx")
+
+
+def test_a_model_that_fails_to_load_writes_nothing(tmp_path, retriever):
+    from concurrent.futures import Future
+
+    from indexer.pipeline import IndexConfig, Indexer
+    from indexer.store import IndexStore, StoreConfig
+    from retrieval.errors import ModelNotFoundError
+
+    make_images(tmp_path / "photos", 4, seed=3)
+    failed: Future = Future()
+    failed.set_exception(ModelNotFoundError("x/y", "/cache", "the model hub cannot be reached"))
+    store = IndexStore.open(StoreConfig(tmp_path / "idx"), create=True)
+    with pytest.raises(ModelNotFoundError):
+        Indexer(store, failed, IndexConfig(batch_size=2), transform=retriever.transform).run([str(tmp_path / "photos")])
+    assert store.catalog.counts()["files"] == 0 and store.catalog.model() is None
+    store.close()

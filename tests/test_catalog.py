@@ -1,0 +1,91 @@
+"""The catalog on SQLite and on PostgreSQL (a fresh database per test, ICU en-US collation)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from indexer.catalog import Catalog, FileEntry
+from indexer.schema import INDEXED, SKIPPED
+from retrieval.errors import ModelMismatchError
+from retrieval.loading import ModelIdentity
+from tests.conftest import assert_consistent, make_images, run_cli
+
+Q, D = 4, 8
+IDENTITY = ModelIdentity(name="m", fingerprint="abc", embed_dim=D, num_queries=Q)
+
+
+def entry(path: str, content_hash: str | None, status: str = INDEXED) -> FileEntry:
+    return FileEntry(path=path, size=10, mtime_ns=1, content_hash=content_hash, status=status,
+                     error=None if status == INDEXED else "corrupt: broken", width=4, height=3, format="JPEG")
+
+
+def vectors(seed: int) -> np.ndarray:
+    return np.random.default_rng(seed).standard_normal((Q, D)).astype(np.float32)
+
+
+@pytest.fixture
+def catalog(catalog_url):
+    opened = Catalog.open(catalog_url)
+    yield opened
+    opened.close()
+
+
+def test_migrates_once_and_reopens(catalog_url):
+    Catalog.open(catalog_url).close()
+    reopened = Catalog.open(catalog_url)
+    assert reopened.counts() == {"files": 0, "distinct_images": 0}
+    reopened.close()
+
+
+def test_model_is_claimed_once(catalog):
+    catalog.claim_model(IDENTITY)
+    catalog.claim_model(IDENTITY)
+    assert catalog.model() == IDENTITY
+    with pytest.raises(ModelMismatchError, match="built with model 'm'"):
+        catalog.claim_model(ModelIdentity(name="other", fingerprint="zzz", embed_dim=D, num_queries=Q))
+
+
+def test_batches_share_content_and_drop_orphans(catalog):
+    a, b = vectors(1), vectors(2)
+    written = catalog.write_batch(
+        [entry("/p/a.jpg", "ha"), entry("/p/copy.jpg", "ha"), entry("/p/b.jpg", "hb"), entry("/p/bad.jpg", "hx", SKIPPED)],
+        {"ha": a, "hb": b},
+    )
+    assert set(written.created) == {"ha", "hb"} and written.orphaned == []
+    ids, stored = catalog.vectors([written.created["ha"], written.created["hb"]], Q, D)
+    by_id = dict(zip(ids.tolist(), stored))
+    np.testing.assert_array_equal(by_id[written.created["ha"]], a)
+    np.testing.assert_array_equal(by_id[written.created["hb"]], b)
+    # b.jpg's content changes: its old embedding has no file left and goes in the same transaction.
+    changed = catalog.write_batch([entry("/p/b.jpg", "hc")], {"hc": vectors(3)})
+    assert changed.orphaned == [written.created["hb"]]
+    assert catalog.remove_paths(["/p/a.jpg"]) == []  # copy.jpg still holds "ha"
+    assert catalog.remove_paths(["/p/copy.jpg"]) == [written.created["ha"]]
+    assert catalog.counts() == {"files": 2, "indexed": 1, "skipped": 1, "distinct_images": 1}
+    skipped = [row for row in catalog.files() if row.status == SKIPPED]
+    assert skipped[0].error == "corrupt: broken" and skipped[0].embedding_id is None
+
+
+def test_files_under_a_folder_exclude_its_siblings(catalog):
+    """'/p/x&y' sorts between '/p/x/' and '/p/x0' under a locale collation; paths must compare bytewise."""
+    paths = ["/p/x/a.jpg", "/p/x/sub/b.jpg", "/p/x&y/c.jpg", "/p/x-1.jpg", "/p/xa/d.jpg", "/p/X/e.jpg"]
+    catalog.write_batch([entry(p, None, SKIPPED) for p in paths], {})
+    assert sorted(catalog.files_under(["/p/x"])) == ["/p/x/a.jpg", "/p/x/sub/b.jpg"]
+
+
+def test_index_search_and_reindex_with_catalog_url(tiny_model, tmp_path, postgres_url):
+    make_images(tmp_path / "photos", 6, seed=4)
+    common = ["--index", str(tmp_path / "idx"), "--catalog-url", postgres_url, "--model", str(tiny_model)]
+    first = run_cli("index", str(tmp_path / "photos"), "-q", "--json", *common, check=True)
+    assert '"indexed": 6' in first.stdout
+    (tmp_path / "photos" / "img0000.jpg").rename(tmp_path / "photos" / "renamed.jpg")
+    (tmp_path / "photos" / "img0001.jpg").unlink()
+    second = run_cli("index", str(tmp_path / "photos"), "-q", "--json", *common, check=True)
+    assert '"indexed": 0' in second.stdout and '"reused": 1' in second.stdout and '"removed": 2' in second.stdout
+    assert not (tmp_path / "idx" / "catalog.sqlite").exists()
+    assert_consistent(tmp_path / "idx", postgres_url)
+    found = run_cli("search", "a red circle", "-k", "3", "--json", *common, check=True)
+    assert found.stdout.count('"path"') == 3
+    status = run_cli("status", "--json", *common[:4], check=True)
+    assert '"distinct_images": 5' in status.stdout
