@@ -165,29 +165,89 @@ def index(paths, index_dir, catalog_url, model, device, dtype, batch_size, worke
         )
 
 
+# -- caption ----------------------------------------------------------------------------------
+def caption_options(func):
+    func = click.option("--num-beams", type=int, default=1, show_default=True, help="Beam search width (1: greedy).")(func)
+    func = click.option("--max-new-tokens", type=int, default=30, show_default=True, help="Longest caption, in tokens.")(func)
+    func = click.option("--prompt", default="", help='Text the caption continues, e.g. "a photo of" (kept in the catalog).')(func)
+    return click.option("--caption-model", default=None,
+                        help="Captioning model: hub id or directory (default Salesforce/blip2-opt-2.7b). "
+                             "Env: BLIPSEARCH_CAPTION_MODEL.")(func)
+
+
+@main.command()
+@index_options
+@caption_options
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default=None, help="Where the model runs.")
+@click.option("--dtype", type=click.Choice(["auto", "float32", "float16", "bfloat16"]), default=None)
+@click.option("--batch-size", type=click.IntRange(1, 1024), default=8, show_default=True)
+@click.option("--workers", type=click.IntRange(1, 256), default=None, help="Decode worker processes [default: CPU cores].")
+@click.option("--overwrite", is_flag=True, help="Re-caption images captioned by another model or prompt.")
+@click.option("--quiet", "-q", is_flag=True, help="No progress output.")
+@click.option("--json", "as_json", is_flag=True, help="Print the summary as one JSON object on stdout.")
+def caption(index_dir, catalog_url, caption_model, prompt, max_new_tokens, num_beams, device, dtype, batch_size,
+            workers, overwrite, quiet, as_json) -> None:
+    """Write a caption for every indexed image that has none, with BLIP-2's stage-2 LLM."""
+    import os
+
+    from api.progress import make_progress
+    from indexer.captions import CaptionConfig, CaptionRun
+    from indexer.store import IndexStore
+    from indexer.workers import PoolOptions
+    from retrieval.captioner import Blip2Captioner, CaptionOptions
+    from retrieval.config import ModelConfig
+
+    options = CaptionOptions(prompt=prompt, max_new_tokens=max_new_tokens, num_beams=num_beams)
+    options.validate()
+    config = CaptionConfig(options, batch_size, overwrite, PoolOptions(workers=workers or os.cpu_count() or 1))
+    store = IndexStore.open(_store_config(index_dir, catalog_url))
+    try:
+        with store.writer_lock():
+            captioner = Blip2Captioner.load(ModelConfig.captioning(caption_model, device, dtype))
+            summary = CaptionRun(store, captioner, config, make_progress("caption", quiet)).run()
+    finally:
+        store.close()
+    result = {"index": str(store.directory), **summary.as_dict()}
+    if as_json:
+        _emit_json(result)
+        return
+    for path in summary.missing[:20]:
+        click.echo(f"warning: {path} was indexed but is gone from disk; not captioned", err=True)
+    failed = ", ".join(f"{n} {reason}" for reason, n in result["failed_by_reason"].items())
+    click.echo(f"captioned {result['captioned']}, missing {result['missing']}, failed {result['failed']}"
+               + (f" ({failed})" if failed else "") + f" in {result['seconds']['total']:.1f} s")
+
+
 # -- export / status ----------------------------------------------------------------------------
 @main.command()
 @index_options
-@click.option("--format", "fmt", type=click.Choice(["jsonl", "csv"]), default="jsonl", show_default=True)
+@click.option("--format", "fmt", type=click.Choice(["jsonl", "csv", "parquet"]), default="jsonl", show_default=True,
+              help="parquet needs the parquet extra (pyarrow) and -o.")
 @click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="File to write (default stdout).")
 def export(index_dir, catalog_url, fmt, output) -> None:
-    """Write one row per file in the catalog: path, status, error, size, mtime, hash, width, height, format."""
-    from indexer.export import export_rows
+    """Write one row per file in the catalog: path, status, error, size, mtime, hash, width, height,
+    format, and the caption with its model, prompt and time."""
+    from indexer.export import records, write_parquet, write_text
     from indexer.store import IndexStore
+    from retrieval.errors import UsageError
 
+    if fmt == "parquet" and output is None:
+        raise UsageError("Parquet is binary: give a file with -o FILE")
     store = IndexStore.open(_store_config(index_dir, catalog_url))
     try:
-        rows = store.catalog.files()
+        if output is None:
+            write_text(records(store.catalog), sys.stdout, fmt)
+            return
+        tmp = output.with_name(output.name + ".tmp")
+        if fmt == "parquet":
+            count = write_parquet(records(store.catalog), tmp)
+        else:
+            with open(tmp, "w", newline="", encoding="utf-8") as handle:
+                count = write_text(records(store.catalog), handle, fmt)
+        tmp.replace(output)
     finally:
         store.close()
-    if output is None:
-        export_rows(rows, sys.stdout, fmt)
-        return
-    tmp = output.with_name(output.name + ".tmp")
-    with open(tmp, "w", newline="", encoding="utf-8") as handle:
-        count = export_rows(rows, handle, fmt)
-    tmp.replace(output)
     click.echo(f"wrote {count} rows to {output}", err=True)
 
 
@@ -234,10 +294,13 @@ def status(index_dir, catalog_url, as_json) -> None:
 @click.option("--not", "negatives", multiple=True, help="Push results away from this text (repeatable).")
 @click.option("--image", "image_path", type=click.Path(dir_okay=False), default=None,
               help="Search by an example image instead of text.")
+@click.option("--hybrid", is_flag=True,
+              help="Blend the visual ranking with a full-text match on captions (reciprocal rank fusion).")
+@click.option("--caption-only", is_flag=True, help="Full-text search over captions alone (no model is loaded).")
 @feature_cache_option
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout.")
 def search(texts, index_dir, catalog_url, model, device, dtype, k, candidates, no_rerank, score, min_score,
-           path_glob, negatives, image_path, feature_cache_mb, as_json) -> None:
+           path_glob, negatives, image_path, hybrid, caption_only, feature_cache_mb, as_json) -> None:
     """Find indexed images matching TEXTS.
 
     Several texts add up (rclip-style query arithmetic); give a text a weight as WEIGHT:TEXT, e.g.
@@ -249,17 +312,35 @@ def search(texts, index_dir, catalog_url, model, device, dtype, k, candidates, n
 
     if bool(texts) == bool(image_path):
         raise UsageError("give either query TEXTS or --image FILE")
+    if caption_only and (image_path or hybrid or negatives):
+        raise UsageError("--caption-only searches caption text; it takes no --image, --hybrid or --not")
+    if hybrid and image_path:
+        raise UsageError("--hybrid blends text with captions; it does not apply to --image")
     options = SearchOptions(
-        k=k, candidates=candidates, rerank=not no_rerank and not image_path,
-        score=score or ("itc" if no_rerank or image_path else "itm"),
-        min_score=min_score, path_glob=path_glob,
+        k=k, candidates=candidates, rerank=not no_rerank and not image_path and not caption_only,
+        score=score or ("itc" if no_rerank or image_path or caption_only else "itm"),
+        min_score=min_score, path_glob=path_glob, hybrid=hybrid,
     )
     options.validate()
+    if caption_only:
+        _print_search(" ".join(texts), _caption_search(index_dir, catalog_url, " ".join(texts), options), as_json)
+        return
     query = TextQuery.parse(list(texts), list(negatives)) if texts else None
     response, label = _run_search(
         index_dir, catalog_url, model, device, dtype, query, image_path, options, feature_cache_mb
     )
     _print_search(label, response, as_json)
+
+
+def _caption_search(index_dir, catalog_url, text, options):
+    from indexer.search import search_captions
+    from indexer.store import IndexStore
+
+    store = IndexStore.open(_store_config(index_dir, catalog_url))
+    try:
+        return search_captions(store.catalog, text, options)
+    finally:
+        store.close()
 
 
 def _run_search(index_dir, catalog_url, model, device, dtype, query, image_path, options, feature_cache_mb):
@@ -287,7 +368,7 @@ def _print_search(label, response, as_json: bool) -> None:
     from dataclasses import asdict
 
     if as_json:
-        results = [{k: v for k, v in asdict(r).items() if k != "file_id"} for r in response.results]
+        results = [{k: v for k, v in asdict(r).items() if k not in ("file_id", "embedding_id")} for r in response.results]
         _emit_json({"query": label, "results": results, "missing": response.missing})
         return
     for path in response.missing:
@@ -295,7 +376,8 @@ def _print_search(label, response, as_json: bool) -> None:
     if not response.results:
         click.echo("no results", err=True)
     for rank, result in enumerate(response.results, 1):
-        click.echo(f"{rank:>3}  {result.score:.4f}  {result.path}")
+        caption = f"  {result.caption}" if result.caption else ""
+        click.echo(f"{rank:>3}  {result.score:.4f}  {result.path}{caption}")
 
 
 # -- demo ---------------------------------------------------------------------------------------

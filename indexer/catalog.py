@@ -18,6 +18,7 @@ from sqlalchemy.engine import Engine
 from sqlalchemy.exc import IntegrityError
 
 from indexer import schema
+from indexer.caption_catalog import CaptionCatalog, delete_captions
 from indexer.errors import CatalogVersionError
 from retrieval.errors import ModelMismatchError
 from retrieval.loading import ModelIdentity
@@ -82,6 +83,7 @@ def _under(root: str):
 class Catalog:
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
+        self.captions = CaptionCatalog(engine)
 
     @classmethod
     def open(cls, url: str) -> "Catalog":
@@ -203,7 +205,8 @@ class Catalog:
         with self.engine.connect() as conn:
             by_status = dict(conn.execute(select(f.c.status, func.count()).group_by(f.c.status)).all())
             n_embeddings = conn.execute(select(func.count()).select_from(schema.embeddings)).scalar_one()
-        return {"files": sum(by_status.values()), **by_status, "distinct_images": n_embeddings}
+        return {"files": sum(by_status.values()), **by_status, "distinct_images": n_embeddings,
+                "captioned_images": self.captions.count()}
 
     # -- writes -----------------------------------------------------------------------------------
     def write_batch(self, entries: Sequence[FileEntry], new_vectors: dict[str, np.ndarray]) -> BatchWritten:
@@ -265,6 +268,7 @@ class Catalog:
         for chunk in _chunks(sorted(candidates)):
             unused = ~exists().where(f.c.embedding_id == e.c.id)
             orphans.extend(conn.execute(select(e.c.id).where(e.c.id.in_(chunk), unused)).scalars())
+        delete_captions(conn, orphans)
         for chunk in _chunks(orphans):
             conn.execute(delete(e).where(e.c.id.in_(chunk)))
         return orphans

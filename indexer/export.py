@@ -1,31 +1,70 @@
-"""Catalog rows out as JSON Lines or CSV: one row per file, indexed or not, with the reason if not."""
+"""The caption-enriched catalog out as JSON Lines, CSV or Parquet: one row per file, indexed or not,
+with the reason if not, and its image's caption when there is one."""
 
 from __future__ import annotations
 
 import csv
 import json
 from dataclasses import asdict
-from typing import IO, Iterable
+from pathlib import Path
+from typing import IO, Iterator
 
-from indexer.catalog import FileRow
+from indexer.catalog import Catalog
+from retrieval.errors import UsageError
 
-FORMATS = ("jsonl", "csv")
-COLUMNS = ("path", "status", "error", "size", "mtime_ns", "content_hash", "width", "height", "format", "updated_at")
+FORMATS = ("jsonl", "csv", "parquet")
+COLUMNS = (
+    "path", "status", "error", "size", "mtime_ns", "content_hash", "width", "height", "format", "updated_at",
+    "caption", "caption_model", "caption_prompt", "captioned_at",
+)
+_CHUNK = 5000
 
 
-def export_rows(rows: Iterable[FileRow], out: IO[str], fmt: str) -> int:
+def records(catalog: Catalog) -> Iterator[dict]:
+    """Every file with its caption fields (None where there is no caption)."""
+    rows = catalog.files()
+    for start in range(0, len(rows), _CHUNK):
+        chunk = rows[start : start + _CHUNK]
+        captions = catalog.captions.get([r.embedding_id for r in chunk if r.embedding_id is not None])
+        for row in chunk:
+            caption = captions.get(row.embedding_id)
+            record = {k: v for k, v in asdict(row).items() if k in COLUMNS}
+            record.update(
+                caption=caption.caption if caption else None,
+                caption_model=caption.model if caption else None,
+                caption_prompt=caption.prompt if caption else None,
+                captioned_at=caption.created_at if caption else None,
+            )
+            yield record
+
+
+def write_text(rows: Iterator[dict], out: IO[str], fmt: str) -> int:
     count = 0
     if fmt == "csv":
-        writer = csv.DictWriter(out, fieldnames=COLUMNS, extrasaction="ignore", lineterminator="\n")
+        writer = csv.DictWriter(out, fieldnames=COLUMNS, lineterminator="\n")
         writer.writeheader()
-        for row in rows:
-            writer.writerow(asdict(row))
-            count += 1
+        for count, record in enumerate(rows, 1):
+            writer.writerow(record)
     elif fmt == "jsonl":
-        for row in rows:
-            record = {k: v for k, v in asdict(row).items() if k in COLUMNS}
+        for count, record in enumerate(rows, 1):
             out.write(json.dumps(record, ensure_ascii=False) + "\n")
-            count += 1
     else:
-        raise ValueError(f"unknown export format {fmt!r}")
+        raise ValueError(f"unknown text export format {fmt!r}")
     return count
+
+
+def write_parquet(rows: Iterator[dict], path: Path) -> int:
+    try:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+    except ImportError:
+        raise UsageError('Parquet export needs pyarrow: pip install -e ".[parquet]"') from None
+    schema = pa.schema([
+        ("path", pa.string()), ("status", pa.string()), ("error", pa.string()), ("size", pa.int64()),
+        ("mtime_ns", pa.int64()), ("content_hash", pa.string()), ("width", pa.int32()), ("height", pa.int32()),
+        ("format", pa.string()), ("updated_at", pa.float64()), ("caption", pa.string()),
+        ("caption_model", pa.string()), ("caption_prompt", pa.string()), ("captioned_at", pa.float64()),
+    ])
+    table = pa.Table.from_pylist(list(rows), schema=schema)
+    pq.write_table(table, path)
+    return table.num_rows

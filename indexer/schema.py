@@ -3,7 +3,7 @@
 `embeddings` holds one row per distinct image content (keyed by content hash) with its 32 query
 vectors: the catalog is the source of truth, and the FAISS file is derived from it and reconciled
 with it on open. `files` holds one row per file seen, indexed or skipped with a reason; renamed and
-duplicate files point at the same embedding row.
+duplicate files point at the same embedding row. `captions` holds one caption per embedding.
 """
 
 from __future__ import annotations
@@ -44,6 +44,17 @@ files = Table(
     Column("embedding_id", Integer, ForeignKey("embeddings.id"), index=True),
     Column("updated_at", Float, nullable=False),
 )
+
+captions = Table(
+    "captions",
+    metadata,
+    Column("embedding_id", Integer, ForeignKey("embeddings.id"), primary_key=True),
+    Column("caption", Text, nullable=False),
+    Column("model", Text, nullable=False),  # the captioning model's name
+    Column("prompt", Text, nullable=False),  # "" for unprompted captions
+    Column("created_at", Float, nullable=False),
+)
+# Full text: `captions_fts` (SQLite FTS5, synced by triggers) or a GIN index (PostgreSQL); see 0003.
 
 INDEXED = "indexed"
 SKIPPED = "skipped"

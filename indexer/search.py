@@ -9,21 +9,22 @@ from __future__ import annotations
 
 import fnmatch
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
 
-from indexer.catalog import FileRow, check_same_model
+from indexer.catalog import Catalog, FileRow, check_same_model
 from indexer.decode import Decoded, DecodeOptions, decode_file
 from indexer.rerank import Reranker
 from indexer.schema import INDEXED
 from indexer.store import IndexStore
 from retrieval.errors import UsageError
-from retrieval.query import TextQuery, combine, image_query_vector
+from retrieval.query import TextQuery, combine, image_query_vector, validate_text
 
 SCORES = ("itm", "itm+itc", "itc")
 MAX_K = 10_000
+RRF_K = 60  # reciprocal rank fusion constant (Cormack et al. 2009): hybrid = sum of 1 / (60 + rank)
 
 
 @dataclass(frozen=True)
@@ -34,6 +35,7 @@ class SearchOptions:
     score: str = "itm"
     min_score: float | None = None
     path_glob: str | None = None
+    hybrid: bool = False  # fuse the visual ranking with a full-text ranking of captions
 
     def validate(self) -> None:
         if not 1 <= self.k <= MAX_K:
@@ -56,10 +58,13 @@ class SearchOptions:
 class SearchResult:
     path: str
     score: float
-    itc_score: float
+    itc_score: float | None  # None for caption-only results
     itm_score: float | None
-    query_slot: int
+    query_slot: int | None
     file_id: int
+    embedding_id: int
+    caption: str | None = None
+    caption_rank: int | None = None  # 1-based rank among caption matches (hybrid and caption-only)
 
 
 @dataclass
@@ -94,7 +99,11 @@ class Searcher:
         negative = self.retriever.encode_texts(list(query.negatives)) if query.negatives else None
         vector = combine(positive, query.weights, negative, query.negative_weight)
         candidates = self._candidates(vector, options, exclude_hash=None)
-        return self._finish(candidates, options, query)
+        caption_ranks: dict[int, int] = {}
+        if options.hybrid:
+            caption_ranks = self._caption_ranks(" ".join(query.texts), options.depth)
+            candidates += self._caption_candidates(vector, caption_ranks, candidates, options)
+        return self._finish(candidates, options, query, caption_ranks)
 
     def search_image(self, path: str, options: SearchOptions) -> SearchResponse:
         options.validate()
@@ -117,7 +126,7 @@ class Searcher:
             rows = self.store.catalog.files(embedding_ids=hits.keys.tolist())
             by_key: dict[int, list[FileRow]] = {}
             for row in rows:
-                if row.status == INDEXED and self._passes(row, options, exclude_hash):
+                if row.status == INDEXED and _passes(row, options, exclude_hash):
                     by_key.setdefault(row.embedding_id, []).append(row)
             out = [
                 _Candidate(row, float(score), int(slot))
@@ -128,15 +137,26 @@ class Searcher:
                 return out[:wanted]
             n_images *= 2
 
-    @staticmethod
-    def _passes(row: FileRow, options: SearchOptions, exclude_hash: str | None) -> bool:
-        if exclude_hash is not None and row.content_hash == exclude_hash:
-            return False
-        if options.path_glob and not fnmatch.fnmatch(row.path, options.path_glob):
-            return False
-        return True
+    def _caption_ranks(self, text: str, depth: int) -> dict[int, int]:
+        """embedding id -> 1-based rank of its caption for `text`."""
+        return {eid: i + 1 for i, (eid, _) in enumerate(self.store.catalog.captions.search(text, depth))}
 
-    def _finish(self, candidates: list[_Candidate], options: SearchOptions, query: TextQuery | None) -> SearchResponse:
+    def _caption_candidates(self, vector: np.ndarray, caption_ranks: dict[int, int], have: list[_Candidate],
+                            options: SearchOptions) -> list[_Candidate]:
+        """Caption matches the visual search did not propose, with their exact ITC max-sim."""
+        seen = {c.row.embedding_id for c in have}
+        wanted = [eid for eid in caption_ranks if eid not in seen]
+        if not wanted:
+            return []
+        keys, vectors = self.exact_vectors(np.asarray(wanted, np.int64))
+        sims = vectors @ vector
+        itc = {int(k): (float(s.max()), int(s.argmax())) for k, s in zip(keys, sims)}
+        rows = self.store.catalog.files(embedding_ids=list(itc))
+        return [_Candidate(r, *itc[r.embedding_id]) for r in rows
+                if r.status == INDEXED and _passes(r, options, None)]
+
+    def _finish(self, candidates: list[_Candidate], options: SearchOptions, query: TextQuery | None,
+                caption_ranks: dict[int, int] | None = None) -> SearchResponse:
         missing = [c.row.path for c in candidates if not os.path.exists(c.row.path)]
         gone = set(missing)
         candidates = [c for c in candidates if c.row.path not in gone]
@@ -153,8 +173,62 @@ class Searcher:
             score = {"itc": c.itc, "itm": prob, "itm+itc": match.logit + c.itc if match else None}[options.score]
             if score is None:  # the re-ranker could not read this file after all
                 continue
-            results.append(SearchResult(c.row.path, float(score), c.itc, prob, c.slot, c.row.id))
+            results.append(SearchResult(c.row.path, float(score), c.itc, prob, c.slot, c.row.id, c.row.embedding_id,
+                                        caption_rank=(caption_ranks or {}).get(c.row.embedding_id)))
         results.sort(key=lambda r: -r.score)
+        if options.hybrid:
+            results = _fuse(results)
         if options.min_score is not None:
             results = [r for r in results if r.score >= options.min_score]
-        return SearchResponse(results[: options.k], missing)
+        return SearchResponse(with_captions(self.store.catalog, results[: options.k]), missing)
+
+
+def search_captions(catalog: Catalog, text: str, options: SearchOptions) -> SearchResponse:
+    """Full-text search over captions alone; the score is the database's relevance (bm25 / ts_rank)."""
+    options.validate()
+    validate_text(text)
+    depth = options.k
+    while True:
+        matches = catalog.captions.search(text, depth)
+        relevance = dict(matches)
+        rows = [r for r in catalog.files(embedding_ids=list(relevance))
+                if r.status == INDEXED and _passes(r, options, None)]
+        if len(rows) >= options.k or len(matches) < depth:
+            break
+        depth *= 4
+    missing = [r.path for r in rows if not os.path.exists(r.path)]
+    rank = {eid: i + 1 for i, (eid, _) in enumerate(matches)}
+    results = [
+        SearchResult(r.path, relevance[r.embedding_id], None, None, None, r.id, r.embedding_id,
+                     caption_rank=rank[r.embedding_id])
+        for r in rows if r.path not in set(missing)
+    ]
+    results.sort(key=lambda r: (r.caption_rank, r.path))
+    if options.min_score is not None:
+        results = [r for r in results if r.score >= options.min_score]
+    return SearchResponse(with_captions(catalog, results[: options.k]), missing)
+
+
+
+def with_captions(catalog: Catalog, results: list[SearchResult]) -> list[SearchResult]:
+    captions = catalog.captions.get([r.embedding_id for r in results])
+    return [replace(r, caption=captions[r.embedding_id].caption if r.embedding_id in captions else None)
+            for r in results]
+
+
+def _passes(row: FileRow, options: SearchOptions, exclude_hash: str | None) -> bool:
+    if exclude_hash is not None and row.content_hash == exclude_hash:
+        return False
+    if options.path_glob and not fnmatch.fnmatch(row.path, options.path_glob):
+        return False
+    return True
+
+
+def _fuse(results: list[SearchResult]) -> list[SearchResult]:
+    """Reciprocal rank fusion: score = 1/(60 + visual rank) + 1/(60 + caption rank), the second term
+    only for caption matches. `results` arrive sorted by their visual score."""
+    fused = [
+        replace(r, score=1 / (RRF_K + rank) + (1 / (RRF_K + r.caption_rank) if r.caption_rank else 0.0))
+        for rank, r in enumerate(results, 1)
+    ]
+    return sorted(fused, key=lambda r: -r.score)

@@ -34,7 +34,7 @@ def catalog(catalog_url):
 def test_migrates_once_and_reopens(catalog_url):
     Catalog.open(catalog_url).close()
     reopened = Catalog.open(catalog_url)
-    assert reopened.counts() == {"files": 0, "distinct_images": 0}
+    assert reopened.counts() == {"files": 0, "distinct_images": 0, "captioned_images": 0}
     reopened.close()
 
 
@@ -62,7 +62,7 @@ def test_batches_share_content_and_drop_orphans(catalog):
     assert changed.orphaned == [written.created["hb"]]
     assert catalog.remove_paths(["/p/a.jpg"]) == []  # copy.jpg still holds "ha"
     assert catalog.remove_paths(["/p/copy.jpg"]) == [written.created["ha"]]
-    assert catalog.counts() == {"files": 2, "indexed": 1, "skipped": 1, "distinct_images": 1}
+    assert catalog.counts() == {"files": 2, "indexed": 1, "skipped": 1, "distinct_images": 1, "captioned_images": 0}
     skipped = [row for row in catalog.files() if row.status == SKIPPED]
     assert skipped[0].error == "corrupt: broken" and skipped[0].embedding_id is None
 
