@@ -51,6 +51,15 @@ def model_options(func):
                              "Env: BLIPSEARCH_MODEL.")(func)
 
 
+def caption_options(func):
+    func = click.option("--num-beams", type=int, default=1, show_default=True, help="Beam search width (1: greedy).")(func)
+    func = click.option("--max-new-tokens", type=int, default=30, show_default=True, help="Longest caption, in tokens.")(func)
+    func = click.option("--prompt", default="", help='Text the caption continues, e.g. "a photo of" (kept in the catalog).')(func)
+    return click.option("--caption-model", default=None,
+                        help="Captioning model: hub id or directory (default Salesforce/blip2-opt-2.7b). "
+                             "Env: BLIPSEARCH_CAPTION_MODEL.")(func)
+
+
 def feature_cache_option(func):
     return click.option(
         "--feature-cache-mb", type=click.IntRange(0, 10_000_000), default=0, envvar="BLIPSEARCH_FEATURE_CACHE_MB",
@@ -111,10 +120,14 @@ def make_tiny_command(directory: Path, seed: int) -> None:
 @click.option("--decode-timeout", type=click.FloatRange(0.1, 3600), default=60.0, show_default=True,
               help="Seconds one file may take to decode before it is skipped.")
 @feature_cache_option
+@click.option("--caption", "with_captions", is_flag=True,
+              help="Also caption images (stage-2 LLM), new ones from the same decoded pixels.")
+@caption_options
 @click.option("--quiet", "-q", is_flag=True, help="No progress output.")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as one JSON object on stdout.")
 def index(paths, index_dir, catalog_url, model, device, dtype, batch_size, workers, exclude, follow_symlinks,
-          max_megapixels, decode_timeout, feature_cache_mb, quiet, as_json) -> None:
+          max_megapixels, decode_timeout, feature_cache_mb, with_captions, caption_model, prompt, max_new_tokens,
+          num_beams, quiet, as_json) -> None:
     """Index the images under PATHS (folders or files): new and changed files are embedded, renamed and
     duplicate files reuse their vectors, files gone from disk are removed."""
     import os
@@ -128,9 +141,13 @@ def index(paths, index_dir, catalog_url, model, device, dtype, batch_size, worke
     from indexer.workers import PoolOptions
     from retrieval.config import ModelConfig
     from retrieval.encoders import Blip2Retriever
+    from indexer.captions import CaptionConfig, CaptionRun
+    from retrieval.captioner import Blip2Captioner, CaptionOptions
     from retrieval.preprocess import peek_transform
 
     resolve_roots(list(paths))  # fail on a wrong path before loading anything
+    caption = CaptionOptions(prompt=prompt, max_new_tokens=max_new_tokens, num_beams=num_beams)
+    caption.validate()
     max_pixels = int(max_megapixels * 1e6)
     config = IndexConfig(
         batch_size=batch_size,
@@ -142,15 +159,25 @@ def index(paths, index_dir, catalog_url, model, device, dtype, batch_size, worke
         ),
         max_pixels=max_pixels,
         feature_cache=FeatureCacheConfig(feature_cache_mb * 1_000_000),
+        caption=caption if with_captions else None,
     )
     store = IndexStore.open(_store_config(index_dir, catalog_url), create=True)
     model_config = ModelConfig.retrieval(model, device, dtype)
     try:
         with store.writer_lock(), ThreadPoolExecutor(max_workers=1) as loader:
-            # The model loads in the background while files are walked and decoded.
+            # The models load in the background while files are walked and decoded; one after the
+            # other, since transformers' loading is not thread-safe.
             embedder = loader.submit(Blip2Retriever.load, model_config)
-            indexer = Indexer(store, embedder, config, make_progress("index", quiet), peek_transform(model_config.name))
+            captioner = None
+            if with_captions:
+                captioner = loader.submit(Blip2Captioner.load, ModelConfig.captioning(caption_model, device, dtype))
+            indexer = Indexer(store, embedder, config, make_progress("index", quiet), peek_transform(model_config.name),
+                              captioner)
             summary = indexer.run(paths)
+            if with_captions:  # images indexed earlier, or whose captioner needs other pixels
+                pool = PoolOptions(workers=config.pool.workers)
+                rest = CaptionRun(store, captioner.result(), CaptionConfig(caption, 8, False, pool)).run()
+                summary.captioned += rest.captioned
     finally:
         store.close()
     result = {"index": str(store.directory), **summary.as_dict()}
@@ -161,20 +188,12 @@ def index(paths, index_dir, catalog_url, model, device, dtype, batch_size, worke
         click.echo(
             f"indexed {result['indexed']}, unchanged {result['unchanged']}, reused {result['reused']}, "
             f"removed {result['removed']}, skipped {result['skipped']}" + (f" ({skipped})" if skipped else "")
+            + (f", captioned {result['captioned']}" if with_captions else "")
             + f" in {result['seconds']['total']:.1f} s"
         )
 
 
 # -- caption ----------------------------------------------------------------------------------
-def caption_options(func):
-    func = click.option("--num-beams", type=int, default=1, show_default=True, help="Beam search width (1: greedy).")(func)
-    func = click.option("--max-new-tokens", type=int, default=30, show_default=True, help="Longest caption, in tokens.")(func)
-    func = click.option("--prompt", default="", help='Text the caption continues, e.g. "a photo of" (kept in the catalog).')(func)
-    return click.option("--caption-model", default=None,
-                        help="Captioning model: hub id or directory (default Salesforce/blip2-opt-2.7b). "
-                             "Env: BLIPSEARCH_CAPTION_MODEL.")(func)
-
-
 @main.command()
 @index_options
 @caption_options

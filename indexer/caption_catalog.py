@@ -38,6 +38,15 @@ class CaptionTask:
     path: str
 
 
+@dataclass(frozen=True)
+class NewCaptions:
+    """Captions for new contents, written in the same transaction as their embeddings."""
+
+    texts: dict[str, str]  # content hash -> caption
+    model: str
+    prompt: str
+
+
 class CaptionCatalog:
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
@@ -74,17 +83,8 @@ class CaptionCatalog:
 
     def write(self, captions: dict[int, str], model: str, prompt: str) -> None:
         """One transaction: these embeddings' captions become `captions` (replacing older ones)."""
-        c = schema.captions
-        now = time.time()
-        ids = list(captions)
         with self.engine.begin() as conn:
-            for start in range(0, len(ids), _CHUNK):
-                conn.execute(delete(c).where(c.c.embedding_id.in_(ids[start : start + _CHUNK])))
-            if ids:
-                conn.execute(insert(c), [
-                    {"embedding_id": i, "caption": captions[i], "model": model, "prompt": prompt, "created_at": now}
-                    for i in ids
-                ])
+            write_captions(conn, captions, model, prompt, time.time())
 
     def get(self, embedding_ids: Sequence[int]) -> dict[int, Caption]:
         c = schema.captions
@@ -126,6 +126,17 @@ class CaptionCatalog:
                     .group_by(c.c.embedding_id).limit(limit)
                 )
             return [(int(i), float(r)) for i, r in rows]
+
+
+def write_captions(conn, captions: dict[int, str], model: str, prompt: str, now: float) -> None:
+    """Within a caller's transaction: set these embeddings' captions, replacing older ones."""
+    delete_captions(conn, list(captions))
+    if captions:
+        schema_rows = [
+            {"embedding_id": i, "caption": text, "model": model, "prompt": prompt, "created_at": now}
+            for i, text in captions.items()
+        ]
+        conn.execute(insert(schema.captions), schema_rows)
 
 
 def delete_captions(conn, embedding_ids: Sequence[int]) -> None:

@@ -18,7 +18,7 @@ from sqlalchemy.engine import Engine
 from sqlalchemy.exc import IntegrityError
 
 from indexer import schema
-from indexer.caption_catalog import CaptionCatalog, delete_captions
+from indexer.caption_catalog import CaptionCatalog, NewCaptions, delete_captions, write_captions
 from indexer.errors import CatalogVersionError
 from retrieval.errors import ModelMismatchError
 from retrieval.loading import ModelIdentity
@@ -209,12 +209,13 @@ class Catalog:
                 "captioned_images": self.captions.count()}
 
     # -- writes -----------------------------------------------------------------------------------
-    def write_batch(self, entries: Sequence[FileEntry], new_vectors: dict[str, np.ndarray]) -> BatchWritten:
+    def write_batch(self, entries: Sequence[FileEntry], new_vectors: dict[str, np.ndarray],
+                    captions: NewCaptions | None = None) -> BatchWritten:
         """In one transaction: add embeddings for `new_vectors` (hash -> (Q, D)), then upsert `entries`.
 
         An indexed entry points at the embedding of its content hash, new or already present.
         Embeddings left without any file by the upsert (a file whose content changed) are deleted in
-        the same transaction.
+        the same transaction. `captions` of new contents (`index --caption`) land in it too.
         """
         e, f = schema.embeddings, schema.files
         now = time.time()
@@ -240,6 +241,9 @@ class Catalog:
             if rows:
                 conn.execute(insert(f), rows)
             orphaned = self._delete_orphans(conn, previous)
+            if captions is not None:
+                by_id = {created[h]: text for h, text in captions.texts.items() if h in created}
+                write_captions(conn, by_id, captions.model, captions.prompt, now)
         return BatchWritten(created, orphaned)
 
     def remove_paths(self, paths: Sequence[str]) -> list[int]:

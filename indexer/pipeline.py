@@ -18,6 +18,7 @@ from typing import Any, Protocol, Sequence
 
 import numpy as np
 
+from indexer.caption_catalog import NewCaptions
 from indexer.catalog import FileEntry, FileRow
 from indexer.decode import Decoded, DecodeOptions, Skipped
 from indexer.features import FeatureCache, FeatureCacheConfig
@@ -57,6 +58,7 @@ class IndexConfig:
     save_every_s: float = 30.0  # how often the FAISS file catches up with the catalog mid-run
     prefetch_images: int = 256  # decoded images held while the model loads (~0.6 MB each at 224 px)
     feature_cache: FeatureCacheConfig = FeatureCacheConfig(0)  # keep ViT features for re-ranking
+    caption: Any = None  # retrieval.captioner.CaptionOptions: caption new images from the same pixels
 
 
 @dataclass
@@ -65,6 +67,7 @@ class IndexSummary:
     unchanged: int = 0
     reused: int = 0
     removed: int = 0
+    captioned: int = 0
     skipped: Counter = field(default_factory=Counter)
     seconds: dict[str, float] = field(default_factory=lambda: Counter())
     decoded_before_model: int = 0  # files decoded while the model was still loading
@@ -75,6 +78,7 @@ class IndexSummary:
             "unchanged": self.unchanged,
             "reused": self.reused,
             "removed": self.removed,
+            "captioned": self.captioned,
             "skipped": sum(self.skipped.values()),
             "skipped_by_reason": dict(sorted(self.skipped.items())),
             "seconds": {k: round(v, 3) for k, v in self.seconds.items()},
@@ -90,11 +94,13 @@ class _Result:
 class Indexer:
     def __init__(
         self, store: IndexStore, embedder: Embedder | Future, config: IndexConfig, progress: Progress | None = None,
-        transform: Any = None,
+        transform: Any = None, captioner: Any = None,
     ):
-        """`embedder` may still be loading (a Future); give `transform` too, and decoding starts at once."""
+        """`embedder` may still be loading (a Future); give `transform` too, and decoding starts at once.
+        `captioner` (or a Future of one) with `config.caption` captions new images as they are embedded."""
         self.store = store
         self._embedder = embedder
+        self._captioner = captioner
         self.transform = transform
         self.config = config
         self.progress = progress or NoProgress()
@@ -156,7 +162,10 @@ class Indexer:
         identity = embedder.identity
         self.store.catalog.claim_model(identity)
         cache = FeatureCache.for_model(self.store.directory, identity.fingerprint, self.config.feature_cache)
-        return _Writer(self, self.store.load_vectors(identity), cache)
+        captioner = self._captioner.result() if isinstance(self._captioner, Future) else self._captioner
+        if captioner is not None and captioner.transform != transform:
+            captioner = None  # it needs other pixels: `CaptionRun` captions these images afterwards
+        return _Writer(self, self.store.load_vectors(identity), cache, captioner)
 
     def _decoded(self, pool: DecodePool, todo: list[FoundFile], summary: IndexSummary):
         by_path = {f.path: f for f in todo}
@@ -174,13 +183,14 @@ class Indexer:
 class _Writer:
     """The embed and write stages: a batch of decoded files -> model -> one catalog transaction + FAISS."""
 
-    def __init__(self, indexer: Indexer, vectors, feature_cache: FeatureCache | None) -> None:
+    def __init__(self, indexer: Indexer, vectors, feature_cache: FeatureCache | None, captioner: Any) -> None:
         self.store = indexer.store
         self.embedder = indexer.embedder
         self.config = indexer.config
         self.progress = indexer.progress
         self.vectors = vectors
         self.feature_cache = feature_cache  # filled with the ViT features the run computes anyway
+        self.captioner = captioner if indexer.config.caption is not None else None
         self.saved_at = time.monotonic()
 
     def write_all(self, batches: list[list[_Result]], known: dict[str, FileRow], summary: IndexSummary) -> None:
@@ -223,14 +233,24 @@ class _Writer:
             if self.feature_cache:
                 for content_hash, vit in zip(fresh, encoded.vit_features):
                     self.feature_cache.put(content_hash, vit.float().cpu().numpy())
+        captions = self._captions(fresh, summary) if fresh and self.captioner else None
         began = time.perf_counter()
-        written = catalog.write_batch(entries, new_vectors)
+        written = catalog.write_batch(entries, new_vectors, captions)
         self.vectors.remove(np.asarray(written.orphaned, dtype=np.int64))
         if written.created:
             keys = np.fromiter(written.created.values(), np.int64)
             self.vectors.add(keys, np.stack([new_vectors[h] for h in written.created]))
         summary.seconds["write"] += time.perf_counter() - began
         self.progress.advance(len(batch))
+
+
+    def _captions(self, fresh: dict[str, np.ndarray], summary: IndexSummary) -> NewCaptions:
+        began = time.perf_counter()
+        options = self.config.caption
+        texts = self.captioner.caption(np.stack(list(fresh.values())), options)
+        summary.seconds["caption"] += time.perf_counter() - began
+        summary.captioned += len(texts)
+        return NewCaptions(dict(zip(fresh, texts)), self.captioner.name, options.prompt)
 
 
 def _unchanged(found: FoundFile, row: FileRow | None) -> bool:

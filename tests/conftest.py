@@ -129,3 +129,16 @@ def catalog_url(request, tmp_path):
     if request.param == "sqlite":
         return f"sqlite:///{tmp_path / 'catalog.sqlite'}"
     return request.getfixturevalue("postgres_url")
+
+
+@pytest.fixture(scope="session")
+def caption_model(tiny_models) -> Path:
+    return tiny_models[1]
+
+
+@pytest.fixture(scope="session")
+def captioner(caption_model):
+    from retrieval.captioner import Blip2Captioner
+    from retrieval.config import ModelConfig
+
+    return Blip2Captioner.load(ModelConfig(name=str(caption_model), device="cpu"))

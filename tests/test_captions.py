@@ -1,0 +1,170 @@
+"""`blipsearch caption`, `index --caption`, caption search (alone and hybrid) and caption export."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from indexer.search import RRF_K, SearchOptions, Searcher, search_captions
+from indexer.store import IndexStore, StoreConfig
+from retrieval.captioner import CaptionOptions
+from retrieval.query import TextQuery
+from tests.conftest import ROOT, make_images, run_cli
+
+
+def index(folder, idx, model, *extra):
+    return run_cli("index", str(folder), "--index", str(idx), "--model", str(model), "-q", "--json", *extra,
+                   check=True)
+
+
+def caption(idx, model, *extra):
+    result = run_cli("caption", "--index", str(idx), "--caption-model", str(model), "--json", "-q",
+                     "--max-new-tokens", "6", *extra, check=True)
+    return json.loads(result.stdout)
+
+
+def stored_captions(idx) -> dict[str, tuple[str, str, float]]:
+    """path -> (caption, prompt, created_at), read straight from SQLite."""
+    with sqlite3.connect(idx / "catalog.sqlite") as conn:
+        rows = conn.execute(
+            "SELECT f.path, c.caption, c.prompt, c.created_at FROM files f JOIN captions c ON c.embedding_id = f.embedding_id"
+        ).fetchall()
+    return {path: (text, prompt, created) for path, text, prompt, created in rows}
+
+
+def test_caption_command_stores_what_the_captioner_writes(tmp_path, tiny_model, caption_model, captioner):
+    paths = make_images(tmp_path / "photos", 7, seed=31)
+    index(tmp_path / "photos", tmp_path / "idx", tiny_model)
+    (tmp_path / "photos" / "img0006.jpg").unlink()  # vanished since indexing
+    summary = caption(tmp_path / "idx", caption_model, "--batch-size", "4")
+    assert summary["captioned"] == 6 and summary["missing"] == 1
+    stored = stored_captions(tmp_path / "idx")
+    pixels = np.stack([captioner.transform(Image.open(p).convert("RGB")) for p in paths[:6]])
+    expected = captioner.caption(pixels, CaptionOptions(max_new_tokens=6))
+    assert {str(p): stored[str(p)][0] for p in paths[:6]} == dict(zip(map(str, paths[:6]), expected))
+    assert caption(tmp_path / "idx", caption_model)["captioned"] == 0  # incremental: nothing left
+    # Another prompt: only with --overwrite, and then for every image.
+    assert caption(tmp_path / "idx", caption_model, "--prompt", "a photo of")["captioned"] == 0
+    assert caption(tmp_path / "idx", caption_model, "--prompt", "a photo of", "--overwrite")["captioned"] == 6
+    assert {v[1] for v in stored_captions(tmp_path / "idx").values()} == {"a photo of"}
+
+
+def test_index_caption_equals_caption_command(tmp_path, tiny_model, caption_model):
+    make_images(tmp_path / "photos", 5, seed=32)
+    summary = json.loads(index(tmp_path / "photos", tmp_path / "a", tiny_model, "--caption", "--caption-model",
+                               str(caption_model), "--max-new-tokens", "6").stdout)
+    assert summary["captioned"] == 5
+    index(tmp_path / "photos", tmp_path / "b", tiny_model)
+    caption(tmp_path / "b", caption_model)
+    with_index = {p: v[0] for p, v in stored_captions(tmp_path / "a").items()}
+    afterwards = {p: v[0] for p, v in stored_captions(tmp_path / "b").items()}
+    assert with_index == afterwards and len(with_index) == 5
+
+
+def test_kill_dash_nine_while_captioning_then_resume(tmp_path, tiny_model, caption_model):
+    make_images(tmp_path / "photos", 60, seed=33)
+    index(tmp_path / "photos", tmp_path / "idx", tiny_model)
+    idx = tmp_path / "idx"
+    command = [sys.executable, "-m", "api.cli", "caption", "--index", str(idx), "--caption-model", str(caption_model),
+               "--batch-size", "2", "--workers", "1", "--max-new-tokens", "40", "-q", "--json"]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 120
+    while len(stored_captions(idx)) < 6 and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert process.poll() is None, "captioning finished before it could be killed"
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    before = stored_captions(idx)
+    assert 0 < len(before) < 60
+    final = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert final.returncode == 0, final.stderr
+    assert json.loads(final.stdout)["captioned"] == 60 - len(before)  # no finished batch again
+    after = stored_captions(idx)
+    assert len(after) == 60
+    assert all(after[path] == before[path] for path in before)  # untouched, same timestamps
+    with sqlite3.connect(idx / "catalog.sqlite") as conn:
+        assert conn.execute("SELECT count(*) FROM captions").fetchone()[0] == 60
+
+
+@pytest.fixture
+def captioned(tmp_path, retriever):
+    """An index whose captions are set by hand, so full-text matches are known."""
+    make_images(tmp_path / "photos", 12, seed=34)
+    store = IndexStore.open(StoreConfig(tmp_path / "idx"), create=True)
+    from indexer.pipeline import IndexConfig, Indexer
+
+    Indexer(store, retriever, IndexConfig(batch_size=4)).run([str(tmp_path / "photos")])
+    yield store, Searcher(store, retriever)
+    store.close()
+
+
+def set_captions(store, texts: dict[str, str]) -> None:
+    rows = {r.path: r.embedding_id for r in store.catalog.files()}
+    store.catalog.captions.write({rows[p]: t for p, t in texts.items()}, "by-hand", "")
+
+
+def test_caption_only_search_ranks_by_relevance(captioned):
+    store, _ = captioned
+    paths = sorted(r.path for r in store.catalog.files())
+    set_captions(store, {paths[0]: "a zebra on a road", paths[1]: "a zebra and a giraffe in a zebra herd",
+                         paths[2]: "a cat on a sofa"})
+    response = search_captions(store.catalog, "zebra giraffe", SearchOptions(k=5, rerank=False, score="itc"))
+    assert [r.path for r in response.results] == [paths[1], paths[0]]
+    assert response.results[0].caption == "a zebra and a giraffe in a zebra herd"
+    assert response.results[0].score > response.results[1].score and response.results[0].itc_score is None
+
+
+def test_hybrid_fuses_ranks_as_documented(captioned):
+    store, searcher = captioned
+    query = TextQuery.parse(["a red circle"])
+    visual = searcher.search_text(query, SearchOptions(k=12, candidates=12, score="itm"))
+    last = visual.results[-1].path
+    set_captions(store, {last: "a red circle", visual.results[0].path: "a blue square"})
+    hybrid = searcher.search_text(query, SearchOptions(k=12, candidates=12, score="itm", hybrid=True))
+    visual_rank = {r.path: i for i, r in enumerate(visual.results, 1)}
+    for result in hybrid.results:
+        expected = 1 / (RRF_K + visual_rank[result.path])
+        if result.caption_rank:
+            expected += 1 / (RRF_K + result.caption_rank)
+        assert result.score == pytest.approx(expected)
+    assert [r.path for r in hybrid.results].index(last) < len(visual.results) - 1  # the caption lifted it
+    assert next(r for r in hybrid.results if r.path == last).caption == "a red circle"
+
+
+def test_captions_in_search_output_and_every_export_format(tmp_path, tiny_model, caption_model):
+    make_images(tmp_path / "photos", 4, seed=35)
+    (tmp_path / "photos" / "broken.jpg").write_bytes(b"not an image")
+    index(tmp_path / "photos", tmp_path / "idx", tiny_model)
+    caption(tmp_path / "idx", caption_model, "--prompt", "a photo of")
+    common = ["--index", str(tmp_path / "idx")]
+    found = json.loads(run_cli("search", "a red circle", "--model", str(tiny_model), "--json", *common,
+                               check=True).stdout)
+    stored = stored_captions(tmp_path / "idx")
+    assert all(r["caption"] == stored[r["path"]][0] for r in found["results"])
+    rows = [json.loads(line) for line in run_cli("export", *common, check=True).stdout.splitlines()]
+    by_path = {r["path"]: r for r in rows}
+    assert by_path[str(tmp_path / "photos" / "broken.jpg")]["caption"] is None
+    for path, (text, prompt, created) in stored.items():
+        assert (by_path[path]["caption"], by_path[path]["caption_prompt"]) == (text, prompt)
+        assert by_path[path]["caption_model"] == str(caption_model) and by_path[path]["captioned_at"] == created
+    table = list(csv.DictReader(io.StringIO(run_cli("export", "--format", "csv", *common, check=True).stdout)))
+    assert {r["path"]: r["caption"] for r in table if r["status"] == "indexed"} == {p: v[0] for p, v in stored.items()}
+    import pyarrow.parquet as pq
+
+    run_cli("export", "--format", "parquet", "-o", str(tmp_path / "c.parquet"), *common, check=True)
+    parquet = pq.read_table(tmp_path / "c.parquet").to_pylist()
+    assert [{k: r[k] for k in ("path", "caption", "caption_prompt")} for r in parquet] == \
+        [{k: r[k] for k in ("path", "caption", "caption_prompt")} for r in rows]
+    assert run_cli("export", "--format", "parquet", *common).returncode == 2  # needs -o
