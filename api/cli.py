@@ -399,6 +399,53 @@ def _print_search(label, response, as_json: bool) -> None:
         click.echo(f"{rank:>3}  {result.score:.4f}  {result.path}{caption}")
 
 
+# -- serve --------------------------------------------------------------------------------------
+@main.command()
+@index_options
+@model_options
+@click.option("--caption-model", default=None, help="Captioning model for caption jobs (loaded on first use).")
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on (localhost only by default).")
+@click.option("--port", type=click.IntRange(1, 65535), default=8000, show_default=True)
+@feature_cache_option
+@click.option("--max-upload-mb", type=click.IntRange(1, 1000), default=20, show_default=True)
+def serve(index_dir, catalog_url, model, device, dtype, caption_model, host, port, feature_cache_mb,
+          max_upload_mb) -> None:
+    """Serve the index over HTTP: a JSON API (OpenAPI at /docs) and a search page at /.
+
+    Write endpoints (jobs, deletions) require `Authorization: Bearer $BLIPSEARCH_API_TOKEN` when that
+    variable is set; set it whenever --host is not a loopback address.
+    """
+    import os
+
+    import uvicorn
+
+    from api.server import create_app
+    from api.service import ServeConfig, Service
+    from indexer.store import IndexStore
+    from retrieval.captioner import Blip2Captioner
+    from retrieval.config import ModelConfig
+    from retrieval.encoders import Blip2Retriever
+    from retrieval.errors import UsageError
+
+    token = os.environ.get("BLIPSEARCH_API_TOKEN") or None
+    if host not in ("127.0.0.1", "localhost", "::1") and not token:
+        raise UsageError(f"--host {host} exposes the server beyond this machine; set BLIPSEARCH_API_TOKEN first")
+    store_config = _store_config(index_dir, catalog_url)
+    store = IndexStore.open(store_config, create=True)
+    try:
+        recorded = store.catalog.model()
+    finally:
+        store.close()
+    retriever = Blip2Retriever.load(ModelConfig.retrieval(model or (recorded.name if recorded else None), device, dtype))
+    config = ServeConfig(store_config, model, caption_model, device, token, max_upload_mb * 1024 * 1024, feature_cache_mb)
+    service = Service(config, retriever, lambda: Blip2Captioner.load(ModelConfig.captioning(caption_model, device, dtype)))
+    click.echo(f"blipsearch: serving {store_config.directory} on http://{host}:{port}/", err=True)
+    try:
+        uvicorn.run(create_app(service), host=host, port=port, log_level="warning")
+    finally:
+        service.close()
+
+
 # -- demo ---------------------------------------------------------------------------------------
 @main.command()
 @click.option("--dir", "directory", type=click.Path(file_okay=False, path_type=Path), default=None,

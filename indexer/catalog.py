@@ -7,6 +7,7 @@ which is what makes `kill -9` at any moment safe.
 
 from __future__ import annotations
 
+import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -153,7 +154,42 @@ class Catalog:
                 recorded = self.model()
         check_same_model(recorded, identity)
 
+    def roots(self) -> list[str]:
+        """Every folder or file ever given to `index`: the only places the server serves files from."""
+        with self.engine.connect() as conn:
+            value = conn.execute(select(schema.meta.c.value).where(schema.meta.c.key == "roots")).scalar()
+        return json.loads(value) if value else []
+
+    def add_roots(self, roots: Iterable[str]) -> None:
+        merged = sorted(set(self.roots()) | set(roots))
+        m = schema.meta
+        with self.engine.begin() as conn:
+            conn.execute(delete(m).where(m.c.key == "roots"))
+            conn.execute(insert(m).values(key="roots", value=json.dumps(merged)))
+
     # -- reads ------------------------------------------------------------------------------------
+    def file(self, file_id: int) -> FileRow | None:
+        with self.engine.connect() as conn:
+            row = conn.execute(select(schema.files).where(schema.files.c.id == int(file_id))).first()
+        return FileRow(**row._mapping) if row else None
+
+    def page(self, offset: int, limit: int, status: str | None = None, has_caption: bool | None = None,
+             path_glob: str | None = None) -> tuple[int, list[FileRow]]:
+        """(total matching, one page of) files ordered by path, filtered by status and caption."""
+        f, c = schema.files, schema.captions
+        conditions = []
+        if status is not None:
+            conditions.append(f.c.status == status)
+        if has_caption is not None:
+            captioned = exists().where(c.c.embedding_id == f.c.embedding_id)
+            conditions.append(captioned if has_caption else ~captioned)
+        if path_glob:
+            conditions.append(_glob(f.c.path, path_glob))
+        with self.engine.connect() as conn:
+            total = conn.execute(select(func.count()).select_from(f).where(*conditions)).scalar_one()
+            rows = conn.execute(select(f).where(*conditions).order_by(f.c.path).offset(offset).limit(limit))
+            return total, [FileRow(**r._mapping) for r in rows]
+
     def files_under(self, roots: Iterable[str]) -> dict[str, FileRow]:
         rows: dict[str, FileRow] = {}
         with self.engine.connect() as conn:
@@ -276,6 +312,12 @@ class Catalog:
         for chunk in _chunks(orphans):
             conn.execute(delete(e).where(e.c.id.in_(chunk)))
         return orphans
+
+
+def _glob(column, pattern: str):
+    """fnmatch-style glob (* ? only) as a portable LIKE."""
+    escaped = pattern.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+    return column.like(escaped.replace("*", "%").replace("?", "_"), escape="\\")
 
 
 def check_same_model(recorded: ModelIdentity, identity: ModelIdentity) -> None:

@@ -118,6 +118,7 @@ class Indexer:
         started = time.perf_counter()
         summary = IndexSummary()
         roots = resolve_roots(list(paths))
+        self.store.catalog.add_roots(roots)
         found = walk(roots, self.config.walk)
         known = self.store.catalog.files_under(roots)
         todo = [f for path, f in found.items() if not _unchanged(f, known.get(path))]

@@ -1,0 +1,251 @@
+"""`blipsearch serve`: the service over HTTP (FastAPI). The edge: it turns requests into core calls and
+core errors into `{"error": ..., "detail": ...}` bodies with the right status code."""
+
+from __future__ import annotations
+
+import hmac
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Literal
+
+from fastapi import Depends, FastAPI, File, HTTPException, Query, Request, UploadFile
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, PlainTextResponse
+from pydantic import BaseModel, Field
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from api.service import Service
+from indexer.errors import IndexBusyError
+from retrieval.errors import BlipsearchError
+
+WEB_PAGE = Path(__file__).parent / "web" / "index.html"
+
+
+class IndexJob(BaseModel):
+    kind: Literal["index"]
+    paths: list[str] = Field(min_length=1, max_length=100)
+    exclude: list[str] = Field(default_factory=list, max_length=100)
+    batch_size: int = Field(16, ge=1, le=1024)
+
+
+class CaptionJob(BaseModel):
+    kind: Literal["caption"]
+    prompt: str = Field("", max_length=1000)
+    max_new_tokens: int = Field(30, ge=1, le=512)
+    batch_size: int = Field(8, ge=1, le=1024)
+    overwrite: bool = False
+
+
+def error_body(status: int, error: str, detail: str | None = None, headers: dict | None = None) -> JSONResponse:
+    return JSONResponse({"error": error, "detail": detail}, status_code=status, headers=headers)
+
+
+def create_app(service: Service) -> FastAPI:
+    from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+    app = FastAPI(title="blipsearch", version="0.1", description="Find images by describing them (BLIP-2).")
+    registry = CollectorRegistry()
+    requests = Counter("blipsearch_requests", "HTTP requests", ["route", "status"], registry=registry)
+    latency = Histogram("blipsearch_request_seconds", "HTTP request latency", ["route"], registry=registry)
+    images = Gauge("blipsearch_index_images", "Distinct images in the index", registry=registry)
+    files = Gauge("blipsearch_index_files", "Files in the catalog", registry=registry)
+    jobs = Gauge("blipsearch_jobs", "Jobs by state", ["state"], registry=registry)
+
+    @app.middleware("http")
+    async def measure(request: Request, call_next):
+        began = time.perf_counter()
+        response = await call_next(request)
+        route = getattr(request.scope.get("route"), "path", "unmatched")
+        requests.labels(route, str(response.status_code)).inc()
+        latency.labels(route).observe(time.perf_counter() - began)
+        return response
+
+    @app.exception_handler(StarletteHTTPException)  # also routing's 404 and 405
+    async def http_error(_request, exc: StarletteHTTPException):
+        detail = exc.detail if isinstance(exc.detail, str) else None
+        return error_body(exc.status_code, _reason(exc.status_code), detail, getattr(exc, "headers", None))
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(_request, exc: RequestValidationError):
+        first = exc.errors()[0] if exc.errors() else {}
+        where = ".".join(str(part) for part in first.get("loc", ()))
+        return error_body(422, "invalid request", f"{where}: {first.get('msg', 'invalid')}")
+
+    @app.exception_handler(BlipsearchError)
+    async def core_error(_request, exc: BlipsearchError):
+        # Exit code 2 marks the caller's mistakes (bad value, missing path or model): a 400.
+        status = 409 if isinstance(exc, IndexBusyError) else 400 if exc.exit_code == 2 else 500
+        return error_body(status, type(exc).__name__, str(exc))
+
+    @app.exception_handler(Exception)
+    async def unexpected(_request, exc: Exception):  # a bug: still the one error shape
+        return error_body(500, "internal error", type(exc).__name__)
+
+    def require_token(request: Request) -> None:
+        token = service.config.token
+        if not token:
+            return
+        given = request.headers.get("authorization", "").removeprefix("Bearer ").strip()
+        if not hmac.compare_digest(given.encode(), token.encode()):
+            raise HTTPException(401, "this endpoint needs the API token: Authorization: Bearer <token>")
+
+    # -- pages and health --------------------------------------------------------------------------
+    @app.get("/", response_class=HTMLResponse, include_in_schema=False)
+    def page() -> str:
+        return WEB_PAGE.read_text(encoding="utf-8")
+
+    @app.get("/healthz")
+    def healthz() -> dict:
+        identity = service.retriever.identity
+        return {"status": "ok", "model": identity.name, "device": service.retriever.device,
+                "counts": service.store.catalog.counts()}
+
+    @app.get("/api/status")
+    def status() -> dict:
+        recorded = service.store.catalog.model()
+        return {"index": str(service.store.directory), "model": recorded.name if recorded else None,
+                "counts": service.store.catalog.counts(), "bytes_on_disk": service.store.disk_bytes(),
+                "jobs": service.jobs.counts()}
+
+    @app.get("/metrics", response_class=PlainTextResponse)
+    def metrics() -> str:
+        counts = service.store.catalog.counts()
+        images.set(counts.get("distinct_images", 0))
+        files.set(counts.get("files", 0))
+        for state, n in service.jobs.counts().items():
+            jobs.labels(state).set(n)
+        return generate_latest(registry).decode()
+
+    # -- search -------------------------------------------------------------------------------------
+    @app.get("/api/search")
+    def search(
+        q: list[str] = Query(..., min_length=1, max_length=20, description='Texts; "WEIGHT:text" weights one'),
+        not_: list[str] = Query([], alias="not", max_length=20, description="Texts to push away from"),
+        k: int = Query(10, ge=1, le=10_000), candidates: int | None = Query(None, ge=1, le=10_000),
+        rerank: bool = True, score: Literal["itm", "itm+itc", "itc"] | None = None,
+        min_score: float | None = None, path: str | None = Query(None, max_length=1000),
+        hybrid: bool = False, caption_only: bool = False,
+    ) -> dict:
+        from indexer.search import SearchOptions, search_captions
+        from retrieval.query import TextQuery
+
+        options = SearchOptions(k=k, candidates=candidates, rerank=rerank and not caption_only,
+                                score=score or ("itm" if rerank and not caption_only else "itc"),
+                                min_score=min_score, path_glob=path, hybrid=hybrid)
+        options.validate()
+        if caption_only:
+            return _response(" ".join(q), search_captions(service.store.catalog, " ".join(q), options))
+        query = TextQuery.parse(q, not_)
+        return _response(" + ".join(query.texts), service.require_searcher().search_text(query, options))
+
+    @app.post("/api/search/image")
+    async def search_image(image: UploadFile = File(...), k: int = Query(10, ge=1, le=10_000),
+                           path: str | None = Query(None, max_length=1000)) -> dict:
+        import tempfile
+
+        from indexer.search import SearchOptions
+
+        data = await image.read(service.config.max_upload_bytes + 1)
+        if len(data) > service.config.max_upload_bytes:
+            raise HTTPException(413, f"the upload is over {service.config.max_upload_bytes} bytes")
+        options = SearchOptions(k=k, rerank=False, score="itc", path_glob=path)
+        with tempfile.NamedTemporaryFile(suffix=Path(image.filename or "").suffix[:10]) as handle:
+            handle.write(data)
+            handle.flush()
+            response = service.require_searcher().search_image(handle.name, options)
+        return _response(image.filename or "upload", response)
+
+    # -- catalog ------------------------------------------------------------------------------------
+    @app.get("/api/images")
+    def list_images(offset: int = Query(0, ge=0), limit: int = Query(50, ge=1, le=1000),
+                    status: Literal["indexed", "skipped"] | None = None, has_caption: bool | None = None,
+                    path: str | None = Query(None, max_length=1000)) -> dict:
+        total, rows = service.store.catalog.page(offset, limit, status, has_caption, path)
+        captions = service.store.catalog.captions.get([r.embedding_id for r in rows if r.embedding_id])
+        return {"total": total, "offset": offset, "limit": limit,
+                "images": [_image(row, captions.get(row.embedding_id)) for row in rows]}
+
+    @app.get("/api/images/{file_id}")
+    def image(file_id: int) -> dict:
+        row = service.store.catalog.file(file_id)
+        if row is None:
+            raise HTTPException(404, f"no image with id {file_id}")
+        caption = service.store.catalog.captions.get([row.embedding_id]).get(row.embedding_id) if row.embedding_id else None
+        return _image(row, caption)
+
+    @app.get("/api/images/{file_id}/file")
+    def image_file(file_id: int) -> FileResponse:
+        path = service.file_path(file_id)
+        if path is None:
+            raise HTTPException(404, f"no servable file for image {file_id} (unknown, moved, or outside the indexed folders)")
+        return FileResponse(path)
+
+    @app.get("/api/images/{file_id}/thumbnail")
+    def thumbnail(file_id: int) -> FileResponse:
+        try:
+            path = service.thumbnail(file_id)
+        except OSError as exc:
+            raise HTTPException(422, f"cannot make a thumbnail: {exc}") from None
+        if path is None:
+            raise HTTPException(404, f"no servable file for image {file_id}")
+        return FileResponse(path, media_type="image/jpeg", headers={"Cache-Control": "max-age=86400"})
+
+    @app.delete("/api/images/{file_id}", dependencies=[Depends(require_token)])
+    def delete_image(file_id: int) -> dict:
+        if not service.delete_image(file_id):
+            raise HTTPException(404, f"no image with id {file_id}")
+        return {"deleted": file_id}
+
+    # -- jobs ---------------------------------------------------------------------------------------
+    @app.post("/api/jobs", status_code=202, dependencies=[Depends(require_token)])
+    def start_job(job: IndexJob | CaptionJob) -> dict:
+        if isinstance(job, IndexJob):
+            from indexer.walk import resolve_roots
+
+            resolve_roots(job.paths)  # 400 now for a wrong path, not a failed job later
+        return service.jobs.submit(job.kind, job.model_dump(exclude={"kind"})).as_dict()
+
+    @app.get("/api/jobs")
+    def list_jobs() -> dict:
+        return {"jobs": [job.as_dict() for job in service.jobs.all()]}
+
+    @app.get("/api/jobs/{job_id}")
+    def get_job(job_id: int) -> dict:
+        job = service.jobs.get(job_id)
+        if job is None:
+            raise HTTPException(404, f"no job {job_id}")
+        return job.as_dict()
+
+    @app.delete("/api/jobs/{job_id}", dependencies=[Depends(require_token)])
+    def cancel_job(job_id: int) -> dict:
+        job = service.jobs.cancel(job_id)
+        if job is None:
+            raise HTTPException(404, f"no job {job_id}")
+        return job.as_dict()
+
+    return app
+
+
+def _image(row, caption) -> dict:
+    out = {k: v for k, v in asdict(row).items() if k != "embedding_id"}
+    out.update(caption=caption.caption if caption else None, caption_model=caption.model if caption else None,
+               caption_prompt=caption.prompt if caption else None)
+    return out
+
+
+def _response(label: str, response) -> dict:
+    results = []
+    for r in response.results:
+        item = {k: v for k, v in asdict(r).items() if k not in ("file_id", "embedding_id")}
+        results.append({"id": r.file_id, **item})
+    return {"query": label, "results": results, "missing": response.missing}
+
+
+def _reason(status: int) -> str:
+    from http import HTTPStatus
+
+    try:
+        return HTTPStatus(status).phrase.lower()
+    except ValueError:
+        return "error"

@@ -1,0 +1,180 @@
+"""What the HTTP server does, apart from HTTP: one loaded model shared by every request and job,
+searches that see each finished job's images, safe file access, thumbnails.
+
+Model calls from request threads and the job thread take one lock, so concurrent requests queue for
+the model instead of oversubscribing it; catalog reads run in parallel.
+"""
+
+from __future__ import annotations
+
+import inspect
+import os
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from api.jobs import Job, JobProgress, JobRunner
+from indexer.errors import IndexBusyError
+from indexer.store import IndexStore, StoreConfig
+from retrieval.errors import UsageError
+
+THUMBNAIL_PX = 256
+
+
+@dataclass(frozen=True)
+class ServeConfig:
+    store: StoreConfig
+    model: str | None = None  # default: the model the index records
+    caption_model: str | None = None
+    device: str | None = None
+    token: str | None = None  # required on write endpoints when set
+    max_upload_bytes: int = 20 * 1024 * 1024
+    feature_cache_mb: int = 0
+
+
+class LockedModel:
+    """A model whose calls run one at a time; attributes other than methods pass through."""
+
+    def __init__(self, model: Any, lock: threading.Lock) -> None:
+        self._model = model
+        self._lock = lock
+
+    def __getattr__(self, name: str) -> Any:
+        value = getattr(self._model, name)
+        if not inspect.ismethod(value):  # e.g. `transform`, a callable value that workers pickle
+            return value
+
+        def locked(*args, **kwargs):
+            with self._lock:
+                return value(*args, **kwargs)
+
+        return locked
+
+
+class Service:
+    def __init__(self, config: ServeConfig, retriever: Any, captioner_loader=None) -> None:
+        from indexer.features import FeatureCache, FeatureCacheConfig
+        from indexer.rerank import Reranker
+
+        self.config = config
+        self.store = IndexStore.open(config.store, create=True)
+        self.model_lock = threading.Lock()
+        self.retriever = LockedModel(retriever, self.model_lock)
+        self._captioner_loader = captioner_loader
+        self._captioner = None
+        cache = FeatureCache.for_model(self.store.directory, retriever.identity.fingerprint,
+                                       FeatureCacheConfig(config.feature_cache_mb * 1_000_000))
+        self.reranker = Reranker(self.retriever, cache)
+        self.searcher = None
+        self.reload()
+        self.jobs = JobRunner(self._run_job, lambda job: self.reload())
+        (self.store.directory / "thumbnails").mkdir(exist_ok=True)
+
+    def close(self) -> None:
+        self.jobs.shutdown()
+        self.store.close()
+
+    # -- searching --------------------------------------------------------------------------------
+    def reload(self) -> None:
+        """A fresh Searcher over the catalog and FAISS as they are now, swapped in atomically."""
+        from indexer.search import Searcher
+
+        if self.store.catalog.model() is None:
+            self.searcher = None
+            return
+        self.searcher = Searcher(self.store, self.retriever, self.reranker)
+
+    def require_searcher(self):
+        searcher = self.searcher
+        if searcher is None:
+            raise UsageError("the index is empty; start an index job first (POST /api/jobs)")
+        return searcher
+
+    # -- files ------------------------------------------------------------------------------------
+    def file_path(self, file_id: int) -> Path | None:
+        """The file of catalog row `file_id`, only if it still resolves inside an indexed root."""
+        row = self.store.catalog.file(file_id)
+        if row is None:
+            return None
+        real = os.path.realpath(row.path)
+        roots = [os.path.realpath(r) for r in self.store.catalog.roots()]
+        inside = any(real == root or real.startswith(root.rstrip("/") + "/") for root in roots)
+        return Path(real) if inside and os.path.isfile(real) else None
+
+    def thumbnail(self, file_id: int) -> Path | None:
+        """A JPEG thumbnail, made once and kept in the index directory (keyed by content hash)."""
+        from PIL import Image, ImageOps
+
+        row = self.store.catalog.file(file_id)
+        path = self.file_path(file_id)
+        if row is None or path is None or not row.content_hash:
+            return None
+        thumb = self.store.directory / "thumbnails" / f"{row.content_hash}.jpg"
+        if not thumb.exists():
+            with Image.open(path) as image:
+                image.draft("RGB", (THUMBNAIL_PX * 2, THUMBNAIL_PX * 2))
+                small = ImageOps.exif_transpose(image).convert("RGB")
+                small.thumbnail((THUMBNAIL_PX, THUMBNAIL_PX))
+                tmp = thumb.with_name(f".{thumb.name}.{threading.get_ident()}.tmp")
+                small.save(tmp, "JPEG", quality=85)
+                os.replace(tmp, thumb)
+        return thumb
+
+    def delete_image(self, file_id: int) -> bool:
+        """Forget one file (not the file on disk); its vectors go when no other file shares them."""
+        row = self.store.catalog.file(file_id)
+        if row is None:
+            return False
+        with self.store.writer_lock():
+            identity = self.store.catalog.model()
+            orphaned = self.store.catalog.remove_paths([row.path])
+            if identity is not None and orphaned:
+                vectors = self.store.load_vectors(identity)
+                vectors.remove(np.asarray(orphaned, dtype=np.int64))
+                self.store.save_vectors(vectors)
+        self.reload()
+        return True
+
+    # -- jobs -------------------------------------------------------------------------------------
+    def _run_job(self, job: Job, progress: JobProgress) -> dict:
+        try:
+            with self.store.writer_lock():
+                if job.kind == "index":
+                    return self._index(job, progress)
+                return self._caption(job, progress)
+        except IndexBusyError as exc:
+            raise RuntimeError(str(exc)) from None
+
+    def _index(self, job: Job, progress: JobProgress) -> dict:
+        from indexer.pipeline import IndexConfig, Indexer
+        from indexer.walk import WalkOptions
+        from indexer.workers import PoolOptions
+
+        config = IndexConfig(
+            batch_size=job.params.get("batch_size", 16),
+            walk=WalkOptions(excludes=tuple(job.params.get("exclude", ()))),
+            pool=PoolOptions(workers=os.cpu_count() or 1),
+        )
+        return Indexer(self.store, self.retriever, config, progress).run(job.params["paths"]).as_dict()
+
+    def _caption(self, job: Job, progress: JobProgress) -> dict:
+        from indexer.captions import CaptionConfig, CaptionRun
+        from indexer.workers import PoolOptions
+        from retrieval.captioner import CaptionOptions
+
+        options = CaptionOptions(prompt=job.params.get("prompt", ""),
+                                 max_new_tokens=job.params.get("max_new_tokens", 30))
+        config = CaptionConfig(options, job.params.get("batch_size", 8), job.params.get("overwrite", False),
+                               PoolOptions(workers=os.cpu_count() or 1))
+        return CaptionRun(self.store, self.captioner(), config, progress).run().as_dict()
+
+    def captioner(self):
+        if self._captioner is None:
+            if self._captioner_loader is None:
+                raise UsageError("this server has no caption model")
+            with self.model_lock:  # loading is not thread-safe in transformers
+                self._captioner = LockedModel(self._captioner_loader(), self.model_lock)
+        return self._captioner

@@ -1,0 +1,217 @@
+"""The HTTP API on a tiny checkpoint: every endpoint, its errors, the token, jobs, file safety."""
+
+from __future__ import annotations
+
+import os
+import time
+
+import pytest
+from fastapi.testclient import TestClient
+
+from api.server import create_app
+from api.service import ServeConfig, Service
+from indexer.store import StoreConfig
+from tests.conftest import make_images
+
+TOKEN = "s3cret"
+AUTH = {"Authorization": f"Bearer {TOKEN}"}
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory, retriever, captioner):
+    root = tmp_path_factory.mktemp("served")
+    make_images(root / "photos", 8, seed=41)
+    make_images(root / "later", 3, seed=42)
+    (root / "secret.txt").write_text("not for you")
+    config = ServeConfig(StoreConfig(root / "idx"), token=TOKEN, max_upload_bytes=200_000)
+    service = Service(config, retriever, lambda: captioner)
+    with TestClient(create_app(service)) as client:
+        job = client.post("/api/jobs", json={"kind": "index", "paths": [str(root / "photos")]}, headers=AUTH)
+        assert job.status_code == 202, job.text
+        wait(client, job.json()["id"])
+        yield client, root, service
+    service.close()
+
+
+def wait(client, job_id, timeout=120) -> dict:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        job = client.get(f"/api/jobs/{job_id}").json()
+        if job["state"] in ("done", "failed", "cancelled"):
+            return job
+        time.sleep(0.1)
+    raise AssertionError(f"job {job_id} did not finish")
+
+
+def assert_error(response, status):
+    assert response.status_code == status, response.text
+    body = response.json()
+    assert set(body) == {"error", "detail"} and body["error"]
+
+
+def test_health_status_metrics_and_page(served):
+    client, _, _ = served
+    health = client.get("/healthz").json()
+    assert health["status"] == "ok" and health["device"] == "cpu" and health["counts"]["distinct_images"] == 8
+    assert client.get("/api/status").json()["jobs"]["done"] >= 1
+    metrics = client.get("/metrics").text
+    assert "blipsearch_index_images 8.0" in metrics and "blipsearch_request_seconds_bucket" in metrics
+    page = client.get("/")
+    assert page.status_code == 200 and "<input id=\"query\"" in page.text and "http" not in page.text.split("<script>")[1].split("fetch")[0]
+    assert client.get("/openapi.json").json()["paths"]["/api/search"]
+
+
+def test_search_matches_the_core_and_takes_every_option(served):
+    client, _, service = served
+    from indexer.search import SearchOptions
+    from retrieval.query import TextQuery
+
+    body = client.get("/api/search", params={"q": "a red circle", "k": 5}).json()
+    core = service.searcher.search_text(TextQuery.parse(["a red circle"]), SearchOptions(k=5))
+    assert [r["path"] for r in body["results"]] == [r.path for r in core.results]
+    assert [r["score"] for r in body["results"]] == pytest.approx([r.score for r in core.results])
+    first = body["results"][0]
+    assert set(first) >= {"id", "path", "score", "itc_score", "itm_score", "query_slot", "caption"}
+    arithmetic = client.get("/api/search", params=[("q", "2:a red circle"), ("q", "a dog"), ("not", "blue"),
+                                                   ("k", "3"), ("score", "itm+itc"), ("candidates", "6"),
+                                                   ("path", "*img000*"), ("hybrid", "true")])
+    assert arithmetic.status_code == 200 and len(arithmetic.json()["results"]) == 3
+    itc = client.get("/api/search", params={"q": "a red circle", "rerank": "false"}).json()
+    assert all(r["itm_score"] is None for r in itc["results"])
+
+
+@pytest.mark.parametrize("params, status", [
+    ({}, 422), ({"q": ""}, 400), ({"q": "x" * 1001}, 400), ({"q": "a", "k": 0}, 422),
+    ({"q": "a", "k": 10**6}, 422), ({"q": "a", "score": "best"}, 422), ({"q": "a", "rerank": "false", "score": "itm"}, 400),
+])
+def test_bad_searches_are_4xx_with_the_error_shape(served, params, status):
+    client, _, _ = served
+    assert_error(client.get("/api/search", params=params), status)
+
+
+def test_search_by_uploaded_image(served):
+    client, root, _ = served
+    query = root / "photos" / "img0003.jpg"
+    body = client.post("/api/search/image", params={"k": 3}, files={"image": ("q.jpg", query.read_bytes())}).json()
+    assert len(body["results"]) == 3 and all(r["path"] != str(query) for r in body["results"])
+    assert_error(client.post("/api/search/image", files={"image": ("q.jpg", b"not an image")}), 400)
+    assert_error(client.post("/api/search/image", files={"image": ("big.jpg", b"x" * 300_000)}), 413)
+
+
+def test_catalog_listing_metadata_file_and_thumbnail(served):
+    client, root, _ = served
+    page = client.get("/api/images", params={"limit": 3, "offset": 2, "status": "indexed"}).json()
+    assert page["total"] == 8 and len(page["images"]) == 3
+    assert client.get("/api/images", params={"path": "*img0001*"}).json()["total"] == 1
+    image_id = page["images"][0]["id"]
+    meta = client.get(f"/api/images/{image_id}").json()
+    assert meta["path"] == page["images"][0]["path"] and meta["width"] == 160
+    served_file = client.get(f"/api/images/{image_id}/file")
+    assert served_file.status_code == 200 and served_file.content == open(meta["path"], "rb").read()
+    thumb = client.get(f"/api/images/{image_id}/thumbnail")
+    assert thumb.status_code == 200 and thumb.headers["content-type"] == "image/jpeg"
+    assert len(list((root / "idx" / "thumbnails").glob("*.jpg"))) >= 1
+    assert_error(client.get("/api/images/999999"), 404)
+    assert_error(client.get("/api/images/not-a-number"), 422)
+    assert_error(client.get("/api/images/999999/file"), 404)
+
+
+def test_files_outside_the_indexed_roots_are_never_served(served):
+    client, root, service = served
+    page = client.get("/api/images", params={"limit": 1}).json()
+    image_id = page["images"][0]["id"]
+    original = page["images"][0]["path"]
+    os.rename(original, original + ".moved")
+    try:  # a symlink in the indexed file's place, pointing outside every root
+        os.symlink(root / "secret.txt", original)
+        assert_error(client.get(f"/api/images/{image_id}/file"), 404)
+    finally:
+        os.unlink(original)
+        os.rename(original + ".moved", original)
+    assert_error(client.get("/api/images/..%2F..%2Fetc%2Fpasswd/file"), 404)
+    assert_error(client.get("/api/images/1/../../../etc/passwd"), 404)
+
+
+def test_write_endpoints_need_the_token(served):
+    client, root, _ = served
+    assert_error(client.post("/api/jobs", json={"kind": "caption"}), 401)
+    assert_error(client.post("/api/jobs", json={"kind": "caption"}, headers={"Authorization": "Bearer wrong"}), 401)
+    assert_error(client.delete("/api/images/1"), 401)
+    assert_error(client.delete("/api/jobs/1"), 401)
+    assert_error(client.post("/api/jobs", json={"kind": "index", "paths": [str(root / "nope")]}, headers=AUTH), 400)
+    assert_error(client.post("/api/jobs", json={"kind": "reindex"}, headers=AUTH), 422)
+
+
+def test_jobs_add_images_searches_see_them_and_captions(served):
+    client, root, _ = served
+    job = client.post("/api/jobs", json={"kind": "index", "paths": [str(root / "later")]}, headers=AUTH).json()
+    done = wait(client, job["id"])
+    assert done["state"] == "done" and done["result"]["indexed"] == 3 and done["done"] == done["total"] == 3
+    paths = {r["path"] for r in client.get("/api/search", params={"q": "a red circle", "k": 11, "rerank": "false"}).json()["results"]}
+    assert {str(p) for p in (root / "later").iterdir()} <= paths  # no restart needed
+    job = client.post("/api/jobs", json={"kind": "caption", "max_new_tokens": 5}, headers=AUTH).json()
+    assert wait(client, job["id"])["result"]["captioned"] == 11
+    assert client.get("/api/images", params={"has_caption": "false"}).json()["total"] == 0
+    assert client.get("/api/jobs").json()["jobs"][-1]["id"] == job["id"]
+    assert_error(client.get("/api/jobs/9999"), 404)
+
+
+def test_cancel_a_running_job(served, tmp_path):
+    client, _, _ = served
+    make_images(tmp_path / "many", 60, seed=43)
+    job = client.post("/api/jobs", json={"kind": "index", "paths": [str(tmp_path / "many")], "batch_size": 2},
+                      headers=AUTH).json()
+    while client.get(f"/api/jobs/{job['id']}").json()["done"] < 4:
+        time.sleep(0.05)
+    assert client.delete(f"/api/jobs/{job['id']}", headers=AUTH).status_code == 200
+    final = wait(client, job["id"])
+    assert final["state"] == "cancelled" and 4 <= final["done"] < 60
+
+
+def test_delete_an_image(served):
+    client, _, _ = served
+    page = client.get("/api/images", params={"path": "*img0007*"}).json()
+    image_id = page["images"][0]["id"]
+    assert client.delete(f"/api/images/{image_id}", headers=AUTH).json() == {"deleted": image_id}
+    assert_error(client.get(f"/api/images/{image_id}"), 404)
+    found = client.get("/api/search", params={"q": "a red circle", "k": 100, "rerank": "false"}).json()
+    assert page["images"][0]["path"] not in {r["path"] for r in found["results"]}
+    assert_error(client.delete(f"/api/images/{image_id}", headers=AUTH), 404)
+
+
+def test_serve_command_answers_over_real_http(tmp_path, tiny_model):
+    import signal
+    import socket
+    import subprocess
+    import sys
+
+    import httpx
+
+    from tests.conftest import ROOT, run_cli
+
+    refused = run_cli("serve", "--index", str(tmp_path / "idx"), "--model", str(tiny_model), "--host", "0.0.0.0",
+                      env={"BLIPSEARCH_API_TOKEN": ""})
+    assert refused.returncode == 2 and "BLIPSEARCH_API_TOKEN" in refused.stderr
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    server = subprocess.Popen(
+        [sys.executable, "-m", "api.cli", "serve", "--index", str(tmp_path / "idx"), "--model", str(tiny_model),
+         "--port", str(port)], cwd=ROOT, env={**os.environ, "HF_HUB_OFFLINE": "1"},
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    )
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            try:
+                health = httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=2)
+                break
+            except httpx.TransportError:
+                assert server.poll() is None, server.stderr.read().decode()
+                time.sleep(0.2)
+        assert health.status_code == 200 and health.json()["counts"]["files"] == 0
+        empty = httpx.get(f"http://127.0.0.1:{port}/api/search", params={"q": "a dog"})
+        assert empty.status_code == 400 and "index is empty" in empty.json()["detail"]
+    finally:
+        server.send_signal(signal.SIGTERM)
+        assert server.wait(timeout=30) in (0, -signal.SIGTERM)  # uvicorn re-raises SIGTERM after shutting down
