@@ -7,9 +7,10 @@ import hmac
 import time
 from dataclasses import asdict
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 from fastapi import Depends, FastAPI, File, HTTPException, Query, Request, UploadFile
+from fastapi import Path as PathParam
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, PlainTextResponse
 from pydantic import BaseModel, Field
@@ -20,6 +21,9 @@ from indexer.errors import IndexBusyError
 from retrieval.errors import BlipsearchError
 
 WEB_PAGE = Path(__file__).parent / "web" / "index.html"
+MAX_ID = 2**53  # ids beyond any database's integer range are simply unknown
+ImageId = Annotated[int, PathParam(ge=0, le=MAX_ID)]
+JobId = Annotated[int, PathParam(ge=0, le=MAX_ID)]
 
 
 class IndexJob(BaseModel):
@@ -158,7 +162,7 @@ def create_app(service: Service) -> FastAPI:
 
     # -- catalog ------------------------------------------------------------------------------------
     @app.get("/api/images")
-    def list_images(offset: int = Query(0, ge=0), limit: int = Query(50, ge=1, le=1000),
+    def list_images(offset: int = Query(0, ge=0, le=MAX_ID), limit: int = Query(50, ge=1, le=1000),
                     status: Literal["indexed", "skipped"] | None = None, has_caption: bool | None = None,
                     path: str | None = Query(None, max_length=1000)) -> dict:
         total, rows = service.store.catalog.page(offset, limit, status, has_caption, path)
@@ -167,7 +171,7 @@ def create_app(service: Service) -> FastAPI:
                 "images": [_image(row, captions.get(row.embedding_id)) for row in rows]}
 
     @app.get("/api/images/{file_id}")
-    def image(file_id: int) -> dict:
+    def image(file_id: ImageId) -> dict:
         row = service.store.catalog.file(file_id)
         if row is None:
             raise HTTPException(404, f"no image with id {file_id}")
@@ -175,14 +179,14 @@ def create_app(service: Service) -> FastAPI:
         return _image(row, caption)
 
     @app.get("/api/images/{file_id}/file")
-    def image_file(file_id: int) -> FileResponse:
+    def image_file(file_id: ImageId) -> FileResponse:
         path = service.file_path(file_id)
         if path is None:
             raise HTTPException(404, f"no servable file for image {file_id} (unknown, moved, or outside the indexed folders)")
         return FileResponse(path)
 
     @app.get("/api/images/{file_id}/thumbnail")
-    def thumbnail(file_id: int) -> FileResponse:
+    def thumbnail(file_id: ImageId) -> FileResponse:
         try:
             path = service.thumbnail(file_id)
         except OSError as exc:
@@ -192,7 +196,7 @@ def create_app(service: Service) -> FastAPI:
         return FileResponse(path, media_type="image/jpeg", headers={"Cache-Control": "max-age=86400"})
 
     @app.delete("/api/images/{file_id}", dependencies=[Depends(require_token)])
-    def delete_image(file_id: int) -> dict:
+    def delete_image(file_id: ImageId) -> dict:
         if not service.delete_image(file_id):
             raise HTTPException(404, f"no image with id {file_id}")
         return {"deleted": file_id}
@@ -211,14 +215,14 @@ def create_app(service: Service) -> FastAPI:
         return {"jobs": [job.as_dict() for job in service.jobs.all()]}
 
     @app.get("/api/jobs/{job_id}")
-    def get_job(job_id: int) -> dict:
+    def get_job(job_id: JobId) -> dict:
         job = service.jobs.get(job_id)
         if job is None:
             raise HTTPException(404, f"no job {job_id}")
         return job.as_dict()
 
     @app.delete("/api/jobs/{job_id}", dependencies=[Depends(require_token)])
-    def cancel_job(job_id: int) -> dict:
+    def cancel_job(job_id: JobId) -> dict:
         job = service.jobs.cancel(job_id)
         if job is None:
             raise HTTPException(404, f"no job {job_id}")

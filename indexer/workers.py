@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import multiprocessing
 import os
+import threading
 from collections import deque
 from concurrent.futures import Future, ProcessPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
@@ -62,8 +63,16 @@ class DecodePool:
         self.close()
 
     def close(self) -> None:
-        if self._executor is not None:
+        """Cancel queued files and let the workers finish the ones in hand; kill them if one hangs."""
+        executor = self._executor
+        if executor is None:
+            return
+        stopper = threading.Thread(target=executor.shutdown, kwargs={"wait": True, "cancel_futures": True}, daemon=True)
+        stopper.start()
+        stopper.join(self.options.timeout_s)
+        if stopper.is_alive():
             self._kill()
+        self._executor = None
 
     def _pool(self) -> ProcessPoolExecutor:
         if self._executor is None:
@@ -79,8 +88,17 @@ class DecodePool:
         executor, self._executor = self._executor, None
         if executor is None:
             return
-        for process in list((getattr(executor, "_processes", None) or {}).values()):
+        processes = list((getattr(executor, "_processes", None) or {}).values())
+        for process in processes:
             process.kill()  # a hung decoder ignores polite shutdown
+        for process in processes:
+            process.join(5)
+        # A worker killed while sending a result leaves half a message in the result pipe, and the
+        # executor's manager thread would wait for the rest forever. With every worker dead, closing
+        # our copy of the pipe's write end turns that wait into EOF, which the executor handles.
+        writer = getattr(getattr(executor, "_result_queue", None), "_writer", None)
+        if writer is not None:
+            writer.close()
         executor.shutdown(wait=True, cancel_futures=True)
 
     def _submit(self, path: str) -> Future:

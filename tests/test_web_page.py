@@ -1,0 +1,91 @@
+"""The web page in headless Chromium (Debian's chromium + chromedriver): type a query, see results,
+open one. The screenshot is kept in .artifacts/web-page.png."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+
+from tests.conftest import ROOT, make_images, run_cli
+
+ARTIFACTS = ROOT / ".artifacts"
+
+
+def browser():
+    if not (shutil.which("chromium") and shutil.which("chromedriver")):
+        if os.environ.get("BLIPSEARCH_REQUIRE_BROWSER"):
+            raise AssertionError("chromium and chromedriver are required (apt-get install chromium chromium-driver)")
+        pytest.skip("no chromium/chromedriver on this machine")
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = shutil.which("chromium")
+    for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                 "--window-size=1280,900"):
+        options.add_argument(flag)
+    return webdriver.Chrome(service=Service(shutil.which("chromedriver")), options=options)
+
+
+@pytest.fixture
+def server(tmp_path, tiny_model):
+    make_images(tmp_path / "photos", 12, seed=61, size=(320, 240))
+    run_cli("index", str(tmp_path / "photos"), "--index", str(tmp_path / "idx"), "--model", str(tiny_model), "-q",
+            check=True)
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    process = subprocess.Popen(
+        [sys.executable, "-m", "api.cli", "serve", "--index", str(tmp_path / "idx"), "--port", str(port)],
+        cwd=ROOT, env={**os.environ, "HF_HUB_OFFLINE": "1"}, stderr=subprocess.DEVNULL,
+    )
+    base = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            break
+        except OSError:
+            time.sleep(0.2)
+    yield base
+    process.send_signal(signal.SIGTERM)
+    process.wait(timeout=30)
+
+
+def test_search_and_open_a_result(server):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support import expected_conditions as ready
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    driver = browser()
+    try:
+        driver.get(server + "/")
+        wait = WebDriverWait(driver, 30)
+        wait.until(ready.text_to_be_present_in_element((By.ID, "status"), "12 images indexed"))
+        driver.find_element(By.ID, "query").send_keys("a red circle on a blue background")
+        driver.find_element(By.CSS_SELECTOR, "button[type=submit]").click()
+        wait.until(ready.text_to_be_present_in_element((By.ID, "status"), "results for"))
+        cards = driver.find_elements(By.CSS_SELECTOR, "#results .card")
+        assert len(cards) == 12
+        wait.until(lambda d: d.execute_script(
+            "return [...document.querySelectorAll('#results img')].every(i => i.complete && i.naturalWidth > 0)"))
+        cards[0].click()
+        wait.until(ready.visibility_of_element_located((By.ID, "viewer")))
+        wait.until(lambda d: d.execute_script("const i = document.querySelector('#viewer img'); "
+                                              "return i.complete && i.naturalWidth === 320"))
+        assert "img0" in driver.find_element(By.CSS_SELECTOR, "#viewer dl").text
+        ARTIFACTS.mkdir(exist_ok=True)
+        driver.save_screenshot(str(ARTIFACTS / "web-page.png"))
+        driver.find_element(By.ID, "viewer").click()
+        wait.until(ready.invisibility_of_element_located((By.ID, "viewer")))
+        driver.save_screenshot(str(ARTIFACTS / "web-results.png"))
+    finally:
+        driver.quit()
