@@ -3,12 +3,16 @@ that need them, so `blipsearch --help` answers at once."""
 
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 
 import click
 
+from api.cli_search import search
+from api.cli_serve import demo, serve
+from api.options import (
+    caption_options, emit_json, feature_cache_option, index_options, model_options, store_config,
+)
 from retrieval.errors import BlipsearchError
 
 
@@ -27,62 +31,6 @@ class BlipsearchGroup(click.Group):
 @click.version_option(package_name="blipsearch")
 def main() -> None:
     """Find images by describing them: BLIP-2 retrieval over folders of images."""
-
-
-# -- shared options -----------------------------------------------------------------------------
-def index_options(func):
-    func = click.option(
-        "--catalog-url", default=None, envvar="BLIPSEARCH_CATALOG_URL",
-        help="SQLAlchemy URL of the catalog (e.g. postgresql+psycopg://host/db); default SQLite inside --index.",
-    )(func)
-    return click.option(
-        "--index", "index_dir", type=click.Path(file_okay=False, path_type=Path), default=None,
-        help="Index directory (catalog, vectors, lock). Default: $BLIPSEARCH_INDEX or a per-user data directory.",
-    )(func)
-
-
-def model_options(func):
-    func = click.option("--dtype", type=click.Choice(["auto", "float32", "float16", "bfloat16"]), default=None,
-                        help="Model precision; auto: float16 on GPU, float32 on CPU.")(func)
-    func = click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default=None,
-                        help="Where the model runs; auto: CUDA when present. Env: BLIPSEARCH_DEVICE.")(func)
-    return click.option("--model", default=None,
-                        help="Retrieval model: hub id or local directory (default Salesforce/blip2-itm-vit-g). "
-                             "Env: BLIPSEARCH_MODEL.")(func)
-
-
-def caption_options(func):
-    func = click.option("--num-beams", type=int, default=1, show_default=True, help="Beam search width (1: greedy).")(func)
-    func = click.option("--max-new-tokens", type=int, default=30, show_default=True, help="Longest caption, in tokens.")(func)
-    func = click.option("--prompt", default="", help='Text the caption continues, e.g. "a photo of" (kept in the catalog).')(func)
-    return click.option("--caption-model", default=None,
-                        help="Captioning model: hub id or directory (default Salesforce/blip2-opt-2.7b). "
-                             "Env: BLIPSEARCH_CAPTION_MODEL.")(func)
-
-
-def feature_cache_option(func):
-    return click.option(
-        "--feature-cache-mb", type=click.IntRange(0, 10_000_000), default=0, envvar="BLIPSEARCH_FEATURE_CACHE_MB",
-        show_default=True,
-        help="Keep up to this many MB of fp16 ViT features in the index directory, so re-ranking a known "
-             "image skips decoding and the ViT (0: off). Env: BLIPSEARCH_FEATURE_CACHE_MB.",
-    )(func)
-
-
-def _feature_cache(store, identity, megabytes: int):
-    from indexer.features import FeatureCache, FeatureCacheConfig
-
-    return FeatureCache.for_model(store.directory, identity.fingerprint, FeatureCacheConfig(megabytes * 1_000_000))
-
-
-def _store_config(index_dir: Path | None, catalog_url: str | None):
-    from indexer.store import StoreConfig, default_index_dir
-
-    return StoreConfig(directory=(index_dir or default_index_dir()).expanduser(), catalog_url=catalog_url)
-
-
-def _emit_json(payload) -> None:
-    click.echo(json.dumps(payload, indent=None, ensure_ascii=False))
 
 
 # -- models -------------------------------------------------------------------------------------
@@ -161,7 +109,7 @@ def index(paths, index_dir, catalog_url, model, device, dtype, batch_size, worke
         feature_cache=FeatureCacheConfig(feature_cache_mb * 1_000_000),
         caption=caption if with_captions else None,
     )
-    store = IndexStore.open(_store_config(index_dir, catalog_url), create=True)
+    store = IndexStore.open(store_config(index_dir, catalog_url), create=True)
     model_config = ModelConfig.retrieval(model, device, dtype)
     try:
         with store.writer_lock(), ThreadPoolExecutor(max_workers=1) as loader:
@@ -182,7 +130,7 @@ def index(paths, index_dir, catalog_url, model, device, dtype, batch_size, worke
         store.close()
     result = {"index": str(store.directory), **summary.as_dict()}
     if as_json:
-        _emit_json(result)
+        emit_json(result)
     else:
         skipped = ", ".join(f"{n} {reason}" for reason, n in result["skipped_by_reason"].items())
         click.echo(
@@ -219,7 +167,7 @@ def caption(index_dir, catalog_url, caption_model, prompt, max_new_tokens, num_b
     options = CaptionOptions(prompt=prompt, max_new_tokens=max_new_tokens, num_beams=num_beams)
     options.validate()
     config = CaptionConfig(options, batch_size, overwrite, PoolOptions(workers=workers or os.cpu_count() or 1))
-    store = IndexStore.open(_store_config(index_dir, catalog_url))
+    store = IndexStore.open(store_config(index_dir, catalog_url))
     try:
         with store.writer_lock():
             captioner = Blip2Captioner.load(ModelConfig.captioning(caption_model, device, dtype))
@@ -228,7 +176,7 @@ def caption(index_dir, catalog_url, caption_model, prompt, max_new_tokens, num_b
         store.close()
     result = {"index": str(store.directory), **summary.as_dict()}
     if as_json:
-        _emit_json(result)
+        emit_json(result)
         return
     for path in summary.missing[:20]:
         click.echo(f"warning: {path} was indexed but is gone from disk; not captioned", err=True)
@@ -253,7 +201,7 @@ def export(index_dir, catalog_url, fmt, output) -> None:
 
     if fmt == "parquet" and output is None:
         raise UsageError("Parquet is binary: give a file with -o FILE")
-    store = IndexStore.open(_store_config(index_dir, catalog_url))
+    store = IndexStore.open(store_config(index_dir, catalog_url))
     try:
         if output is None:
             write_text(records(store.catalog), sys.stdout, fmt)
@@ -277,7 +225,7 @@ def status(index_dir, catalog_url, as_json) -> None:
     """Summarise an index: model, counts, size on disk."""
     from indexer.store import IndexStore
 
-    store = IndexStore.open(_store_config(index_dir, catalog_url))
+    store = IndexStore.open(store_config(index_dir, catalog_url))
     try:
         identity = store.catalog.model()
         result = {
@@ -292,203 +240,14 @@ def status(index_dir, catalog_url, as_json) -> None:
     finally:
         store.close()
     if as_json:
-        _emit_json(result)
+        emit_json(result)
     else:
         for key, value in result.items():
             click.echo(f"{key}: {value}")
 
 
-# -- search -------------------------------------------------------------------------------------
-@main.command()
-@click.argument("texts", nargs=-1)
-@index_options
-@model_options
-@click.option("-k", "k", type=int, default=10, show_default=True, help="Number of results.")
-@click.option("--candidates", type=int, default=None, help="ITC candidates to re-rank [default: max(32, k)].")
-@click.option("--no-rerank", is_flag=True, help="Rank by ITC alone (no ITM head).")
-@click.option("--score", type=click.Choice(["itm", "itm+itc", "itc"]), default=None,
-              help="Final score: ITM match probability (default), ITM logit + ITC as LAVIS ranks, or ITC.")
-@click.option("--min-score", type=float, default=None, help="Drop results scoring below this.")
-@click.option("--path", "path_glob", default=None, help="Only files whose path matches this glob.")
-@click.option("--not", "negatives", multiple=True, help="Push results away from this text (repeatable).")
-@click.option("--image", "image_path", type=click.Path(dir_okay=False), default=None,
-              help="Search by an example image instead of text.")
-@click.option("--hybrid", is_flag=True,
-              help="Blend the visual ranking with a full-text match on captions (reciprocal rank fusion).")
-@click.option("--caption-only", is_flag=True, help="Full-text search over captions alone (no model is loaded).")
-@feature_cache_option
-@click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout.")
-def search(texts, index_dir, catalog_url, model, device, dtype, k, candidates, no_rerank, score, min_score,
-           path_glob, negatives, image_path, hybrid, caption_only, feature_cache_mb, as_json) -> None:
-    """Find indexed images matching TEXTS.
-
-    Several texts add up (rclip-style query arithmetic); give a text a weight as WEIGHT:TEXT, e.g.
-    blipsearch search "2:a red car" "at night" --not "rain".
-    """
-    from indexer.search import SearchOptions
-    from retrieval.errors import UsageError
-    from retrieval.query import TextQuery
-
-    if bool(texts) == bool(image_path):
-        raise UsageError("give either query TEXTS or --image FILE")
-    if caption_only and (image_path or hybrid or negatives):
-        raise UsageError("--caption-only searches caption text; it takes no --image, --hybrid or --not")
-    if hybrid and image_path:
-        raise UsageError("--hybrid blends text with captions; it does not apply to --image")
-    options = SearchOptions(
-        k=k, candidates=candidates, rerank=not no_rerank and not image_path and not caption_only,
-        score=score or ("itc" if no_rerank or image_path or caption_only else "itm"),
-        min_score=min_score, path_glob=path_glob, hybrid=hybrid,
-    )
-    options.validate()
-    if caption_only:
-        _print_search(" ".join(texts), _caption_search(index_dir, catalog_url, " ".join(texts), options), as_json)
-        return
-    query = TextQuery.parse(list(texts), list(negatives)) if texts else None
-    response, label = _run_search(
-        index_dir, catalog_url, model, device, dtype, query, image_path, options, feature_cache_mb
-    )
-    _print_search(label, response, as_json)
-
-
-def _caption_search(index_dir, catalog_url, text, options):
-    from indexer.search import search_captions
-    from indexer.store import IndexStore
-
-    store = IndexStore.open(_store_config(index_dir, catalog_url))
-    try:
-        return search_captions(store.catalog, text, options)
-    finally:
-        store.close()
-
-
-def _run_search(index_dir, catalog_url, model, device, dtype, query, image_path, options, feature_cache_mb):
-    from indexer.rerank import Reranker
-    from indexer.search import Searcher
-    from indexer.store import IndexStore
-    from retrieval.config import ModelConfig
-    from retrieval.encoders import Blip2Retriever
-
-    store = IndexStore.open(_store_config(index_dir, catalog_url))
-    try:
-        recorded = store.catalog.model()
-        name = model or (recorded.name if recorded else None)
-        retriever = Blip2Retriever.load(ModelConfig.retrieval(name, device, dtype))
-        reranker = Reranker(retriever, _feature_cache(store, retriever.identity, feature_cache_mb))
-        searcher = Searcher(store, retriever, reranker)
-        if query is not None:
-            return searcher.search_text(query, options), " + ".join(query.texts)
-        return searcher.search_image(image_path, options), image_path
-    finally:
-        store.close()
-
-
-def _print_search(label, response, as_json: bool) -> None:
-    from dataclasses import asdict
-
-    if as_json:
-        results = [{k: v for k, v in asdict(r).items() if k not in ("file_id", "embedding_id")} for r in response.results]
-        _emit_json({"query": label, "results": results, "missing": response.missing})
-        return
-    for path in response.missing:
-        click.echo(f"warning: {path} was indexed but is gone from disk; skipped", err=True)
-    if not response.results:
-        click.echo("no results", err=True)
-    for rank, result in enumerate(response.results, 1):
-        caption = f"  {result.caption}" if result.caption else ""
-        click.echo(f"{rank:>3}  {result.score:.4f}  {result.path}{caption}")
-
-
-# -- serve --------------------------------------------------------------------------------------
-@main.command()
-@index_options
-@model_options
-@click.option("--caption-model", default=None, help="Captioning model for caption jobs (loaded on first use).")
-@click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on (localhost only by default).")
-@click.option("--port", type=click.IntRange(1, 65535), default=8000, show_default=True)
-@feature_cache_option
-@click.option("--max-upload-mb", type=click.IntRange(1, 1000), default=20, show_default=True)
-def serve(index_dir, catalog_url, model, device, dtype, caption_model, host, port, feature_cache_mb,
-          max_upload_mb) -> None:
-    """Serve the index over HTTP: a JSON API (OpenAPI at /docs) and a search page at /.
-
-    Write endpoints (jobs, deletions) require `Authorization: Bearer $BLIPSEARCH_API_TOKEN` when that
-    variable is set; set it whenever --host is not a loopback address.
-    """
-    import os
-
-    import uvicorn
-
-    from api.server import create_app
-    from api.service import ServeConfig, Service
-    from indexer.store import IndexStore
-    from retrieval.captioner import Blip2Captioner
-    from retrieval.config import ModelConfig
-    from retrieval.encoders import Blip2Retriever
-    from retrieval.errors import UsageError
-
-    token = os.environ.get("BLIPSEARCH_API_TOKEN") or None
-    if host not in ("127.0.0.1", "localhost", "::1") and not token:
-        raise UsageError(f"--host {host} exposes the server beyond this machine; set BLIPSEARCH_API_TOKEN first")
-    store_config = _store_config(index_dir, catalog_url)
-    store = IndexStore.open(store_config, create=True)
-    try:
-        recorded = store.catalog.model()
-    finally:
-        store.close()
-    retriever = Blip2Retriever.load(ModelConfig.retrieval(model or (recorded.name if recorded else None), device, dtype))
-    config = ServeConfig(store_config, model, caption_model, device, token, max_upload_mb * 1024 * 1024, feature_cache_mb)
-    service = Service(config, retriever, lambda: Blip2Captioner.load(ModelConfig.captioning(caption_model, device, dtype)))
-    click.echo(f"blipsearch: serving {store_config.directory} on http://{host}:{port}/", err=True)
-    try:
-        uvicorn.run(create_app(service), host=host, port=port, log_level="warning")
-    finally:
-        service.close()
-
-
-# -- demo ---------------------------------------------------------------------------------------
-@main.command()
-@click.option("--dir", "directory", type=click.Path(file_okay=False, path_type=Path), default=None,
-              help="Where to put the demo images, models and index [default: a per-user data directory].")
-@click.option("--model", default=None, help="Retrieval model to use instead of the built-in tiny one.")
-def demo(directory, model) -> None:
-    """Build a small example collection, index it, and run a few searches, all offline."""
-    from platformdirs import user_data_dir
-
-    from indexer.demo import make_demo_images
-    from indexer.pipeline import IndexConfig, Indexer
-    from indexer.search import SearchOptions
-    from indexer.store import IndexStore, StoreConfig
-    from retrieval.config import ModelConfig
-    from retrieval.encoders import Blip2Retriever
-    from retrieval.query import TextQuery
-    from retrieval.tiny import RETRIEVAL_DIR, make_retrieval
-
-    directory = (directory or Path(user_data_dir("blipsearch")) / "demo").expanduser()
-    images = make_demo_images(directory / "images")
-    click.echo(f"demo images: {len(images)} in {directory / 'images'}", err=True)
-    if model is None:
-        model = str(directory / "models" / RETRIEVAL_DIR)
-        if not (Path(model) / "config.json").exists():
-            make_retrieval(model)
-        click.echo(f"model: tiny random BLIP-2 at {model} (plumbing only: its rankings carry no meaning)", err=True)
-    store = IndexStore.open(StoreConfig(directory / "index"), create=True)
-    try:
-        with store.writer_lock():
-            retriever = Blip2Retriever.load(ModelConfig.retrieval(model))
-            summary = Indexer(store, retriever, IndexConfig()).run([str(directory / "images")])
-        click.echo(f"indexed {summary.indexed}, unchanged {summary.unchanged} -> {store.directory}", err=True)
-        from indexer.search import Searcher
-
-        searcher = Searcher(store, retriever)
-        for text in ("a red circle", "a blue square on a black background"):
-            click.echo(f"\nsearch: {text!r}")
-            response = searcher.search_text(TextQuery.parse([text]), SearchOptions(k=3))
-            for rank, result in enumerate(response.results, 1):
-                click.echo(f"{rank:>3}  {result.score:.4f}  {Path(result.path).name}")
-    finally:
-        store.close()
-    click.echo(f"\ntry: blipsearch search \"a green triangle\" --index {directory / 'index'}", err=True)
+for command in (search, serve, demo):
+    main.add_command(command)
 
 
 if __name__ == "__main__":

@@ -55,7 +55,7 @@ def bench_maxsim(n_images: int, queries: int = 32, dim: int = 256, k: int = 10) 
         recall = np.mean([
             len(set(index.search(t, k, exact)[0].keys.tolist()) & set(numpy_topk(t).tolist())) / k for t in texts
         ])
-        t_index = best_of(lambda: [index.search(t, k, exact) for t in texts], 3) / len(texts)
+        t_index = best_of(lambda index=index: [index.search(t, k, exact) for t in texts], 3) / len(texts)
         print(f"  MaxSimIndex {codec}: {t_index * 1e3:.1f} ms/query, numpy/faiss = {t_numpy / t_index:.2f}x, "
               f"recall@{k} = {recall:.3f}")
         del index

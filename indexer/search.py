@@ -197,17 +197,17 @@ def search_captions(catalog: Catalog, text: str, options: SearchOptions) -> Sear
             break
         depth *= 4
     missing = [r.path for r in rows if not os.path.exists(r.path)]
+    gone = set(missing)
     rank = {eid: i + 1 for i, (eid, _) in enumerate(matches)}
     results = [
         SearchResult(r.path, relevance[r.embedding_id], None, None, None, r.id, r.embedding_id,
                      caption_rank=rank[r.embedding_id])
-        for r in rows if r.path not in set(missing)
+        for r in rows if r.path not in gone
     ]
     results.sort(key=lambda r: (r.caption_rank, r.path))
     if options.min_score is not None:
         results = [r for r in results if r.score >= options.min_score]
     return SearchResponse(with_captions(catalog, results[: options.k]), missing)
-
 
 
 def with_captions(catalog: Catalog, results: list[SearchResult]) -> list[SearchResult]:

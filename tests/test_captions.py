@@ -168,3 +168,14 @@ def test_captions_in_search_output_and_every_export_format(tmp_path, tiny_model,
     assert [{k: r[k] for k in ("path", "caption", "caption_prompt")} for r in parquet] == \
         [{k: r[k] for k in ("path", "caption", "caption_prompt")} for r in rows]
     assert run_cli("export", "--format", "parquet", *common).returncode == 2  # needs -o
+
+
+def test_missing_caption_model_is_one_clear_sentence(tmp_path, tiny_model):
+    make_images(tmp_path / "photos", 2, seed=36)
+    index(tmp_path / "photos", tmp_path / "idx", tiny_model)
+    result = run_cli("caption", "--index", str(tmp_path / "idx"), "--caption-model", str(tmp_path / "no-such-model"))
+    assert result.returncode == 2
+    assert result.stderr.startswith("Error: model") and "Traceback" not in result.stderr
+    assert len(result.stderr.strip().splitlines()) <= 3
+    bad = run_cli("caption", "--index", str(tmp_path / "idx"), "--caption-model", str(tmp_path), "--num-beams", "0")
+    assert bad.returncode == 2 and "--num-beams" in bad.stderr

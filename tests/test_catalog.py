@@ -89,3 +89,23 @@ def test_index_search_and_reindex_with_catalog_url(tiny_model, tmp_path, postgre
     assert found.stdout.count('"path"') == 3
     status = run_cli("status", "--json", *common[:4], check=True)
     assert '"distinct_images": 5' in status.stdout
+
+
+def test_captions_todo_write_and_full_text_search(catalog):
+    written = catalog.write_batch(
+        [entry("/p/a.jpg", "ha"), entry("/p/b.jpg", "hb"), entry("/p/c.jpg", "hc"), entry("/p/a2.jpg", "ha")],
+        {"ha": vectors(1), "hb": vectors(2), "hc": vectors(3)},
+    )
+    ids = written.created
+    todo = catalog.captions.todo("m1", "", overwrite=False, after_id=0, limit=10)
+    assert [(t.embedding_id, t.path) for t in todo] == [(ids["ha"], "/p/a.jpg"), (ids["hb"], "/p/b.jpg"),
+                                                         (ids["hc"], "/p/c.jpg")]
+    catalog.captions.write({ids["ha"]: "zebras crossing a road", ids["hb"]: "a zebra near a giraffe"}, "m1", "")
+    assert [t.embedding_id for t in catalog.captions.todo("m1", "", False, 0, 10)] == [ids["hc"]]
+    assert catalog.captions.todo_count("m2", "", overwrite=True) == 3  # another model: all of them
+    found = catalog.captions.search("zebra giraffe", 10)
+    assert [eid for eid, _ in found] == [ids["hb"], ids["ha"]]  # stemming: "zebras" matches too
+    assert found[0][1] > found[1][1] > 0
+    assert catalog.captions.search("!!! ''", 10) == []
+    catalog.remove_paths(["/p/b.jpg"])  # its content is gone: so is its caption
+    assert [eid for eid, _ in catalog.captions.search("giraffe", 10)] == []

@@ -1,5 +1,6 @@
 """Captions: one per distinct image content, with the model and prompt that wrote it, full-text indexed
-(an FTS5 table kept in step by triggers on SQLite; a GIN index on PostgreSQL).
+(an FTS5 table with Porter stemming, kept in step by triggers, on SQLite; a GIN index over English
+text search vectors on PostgreSQL).
 
 Revision ID: 0003
 Revises: 0002
@@ -26,7 +27,8 @@ def upgrade() -> None:
     dialect = op.get_bind().dialect.name
     if dialect == "sqlite":
         op.execute(
-            "CREATE VIRTUAL TABLE captions_fts USING fts5(caption, content='captions', content_rowid='embedding_id')"
+            "CREATE VIRTUAL TABLE captions_fts USING fts5(caption, content='captions', content_rowid='embedding_id', "
+            "tokenize='porter unicode61')"
         )
         op.execute(
             "CREATE TRIGGER captions_ai AFTER INSERT ON captions BEGIN "

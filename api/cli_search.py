@@ -1,0 +1,107 @@
+"""`blipsearch search`: text, example-image and caption queries from the command line."""
+
+from __future__ import annotations
+
+import click
+
+from api.options import emit_json, feature_cache, feature_cache_option, index_options, model_options, store_config
+
+
+@click.command()
+@click.argument("texts", nargs=-1)
+@index_options
+@model_options
+@click.option("-k", "k", type=int, default=10, show_default=True, help="Number of results.")
+@click.option("--candidates", type=int, default=None, help="ITC candidates to re-rank [default: max(32, k)].")
+@click.option("--no-rerank", is_flag=True, help="Rank by ITC alone (no ITM head).")
+@click.option("--score", type=click.Choice(["itm", "itm+itc", "itc"]), default=None,
+              help="Final score: ITM match probability (default), ITM logit + ITC as LAVIS ranks, or ITC.")
+@click.option("--min-score", type=float, default=None, help="Drop results scoring below this.")
+@click.option("--path", "path_glob", default=None, help="Only files whose path matches this glob.")
+@click.option("--not", "negatives", multiple=True, help="Push results away from this text (repeatable).")
+@click.option("--image", "image_path", type=click.Path(dir_okay=False), default=None,
+              help="Search by an example image instead of text.")
+@click.option("--hybrid", is_flag=True,
+              help="Blend the visual ranking with a full-text match on captions (reciprocal rank fusion).")
+@click.option("--caption-only", is_flag=True, help="Full-text search over captions alone (no model is loaded).")
+@feature_cache_option
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout.")
+def search(texts, index_dir, catalog_url, model, device, dtype, k, candidates, no_rerank, score, min_score,
+           path_glob, negatives, image_path, hybrid, caption_only, feature_cache_mb, as_json) -> None:
+    """Find indexed images matching TEXTS.
+
+    Several texts add up (rclip-style query arithmetic); give a text a weight as WEIGHT:TEXT, e.g.
+    blipsearch search "2:a red car" "at night" --not "rain".
+    """
+    from indexer.search import SearchOptions
+    from retrieval.errors import UsageError
+    from retrieval.query import TextQuery
+
+    if bool(texts) == bool(image_path):
+        raise UsageError("give either query TEXTS or --image FILE")
+    if caption_only and (image_path or hybrid or negatives):
+        raise UsageError("--caption-only searches caption text; it takes no --image, --hybrid or --not")
+    if hybrid and image_path:
+        raise UsageError("--hybrid blends text with captions; it does not apply to --image")
+    options = SearchOptions(
+        k=k, candidates=candidates, rerank=not no_rerank and not image_path and not caption_only,
+        score=score or ("itc" if no_rerank or image_path or caption_only else "itm"),
+        min_score=min_score, path_glob=path_glob, hybrid=hybrid,
+    )
+    options.validate()
+    if caption_only:
+        _print_search(" ".join(texts), _caption_search(index_dir, catalog_url, " ".join(texts), options), as_json)
+        return
+    query = TextQuery.parse(list(texts), list(negatives)) if texts else None
+    response, label = _run_search(
+        index_dir, catalog_url, model, device, dtype, query, image_path, options, feature_cache_mb
+    )
+    _print_search(label, response, as_json)
+
+
+def _caption_search(index_dir, catalog_url, text, options):
+    from indexer.search import search_captions
+    from indexer.store import IndexStore
+
+    store = IndexStore.open(store_config(index_dir, catalog_url))
+    try:
+        return search_captions(store.catalog, text, options)
+    finally:
+        store.close()
+
+
+def _run_search(index_dir, catalog_url, model, device, dtype, query, image_path, options, feature_cache_mb):
+    from indexer.rerank import Reranker
+    from indexer.search import Searcher
+    from indexer.store import IndexStore
+    from retrieval.config import ModelConfig
+    from retrieval.encoders import Blip2Retriever
+
+    store = IndexStore.open(store_config(index_dir, catalog_url))
+    try:
+        recorded = store.catalog.model()
+        name = model or (recorded.name if recorded else None)
+        retriever = Blip2Retriever.load(ModelConfig.retrieval(name, device, dtype))
+        reranker = Reranker(retriever, feature_cache(store, retriever.identity, feature_cache_mb))
+        searcher = Searcher(store, retriever, reranker)
+        if query is not None:
+            return searcher.search_text(query, options), " + ".join(query.texts)
+        return searcher.search_image(image_path, options), image_path
+    finally:
+        store.close()
+
+
+def _print_search(label, response, as_json: bool) -> None:
+    from dataclasses import asdict
+
+    if as_json:
+        results = [{k: v for k, v in asdict(r).items() if k not in ("file_id", "embedding_id")} for r in response.results]
+        emit_json({"query": label, "results": results, "missing": response.missing})
+        return
+    for path in response.missing:
+        click.echo(f"warning: {path} was indexed but is gone from disk; skipped", err=True)
+    if not response.results:
+        click.echo("no results", err=True)
+    for rank, result in enumerate(response.results, 1):
+        caption = f"  {result.caption}" if result.caption else ""
+        click.echo(f"{rank:>3}  {result.score:.4f}  {result.path}{caption}")
