@@ -105,3 +105,32 @@ def _print_search(label, response, as_json: bool) -> None:
     for rank, result in enumerate(response.results, 1):
         caption = f"  {result.caption}" if result.caption else ""
         click.echo(f"{rank:>3}  {result.score:.4f}  {result.path}{caption}")
+
+
+@click.command("eval")
+@click.option("--pairs", "pairs_file", required=True, type=click.Path(dir_okay=False),
+              help='JSON Lines: {"image": PATH, "captions": [TEXT, ...]} per line; relative paths from its folder.')
+@model_options
+@click.option("--itm-candidates", type=click.IntRange(1, 1000), default=16, show_default=True,
+              help="Top ITC candidates per query re-scored with ITM (LAVIS uses 128 on Flickr30K).")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout.")
+def evaluate_command(pairs_file, model, device, dtype, itm_candidates, as_json) -> None:
+    """Text->image and image->text Recall@1/5/10 over a captioned image set, ITC alone and ITC+ITM."""
+    from pathlib import Path
+
+    from indexer.evaluate import Pairs, evaluate
+    from retrieval.config import ModelConfig
+    from retrieval.encoders import Blip2Retriever
+
+    pairs = Pairs.read(Path(pairs_file))
+    retriever = Blip2Retriever.load(ModelConfig.retrieval(model, device, dtype))
+    result = {"model": retriever.identity.name, **evaluate(retriever, pairs, itm_candidates)}
+    if as_json:
+        emit_json(result)
+        return
+    click.echo(f"{result['images']} images, {result['texts']} texts, model {result['model']}")
+    click.echo(f"{'':12}{'text->image R@1/5/10':>24}{'image->text R@1/5/10':>24}{'ms/query':>10}")
+    for name in ("itc", "itc+itm"):
+        t2i, i2t = result[name]["text_to_image"], result[name]["image_to_text"]
+        cells = ["/".join(f"{scores[k]:.3f}" for k in (1, 5, 10)) for scores in (t2i, i2t)]
+        click.echo(f"{name:12}{cells[0]:>24}{cells[1]:>24}{result['ms_per_query'][name]:>10.1f}")
