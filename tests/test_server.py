@@ -163,6 +163,9 @@ def test_cancel_a_running_job(served, tmp_path):
                       headers=AUTH).json()
     while client.get(f"/api/jobs/{job['id']}").json()["done"] < 4:
         time.sleep(0.05)
+    during = client.get("/api/search", params={"q": "a red circle", "k": 3})  # searches go on meanwhile
+    assert during.status_code == 200 and len(during.json()["results"]) == 3
+    assert client.get(f"/api/jobs/{job['id']}").json()["state"] == "running"
     assert client.delete(f"/api/jobs/{job['id']}", headers=AUTH).status_code == 200
     final = wait(client, job["id"])
     assert final["state"] == "cancelled" and 4 <= final["done"] < 60
