@@ -71,7 +71,7 @@ def test_cache_evicts_least_recently_used(tmp_path):
     assert cache.get("01hash") is None  # the least recently used went first
 
 
-def test_index_fills_the_cache_and_search_uses_it(tiny_model, tmp_path):
+def test_index_fills_the_cache_and_search_runs_with_it(tiny_model, tmp_path):
     make_images(tmp_path / "photos", 5, seed=8)
     common = ["--index", str(tmp_path / "idx"), "--model", str(tiny_model), "--feature-cache-mb", "50"]
     assert run_cli("index", str(tmp_path / "photos"), "-q", *common).returncode == 0
