@@ -19,7 +19,7 @@ from api.options import feature_cache_option, index_options, model_options, stor
 @click.option("--max-upload-mb", type=click.IntRange(1, 1000), default=20, show_default=True)
 def serve(index_dir, catalog_url, model, device, dtype, caption_model, host, port, feature_cache_mb,
           max_upload_mb) -> None:
-    """Serve the index over HTTP: a JSON API (OpenAPI at /docs) and a search page at /.
+    """Serve the index over HTTP: a JSON API (OpenAPI at /openapi.json) and a search page at /.
 
     Write endpoints (jobs, deletions) require `Authorization: Bearer $BLIPSEARCH_API_TOKEN` when that
     variable is set; set it whenever --host is not a loopback address.
