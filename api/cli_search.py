@@ -45,7 +45,7 @@ def search(texts, index_dir, catalog_url, model, device, dtype, k, candidates, n
         raise UsageError("--hybrid blends text with captions; it does not apply to --image")
     options = SearchOptions(
         k=k, candidates=candidates, rerank=not no_rerank and not image_path and not caption_only,
-        score=score or ("itc" if no_rerank or image_path or caption_only else "itm"),
+        score=score,
         min_score=min_score, path_glob=path_glob, hybrid=hybrid,
     )
     options.validate()

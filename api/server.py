@@ -135,7 +135,7 @@ def create_app(service: Service) -> FastAPI:
         from retrieval.query import TextQuery
 
         options = SearchOptions(k=k, candidates=candidates, rerank=rerank and not caption_only,
-                                score=score or ("itm" if rerank and not caption_only else "itc"),
+                                score=score,
                                 min_score=min_score, path_glob=path, hybrid=hybrid)
         options.validate()
         if caption_only:

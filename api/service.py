@@ -56,7 +56,7 @@ class LockedModel:
 
 class Service:
     def __init__(self, config: ServeConfig, retriever: Any, captioner_loader=None) -> None:
-        from indexer.features import FeatureCache, FeatureCacheConfig
+        from api.options import feature_cache
         from indexer.rerank import Reranker
 
         self.config = config
@@ -65,9 +65,7 @@ class Service:
         self.retriever = LockedModel(retriever, self.model_lock)
         self._captioner_loader = captioner_loader
         self._captioner = None
-        cache = FeatureCache.for_model(self.store.directory, retriever.identity.fingerprint,
-                                       FeatureCacheConfig(config.feature_cache_mb * 1_000_000))
-        self.reranker = Reranker(self.retriever, cache)
+        self.reranker = Reranker(self.retriever, feature_cache(self.store, retriever.identity, config.feature_cache_mb))
         self.searcher = None
         self.reload()
         self.jobs = JobRunner(self._run_job, lambda job: self.reload())

@@ -16,8 +16,7 @@ from sqlalchemy import delete, func, insert, or_, select, text
 from sqlalchemy.engine import Engine
 
 from indexer import schema
-
-_CHUNK = 500
+from indexer.schema import chunks
 
 
 @dataclass(frozen=True)
@@ -91,8 +90,8 @@ class CaptionCatalog:
         ids = [int(i) for i in embedding_ids]
         out: dict[int, Caption] = {}
         with self.engine.connect() as conn:
-            for start in range(0, len(ids), _CHUNK):
-                for row in conn.execute(select(c).where(c.c.embedding_id.in_(ids[start : start + _CHUNK]))):
+            for chunk in chunks(ids):
+                for row in conn.execute(select(c).where(c.c.embedding_id.in_(chunk))):
                     out[row.embedding_id] = Caption(**row._mapping)
         return out
 
@@ -142,7 +141,6 @@ def write_captions(conn, captions: dict[int, str], model: str, prompt: str, now:
 def delete_captions(conn, embedding_ids: Sequence[int]) -> None:
     """Within a caller's transaction: drop the captions of embeddings about to be deleted."""
     c = schema.captions
-    ids = list(embedding_ids)
-    for start in range(0, len(ids), _CHUNK):
-        conn.execute(delete(c).where(c.c.embedding_id.in_(ids[start : start + _CHUNK])))
+    for chunk in chunks(list(embedding_ids)):
+        conn.execute(delete(c).where(c.c.embedding_id.in_(chunk)))
 

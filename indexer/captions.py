@@ -71,7 +71,7 @@ class CaptionRun:
         self.config.options.validate()
         summary = CaptionSummary()
         self.progress.start(self.store.catalog.captions.todo_count(*self._key()))
-        decode = DecodeOptions(self.captioner.transform, max_pixels=1 << 40)
+        decode = DecodeOptions.for_indexed(self.captioner.transform)
         submitted: deque[CaptionTask] = deque()
         batch: list[tuple[CaptionTask, np.ndarray]] = []
         with DecodePool(decode, self.config.pool) as pool:

@@ -11,7 +11,7 @@ import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Iterator, Sequence
+from typing import Iterable, Sequence
 
 import numpy as np
 from sqlalchemy import and_, create_engine, delete, event, exists, func, insert, select
@@ -19,13 +19,11 @@ from sqlalchemy.engine import Engine
 from sqlalchemy.exc import IntegrityError
 
 from indexer import schema
+from indexer.schema import chunks
 from indexer.caption_catalog import CaptionCatalog, NewCaptions, delete_captions, write_captions
 from indexer.errors import CatalogVersionError
 from retrieval.errors import ModelMismatchError
 from retrieval.loading import ModelIdentity
-
-_CHUNK = 500  # rows per IN (...) clause, well under SQLite's variable limit
-
 
 @dataclass(frozen=True)
 class FileRow:
@@ -68,11 +66,6 @@ class BatchWritten:
 
 def sqlite_url(path: Path) -> str:
     return f"sqlite:///{path}"
-
-
-def _chunks(items: Sequence, size: int = _CHUNK) -> Iterator[Sequence]:
-    for start in range(0, len(items), size):
-        yield items[start : start + size]
 
 
 def _under(root: str):
@@ -206,7 +199,7 @@ class Catalog:
                 return [FileRow(**r._mapping) for r in conn.execute(query)]
         out: list[FileRow] = []
         with self.engine.connect() as conn:
-            for chunk in _chunks([int(k) for k in embedding_ids]):
+            for chunk in chunks([int(k) for k in embedding_ids]):
                 out.extend(FileRow(**r._mapping) for r in conn.execute(query.where(schema.files.c.embedding_id.in_(chunk))))
         return out
 
@@ -214,7 +207,7 @@ class Catalog:
         found: dict[str, int] = {}
         e = schema.embeddings
         with self.engine.connect() as conn:
-            for chunk in _chunks(list(set(hashes))):
+            for chunk in chunks(list(set(hashes))):
                 found.update(conn.execute(select(e.c.content_hash, e.c.id).where(e.c.content_hash.in_(chunk))).all())
         return found
 
@@ -228,7 +221,7 @@ class Catalog:
         e = schema.embeddings
         got_ids, arrays = [], []
         with self.engine.connect() as conn:
-            for chunk in _chunks([int(i) for i in ids]):
+            for chunk in chunks([int(i) for i in ids]):
                 for eid, blob in conn.execute(select(e.c.id, e.c.vectors).where(e.c.id.in_(chunk))):
                     got_ids.append(eid)
                     arrays.append(np.frombuffer(blob, dtype=np.float32).reshape(num_queries, dim))
@@ -263,11 +256,11 @@ class Catalog:
                 created[content_hash] = int(result.inserted_primary_key[0])
             wanted = {x.content_hash for x in entries if x.status == schema.INDEXED} - set(created)
             known = dict(created)
-            for chunk in _chunks(sorted(wanted)):
+            for chunk in chunks(sorted(wanted)):
                 known.update(conn.execute(select(e.c.content_hash, e.c.id).where(e.c.content_hash.in_(chunk))).all())
             paths = [x.path for x in entries]
             previous = self._embedding_ids_of_paths(conn, paths)
-            for chunk in _chunks(paths):
+            for chunk in chunks(paths):
                 conn.execute(delete(f).where(f.c.path.in_(chunk)))
             rows = [
                 {**x.__dict__, "embedding_id": known[x.content_hash] if x.status == schema.INDEXED else None,
@@ -287,7 +280,7 @@ class Catalog:
         f = schema.files
         with self.engine.begin() as conn:
             previous = self._embedding_ids_of_paths(conn, paths)
-            for chunk in _chunks(list(paths)):
+            for chunk in chunks(list(paths)):
                 conn.execute(delete(f).where(f.c.path.in_(chunk)))
             return self._delete_orphans(conn, previous)
 
@@ -295,7 +288,7 @@ class Catalog:
     def _embedding_ids_of_paths(conn, paths: Sequence[str]) -> set[int]:
         f = schema.files
         ids: set[int] = set()
-        for chunk in _chunks(list(paths)):
+        for chunk in chunks(list(paths)):
             ids.update(
                 conn.execute(select(f.c.embedding_id).where(f.c.path.in_(chunk), f.c.embedding_id.is_not(None))).scalars()
             )
@@ -305,11 +298,11 @@ class Catalog:
     def _delete_orphans(conn, candidates: set[int]) -> list[int]:
         e, f = schema.embeddings, schema.files
         orphans: list[int] = []
-        for chunk in _chunks(sorted(candidates)):
+        for chunk in chunks(sorted(candidates)):
             unused = ~exists().where(f.c.embedding_id == e.c.id)
             orphans.extend(conn.execute(select(e.c.id).where(e.c.id.in_(chunk), unused)).scalars())
         delete_captions(conn, orphans)
-        for chunk in _chunks(orphans):
+        for chunk in chunks(orphans):
             conn.execute(delete(e).where(e.c.id.in_(chunk)))
         return orphans
 

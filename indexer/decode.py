@@ -38,6 +38,12 @@ class DecodeOptions:
     max_pixels: int
     use_draft: bool = True
 
+    @classmethod
+    def for_indexed(cls, transform: ImageTransform) -> "DecodeOptions":
+        """For files read again after indexing (re-ranking, captions, queries): no size limit here,
+        indexing already applied `--max-megapixels`."""
+        return cls(transform, max_pixels=1 << 40)
+
 
 @dataclass(frozen=True)
 class Decoded:

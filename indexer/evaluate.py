@@ -96,7 +96,7 @@ def _recalls(scores: np.ndarray, images_of: list[set[int]], texts_of: list[set[i
 
 
 def _encode_images(retriever: Any, paths: list[str], batch_size: int):
-    options = DecodeOptions(retriever.transform, max_pixels=1 << 40)
+    options = DecodeOptions.for_indexed(retriever.transform)
     embeds, vit = [], []
     for start in range(0, len(paths), batch_size):
         pixels = []

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import IO, Iterator
 
 from indexer.catalog import Catalog
+from indexer.schema import chunks
 from retrieval.errors import UsageError
 
 FORMATS = ("jsonl", "csv", "parquet")
@@ -17,14 +18,12 @@ COLUMNS = (
     "path", "status", "error", "size", "mtime_ns", "content_hash", "width", "height", "format", "updated_at",
     "caption", "caption_model", "caption_prompt", "captioned_at",
 )
-_CHUNK = 5000
 
 
 def records(catalog: Catalog) -> Iterator[dict]:
     """Every file with its caption fields (None where there is no caption)."""
     rows = catalog.files()
-    for start in range(0, len(rows), _CHUNK):
-        chunk = rows[start : start + _CHUNK]
+    for chunk in chunks(rows, 5000):
         captions = catalog.captions.get([r.embedding_id for r in chunk if r.embedding_id is not None])
         for row in chunk:
             caption = captions.get(row.embedding_id)

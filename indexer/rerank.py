@@ -2,7 +2,8 @@
 
 This is the second half of LAVIS's `compute_sim_matrix`: the ITM head scores each (text, image)
 pair on the image's ViT features. Files are decoded in parallel threads with draft-mode JPEG
-decoding, so a 12 MP photo costs a fraction of a full decode. Several candidates with the same content are scored once.
+decoding, so a 12 MP photo costs a fraction of a full decode. Callers pass one file per content
+hash, so duplicates are scored once.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ class Reranker:
         self.retriever = retriever
         self.cache = cache
         self.batch_size = batch_size
-        self.decode_options = DecodeOptions(retriever.transform, max_pixels=1 << 40)
+        self.decode_options = DecodeOptions.for_indexed(retriever.transform)
 
     def score(self, files: dict[str, str], texts: Sequence[str], weights: Sequence[float]) -> dict[str, Match]:
         """`files`: content hash -> a path holding it. Returns a Match per hash whose features could be

@@ -56,5 +56,14 @@ captions = Table(
 )
 # Full text: `captions_fts` (SQLite FTS5, synced by triggers) or a GIN index (PostgreSQL); see 0003.
 
+IN_CHUNK = 500  # rows per IN (...) clause, well under SQLite's variable limit
+
+
+def chunks(items, size: int = IN_CHUNK):
+    """Consecutive slices of `items`, for IN (...) clauses and batched reads."""
+    for start in range(0, len(items), size):
+        yield items[start : start + size]
+
+
 INDEXED = "indexed"
 SKIPPED = "skipped"

@@ -32,10 +32,14 @@ class SearchOptions:
     k: int = 10
     candidates: int | None = None  # default max(32, k)
     rerank: bool = True
-    score: str = "itm"
+    score: str | None = None  # None: "itm" when re-ranking, else "itc"
     min_score: float | None = None
     path_glob: str | None = None
     hybrid: bool = False  # fuse the visual ranking with a full-text ranking of captions
+
+    def __post_init__(self) -> None:
+        if self.score is None:
+            object.__setattr__(self, "score", "itm" if self.rerank else "itc")
 
     def validate(self) -> None:
         if not 1 <= self.k <= MAX_K:
@@ -90,7 +94,7 @@ class Searcher:
         self.retriever = retriever
         self.vectors = store.load_vectors(recorded)
         self.exact_vectors = store.exact_vectors(recorded)
-        self.decode_options = DecodeOptions(retriever.transform, max_pixels=1 << 40)
+        self.decode_options = DecodeOptions.for_indexed(retriever.transform)
         self.reranker = reranker or Reranker(retriever)
 
     def search_text(self, query: TextQuery, options: SearchOptions) -> SearchResponse:
