@@ -10,6 +10,7 @@ import click
 
 from api.cli_search import evaluate_command, search
 from api.cli_serve import demo, serve
+from api.cli_train import train
 from api.options import (
     caption_options, emit_json, feature_cache_option, index_options, model_options, store_config,
 )
@@ -246,7 +247,7 @@ def status(index_dir, catalog_url, as_json) -> None:
             click.echo(f"{key}: {value}")
 
 
-for command in (search, evaluate_command, serve, demo):
+for command in (search, evaluate_command, serve, demo, train):
     main.add_command(command)
 
 

@@ -58,43 +58,56 @@ def serve(index_dir, catalog_url, model, device, dtype, caption_model, host, por
 
 @click.command()
 @click.option("--dir", "directory", type=click.Path(file_okay=False, path_type=Path), default=None,
-              help="Where to put the demo images, models and index [default: a per-user data directory].")
-@click.option("--model", default=None, help="Retrieval model to use instead of the built-in tiny one.")
-def demo(directory, model) -> None:
-    """Build a small example collection, index it, and run a few searches, all offline."""
+              help="Where to put the demo images and index [default: a per-user data directory].")
+@click.option("--model", default=None, help="Retrieval model [default: the shipped shapes model].")
+@click.option("--caption-model", default=None, help="Captioning model [default: the shipped shapes model].")
+def demo(directory, model, caption_model) -> None:
+    """Generate 40 images of coloured shapes, index and caption them with the small BLIP-2 that ships
+    with blipsearch, and search them by description; all offline."""
     from platformdirs import user_data_dir
 
     from indexer.demo import make_demo_images
     from indexer.pipeline import IndexConfig, Indexer
-    from indexer.search import SearchOptions
+    from indexer.search import Searcher, SearchOptions
     from indexer.store import IndexStore, StoreConfig
+    from retrieval.captioner import Blip2Captioner, CaptionOptions
+    from retrieval.checkpoints import SHAPES_CAPTION, SHAPES_RETRIEVAL
     from retrieval.config import ModelConfig
     from retrieval.encoders import Blip2Retriever
     from retrieval.query import TextQuery
-    from retrieval.tiny import RETRIEVAL_DIR, make_retrieval
 
     directory = (directory or Path(user_data_dir("blipsearch")) / "demo").expanduser()
     images = make_demo_images(directory / "images")
     click.echo(f"demo images: {len(images)} in {directory / 'images'}", err=True)
-    if model is None:
-        model = str(directory / "models" / RETRIEVAL_DIR)
-        if not (Path(model) / "config.json").exists():
-            make_retrieval(model)
-        click.echo(f"model: tiny random BLIP-2 at {model} (plumbing only: its rankings carry no meaning)", err=True)
+    model, caption_model = model or str(SHAPES_RETRIEVAL), caption_model or str(SHAPES_CAPTION)
     store = IndexStore.open(StoreConfig(directory / "index"), create=True)
     try:
         with store.writer_lock():
             retriever = Blip2Retriever.load(ModelConfig.retrieval(model))
-            summary = Indexer(store, retriever, IndexConfig()).run([str(directory / "images")])
-        click.echo(f"indexed {summary.indexed}, unchanged {summary.unchanged} -> {store.directory}", err=True)
-        from indexer.search import Searcher
-
+            captioner = Blip2Captioner.load(ModelConfig.captioning(caption_model))
+            config = IndexConfig(caption=CaptionOptions())
+            summary = Indexer(store, retriever, config, captioner=captioner).run([str(directory / "images")])
+        click.echo(f"indexed {summary.indexed}, captioned {summary.captioned}, unchanged {summary.unchanged}"
+                   f" -> {store.directory}\nmodels: {model}, {caption_model}", err=True)
         searcher = Searcher(store, retriever)
-        for text in ("a red circle", "a blue square on a black background"):
-            click.echo(f"\nsearch: {text!r}")
-            response = searcher.search_text(TextQuery.parse([text]), SearchOptions(k=3))
-            for rank, result in enumerate(response.results, 1):
-                click.echo(f"{rank:>3}  {result.score:.4f}  {Path(result.path).name}")
+        first = []
+        for number, image in enumerate(images):
+            response = searcher.search_text(TextQuery.parse([image.description]), SearchOptions(k=3))
+            first.append(bool(response.results) and Path(response.results[0].path) == image.path.resolve())
+            if number in (0, 1, 2, 3):  # print a few in full; the rest only count
+                _print_demo_search(image, response.results)
+        unseen = [hit for hit, image in zip(first, images) if image.unseen_pair]
+        click.echo(f"\nsearching each image's description: the described image came first for {sum(first)} of "
+                   f"{len(images)} ({sum(unseen)} of {len(unseen)} with a colour-shape pair never seen in training)")
     finally:
         store.close()
-    click.echo(f"\ntry: blipsearch search \"a green triangle\" --index {directory / 'index'}", err=True)
+    click.echo(f"try: blipsearch search \"a purple triangle\" --index {directory / 'index'} --model {model}\n"
+               f"     blipsearch serve --index {directory / 'index'} --model {model}", err=True)
+
+
+def _print_demo_search(image, results) -> None:
+    unseen = "  (unseen colour-shape pair)" if image.unseen_pair else ""
+    click.echo(f"\nsearch: {image.description!r}{unseen}")
+    for rank, result in enumerate(results, 1):
+        mark = "<- described image" if Path(result.path) == image.path.resolve() else ""
+        click.echo(f"{rank:>3}  {result.score:.3f}  {Path(result.path).name}  caption: {result.caption!r}  {mark}")

@@ -1,33 +1,30 @@
-"""A small built-in example collection: coloured shapes on plain backgrounds, with their descriptions."""
+"""The built-in example collection: scenes of the synthetic shapes data set, drawn as JPEGs, with their
+descriptions. Half feature a colour-shape pair that the shipped model never saw in training."""
 
 from __future__ import annotations
 
+import random
+from dataclasses import dataclass
 from pathlib import Path
 
-COLOURS = {"red": (220, 30, 30), "green": (30, 160, 60), "blue": (40, 70, 220), "yellow": (240, 210, 30)}
-SHAPES = ("circle", "square", "triangle")
-BACKGROUNDS = {"white": (250, 250, 250), "black": (15, 15, 15)}
+from indexer.synthetic import HELD_OUT, draw, scenes
 
 
-def make_demo_images(directory: Path) -> list[tuple[Path, str]]:
-    """Writes 24 JPEGs (4 colours x 3 shapes x 2 backgrounds); returns (path, description) pairs."""
-    from PIL import Image, ImageDraw
+@dataclass(frozen=True)
+class DemoImage:
+    path: Path
+    description: str
+    unseen_pair: bool  # shows a colour-shape pair absent from the training images
 
+
+def make_demo_images(directory: Path, count: int = 40, seed: int = 2024, size: int = 256) -> list[DemoImage]:
+    """Writes `count` JPEGs of distinct scenes (same seed, same files); returns them in order."""
     directory.mkdir(parents=True, exist_ok=True)
+    rng = random.Random(seed)
     written = []
-    for colour, rgb in COLOURS.items():
-        for shape in SHAPES:
-            for background, bg in BACKGROUNDS.items():
-                image = Image.new("RGB", (320, 240), bg)
-                draw = ImageDraw.Draw(image)
-                box = (100, 60, 220, 180)
-                if shape == "circle":
-                    draw.ellipse(box, fill=rgb)
-                elif shape == "square":
-                    draw.rectangle(box, fill=rgb)
-                else:
-                    draw.polygon([(160, 60), (100, 180), (220, 180)], fill=rgb)
-                path = directory / f"{colour}-{shape}-on-{background}.jpg"
-                image.save(path, quality=90)
-                written.append((path, f"a {colour} {shape} on a {background} background"))
+    for number, scene in enumerate(scenes(count, rng, held_out_share=0.5, unique=True)):
+        path = directory / f"shapes-{number:03d}.jpg"
+        draw(scene, size, rng).save(path, quality=90)
+        unseen = any((thing.colour, thing.shape) in HELD_OUT for thing in scene.things)
+        written.append(DemoImage(path, scene.caption, unseen))
     return written

@@ -95,9 +95,9 @@ def _recalls(scores: np.ndarray, images_of: list[set[int]], texts_of: list[set[i
     return {"text_to_image": recall_at(scores, images_of), "image_to_text": recall_at(scores.T, texts_of)}
 
 
-def _encode_images(retriever: Any, paths: list[str], batch_size: int):
-    options = DecodeOptions.for_indexed(retriever.transform)
-    embeds, vit = [], []
+def _pixel_batches(paths: list[str], transform: Any, batch_size: int):
+    """(B, 3, H, W) model inputs, `batch_size` files at a time, in order; an unreadable file is an error."""
+    options = DecodeOptions.for_indexed(transform)
     for start in range(0, len(paths), batch_size):
         pixels = []
         for path in paths[start : start + batch_size]:
@@ -105,7 +105,13 @@ def _encode_images(retriever: Any, paths: list[str], batch_size: int):
             if not isinstance(decoded, Decoded):
                 raise UsageError(f"{path}: cannot evaluate on this image ({decoded.error})")
             pixels.append(decoded.pixels)
-        encoded = retriever.encode_images(np.stack(pixels), keep_vit=True)
+        yield np.stack(pixels)
+
+
+def _encode_images(retriever: Any, paths: list[str], batch_size: int):
+    embeds, vit = [], []
+    for pixels in _pixel_batches(paths, retriever.transform, batch_size):
+        encoded = retriever.encode_images(pixels, keep_vit=True)
         embeds.append(encoded.query_embeds)
         vit.extend(encoded.vit_features)
     return np.concatenate(embeds), vit
@@ -123,3 +129,25 @@ def _rerank(itc: np.ndarray, candidates: int, itm) -> np.ndarray:
     for query, items in enumerate(top):
         scores[query, items] = itm(query, items.tolist()) + itc[query, items]
     return scores
+
+
+def evaluate_captions(captioner: Any, pairs: Pairs, names: Any, options: Any = None, batch_size: int = 32) -> dict:
+    """Captions every image and compares what `names(text)` extracts (e.g. colour-shape pairs) from the
+    caption with what it extracts from the image's reference captions: `exact` when equal, `partial`
+    when they share something."""
+    from retrieval.captioner import CaptionOptions
+
+    options = options or CaptionOptions()
+    captions: list[str] = []
+    for pixels in _pixel_batches(pairs.images, captioner.transform, batch_size):
+        captions.extend(captioner.caption(pixels, options))
+    exact = partial = 0
+    examples = []
+    for image, caption in enumerate(captions):
+        wanted = set().union(*(names(pairs.texts[t]) for t in np.flatnonzero(pairs.text_image == image)))
+        found = names(caption)
+        exact += found == wanted
+        partial += bool(found & wanted)
+        if len(examples) < 5:
+            examples.append({"image": pairs.images[image], "caption": caption})
+    return {"images": len(captions), "exact": exact / len(captions), "partial": partial / len(captions), "examples": examples}

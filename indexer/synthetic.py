@@ -76,20 +76,28 @@ def make_scene(rng: random.Random, held_out: bool = False) -> Scene:
 
 
 def draw(scene: Scene, size: int, rng: random.Random):
+    return draw_with_mask(scene, size, rng)[0]
+
+
+def draw_with_mask(scene: Scene, size: int, rng: random.Random):
+    """The image, and an "L" mask of the same size whose pixels hold 1 + the index of the thing drawn
+    there (0: background)."""
     from PIL import Image, ImageDraw
 
     image = Image.new("RGB", (size, size), scene.background)
-    canvas = ImageDraw.Draw(image)
-    for box, thing in zip(_boxes(scene, size, rng), scene.things):
-        rgb = COLOURS[thing.colour]
-        if thing.shape == "circle":
-            canvas.ellipse(box, fill=rgb)
-        elif thing.shape == "square":
-            canvas.rectangle(box, fill=rgb)
-        else:
-            x0, y0, x1, y1 = box
-            canvas.polygon([((x0 + x1) / 2, y0), (x0, y1), (x1, y1)], fill=rgb)
-    return image
+    mask = Image.new("L", (size, size), 0)
+    canvases = ((ImageDraw.Draw(image), None), (ImageDraw.Draw(mask), 0))
+    for number, (box, thing) in enumerate(zip(_boxes(scene, size, rng), scene.things), 1):
+        for canvas, fill in canvases:
+            fill = COLOURS[thing.colour] if fill is None else number
+            if thing.shape == "circle":
+                canvas.ellipse(box, fill=fill)
+            elif thing.shape == "square":
+                canvas.rectangle(box, fill=fill)
+            else:
+                x0, y0, x1, y1 = box
+                canvas.polygon([((x0 + x1) / 2, y0), (x0, y1), (x1, y1)], fill=fill)
+    return image, mask
 
 
 def _boxes(scene: Scene, size: int, rng: random.Random) -> list[tuple[int, int, int, int]]:
@@ -113,18 +121,116 @@ def _boxes(scene: Scene, size: int, rng: random.Random) -> list[tuple[int, int, 
     return boxes
 
 
-def make_dataset(directory: Path, train: int, test: int, seed: int = 0, size: int = 96) -> tuple[Path, Path]:
+def layout(scene: Scene) -> tuple:
+    """What the image shows, independent of wording: "A above B" and "B below A" are one layout."""
+    things = scene.things
+    if len(things) == 1:
+        return ("single", things[0])
+    if scene.relation is None:
+        return ("row", len(things), things[0])
+    if scene.relation in ("above", "left of"):
+        return ("vertical" if scene.relation == "above" else "horizontal", things[0], things[1])
+    return ("vertical" if scene.relation == "below" else "horizontal", things[1], things[0])
+
+
+LAYOUTS = ("single", "vertical", "horizontal", "row of 2", "row of 3")
+# Classes of each attribute that `attributes` returns: layout, then colour, shape and size of the
+# first thing (single, top, left or repeated) and of the second (bottom or right; last class: none).
+ATTRIBUTE_CLASSES = (len(LAYOUTS), len(COLOURS), len(SHAPES), len(SIZES), len(COLOURS) + 1, len(SHAPES) + 1, len(SIZES) + 1)
+
+
+def attributes(scene: Scene) -> tuple[int, ...]:
+    """Class labels of what is drawn, for pre-training an image encoder by attribute classification."""
+    kind, *rest = layout(scene)
+    if kind == "row":
+        count, first = rest
+        kind, rest = f"row of {count}", [first]
+    first, second = rest[0], rest[1] if len(rest) > 1 else None
+
+    def codes(thing: Thing | None) -> list[int]:
+        if thing is None:
+            return [len(COLOURS), len(SHAPES), len(SIZES)]
+        return [list(COLOURS).index(thing.colour), SHAPES.index(thing.shape), list(SIZES).index(thing.size)]
+
+    return (LAYOUTS.index(kind), *codes(first), *codes(second))
+
+
+def colour_shapes(caption: str) -> set[tuple[str, str]]:
+    """The (colour, shape) pairs a caption names, e.g. {("red", "circle")} for "two small red circles"."""
+    words = caption.lower().replace(".", " ").split()
+    found = set()
+    for previous, word in zip(words, words[1:]):
+        shape = word[:-1] if word.endswith("s") and word[:-1] in SHAPES else word
+        if shape in SHAPES and previous in COLOURS:
+            found.add((previous, shape))
+    return found
+
+
+def scenes(count: int, rng: random.Random, held_out_share: float = 0.0, unique: bool = False) -> list[Scene]:
+    """`count` scenes; each features a held-out pair with probability `held_out_share`; with `unique`
+    no two show the same layout, so each caption has exactly one right image."""
+    out, seen = [], set()
+    while len(out) < count:
+        scene = make_scene(rng, held_out=rng.random() < held_out_share)
+        if unique and layout(scene) in seen:
+            continue
+        seen.add(layout(scene))
+        out.append(scene)
+    return out
+
+
+def render(scene: Scene, rng: random.Random, sizes: tuple[int, int] = (64, 192)):
+    """The scene and its mask drawn at a random size in `sizes`, so a model sees shapes at many scales of detail."""
+    return draw_with_mask(scene, rng.randint(*sizes), rng)
+
+
+# Classes of what covers an image region: colour, shape, size of the thing there; last class: background.
+REGION_CLASSES = (len(COLOURS) + 1, len(SHAPES) + 1, len(SIZES) + 1)
+
+
+def region_codes(scene: Scene) -> list[tuple[int, int, int]]:
+    """Entry m: the classes of mask value m (0: background, m: thing m - 1)."""
+    background = (len(COLOURS), len(SHAPES), len(SIZES))
+    return [background] + [(list(COLOURS).index(t.colour), SHAPES.index(t.shape), list(SIZES).index(t.size))
+                           for t in scene.things]
+
+
+def paraphrase(scene: Scene) -> str:
+    """The scene's caption worded the other way round where there is one ("B below A" for "A above B")."""
+    if scene.relation is None:
+        return scene.caption
+    first, second = scene.things
+    other = {"above": "below", "below": "above", "left of": "right of", "right of": "left of"}[scene.relation]
+    return f"a {second.size} {second.colour} {second.shape} {other} a {first.size} {first.colour} {first.shape}"
+
+
+def caption_corpus(count: int, rng: random.Random) -> list[str]:
+    """Text for pre-training a language model: captions of the data set's grammar over every
+    colour-shape pair, held-out ones included, as a real LLM has read about purple triangles without
+    ever seeing one in the image-text data. They come in pairs, a caption then the same scene in other
+    or the same words, so the model learns that earlier text tells what comes next, as in real
+    documents; packed one after another, independent captions would teach it to ignore its context,
+    and so the soft prompt of stage 2."""
+    texts = []
+    for _ in range(count // 2):
+        scene = make_scene(rng, held_out=rng.random() < len(HELD_OUT) / (len(COLOURS) * len(SHAPES)))
+        texts += [scene.caption, paraphrase(scene)] if rng.random() < 0.5 else [paraphrase(scene), scene.caption]
+    return texts
+
+
+def make_dataset(directory: Path, train: int, test: int, seed: int = 0, size: int = 128) -> tuple[Path, Path]:
     """Write `train` + `test` captioned PNGs and their JSONL files; returns (train.jsonl, test.jsonl).
 
-    Half of the test scenes feature a held-out colour-shape combination."""
+    Half of the test scenes feature a held-out colour-shape combination, and no two test scenes show
+    the same layout, so every test caption has one right image."""
     directory = Path(directory)
     (directory / "images").mkdir(parents=True, exist_ok=True)
     rng = random.Random(seed)
     out = []
     for split, count in (("train", train), ("test", test)):
         records = []
-        for i in range(count):
-            scene = make_scene(rng, held_out=split == "test" and i % 2 == 0)
+        chosen = scenes(count, rng, held_out_share=0.5, unique=True) if split == "test" else scenes(count, rng)
+        for i, scene in enumerate(chosen):
             name = f"images/{split}_{i:05d}.png"
             draw(scene, size, rng).save(directory / name, optimize=False)
             records.append({"image": name, "captions": [scene.caption]})
@@ -132,3 +238,19 @@ def make_dataset(directory: Path, train: int, test: int, seed: int = 0, size: in
         path.write_text("".join(json.dumps(r) + "\n" for r in records))
         out.append(path)
     return out[0], out[1]
+
+
+def training_set(count: int, seed: int = 0, corpus_size: int = 20_000):
+    """`count` scenes with no held-out pair, rendered, captioned and labelled, plus caption text over
+    every pair for the language model: the input of `retrieval.train.recipe.train`."""
+    from retrieval.train.recipe import TrainingSet
+
+    rng = random.Random(seed)
+    chosen = scenes(count, rng)
+    drawn = [render(scene, rng) for scene in chosen]
+    return TrainingSet(
+        images=[image for image, _ in drawn], captions=[scene.caption for scene in chosen],
+        attributes=[attributes(scene) for scene in chosen], attribute_classes=ATTRIBUTE_CLASSES,
+        masks=[mask for _, mask in drawn], region_codes=[region_codes(scene) for scene in chosen],
+        region_classes=REGION_CLASSES, corpus=caption_corpus(corpus_size, rng),
+    )

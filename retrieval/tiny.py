@@ -24,7 +24,8 @@ people man woman child bird birds flower flowers sunset night day snow water boa
 above below left right near next top bottom background dark light striped plain bright""".split()
 
 
-def _bert_tokenizer(directory: Path):
+def bert_tokenizer(directory: Path, words: list[str] = _WORDS):
+    """A BERT WordPiece tokenizer over letters and `words`, with BLIP-2's `[DEC]` bos token."""
     import inspect
 
     from transformers import BertTokenizerFast
@@ -32,7 +33,7 @@ def _bert_tokenizer(directory: Path):
     letters = [chr(c) for c in range(ord("a"), ord("z") + 1)] + [str(d) for d in range(10)]
     punctuation = list(".,!?'\"-:;()")
     vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + letters + punctuation
-    vocab += ["##" + ch for ch in letters] + sorted(set(_WORDS) - set(letters))
+    vocab += ["##" + ch for ch in letters] + sorted(set(words) - set(letters) - set(vocab))
     if "vocab" in inspect.signature(BertTokenizerFast.__init__).parameters:  # transformers >= 5
         tokenizer = BertTokenizerFast(vocab={token: i for i, token in enumerate(vocab)}, do_lower_case=True)
     else:
@@ -43,7 +44,8 @@ def _bert_tokenizer(directory: Path):
     return tokenizer
 
 
-def _bpe_tokenizer():
+def bpe_tokenizer(corpus: list[str] | None = None):
+    """A byte-level BPE tokenizer with OPT's special tokens, trained on `corpus`."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -54,19 +56,19 @@ def _bpe_tokenizer():
     trainer = trainers.BpeTrainer(
         vocab_size=400, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
     )
-    corpus = [" ".join(_WORDS)] * 4 + [f"a photo of a {w}" for w in _WORDS]
+    corpus = corpus or [" ".join(_WORDS)] * 4 + [f"a photo of a {w}" for w in _WORDS]
     backend.train_from_iterator(corpus, trainer=trainer)
     return PreTrainedTokenizerFast(
         tokenizer_object=backend, bos_token="</s>", eos_token="</s>", pad_token="<pad>", unk_token="<unk>"
     )
 
 
-def _image_processor():
+def image_processor(size: int = 224):
     from transformers import BlipImageProcessorPil
     from transformers.image_utils import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 
     return BlipImageProcessorPil(
-        size={"height": 224, "width": 224}, image_mean=OPENAI_CLIP_MEAN, image_std=OPENAI_CLIP_STD
+        size={"height": size, "width": size}, image_mean=OPENAI_CLIP_MEAN, image_std=OPENAI_CLIP_STD
     )
 
 
@@ -111,12 +113,12 @@ def make_retrieval(directory: str | Path, seed: int = 0) -> Path:
     """A tiny `Blip2ForImageTextRetrieval` checkpoint like Salesforce/blip2-itm-vit-g."""
     from transformers import Blip2Config, Blip2ForImageTextRetrieval, Blip2Processor
 
-    _quiet()
+    quiet()
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as scratch:
-        tokenizer = _bert_tokenizer(Path(scratch))
-    processor = Blip2Processor(image_processor=_image_processor(), tokenizer=tokenizer)
+        tokenizer = bert_tokenizer(Path(scratch))
+    processor = Blip2Processor(image_processor=image_processor(), tokenizer=tokenizer)
     vision, qformer = _vision_and_qformer(len(processor.tokenizer), use_text_input=True)
     config = Blip2Config(
         vision_config=vision.to_dict(), qformer_config=qformer.to_dict(),
@@ -133,10 +135,10 @@ def make_captioner(directory: str | Path, seed: int = 0) -> Path:
     """A tiny `Blip2ForConditionalGeneration` checkpoint like Salesforce/blip2-opt-2.7b."""
     from transformers import Blip2Config, Blip2ForConditionalGeneration, Blip2Processor, OPTConfig
 
-    _quiet()
+    quiet()
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    processor = Blip2Processor(image_processor=_image_processor(), tokenizer=_bpe_tokenizer(), num_query_tokens=32)
+    processor = Blip2Processor(image_processor=image_processor(), tokenizer=bpe_tokenizer(), num_query_tokens=32)
     tokenizer = processor.tokenizer
     vocab_size = len(tokenizer)
     vision, qformer = _vision_and_qformer(30523, use_text_input=False)
@@ -156,7 +158,7 @@ def make_captioner(directory: str | Path, seed: int = 0) -> Path:
     return directory
 
 
-def _quiet() -> None:
+def quiet() -> None:
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()

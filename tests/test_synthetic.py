@@ -10,7 +10,10 @@ import random
 import numpy as np
 from PIL import Image
 
-from indexer.synthetic import COLOURS, HELD_OUT, SHAPES, draw, make_dataset, make_scene
+from indexer.synthetic import (
+    ATTRIBUTE_CLASSES, COLOURS, HELD_OUT, SHAPES, Scene, Thing, attributes, colour_shapes, draw, layout, make_dataset,
+    make_scene,
+)
 
 
 def digest(directory) -> str:
@@ -34,7 +37,9 @@ def test_same_seed_same_files_and_held_out_only_in_test(tmp_path):
     train_pairs = set().union(*(pairs_in(json.loads(l)["captions"][0]) for l in train.read_text().splitlines()))
     test_pairs = set().union(*(pairs_in(json.loads(l)["captions"][0]) for l in test.read_text().splitlines()))
     assert not train_pairs & HELD_OUT and test_pairs & HELD_OUT
-    assert len(train.read_text().splitlines()) == 60 and Image.open(tmp_path / "a" / "images" / "test_00000.png").size == (96, 96)
+    assert len(train.read_text().splitlines()) == 60 and Image.open(tmp_path / "a" / "images" / "test_00000.png").size == (128, 128)
+    test_captions = [json.loads(l)["captions"][0] for l in test.read_text().splitlines()]
+    assert all(pairs_in(c) == colour_shapes(c) for c in test_captions)
 
 
 def test_captions_name_what_is_drawn():
@@ -51,3 +56,38 @@ def test_captions_name_what_is_drawn():
             first, second = (np.argwhere(np.all(grid == COLOURS[t.colour], axis=2)).mean(axis=0) for t in scene.things)
             axis, sign = {"above": (0, 1), "below": (0, -1), "left of": (1, 1), "right of": (1, -1)}[scene.relation]
             assert sign * (second[axis] - first[axis]) > 10, scene.caption
+
+
+def test_one_layout_has_one_label_however_it_is_worded():
+    red, blue = Thing("red", "circle", "small"), Thing("blue", "square", "large")
+    above = Scene((red, blue), "above", (100, 100, 100), "a small red circle above a large blue square")
+    below = Scene((blue, red), "below", (100, 100, 100), "a large blue square below a small red circle")
+    assert layout(above) == layout(below) and attributes(above) == attributes(below)
+    labels = attributes(above)
+    assert len(labels) == len(ATTRIBUTE_CLASSES) and all(0 <= v < n for v, n in zip(labels, ATTRIBUTE_CLASSES))
+    single = Scene((red,), None, (100, 100, 100), "a small red circle")
+    assert attributes(single)[4:] == (len(COLOURS), len(SHAPES), 2)  # "no second thing"
+
+
+def test_test_split_has_one_right_image_per_caption(tmp_path):
+    _, test = make_dataset(tmp_path, 0, 200, seed=4)
+    captions = [json.loads(l)["captions"][0] for l in test.read_text().splitlines()]
+    assert len(set(captions)) == len(captions)
+    assert 0.3 < sum(bool(colour_shapes(c) & HELD_OUT) for c in captions) / len(captions) < 0.7
+
+
+def test_colour_shapes_reads_plurals_and_ignores_other_words():
+    assert colour_shapes("two small red circles") == {("red", "circle")}
+    assert colour_shapes("a large purple triangle left of a small green square.") == {("purple", "triangle"), ("green", "square")}
+    assert colour_shapes("a red thing near a circle") == set()
+
+
+def test_language_corpus_pairs_each_caption_with_a_wording_of_the_same_scene():
+    from indexer.synthetic import caption_corpus
+
+    texts = caption_corpus(400, random.Random(2))
+    assert len(texts) == 400
+    for first, second in zip(texts[::2], texts[1::2]):
+        assert colour_shapes(first) == colour_shapes(second)
+        assert (first == second) == (not any(r in first for r in ("above", "below", "left of", "right of")))
+    assert any(colour_shapes(t) & HELD_OUT for t in texts)  # text has every pair; only images lack some

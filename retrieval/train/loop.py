@@ -1,0 +1,61 @@
+"""One optimisation loop for every stage: AdamW, linear warm-up then cosine decay, progress reports."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable, Iterable
+
+Progress = Callable[[str, int, int, float], None]  # stage, step, steps, loss
+
+
+@dataclass(frozen=True)
+class Schedule:
+    steps: int
+    lr: float
+    batch_size: int
+    warmup: float = 0.05  # share of steps
+    weight_decay: float = 0.05
+
+
+def optimise(parameters: Iterable, schedule: Schedule, loss_at: Callable[[int], "object"], stage: str,
+             progress: Progress | None = None, report_every: int = 25) -> float:
+    """Runs `schedule.steps` steps of `loss_at(step).backward()`; returns the mean loss of the last 10%."""
+    import torch
+
+    parameters = [p for p in parameters if p.requires_grad]
+    optimiser = torch.optim.AdamW(parameters, lr=schedule.lr, weight_decay=schedule.weight_decay)
+    warmup = max(1, int(schedule.steps * schedule.warmup))
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, schedule.steps - warmup)))
+
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimiser, factor)
+    tail, running = [], None
+    for step in range(schedule.steps):
+        loss = loss_at(step)
+        optimiser.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(parameters, 1.0)
+        optimiser.step()
+        scheduler.step()
+        value = float(loss.detach())
+        running = value if running is None else 0.9 * running + 0.1 * value
+        if step >= schedule.steps * 0.9:
+            tail.append(value)
+        if progress and (step % report_every == 0 or step == schedule.steps - 1):
+            progress(stage, step + 1, schedule.steps, running)
+    return sum(tail) / max(1, len(tail))
+
+
+def batches(count: int, batch_size: int, seed: int):
+    """Index tensors of `batch_size`, epoch after epoch, each epoch a fresh permutation."""
+    import torch
+
+    generator = torch.Generator().manual_seed(seed)
+    while True:
+        order = torch.randperm(count, generator=generator)
+        for start in range(0, count - batch_size + 1, batch_size):
+            yield order[start : start + batch_size]

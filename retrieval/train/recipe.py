@@ -1,0 +1,180 @@
+"""The whole recipe, stage after stage, ending in two standard checkpoints:
+`blip2-itm-shapes` (`Blip2ForImageTextRetrieval`) and `blip2-opt-shapes`
+(`Blip2ForConditionalGeneration`), each with its processor, readable by `retrieval.loading`.
+
+1. image encoder: attribute classification, then frozen; its features are computed once and cached
+2. stage 1: Q-Former with ITC + ITM + ITG
+3. language model: next-token pre-training on caption text, then frozen
+4. stage 2: Q-Former (from stage 1) + projection as the language model's soft prompt
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from retrieval.train.architecture import (
+    Architecture, caption_model, caption_processor, retrieval_model, retrieval_processor,
+)
+from retrieval.train.loop import Progress, Schedule
+
+RETRIEVAL_NAME = "blip2-itm-shapes"
+CAPTION_NAME = "blip2-opt-shapes"
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    architecture: Architecture = Architecture()
+    vision: Schedule = Schedule(steps=1000, lr=1.5e-3, batch_size=64)
+    stage1: Schedule = Schedule(steps=1000, lr=1e-3, batch_size=96)
+    language: Schedule = Schedule(steps=300, lr=2e-3, batch_size=32)
+    stage2: Schedule = Schedule(steps=1600, lr=1e-3, batch_size=64)
+    seed: int = 0
+    threads: int = 0  # 0: torch's default
+
+    @classmethod
+    def smoke(cls) -> "TrainConfig":
+        """A few steps of every stage on a narrower model: for tests of the machinery, not of quality."""
+        return cls(
+            architecture=Architecture(vision_hidden=32, vision_layers=1, qformer_hidden=32, qformer_layers=2, lm_hidden=32, lm_layers=1),
+            vision=Schedule(steps=3, lr=1e-3, batch_size=8), stage1=Schedule(steps=3, lr=1e-3, batch_size=8),
+            language=Schedule(steps=3, lr=1e-3, batch_size=4), stage2=Schedule(steps=3, lr=1e-3, batch_size=8),
+        )
+
+
+@dataclass(frozen=True)
+class TrainingSet:
+    """Images (RGB PIL) with one caption each; class labels of what each shows, as a whole and region by
+    region (an "L" mask per image whose value m has the classes `region_codes[i][m]`); text-only captions."""
+
+    images: list[Any]
+    captions: list[str]
+    attributes: list[tuple[int, ...]]
+    attribute_classes: tuple[int, ...]
+    masks: list[Any]
+    region_codes: list[list[tuple[int, ...]]]
+    region_classes: tuple[int, ...]
+    corpus: list[str]
+
+    def patch_labels(self, grid: int):
+        """(N, grid * grid, R) classes of the thing at each ViT patch's centre, in the ViT's raster order."""
+        import numpy as np
+        from PIL import Image
+
+        labels = []
+        for mask, codes in zip(self.masks, self.region_codes):
+            owner = np.asarray(mask.resize((grid, grid), Image.Resampling.NEAREST)).reshape(-1)
+            labels.append(np.asarray(codes)[owner])
+        return np.stack(labels)
+
+
+@dataclass(frozen=True)
+class Trained:
+    retrieval_dir: Path
+    caption_dir: Path
+    losses: dict[str, Any] = field(default_factory=dict)
+    seconds: dict[str, float] = field(default_factory=dict)
+
+
+def train(data: TrainingSet, config: TrainConfig, out: Path, progress: Progress | None = None) -> Trained:
+    """Runs the four stages on `data` and writes both checkpoints under `out`."""
+    import torch
+
+    from retrieval.tiny import quiet
+
+    quiet()
+    if config.threads:
+        torch.set_num_threads(config.threads)
+    torch.manual_seed(config.seed)
+    arch, seconds, losses = config.architecture, {}, {}
+    words = sorted({word for text in [*data.captions, *data.corpus] for word in text.lower().split()})
+    itm_processor = retrieval_processor(arch, words)
+    opt_processor = caption_processor(arch, data.corpus)
+
+    def timed(name: str, stage, *args):
+        began = time.perf_counter()
+        result, losses[name] = stage(*args)
+        seconds[name] = time.perf_counter() - began
+        return result
+
+    retrieval = retrieval_model(arch, itm_processor)
+    features = timed("vision", _image_encoder, retrieval.vision_model, itm_processor, data, config, progress)
+    timed("stage1", _stage1, retrieval, itm_processor, features, data, config, progress)
+    captioner = caption_model(arch, opt_processor)
+    timed("language", _language_model, captioner, opt_processor, data, config, progress)
+    captioner.vision_model.load_state_dict(retrieval.vision_model.state_dict())
+    _copy_qformer(retrieval, captioner)
+    timed("stage2", _stage2, captioner, opt_processor, features, data, config, progress)
+
+    out = Path(out)
+    retrieval_dir, caption_dir = out / RETRIEVAL_NAME, out / CAPTION_NAME
+    for model, processor, directory in ((retrieval, itm_processor, retrieval_dir), (captioner, opt_processor, caption_dir)):
+        model.half().save_pretrained(directory)  # fp16 halves what ships; loading casts back as asked
+        processor.save_pretrained(directory)
+    return Trained(retrieval_dir, caption_dir, losses, seconds)
+
+
+def _image_encoder(vision_model: Any, processor: Any, data: TrainingSet, config: TrainConfig, progress):
+    """Pre-trains and freezes the ViT; returns its features of every training image, computed once."""
+    import numpy as np
+    import torch
+
+    from retrieval.preprocess import ImageTransform
+    from retrieval.train.vision import pretrain_vision
+
+    arch = config.architecture
+    transform = ImageTransform.from_processor(processor)
+    pixels = torch.from_numpy(np.stack([transform(image) for image in data.images]))
+    labels = torch.tensor(data.attributes, dtype=torch.long)
+    patch_labels = torch.from_numpy(data.patch_labels(arch.image_size // arch.patch_size)).long()
+    loss = pretrain_vision(vision_model, pixels, labels, data.attribute_classes, patch_labels, data.region_classes,
+                           config.vision, config.seed, progress)
+    with torch.no_grad():
+        features = [vision_model(pixel_values=pixels[i : i + 256]).last_hidden_state for i in range(0, len(pixels), 256)]
+    return torch.cat(features), loss
+
+
+def _stage1(model: Any, processor: Any, features: Any, data: TrainingSet, config: TrainConfig, progress):
+    import torch
+
+    from retrieval.train.stage1 import train_stage1
+
+    tokenizer = processor.tokenizer
+    tokens = tokenizer(data.captions, padding="longest", return_tensors="pt")
+    number = {caption: i for i, caption in enumerate(dict.fromkeys(data.captions))}
+    caption_ids = torch.tensor([number[caption] for caption in data.captions])
+    losses = train_stage1(model, features, tokens["input_ids"], tokens["attention_mask"], caption_ids,
+                          tokenizer.bos_token_id, tokenizer.pad_token_id, config.stage1, config.seed, progress)
+    return None, losses
+
+
+def _tokenize(processor: Any, texts: list[str]) -> list[list[int]]:
+    return processor.tokenizer(texts, add_special_tokens=False)["input_ids"]
+
+
+def _language_model(model: Any, processor: Any, data: TrainingSet, config: TrainConfig, progress):
+    from retrieval.train.language import pack, pretrain_language_model
+
+    length = 2 * config.architecture.max_text_positions
+    rows = pack(_tokenize(processor, data.corpus), model.config.text_config.bos_token_id, length)
+    return None, pretrain_language_model(model.language_model, rows, config.language, config.seed, progress)
+
+
+def _stage2(model: Any, processor: Any, features: Any, data: TrainingSet, config: TrainConfig, progress):
+    from retrieval.train.stage2 import caption_inputs, train_stage2
+
+    input_ids, mask, labels = caption_inputs(model, _tokenize(processor, data.captions))
+    return None, train_stage2(model, features, input_ids, mask, labels, config.stage2, config.seed, progress)
+
+
+def _copy_qformer(source: Any, target: Any) -> None:
+    """Stage 2 starts from stage 1's Q-Former (its text-only feed-forward layers stay behind)."""
+    import torch
+
+    missing, unexpected = target.qformer.load_state_dict(source.qformer.state_dict(), strict=False)
+    if missing or any(".intermediate." not in k and ".output." not in k for k in unexpected):
+        raise RuntimeError(f"Q-Former weights do not carry over: missing {missing}, unexpected {unexpected}")
+    with torch.no_grad():
+        target.query_tokens.copy_(source.query_tokens)

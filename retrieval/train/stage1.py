@@ -1,0 +1,203 @@
+"""BLIP-2 stage 1: the Q-Former learns to pull from a frozen image encoder what the text needs, by
+three objectives sharing one set of weights, each with its own attention mask (BLIP-2 §3.2, LAVIS
+`blip2_qformer.py`):
+
+- ITC, image-text contrastive: queries see the image, text sees only itself (unimodal masks); an
+  image's score for a text is the max over its 32 query embeddings; in-batch negatives.
+- ITM, image-text matching: queries and text see each other (bidirectional mask); binary
+  match/no-match on the mean of the query outputs, with hard negatives drawn from ITC's scores.
+- ITG, image-grounded text generation: text sees the queries and the text before it (multimodal
+  causal mask), queries never see the text; the caption's next-token loss, [DEC] as first token.
+
+The forward passes call the model's own modules in the order `Blip2ForImageTextRetrieval.forward`
+does, so what is trained here is what inference computes; tests check that against transformers.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from retrieval.train.loop import Progress, Schedule, batches, optimise
+
+LABEL_SMOOTHING = 0.1  # LAVIS uses 0.1 for ITC and ITG
+
+
+@dataclass(frozen=True)
+class Stage1Losses:
+    itc: Any
+    itm: Any
+    itg: Any
+
+    @property
+    def total(self):
+        return self.itc + self.itm + self.itg
+
+
+def _lm_head(hidden: int, embeddings: Any):
+    """BERT's LM prediction head, its decoder tied to the word embeddings (as LAVIS ties them)."""
+    import torch
+    from torch import nn
+
+    class LMHead(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.transform = nn.Sequential(nn.Linear(hidden, hidden), nn.GELU(), nn.LayerNorm(hidden, eps=1e-12))
+            self.bias = nn.Parameter(torch.zeros(embeddings.weight.shape[0]))
+
+        def forward(self, states):
+            return self.transform(states) @ embeddings.weight.t() + self.bias
+
+    return LMHead()
+
+
+class Stage1:
+    """The three objectives over a `Blip2ForImageTextRetrieval` whose ViT is frozen."""
+
+    def __init__(self, model: Any, bos_token_id: int, pad_token_id: int) -> None:
+        import torch
+
+        self.model = model
+        self.bos_token_id = bos_token_id
+        self.pad_token_id = pad_token_id
+        self.log_temperature = torch.nn.Parameter(torch.tensor(0.07).log())
+        self.itg_head = _lm_head(model.config.qformer_config.hidden_size, model.embeddings.word_embeddings)
+
+    def parameters(self):
+        model = self.model
+        yield from (p for name, p in model.named_parameters() if not name.startswith("vision_model."))
+        yield self.log_temperature
+        yield from self.itg_head.transform.parameters()
+        yield self.itg_head.bias
+
+    # -- the three forward passes --------------------------------------------------------------
+    def image_embeds(self, features):
+        """(B, P, Dv) ViT features -> (B, Q, D) normalised query embeddings, as ITC inference."""
+        import torch
+
+        model = self.model
+        queries = model.query_tokens.expand(features.shape[0], -1, -1)
+        mask = torch.ones(features.shape[:-1], dtype=torch.long)
+        out = model.qformer(query_embeds=queries, encoder_hidden_states=features, encoder_attention_mask=mask)
+        return torch.nn.functional.normalize(model.vision_projection(out.last_hidden_state), dim=-1)
+
+    def text_embeds(self, input_ids, attention_mask):
+        import torch
+
+        model = self.model
+        out = model.qformer(query_embeds=model.embeddings(input_ids=input_ids), query_length=0, attention_mask=attention_mask)
+        return torch.nn.functional.normalize(model.text_projection(out.last_hidden_state[:, 0, :]), dim=-1)
+
+    def itm_logits(self, features, input_ids, attention_mask):
+        """(B, 2) match logits for paired images and texts, as ITM inference."""
+        import torch
+
+        model = self.model
+        queries = model.query_tokens.expand(features.shape[0], -1, -1)
+        query_mask = torch.ones(queries.shape[:-1], dtype=torch.long)
+        out = model.qformer(
+            query_embeds=model.embeddings(input_ids=input_ids, query_embeds=queries),
+            query_length=queries.shape[1],
+            attention_mask=torch.cat([query_mask, attention_mask], dim=1),
+            encoder_hidden_states=features,
+            encoder_attention_mask=torch.ones(features.shape[:-1], dtype=torch.long),
+        ).last_hidden_state
+        return model.itm_head(out[:, : queries.shape[1], :]).mean(dim=1)
+
+    def itg_logits(self, features, input_ids, attention_mask):
+        """Next-token logits (B, L, V) for the text, its first token replaced by [DEC]."""
+        import torch
+
+        model = self.model
+        batch, length = input_ids.shape
+        queries = model.query_tokens.expand(batch, -1, -1)
+        decoder_ids = input_ids.clone()
+        decoder_ids[:, 0] = self.bos_token_id
+        out = model.qformer(
+            query_embeds=model.embeddings(input_ids=decoder_ids, query_embeds=queries),
+            query_length=queries.shape[1],
+            attention_mask=multimodal_causal_mask(queries.shape[1], attention_mask, features.dtype),
+            encoder_hidden_states=features,
+            encoder_attention_mask=torch.ones(features.shape[:-1], dtype=torch.long),
+        ).last_hidden_state
+        return self.itg_head(out[:, queries.shape[1] :, :])
+
+    # -- the losses ----------------------------------------------------------------------------
+    def losses(self, features, input_ids, attention_mask, caption_ids, generator) -> Stage1Losses:
+        """`caption_ids` (B,) names each caption, so identical captions count as positives, not negatives."""
+        import torch
+        from torch.nn import functional as F
+
+        image = self.image_embeds(features)  # (B, Q, D)
+        text = self.text_embeds(input_ids, attention_mask)  # (B, D)
+        temperature = self.log_temperature.exp().clamp(0.001, 0.5)
+        sim_i2t = torch.einsum("iqd,td->itq", image, text).max(dim=2).values / temperature
+        positive = caption_ids[:, None] == caption_ids[None, :]
+        targets = positive.float() / positive.sum(dim=1, keepdim=True)
+        itc = (F.cross_entropy(sim_i2t, targets, label_smoothing=LABEL_SMOOTHING)
+               + F.cross_entropy(sim_i2t.t(), targets, label_smoothing=LABEL_SMOOTHING)) / 2
+
+        negative_image = _hard_negatives(sim_i2t.t(), positive, generator)  # for each text
+        negative_text = _hard_negatives(sim_i2t, positive, generator)  # for each image
+        batch = features.shape[0]
+        logits = self.itm_logits(
+            torch.cat([features, features[negative_image], features]),
+            torch.cat([input_ids, input_ids, input_ids[negative_text]]),
+            torch.cat([attention_mask, attention_mask, attention_mask[negative_text]]),
+        )
+        labels = torch.cat([torch.ones(batch, dtype=torch.long), torch.zeros(2 * batch, dtype=torch.long)])
+        itm = F.cross_entropy(logits, labels)
+
+        next_token = self.itg_logits(features, input_ids, attention_mask)[:, :-1]
+        targets_itg = input_ids[:, 1:].masked_fill(attention_mask[:, 1:] == 0, -100)
+        itg = F.cross_entropy(next_token.reshape(-1, next_token.shape[-1]), targets_itg.reshape(-1),
+                              ignore_index=-100, label_smoothing=LABEL_SMOOTHING)
+        return Stage1Losses(itc, itm, itg)
+
+
+def multimodal_causal_mask(num_queries: int, text_mask, dtype):
+    """Additive (B, 1, Q+L, Q+L) mask: queries see queries; text sees queries and earlier text."""
+    import torch
+
+    batch, length = text_mask.shape
+    allowed = torch.zeros(batch, num_queries + length, num_queries + length, dtype=torch.bool)
+    allowed[:, :, :num_queries] = True
+    causal = torch.tril(torch.ones(length, length, dtype=torch.bool))
+    allowed[:, num_queries:, num_queries:] = causal & text_mask[:, None, :].bool()
+    return torch.zeros(allowed.shape, dtype=dtype).masked_fill(~allowed, torch.finfo(dtype).min)[:, None]
+
+
+def _hard_negatives(similarity, positive, generator):
+    """For each row, one column drawn with probability softmax(similarity) over its non-positives."""
+    import torch
+
+    with torch.no_grad():
+        weights = torch.softmax(similarity.float(), dim=1).masked_fill(positive, 0) + 1e-12 * (~positive)
+        weights[weights.sum(dim=1) == 0] = 1.0  # every item in the batch has this caption: nothing better
+        return torch.multinomial(weights, 1, generator=generator).squeeze(1)
+
+
+def train_stage1(model: Any, features: Any, input_ids: Any, attention_mask: Any, caption_ids: Any,
+                 bos_token_id: int, pad_token_id: int, schedule: Schedule, seed: int = 0,
+                 progress: Progress | None = None) -> dict[str, float]:
+    """Trains the Q-Former, query tokens and heads of `model` on cached ViT `features` (N, P, Dv)."""
+    import torch
+
+    stage = Stage1(model, bos_token_id, pad_token_id)
+    model.vision_model.requires_grad_(False)
+    model.train()
+    order = batches(len(features), schedule.batch_size, seed)
+    generator = torch.Generator().manual_seed(seed + 1)
+    last: dict[str, float] = {}
+
+    def loss_at(step: int):
+        index = next(order)
+        length = int(attention_mask[index].sum(dim=1).max())
+        losses = stage.losses(features[index], input_ids[index, :length], attention_mask[index, :length],
+                              caption_ids[index], generator)
+        last.update(itc=float(losses.itc.detach()), itm=float(losses.itm.detach()), itg=float(losses.itg.detach()))
+        return losses.total
+
+    last["total"] = optimise(stage.parameters(), schedule, loss_at, "Q-Former stage 1", progress)
+    model.eval()
+    return last

@@ -1,0 +1,71 @@
+"""The small BLIP-2 that ships in retrieval/checkpoints: standard checkpoints, and it works on scenes
+it never saw, some with colour-shape pairs absent from all its training images. The thresholds are
+regression guards a little under the measured quality (benchmarks/RESULTS.md has the full numbers)."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+
+from retrieval.checkpoints import SHAPES_CAPTION, SHAPES_RETRIEVAL
+from tests.conftest import run_cli
+
+# Measured on these 120 scenes: ITC R@1 0.925, ITC+ITM R@1 0.85, captions exact 0.28; demo 37 of 40.
+ITC_R1_GUARD, ITM_R1_GUARD, CAPTION_GUARD, DEMO_GUARD = 0.85, 0.75, 0.2, 32
+
+
+def test_shipped_checkpoints_are_plain_transformers_checkpoints():
+    import json
+
+    from transformers import Blip2ForConditionalGeneration, Blip2ForImageTextRetrieval
+
+    for directory, cls in ((SHAPES_RETRIEVAL, Blip2ForImageTextRetrieval), (SHAPES_CAPTION, Blip2ForConditionalGeneration)):
+        assert json.loads((directory / "config.json").read_text())["architectures"] == [cls.__name__]
+        model = cls.from_pretrained(directory)
+        assert model.config.num_query_tokens == 32
+    size = sum(f.stat().st_size for d in (SHAPES_RETRIEVAL, SHAPES_CAPTION) for f in d.iterdir())
+    assert size < 12_000_000, size  # "a few MB" in the repository
+
+
+@pytest.fixture(scope="module")
+def held_out(tmp_path_factory):
+    from indexer.evaluate import Pairs
+    from indexer.synthetic import make_dataset
+
+    _, test = make_dataset(tmp_path_factory.mktemp("held-out"), 0, 120, seed=77)
+    return Pairs.read(test)
+
+
+def test_shipped_model_ranks_held_out_scenes(held_out):
+    from indexer.evaluate import evaluate
+    from retrieval.config import ModelConfig
+    from retrieval.encoders import Blip2Retriever
+
+    retriever = Blip2Retriever.load(ModelConfig(name=str(SHAPES_RETRIEVAL), device="cpu"))
+    result = evaluate(retriever, held_out)
+    itc, itm = result["itc"]["text_to_image"], result["itc+itm"]["text_to_image"]
+    assert itc[1] >= ITC_R1_GUARD and itm[1] >= ITM_R1_GUARD, result
+    assert itc[5] >= 0.95 and itm[5] >= 0.95, result
+    # Not asserted, because not true yet: ITM re-ranking beating ITC alone (issue 7's target).
+
+
+def test_shipped_captioner_names_colours_and_shapes(held_out):
+    from indexer.evaluate import evaluate_captions
+    from indexer.synthetic import colour_shapes
+    from retrieval.captioner import Blip2Captioner
+    from retrieval.config import ModelConfig
+
+    captioner = Blip2Captioner.load(ModelConfig(name=str(SHAPES_CAPTION), device="cpu"))
+    result = evaluate_captions(captioner, held_out, colour_shapes)
+    assert result["exact"] >= CAPTION_GUARD, result
+
+
+def test_demo_indexes_captions_and_finds_described_images(tmp_path):
+    result = run_cli("demo", "--dir", str(tmp_path), check=True, timeout=600)
+    assert "indexed 40, captioned 40" in result.stderr
+    found = re.search(r"came first for (\d+) of 40", result.stdout)
+    assert found and int(found.group(1)) >= DEMO_GUARD, result.stdout
+    assert result.stdout.count("caption: '") >= 4  # every printed result shows its stored caption
+    again = run_cli("demo", "--dir", str(tmp_path), check=True, timeout=600)  # a re-run reuses the index
+    assert "indexed 0, captioned 0, unchanged 40" in again.stderr

@@ -1,0 +1,152 @@
+"""The training recipe: its forward passes are the ones transformers runs at inference, its masks are
+BLIP-2's, and `blipsearch train` writes checkpoints the loader reads. Quality is checked on the shipped
+model in test_shapes_model.py; this file checks the machinery, in seconds."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from indexer.synthetic import training_set
+from retrieval.train.architecture import (
+    Architecture, caption_model, caption_processor, retrieval_model, retrieval_processor,
+)
+from retrieval.train.language import pack
+from retrieval.train.stage1 import Stage1, _hard_negatives, multimodal_causal_mask
+from retrieval.train.stage2 import caption_inputs, caption_loss
+from tests.conftest import run_cli
+
+SMALL = Architecture(vision_hidden=32, vision_layers=1, qformer_hidden=32, qformer_layers=2, lm_hidden=32, lm_layers=1)
+CAPTIONS = ["a small red circle", "a large blue square above a small green triangle", "two small white circles"]
+
+
+@pytest.fixture(scope="module")
+def data():
+    return training_set(8, seed=1, corpus_size=50)
+
+
+@pytest.fixture(scope="module")
+def stage1(data):
+    torch.manual_seed(0)
+    processor = retrieval_processor(SMALL, sorted({w for c in data.corpus + CAPTIONS for w in c.split()}))
+    return Stage1(retrieval_model(SMALL, processor).eval(), processor.tokenizer.bos_token_id, 0), processor
+
+
+def pixels_of(images, processor):
+    from retrieval.preprocess import ImageTransform
+
+    transform = ImageTransform.from_processor(processor)
+    return torch.from_numpy(__import__("numpy").stack([transform(image) for image in images]))
+
+
+def test_stage1_itc_and_itm_are_what_transformers_computes(stage1, data):
+    stage, processor = stage1
+    model = stage.model
+    pixels = pixels_of(data.images[:3], processor)
+    tokens = processor.tokenizer(CAPTIONS, padding="longest", return_tensors="pt")
+    with torch.no_grad():
+        features = model.vision_model(pixel_values=pixels).last_hidden_state
+        ours = torch.einsum("iqd,td->itq", stage.image_embeds(features),
+                            stage.text_embeds(tokens["input_ids"], tokens["attention_mask"])).max(dim=2).values
+        theirs = model(pixel_values=pixels, **tokens).logits_per_image
+        torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5)
+        itm = stage.itm_logits(features, tokens["input_ids"], tokens["attention_mask"])
+        reference = model(pixel_values=pixels, **tokens, use_image_text_matching_head=True).logits_per_image
+        torch.testing.assert_close(itm, reference, rtol=1e-5, atol=1e-5)
+
+
+def test_itg_mask_text_sees_only_the_past_and_queries_never_see_text(stage1, data):
+    stage, processor = stage1
+    pixels = pixels_of(data.images[:1], processor)
+    tokens = processor.tokenizer(["a large blue square above a small green triangle"], return_tensors="pt")
+    ids, mask = tokens["input_ids"], tokens["attention_mask"]
+    changed = ids.clone()
+    changed[0, 5:] = processor.tokenizer.convert_tokens_to_ids("red")
+    with torch.no_grad():
+        features = stage.model.vision_model(pixel_values=pixels).last_hidden_state
+        before, after = stage.itg_logits(features, ids, mask), stage.itg_logits(features, changed, mask)
+    assert torch.equal(before[0, :5], after[0, :5])  # positions before the change cannot see it
+    assert not torch.allclose(before[0, 5:], after[0, 5:])
+    full = multimodal_causal_mask(2, torch.tensor([[1, 1, 0]]), torch.float32)[0, 0]
+    allowed = (full == 0).int().tolist()
+    # rows/columns: query, query, text0, text1, pad
+    assert allowed == [[1, 1, 0, 0, 0], [1, 1, 0, 0, 0], [1, 1, 1, 0, 0], [1, 1, 1, 1, 0], [1, 1, 1, 1, 0]]
+
+
+def test_hard_negatives_never_pick_a_positive():
+    generator = torch.Generator().manual_seed(0)
+    caption_ids = torch.tensor([0, 0, 1, 2, 2, 3])
+    positive = caption_ids[:, None] == caption_ids[None, :]
+    similarity = torch.randn(6, 6) * 5
+    for _ in range(50):
+        picked = _hard_negatives(similarity, positive, generator)
+        assert not positive[torch.arange(6), picked].any()
+    # the most similar negative is drawn most often: "hard" negatives
+    similarity = torch.zeros(6, 6)
+    similarity[0, 3] = 10
+    counts = torch.bincount(torch.stack([_hard_negatives(similarity, positive, generator)[0] for _ in range(200)]), minlength=6)
+    assert counts[3] > 150
+
+
+def test_stage2_loss_is_transformers_captioning_loss(data):
+    torch.manual_seed(0)
+    processor = caption_processor(SMALL, data.corpus + CAPTIONS)
+    model = caption_model(SMALL, processor).eval()
+    tokens = [processor.tokenizer(c, add_special_tokens=False)["input_ids"] for c in CAPTIONS]
+    input_ids, mask, labels = caption_inputs(model, tokens)
+    pixels = pixels_of(data.images[:3], processor)
+    with torch.no_grad():
+        features = model.vision_model(pixel_values=pixels).last_hidden_state
+        ours = caption_loss(model, features, input_ids, mask, labels)
+        theirs = model(pixel_values=pixels, input_ids=input_ids, attention_mask=mask, labels=labels).loss
+    torch.testing.assert_close(ours, theirs)
+    # labels cover the caption and EOS, after the 32 image positions and BOS
+    row = labels[0][labels[0] != -100].tolist()
+    assert row == tokens[0] + [model.config.text_config.eos_token_id]
+
+
+def test_pack_puts_a_separator_before_every_caption():
+    rows = pack([[5, 6], [7], [8, 9], [11]], separator=2, length=3)
+    assert rows.tolist() == [[2, 5, 6], [2, 7, 2], [8, 9, 2]]  # the stream's tail shorter than a row is dropped
+
+
+def test_train_smoke_writes_checkpoints_the_loader_reads(tmp_path):
+    result = run_cli("train", "--smoke", "--images", "48", "--test-images", "8", "--out", str(tmp_path), "--json",
+                     check=True, timeout=600)
+    report = json.loads(result.stdout)
+    from retrieval.captioner import Blip2Captioner, CaptionOptions
+    from retrieval.config import ModelConfig
+    from retrieval.encoders import Blip2Retriever
+
+    retriever = Blip2Retriever.load(ModelConfig(name=report["retrieval_model"], device="cpu"))
+    captioner = Blip2Captioner.load(ModelConfig(name=report["caption_model"], device="cpu"))
+    assert retriever.identity.num_queries == 32 and retriever.transform.height == 64
+    pixels = pixels_of(training_set(2, seed=3, corpus_size=1).images, captioner.processor).numpy()
+    assert len(captioner.caption(pixels, CaptionOptions(max_new_tokens=5))) == 2
+    evaluation = report["evaluation"]
+    assert evaluation["retrieval"]["images"] == 8 and 0 <= evaluation["captions"]["exact"] <= 1
+    assert set(report["losses"]) == {"vision", "stage1", "language", "stage2"}
+    assert all(v == v for v in report["losses"]["stage1"].values())  # no NaN
+
+
+def test_training_steps_reduce_the_stage1_loss(stage1, data):
+    """A few steps on 8 pairs must fit them better: the objectives are wired to the weights."""
+    from retrieval.train.loop import Schedule
+    from retrieval.train.stage1 import train_stage1
+
+    _, processor = stage1
+    torch.manual_seed(0)
+    model = retrieval_model(SMALL, processor)
+    pixels = pixels_of(data.images, processor)
+    with torch.no_grad():
+        features = model.vision_model(pixel_values=pixels).last_hidden_state
+    tokens = processor.tokenizer(data.captions, padding="longest", return_tensors="pt")
+    caption_ids = torch.arange(len(data.captions))
+    stage = Stage1(model, processor.tokenizer.bos_token_id, 0)
+    args = (features, tokens["input_ids"], tokens["attention_mask"], caption_ids, torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        before = stage.losses(*args)
+    after = train_stage1(model, *args[:4], processor.tokenizer.bos_token_id, 0, Schedule(steps=60, lr=2e-3, batch_size=8))
+    assert after["itc"] < 0.8 * float(before.itc) and after["itg"] < 0.8 * float(before.itg), (before, after)
