@@ -31,6 +31,10 @@ def train(out_dir, images, test_images, seed, smoke, as_json) -> None:
     from dataclasses import replace
 
     config = replace(TrainConfig.smoke() if smoke else TrainConfig(), seed=seed)
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise click.ClickException(f"cannot write to {out_dir}: {exc.strerror or exc}") from None
     began = time.perf_counter()
     data = training_set(images, seed)
     _, test_pairs = make_dataset(out_dir / "test-data", 0, test_images, seed=seed + 1)

@@ -150,3 +150,10 @@ def test_training_steps_reduce_the_stage1_loss(stage1, data):
         before = stage.losses(*args)
     after = train_stage1(model, *args[:4], processor.tokenizer.bos_token_id, 0, Schedule(steps=60, lr=2e-3, batch_size=8))
     assert after["itc"] < 0.8 * float(before.itc) and after["itg"] < 0.8 * float(before.itg), (before, after)
+
+
+def test_train_into_an_unwritable_place_is_one_clear_error(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    result = run_cli("train", "--smoke", "--out", str(blocker / "models"))
+    assert result.returncode == 1 and "cannot write to" in result.stderr and "Traceback" not in result.stderr
