@@ -11,8 +11,8 @@ import pytest
 from retrieval.checkpoints import SHAPES_CAPTION, SHAPES_RETRIEVAL
 from tests.conftest import run_cli
 
-# Measured on these 120 scenes: ITC R@1 0.925, ITC+ITM R@1 0.85, captions exact 0.28; demo 37 of 40.
-ITC_R1_GUARD, ITM_R1_GUARD, CAPTION_GUARD, DEMO_GUARD = 0.85, 0.75, 0.2, 32
+# Measured on these 120 scenes: ITC R@1 0.933, ITC+ITM R@1 0.967, captions exact 0.275; demo 39 of 40.
+ITC_R1_GUARD, ITM_R1_GUARD, CAPTION_GUARD, DEMO_GUARD = 0.87, 0.9, 0.2, 34
 
 
 def test_shipped_checkpoints_are_plain_transformers_checkpoints():
@@ -47,7 +47,7 @@ def test_shipped_model_ranks_held_out_scenes(held_out):
     itc, itm = result["itc"]["text_to_image"], result["itc+itm"]["text_to_image"]
     assert itc[1] >= ITC_R1_GUARD and itm[1] >= ITM_R1_GUARD, result
     assert itc[5] >= 0.95 and itm[5] >= 0.95, result
-    # Not asserted, because not true yet: ITM re-ranking beating ITC alone (issue 7's target).
+    # On 500 scenes ITM re-ranking is not yet better than ITC alone (0.716 against 0.726): not asserted.
 
 
 def test_shipped_captioner_names_colours_and_shapes(held_out):

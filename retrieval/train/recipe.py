@@ -27,10 +27,10 @@ CAPTION_NAME = "blip2-opt-shapes"
 @dataclass(frozen=True)
 class TrainConfig:
     architecture: Architecture = Architecture()
-    vision: Schedule = Schedule(steps=1000, lr=1.5e-3, batch_size=64)
-    stage1: Schedule = Schedule(steps=1000, lr=1e-3, batch_size=96)
+    vision: Schedule = Schedule(steps=1800, lr=1.5e-3, batch_size=64)
+    stage1: Schedule = Schedule(steps=850, lr=1e-3, batch_size=96)
     language: Schedule = Schedule(steps=300, lr=2e-3, batch_size=32)
-    stage2: Schedule = Schedule(steps=1600, lr=1e-3, batch_size=64)
+    stage2: Schedule = Schedule(steps=1300, lr=1e-3, batch_size=64)
     seed: int = 0
     threads: int = 0  # 0: torch's default
 
