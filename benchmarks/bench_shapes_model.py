@@ -17,7 +17,7 @@ from pathlib import Path
 
 
 def main() -> None:
-    from indexer.evaluate import Pairs, evaluate, evaluate_captions
+    from indexer.evaluate import Pairs, caption_summary, evaluate, judge_captions
     from indexer.synthetic import HELD_OUT, colour_shapes, make_dataset
     from retrieval.captioner import Blip2Captioner
     from retrieval.checkpoints import SHAPES_CAPTION, SHAPES_RETRIEVAL
@@ -37,11 +37,10 @@ def main() -> None:
         retriever = Blip2Retriever.load(ModelConfig(name=args.model, device="cpu"))
         recall = evaluate(retriever, pairs)
         captioner = Blip2Captioner.load(ModelConfig(name=args.caption_model, device="cpu"))
-        unseen = [i for i, t in enumerate(pairs.texts) if colour_shapes(t) & HELD_OUT]
-        captions = evaluate_captions(captioner, pairs, colour_shapes)
-        unseen_pairs = Pairs([pairs.images[i] for i in unseen], [pairs.texts[i] for i in unseen],
-                             __import__("numpy").arange(len(unseen)))
-        captions_unseen = evaluate_captions(captioner, unseen_pairs, colour_shapes)
+        judged = judge_captions(captioner, pairs, colour_shapes)
+        captions = caption_summary(pairs, judged)
+        unseen = [i for i, t in enumerate(pairs.texts) if colour_shapes(t) & HELD_OUT]  # one caption per image
+        captions_unseen = caption_summary(pairs, [judged[i] for i in unseen])
 
     itc, itm = recall["itc"]["text_to_image"][1], recall["itc+itm"]["text_to_image"][1]
     print(f"{recall['images']} held-out images ({len(unseen)} with an unseen colour-shape pair)")

@@ -131,23 +131,33 @@ def _rerank(itc: np.ndarray, candidates: int, itm) -> np.ndarray:
     return scores
 
 
-def evaluate_captions(captioner: Any, pairs: Pairs, names: Any, options: Any = None, batch_size: int = 32) -> dict:
+def judge_captions(captioner: Any, pairs: Pairs, names: Any, options: Any = None, batch_size: int = 32) -> list[dict]:
     """Captions every image and compares what `names(text)` extracts (e.g. colour-shape pairs) from the
-    caption with what it extracts from the image's reference captions: `exact` when equal, `partial`
-    when they share something."""
+    caption with what it extracts from the image's reference captions: one {"caption", "exact",
+    "partial"} per image, `exact` when equal, `partial` when they share something."""
     from retrieval.captioner import CaptionOptions
 
     options = options or CaptionOptions()
     captions: list[str] = []
     for pixels in _pixel_batches(pairs.images, captioner.transform, batch_size):
         captions.extend(captioner.caption(pixels, options))
-    exact = partial = 0
-    examples = []
+    judged = []
     for image, caption in enumerate(captions):
         wanted = set().union(*(names(pairs.texts[t]) for t in np.flatnonzero(pairs.text_image == image)))
         found = names(caption)
-        exact += found == wanted
-        partial += bool(found & wanted)
-        if len(examples) < 5:
-            examples.append({"image": pairs.images[image], "caption": caption})
-    return {"images": len(captions), "exact": exact / len(captions), "partial": partial / len(captions), "examples": examples}
+        judged.append({"caption": caption, "exact": found == wanted, "partial": bool(found & wanted)})
+    return judged
+
+
+def caption_summary(pairs: Pairs, judged: list[dict]) -> dict:
+    """Shares of exact and partial captions, with a few examples."""
+    count = max(1, len(judged))
+    return {
+        "images": len(judged), "exact": sum(j["exact"] for j in judged) / count,
+        "partial": sum(j["partial"] for j in judged) / count,
+        "examples": [{"image": pairs.images[i], "caption": j["caption"]} for i, j in enumerate(judged[:5])],
+    }
+
+
+def evaluate_captions(captioner: Any, pairs: Pairs, names: Any, options: Any = None, batch_size: int = 32) -> dict:
+    return caption_summary(pairs, judge_captions(captioner, pairs, names, options, batch_size))

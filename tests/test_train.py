@@ -31,14 +31,16 @@ def data():
 def stage1(data):
     torch.manual_seed(0)
     processor = retrieval_processor(SMALL, sorted({w for c in data.corpus + CAPTIONS for w in c.split()}))
-    return Stage1(retrieval_model(SMALL, processor).eval(), processor.tokenizer.bos_token_id, 0), processor
+    return Stage1(retrieval_model(SMALL, processor).eval(), processor.tokenizer.bos_token_id), processor
 
 
 def pixels_of(images, processor):
+    import numpy as np
+
     from retrieval.preprocess import ImageTransform
 
     transform = ImageTransform.from_processor(processor)
-    return torch.from_numpy(__import__("numpy").stack([transform(image) for image in images]))
+    return torch.from_numpy(np.stack([transform(image) for image in images]))
 
 
 def test_stage1_itc_and_itm_are_what_transformers_computes(stage1, data):
@@ -144,11 +146,11 @@ def test_training_steps_reduce_the_stage1_loss(stage1, data):
         features = model.vision_model(pixel_values=pixels).last_hidden_state
     tokens = processor.tokenizer(data.captions, padding="longest", return_tensors="pt")
     caption_ids = torch.arange(len(data.captions))
-    stage = Stage1(model, processor.tokenizer.bos_token_id, 0)
+    stage = Stage1(model, processor.tokenizer.bos_token_id)
     args = (features, tokens["input_ids"], tokens["attention_mask"], caption_ids, torch.Generator().manual_seed(0))
     with torch.no_grad():
         before = stage.losses(*args)
-    after = train_stage1(model, *args[:4], processor.tokenizer.bos_token_id, 0, Schedule(steps=60, lr=2e-3, batch_size=8))
+    after = train_stage1(model, *args[:4], processor.tokenizer.bos_token_id, Schedule(steps=60, lr=2e-3, batch_size=8))
     assert after["itc"] < 0.8 * float(before.itc) and after["itg"] < 0.8 * float(before.itg), (before, after)
 
 

@@ -146,7 +146,7 @@ def _stage1(model: Any, processor: Any, features: Any, data: TrainingSet, config
     number = {caption: i for i, caption in enumerate(dict.fromkeys(data.captions))}
     caption_ids = torch.tensor([number[caption] for caption in data.captions])
     losses = train_stage1(model, features, tokens["input_ids"], tokens["attention_mask"], caption_ids,
-                          tokenizer.bos_token_id, tokenizer.pad_token_id, config.stage1, config.seed, progress)
+                          tokenizer.bos_token_id, config.stage1, config.seed, progress)
     return None, losses
 
 

@@ -54,12 +54,11 @@ def _lm_head(hidden: int, embeddings: Any):
 class Stage1:
     """The three objectives over a `Blip2ForImageTextRetrieval` whose ViT is frozen."""
 
-    def __init__(self, model: Any, bos_token_id: int, pad_token_id: int) -> None:
+    def __init__(self, model: Any, bos_token_id: int) -> None:
         import torch
 
         self.model = model
         self.bos_token_id = bos_token_id
-        self.pad_token_id = pad_token_id
         self.log_temperature = torch.nn.Parameter(torch.tensor(0.07).log())
         self.itg_head = _lm_head(model.config.qformer_config.hidden_size, model.embeddings.word_embeddings)
 
@@ -67,8 +66,7 @@ class Stage1:
         model = self.model
         yield from (p for name, p in model.named_parameters() if not name.startswith("vision_model."))
         yield self.log_temperature
-        yield from self.itg_head.transform.parameters()
-        yield self.itg_head.bias
+        yield from self.itg_head.parameters()  # its decoder is the word embeddings, already yielded
 
     # -- the three forward passes --------------------------------------------------------------
     def image_embeds(self, features):
@@ -178,12 +176,12 @@ def _hard_negatives(similarity, positive, generator):
 
 
 def train_stage1(model: Any, features: Any, input_ids: Any, attention_mask: Any, caption_ids: Any,
-                 bos_token_id: int, pad_token_id: int, schedule: Schedule, seed: int = 0,
+                 bos_token_id: int, schedule: Schedule, seed: int = 0,
                  progress: Progress | None = None) -> dict[str, float]:
     """Trains the Q-Former, query tokens and heads of `model` on cached ViT `features` (N, P, Dv)."""
     import torch
 
-    stage = Stage1(model, bos_token_id, pad_token_id)
+    stage = Stage1(model, bos_token_id)
     model.vision_model.requires_grad_(False)
     model.train()
     order = batches(len(features), schedule.batch_size, seed)
