@@ -12,7 +12,7 @@ from api.cli_search import evaluate_command, search
 from api.cli_serve import demo, serve
 from api.cli_train import train
 from api.options import (
-    caption_options, emit_json, feature_cache_option, index_options, model_options, store_config,
+    caption_options, emit_json, feature_cache_option, index_options, index_type_options, model_options, store_config,
 )
 from retrieval.errors import BlipsearchError
 
@@ -72,11 +72,12 @@ def make_tiny_command(directory: Path, seed: int) -> None:
 @click.option("--caption", "with_captions", is_flag=True,
               help="Also caption images (stage-2 LLM), new ones from the same decoded pixels.")
 @caption_options
+@index_type_options
 @click.option("--quiet", "-q", is_flag=True, help="No progress output.")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as one JSON object on stdout.")
 def index(paths, index_dir, catalog_url, model, device, dtype, batch_size, workers, exclude, follow_symlinks,
           max_megapixels, decode_timeout, feature_cache_mb, with_captions, caption_model, prompt, max_new_tokens,
-          num_beams, quiet, as_json) -> None:
+          num_beams, index_type, max_index_memory, quiet, as_json) -> None:
     """Index the images under PATHS (folders or files): new and changed files are embedded, renamed and
     duplicate files reuse their vectors, files gone from disk are removed."""
     import os
@@ -114,6 +115,8 @@ def index(paths, index_dir, catalog_url, model, device, dtype, batch_size, worke
     model_config = ModelConfig.retrieval(model, device, dtype)
     try:
         with store.writer_lock(), ThreadPoolExecutor(max_workers=1) as loader:
+            if index_type is not None or max_index_memory is not None:
+                _choose_index_type(store, index_type or "auto", max_index_memory)
             # The models load in the background while files are walked and decoded; one after the
             # other, since transformers' loading is not thread-safe.
             embedder = loader.submit(Blip2Retriever.load, model_config)
@@ -140,6 +143,18 @@ def index(paths, index_dir, catalog_url, model, device, dtype, batch_size, worke
             + (f", captioned {result['captioned']}" if with_captions else "")
             + f" in {result['seconds']['total']:.1f} s"
         )
+
+
+def _choose_index_type(store, index_type: str, max_memory: int | None) -> None:
+    """Record the index type for this and later runs, checked against the collection when it has a model."""
+    from indexer.store import IndexSettings
+
+    settings = IndexSettings(index_type, max_memory)
+    settings.validate()
+    identity = store.catalog.model()
+    if identity is not None:
+        settings.spec_for(len(store.catalog.embedding_ids()), identity.num_queries, identity.embed_dim)
+    store.save_settings(settings)
 
 
 # -- caption ----------------------------------------------------------------------------------
@@ -237,6 +252,7 @@ def status(index_dir, catalog_url, as_json) -> None:
             "num_queries": identity.num_queries if identity else None,
             **store.catalog.counts(),
             "bytes_on_disk": store.disk_bytes(),
+            **store.vectors_summary(),
         }
     finally:
         store.close()

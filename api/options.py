@@ -58,5 +58,39 @@ def store_config(index_dir: Path | None, catalog_url: str | None):
     return StoreConfig(directory=(index_dir or default_index_dir()).expanduser(), catalog_url=catalog_url)
 
 
+SIZE_UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "kib": 2**10, "m": 10**6, "mb": 10**6, "mib": 2**20,
+              "g": 10**9, "gb": 10**9, "gib": 2**30, "t": 10**12, "tb": 10**12, "tib": 2**40}
+
+
+class ByteSize(click.ParamType):
+    """A memory size: `4GiB`, `500MB`, `2g`, or plain bytes."""
+
+    name = "size"
+
+    def convert(self, value, param, ctx):
+        import re
+
+        if isinstance(value, int):
+            return value
+        found = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*", str(value))
+        unit = found and found.group(2).lower()
+        if not found or unit not in SIZE_UNITS or float(found.group(1)) <= 0:
+            self.fail(f"{value!r} is not a size like 4GiB, 500MB or 1000000", param, ctx)
+        return int(float(found.group(1)) * SIZE_UNITS[unit])
+
+
+def index_type_options(func):
+    func = click.option(
+        "--max-index-memory", type=ByteSize(), default=None,
+        help="Memory the FAISS index may use (e.g. 8GiB). Alone, it picks the index type: exact flat fp16, "
+             "else SQ8, else IVF-PQ with the largest code that fits.",
+    )(func)
+    return click.option(
+        "--index-type", default=None, metavar="TYPE",
+        help="FAISS index: flat-fp16 (default, exact), flat-fp32, sq8, ivf-flat, ivf-pq, hnsw, or auto; options "
+             "as TYPE:key=value,... (nlist, m, opq, nprobe, hnsw_m, ef_search). Kept for later runs.",
+    )(func)
+
+
 def emit_json(payload) -> None:
     click.echo(json.dumps(payload, indent=None, ensure_ascii=False))

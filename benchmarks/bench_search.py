@@ -49,7 +49,7 @@ def bench_maxsim(n_images: int, queries: int = 32, dim: int = 256, k: int = 10) 
 
     t_numpy = best_of(lambda: [numpy_topk(t) for t in texts], 3) / len(texts)
     print(f"max-sim top-{k}, {n_images} images x {queries} x {dim}: numpy matmul + max {t_numpy * 1e3:.1f} ms/query")
-    for codec in ("fp16", "fp32"):
+    for codec in ("flat-fp16", "flat-fp32"):
         index = MaxSimIndex(dim, queries, codec)
         index.add(keys, vectors)
         recall = np.mean([

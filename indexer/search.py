@@ -92,7 +92,8 @@ class Searcher:
         check_same_model(recorded, retriever.identity)
         self.store = store
         self.retriever = retriever
-        self.vectors = store.load_vectors(recorded)
+        self.vectors = store.load_vectors(recorded, read_only=True)
+        self.vectors.use_gpu()  # FAISS on the GPU when there is one and it supports the index kind
         self.exact_vectors = store.exact_vectors(recorded)
         self.decode_options = DecodeOptions.for_indexed(retriever.transform)
         self.reranker = reranker or Reranker(retriever)

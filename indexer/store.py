@@ -1,15 +1,18 @@
-"""An index directory: the catalog, the FAISS file derived from it, and the writers' lock.
+"""An index directory: the catalog, the FAISS file derived from it, its settings, the writers' lock.
 
 The catalog is the source of truth. The FAISS file may lag behind it after a crash (it is saved
 periodically and at the end of a run), so every open reconciles the two: vectors of images the
 catalog no longer has are dropped, images it has but the file lacks are added from the catalog.
+The FAISS file is rebuilt from the catalog when its kind changes, when a kind that needs training
+has enough vectors to train on, and when the collection outgrows what it was trained for.
 """
 
 from __future__ import annotations
 
+import json
 import os
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Iterator
 
@@ -17,11 +20,15 @@ import numpy as np
 
 from indexer.catalog import Catalog, sqlite_url
 from indexer.errors import IndexBusyError, IndexNotFoundError
+from retrieval.errors import UsageError
+from retrieval.index_types import IndexSpec, choose_spec
 from retrieval.loading import ModelIdentity
 
 CATALOG_FILE = "catalog.sqlite"
 VECTORS_FILE = "vectors.faiss"
 LOCK_FILE = "index.lock"
+SETTINGS_FILE = "index.json"
+HEADROOM = 1.25  # `auto` picks a type that still fits when the collection has grown by a quarter
 ENV_INDEX = "BLIPSEARCH_INDEX"
 
 
@@ -35,6 +42,35 @@ def default_index_dir() -> Path:
 class StoreConfig:
     directory: Path
     catalog_url: str | None = None  # None: SQLite inside `directory`
+    mmap_min_bytes: int = 256 << 20  # read-only opens map FAISS files at least this large
+
+
+@dataclass(frozen=True)
+class IndexSettings:
+    """How the FAISS file is built: a fixed `IndexSpec` text, or `auto` within `max_memory` bytes."""
+
+    index_type: str = "flat-fp16"
+    max_memory: int | None = None
+
+    def validate(self) -> None:
+        if self.index_type == "auto" and self.max_memory is None:
+            raise UsageError("--index-type auto needs --max-index-memory")
+        if self.index_type != "auto":
+            IndexSpec.parse(self.index_type)
+
+    def spec_for(self, images: int, num_queries: int, dim: int) -> IndexSpec:
+        planned = int(images * HEADROOM) + 1
+        if self.index_type == "auto":
+            return choose_spec(self.max_memory, planned, num_queries, dim)
+        spec = IndexSpec.parse(self.index_type)
+        spec.validate(dim)
+        needed = spec.bytes_per_vector(dim) * num_queries * images
+        if self.max_memory is not None and needed > self.max_memory:
+            raise UsageError(
+                f"{images} images in a {spec} index need {needed / 2**20:.0f} MiB, over --max-index-memory "
+                f"{self.max_memory / 2**20:.0f} MiB; choose a smaller type or --index-type auto"
+            )
+        return spec
 
 
 class IndexStore:
@@ -76,23 +112,83 @@ class IndexStore:
         finally:
             lock.release()
 
-    def load_vectors(self, identity: ModelIdentity):
-        """The FAISS index, reconciled in memory with the catalog."""
+    # -- settings ---------------------------------------------------------------------------------
+    def settings(self) -> IndexSettings:
+        path = self.directory / SETTINGS_FILE
+        return IndexSettings(**json.loads(path.read_text())) if path.exists() else IndexSettings()
+
+    def save_settings(self, settings: IndexSettings) -> None:
+        settings.validate()
+        tmp = self.directory / f"{SETTINGS_FILE}.tmp{os.getpid()}"
+        tmp.write_text(json.dumps(asdict(settings)))
+        os.replace(tmp, self.directory / SETTINGS_FILE)
+
+    # -- vectors ----------------------------------------------------------------------------------
+    def load_vectors(self, identity: ModelIdentity, read_only: bool = False):
+        """The FAISS index, reconciled in memory with the catalog and rebuilt if due. `read_only`
+        (searching) maps a large file instead of reading it; a change later reads it after all."""
         from retrieval.index import MaxSimIndex
 
-        index = MaxSimIndex.load(self.vectors_path, identity.embed_dim, identity.num_queries)
-        reconcile(index, self.catalog, identity)
+        ids = self.catalog.embedding_ids()
+        spec = self.settings().spec_for(len(ids), identity.num_queries, identity.embed_dim)
+        path = self.vectors_path
+        mmap = read_only and path.exists() and path.stat().st_size >= self.config.mmap_min_bytes
+        index = MaxSimIndex.load(path, identity.embed_dim, identity.num_queries, spec, mmap=mmap)
+        if index.ntotal == 0 and len(ids):  # new, lost, or of another kind: build it straight away
+            self._rebuild(index, spec, ids)
+        else:
+            reconcile(index, self.catalog, identity)
+        self.refresh(index)
         return index
+
+    def refresh(self, index) -> str | None:
+        """Rebuild `index` from the catalog if its kind changed or training is due; returns why."""
+        ids = self.catalog.embedding_ids()
+        spec = self.settings().spec_for(len(ids), index.num_queries, index.dim)
+        reason = index.needs_rebuild(spec)
+        if reason is not None:
+            self._rebuild(index, spec, ids)
+        return reason
+
+    def _rebuild(self, index, spec: IndexSpec, ids: np.ndarray, chunk: int = 2048) -> None:
+        nq, dim = index.num_queries, index.dim
+        rng = np.random.default_rng(0)
+        wanted = -(-index.train_size(spec, len(ids) * nq) // nq)
+        sample_ids = np.sort(rng.choice(ids, min(len(ids), wanted), replace=False)) if wanted else ids[:0]
+        sample = self.catalog.vectors(sample_ids, nq, dim)[1].reshape(-1, dim)
+
+        def chunks():
+            for start in range(0, len(ids), chunk):
+                yield self.catalog.vectors(ids[start : start + chunk], nq, dim)
+
+        index.rebuild(chunks, len(ids) * nq, sample, spec)
 
     def exact_vectors(self, identity: ModelIdentity):
         """A `VectorSource` for `MaxSimIndex.search`: the fp32 vectors, read from the catalog."""
         return lambda keys: self.catalog.vectors(keys, identity.num_queries, identity.embed_dim)
 
     def save_vectors(self, index) -> None:
+        """Refresh (a long run trains or retrains here, at its periodic saves), then save atomically."""
+        self.refresh(index)
         index.save(self.vectors_path)
 
     def disk_bytes(self) -> int:
-        return sum(p.stat().st_size for p in self.directory.iterdir() if p.is_file())
+        return sum(p.stat().st_size for p in self.directory.rglob("*") if p.is_file())
+
+    def vectors_summary(self) -> dict:
+        """The index settings and what the FAISS file holds (read memory-mapped: cheap at any size)."""
+        import faiss
+
+        from retrieval.faiss_index import kind_of
+
+        settings = self.settings()
+        summary = {"index_type": settings.index_type, "max_index_memory": settings.max_memory,
+                   "index_kind": None, "index_vectors": 0, "index_bytes": 0}
+        if self.vectors_path.exists():
+            index = faiss.read_index(str(self.vectors_path), faiss.IO_FLAG_MMAP | faiss.IO_FLAG_READ_ONLY)
+            summary.update(index_kind=kind_of(index), index_vectors=int(index.ntotal),
+                           index_bytes=self.vectors_path.stat().st_size)
+        return summary
 
 
 def reconcile(index, catalog: Catalog, identity: ModelIdentity, chunk: int = 2048) -> tuple[int, int]:

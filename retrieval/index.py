@@ -1,14 +1,19 @@
-"""Exact max-sim over BLIP-2's 32 query vectors per image, on FAISS.
+"""Max-sim over BLIP-2's 32 query vectors per image, on FAISS, for every `IndexSpec` kind.
 
 Every image (keyed by an int64 `key`) owns `num_queries` vectors, stored under FAISS ids
 `key * num_queries + slot`. An image's ITC score for a text is the max over its vectors. A top-n
 by that max needs only the first `num_queries * (n - 1) + 1` vectors: they hold at least n
 distinct images, and an image whose best vector ranks below all of them cannot beat those n.
 
-The default codec stores vectors in fp16, which halves memory and scans about 3x faster than an
-fp32 matrix product, and stays exact: fp16 rounding moves a score by at most `error_bound(q)`, so
-every image of the true top-n scores within 2 bounds of the n-th fp16 score. Those few candidates
-are re-scored on their exact fp32 vectors (from the catalog), which gives the exact ranking.
+Exact kinds stay exact. `flat-fp32` is. `flat-fp16` halves memory and scans about 3x faster than
+an fp32 matrix product: fp16 rounding moves a score by at most `error_bound(q)`, so every image of
+the true top-n scores within 2 bounds of the n-th fp16 score, and those few candidates are re-scored
+on their exact fp32 vectors (from the catalog), which gives the exact ranking.
+
+Approximate kinds (`sq8`, `ivf-*`, `hnsw`) propose twice the images asked for; those are re-scored
+on their exact vectors and the best n returned, so every score returned is exact and only recall
+is approximate. Kinds that need training hold their vectors in a `flat-fp16` index (exact) until
+the collection is large enough to train on; `needs_rebuild` says when, and `rebuild` does it.
 """
 
 from __future__ import annotations
@@ -16,13 +21,19 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterable
 
 import numpy as np
 
-CODECS = ("fp16", "fp32")
+from retrieval import faiss_index
+from retrieval.index_types import IndexSpec
+
 # Keys -> (the keys it still has, their exact (n, num_queries, dim) float32 vectors).
 VectorSource = Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]]
+# Yields (keys, (n, num_queries, dim) vectors) chunks: every image a rebuilt index must hold.
+VectorChunks = Callable[[], Iterable[tuple[np.ndarray, np.ndarray]]]
+OVERSAMPLE = 2  # approximate kinds re-score this many times the images asked for
+TOMBSTONE_REBUILD = 0.2  # HNSW (which cannot delete) is rebuilt when a fifth of it is deleted
 
 
 @dataclass(frozen=True)
@@ -35,49 +46,57 @@ class ImageHits:
     exhausted: bool  # True when every image in the index was considered
 
 
-def _new_faiss_index(codec: str, dim: int):
-    import faiss
-
-    if codec == "fp32":
-        inner = faiss.IndexFlatIP(dim)
-    elif codec == "fp16":
-        inner = faiss.IndexScalarQuantizer(dim, faiss.ScalarQuantizer.QT_fp16, faiss.METRIC_INNER_PRODUCT)
-    else:
-        raise ValueError(f"unknown codec {codec!r}; expected one of {', '.join(CODECS)}")
-    return faiss.IndexIDMap2(inner)
-
-
-def _codec_of(faiss_index) -> str | None:
-    import faiss
-
-    inner = faiss.downcast_index(faiss_index.index) if isinstance(faiss_index, faiss.IndexIDMap2) else None
-    if isinstance(inner, faiss.IndexFlatIP):
-        return "fp32"
-    if isinstance(inner, faiss.IndexScalarQuantizer) and inner.sq.qtype == faiss.ScalarQuantizer.QT_fp16:
-        return "fp16"
-    return None
-
-
 class MaxSimIndex:
-    def __init__(self, dim: int, num_queries: int, codec: str = "fp16", faiss_index=None) -> None:
+    def __init__(self, dim: int, num_queries: int, spec: IndexSpec | str = IndexSpec(), faiss_index=None) -> None:
         self.dim = dim
         self.num_queries = num_queries
-        self.codec = codec
-        self.index = faiss_index if faiss_index is not None else _new_faiss_index(codec, dim)
+        self.spec = IndexSpec.parse(spec) if isinstance(spec, str) else spec
+        self.spec.validate(dim)
+        self.index = faiss_index if faiss_index is not None else self._empty(self.spec, 0)
+        self.deleted = np.zeros(0, np.int64)  # HNSW vector ids removed but still in the graph
+        self._gpu = None  # a GPU copy for searching, made by `use_gpu`, dropped by any change
+        self._selector = None  # keeps the FAISS selector of deleted ids alive while it is used
+        self._mapped_from: Path | None = None  # the file a memory-mapped index maps
+
+    def _empty(self, spec: IndexSpec, vectors: int):
+        """An index to fill: `spec`'s own, or the exact fp16 staging index until it can be trained."""
+        if spec.trained and vectors < spec.min_train_vectors(self.dim, vectors):
+            return faiss_index.new_index(IndexSpec("flat-fp16"), self.dim, vectors)
+        return faiss_index.new_index(spec, self.dim, vectors)
+
+    @property
+    def kind(self) -> str:
+        """The kind of index holding the vectors now (`flat-fp16` while a trained kind is staged)."""
+        return faiss_index.kind_of(self.index)
 
     # -- persistence ------------------------------------------------------------------------------
     @classmethod
-    def load(cls, path: Path, dim: int, num_queries: int, codec: str = "fp16") -> "MaxSimIndex":
-        """The index saved at `path`, or an empty one when there is none or it uses another codec
-        (the catalog holds every vector, so the caller refills it)."""
+    def load(cls, path: Path, dim: int, num_queries: int, spec: IndexSpec | str = IndexSpec(),
+             mmap: bool = False) -> "MaxSimIndex":
+        """The index saved at `path`, or an empty one when there is none or it holds another kind
+        (the catalog holds every vector, so the caller refills it). `mmap` maps the file read-only
+        instead of reading it: for large indexes that are searched, not changed."""
         import faiss
 
+        empty = cls(dim, num_queries, spec)
         if not Path(path).exists():
-            return cls(dim, num_queries, codec)
-        index = faiss.read_index(str(path))
-        if index.d != dim or _codec_of(index) != codec:
-            return cls(dim, num_queries, codec)
-        return cls(dim, num_queries, codec, index)
+            return empty
+        flags = faiss.IO_FLAG_MMAP | faiss.IO_FLAG_READ_ONLY if mmap else 0
+        index = faiss.read_index(str(path), flags)
+        staged = empty.spec.trained and faiss_index.kind_of(index) == "flat-fp16"
+        if index.d != dim or not (staged or faiss_index.matches(index, empty.spec, dim)):
+            return empty
+        loaded = cls(dim, num_queries, empty.spec, index)
+        loaded._mapped_from = Path(path) if mmap else None
+        return loaded
+
+    def _writable(self) -> None:
+        """Before a change: a memory-mapped index is read-only (FAISS aborts on writing one), so
+        read the file into memory first."""
+        import faiss
+
+        if self._mapped_from is not None:
+            self.index, self._mapped_from = faiss.read_index(str(self._mapped_from)), None
 
     def save(self, path: Path) -> None:
         """Write to a temporary file, fsync, then rename over `path`: readers see old or new, never half."""
@@ -85,6 +104,8 @@ class MaxSimIndex:
 
         path = Path(path)
         tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+        if len(self.deleted):
+            self._compact()  # tombstones live in memory only: a saved HNSW holds live vectors alone
         faiss.write_index(self.index, str(tmp))
         with open(tmp, "rb") as handle:
             os.fsync(handle.fileno())
@@ -95,15 +116,65 @@ class MaxSimIndex:
         finally:
             os.close(directory)
 
+    # -- training ---------------------------------------------------------------------------------
+    def needs_rebuild(self, spec: IndexSpec | None = None) -> str | None:
+        """Why the vectors should move into a new index of `spec` (default: this one's), or None."""
+        spec = spec or self.spec
+        vectors = self.ntotal
+        if self.kind == "flat-fp16" and spec.trained:  # staged
+            need = spec.min_train_vectors(self.dim, vectors)
+            return f"{vectors} vectors are enough to train {spec} (needs {need})" if vectors >= need else None
+        if not faiss_index.matches(self.index, spec, self.dim):
+            return f"the index is {self.kind}, wanted {spec}"
+        if spec.kind in ("ivf-flat", "ivf-pq") and spec.nlist is None:
+            nlist = faiss_index.ivf_nlist(self.index)
+            if spec.nlist_for(vectors) >= 4 * nlist:  # about 16x the vectors it was trained for
+                return f"the collection grew to {vectors} vectors, far past what {nlist} IVF lists were trained for"
+        if len(self.deleted) > TOMBSTONE_REBUILD * self.index.ntotal:
+            return f"{len(self.deleted)} of {self.index.ntotal} HNSW vectors are deleted"
+        return None
+
+    def train_size(self, spec: IndexSpec, vectors: int) -> int:
+        """How many vectors `rebuild` should be given to train `spec` for `vectors` vectors (0: none)."""
+        if not spec.trained or vectors < spec.min_train_vectors(self.dim, vectors):
+            return 0
+        if spec.kind == "sq8":
+            return 65_536
+        return max(spec.min_train_vectors(self.dim, vectors), min(256 * spec.nlist_for(vectors), 1 << 20))
+
+    def rebuild(self, chunks: VectorChunks, vectors: int, sample: np.ndarray, spec: IndexSpec | None = None) -> None:
+        """Replace the index by a new one of `spec` sized for `vectors` vectors, trained on `sample`
+        ((S, dim) vectors), holding what `chunks` yields."""
+        spec = spec or self.spec
+        spec.validate(self.dim)
+        index = self._empty(spec, vectors)
+        if not index.is_trained:
+            faiss_index.train(index, sample)
+        self.spec, self.index, self.deleted, self._gpu = spec, index, np.zeros(0, np.int64), None
+        for keys, chunk in chunks():
+            self.add(keys, chunk)
+
+    def _compact(self) -> None:
+        """Rebuild an HNSW graph without its deleted vectors."""
+        keys = self.keys()
+        stored = self.index.reconstruct_batch(self._ids(keys)).reshape(len(keys), self.num_queries, self.dim)
+        self.rebuild(lambda: [(keys, stored)], len(stored), stored[:0].reshape(0, self.dim))
+
+    def use_gpu(self) -> bool:
+        """Search on a GPU copy from now on, when a GPU and FAISS's GPU support for this kind exist."""
+        self._gpu = faiss_index.to_gpu(self.index)
+        return self._gpu is not None
+
     # -- contents ---------------------------------------------------------------------------------
     @property
     def ntotal(self) -> int:
-        return int(self.index.ntotal)
+        """Live vectors (HNSW's deleted ones excluded)."""
+        return int(self.index.ntotal) - len(self.deleted)
 
     def keys(self) -> np.ndarray:
-        import faiss
-
-        ids = faiss.vector_to_array(self.index.id_map) if self.ntotal else np.zeros(0, np.int64)
+        ids = faiss_index.stored_ids(self.index)
+        if len(self.deleted):
+            ids = np.setdiff1d(ids, self.deleted, assume_unique=True)
         return np.unique(ids // self.num_queries)
 
     def _ids(self, keys: np.ndarray) -> np.ndarray:
@@ -120,7 +191,12 @@ class MaxSimIndex:
         # error_bound() assumes unit vectors; BLIP-2's ITC vectors are L2-normalised.
         if np.any(np.linalg.norm(flat, axis=1) > 1 + 1e-3):
             raise ValueError("vectors must be L2-normalised")
-        self.index.add_with_ids(flat, self._ids(keys))
+        ids = self._ids(keys)
+        self._writable()
+        if len(self.deleted) and np.isin(ids, self.deleted).any():
+            self._compact()  # a key deleted from HNSW comes back: drop its old vectors first
+        self.index.add_with_ids(flat, ids)
+        self._gpu = None
 
     def remove(self, keys: np.ndarray) -> int:
         import faiss
@@ -128,19 +204,30 @@ class MaxSimIndex:
         keys = np.asarray(keys, dtype=np.int64)
         if len(keys) == 0:
             return 0
-        return int(self.index.remove_ids(faiss.IDSelectorBatch(self._ids(keys)))) // self.num_queries
+        self._gpu = None
+        self._writable()
+        ids = self._ids(keys)
+        if self.kind == "hnsw":  # FAISS's HNSW cannot remove: skip these ids in searches instead
+            present = np.setdiff1d(np.intersect1d(ids, faiss_index.stored_ids(self.index)), self.deleted)
+            self.deleted = np.union1d(self.deleted, present)
+            return len(present) // self.num_queries
+        return int(self.index.remove_ids(faiss.IDSelectorBatch(ids))) // self.num_queries
 
-    def error_bound(self, query: np.ndarray) -> float:
-        """Largest difference between a stored and an exact score for `query`, over unit vectors."""
-        if self.codec == "fp32":
+    def error_bound(self, query: np.ndarray) -> float | None:
+        """Largest difference between a stored and an exact score for `query`, over unit vectors;
+        None for kinds that bound only their scores' error, not which images they find."""
+        if self.kind == "flat-fp32":
             return 0.0
+        if self.kind != "flat-fp16":
+            return None
         # fp16 rounding: |x - fp16(x)| <= 2^-11 |x| (+ a subnormal term far below the margin),
         # and fp32 accumulation over `dim` terms adds at most dim * 2^-24 |q||x|; doubled for slack.
         return float(np.linalg.norm(query)) * (2.0**-10 + self.dim * 2.0**-22)
 
     # -- search -----------------------------------------------------------------------------------
     def search(self, queries: np.ndarray, n_images: int, exact: VectorSource | None = None) -> list[ImageHits]:
-        """Exact top-`n_images` images by max-sim for each row of `queries` (T, dim).
+        """Top-`n_images` images by max-sim for each row of `queries` (T, dim): exact for exact
+        kinds, with exact scores for the others.
 
         `exact` supplies the fp32 vectors that lossy codecs re-score on; without it they re-score on
         the stored vectors (exact for the stored values)."""
@@ -150,19 +237,41 @@ class MaxSimIndex:
         if n_images <= 0:
             empty = np.zeros(0, np.int64)
             return [ImageHits(empty, np.zeros(0, np.float32), empty, True) for _ in queries]
-        depth = min(self.num_queries * (n_images - 1) + 1, self.ntotal)
-        scores, ids = self.index.search(queries, depth)
+        approximate = self.error_bound(queries[0]) is None
+        if approximate:
+            depth = min(self.num_queries * n_images * OVERSAMPLE, self.ntotal)
+        else:
+            depth = min(self.num_queries * (n_images - 1) + 1, self.ntotal)
+        scores, ids = self._search_vectors(queries, depth)
         hits = []
         for query, row_scores, row_ids in zip(queries, scores, ids):
             keys, best, slots = self._collapse(row_scores, row_ids)
+            if approximate:
+                considered, top = len(keys), n_images * OVERSAMPLE
+                keys, best, slots = keys[:top], best[:top], slots[:top]
+                if exact is not None or faiss_index.reconstructs(self.index):
+                    keys, best, slots = self._ranked(*self._rescore(query, keys, exact))
+                hits.append(ImageHits(keys[:n_images], best[:n_images], slots[:n_images], considered >= total_images))
+                continue
             margin = 2 * self.error_bound(query)
             if margin > 0:
                 keys = self._rivals(query, row_scores, row_ids, best[n_images - 1] - margin)
-                keys, best, slots = self._rescore(query, keys, exact)
-                order = np.lexsort((keys, -best))
-                keys, best, slots = keys[order], best[order], slots[order]
+                keys, best, slots = self._ranked(*self._rescore(query, keys, exact))
             hits.append(ImageHits(keys[:n_images], best[:n_images], slots[:n_images], n_images >= total_images))
         return hits
+
+    def _search_vectors(self, queries: np.ndarray, depth: int) -> tuple[np.ndarray, np.ndarray]:
+        if self._gpu is not None:
+            ivf = self.kind in ("ivf-flat", "ivf-pq")
+            nprobe = self.spec.probes(faiss_index.ivf_nlist(self.index)) if ivf else None
+            return faiss_index.gpu_search(self._gpu, nprobe, queries, depth)
+        params, self._selector = faiss_index.search_params(self.index, self.spec, depth, self.deleted)
+        return self.index.search(queries, depth, params=params)
+
+    @staticmethod
+    def _ranked(keys: np.ndarray, best: np.ndarray, slots: np.ndarray):
+        order = np.lexsort((keys, -best))
+        return keys[order], best[order], slots[order]
 
     def _collapse(self, scores: np.ndarray, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Vector hits (best first) -> images in order of their first, hence best, vector."""

@@ -38,7 +38,7 @@ def near_ties(count: int, rng) -> np.ndarray:
     return vectors.astype(np.float32)
 
 
-@pytest.mark.parametrize("codec", ["fp16", "fp32"])
+@pytest.mark.parametrize("codec", ["flat-fp16", "flat-fp32"])
 @pytest.mark.parametrize("n", [1, 3, 10, 60])
 def test_top_n_equals_brute_force(codec, n):
     rng = np.random.default_rng(n)
@@ -59,7 +59,7 @@ def test_top_n_equals_brute_force(codec, n):
 def test_fp16_orders_near_ties_exactly(count):
     vectors = near_ties(count, np.random.default_rng(0))
     keys = np.arange(count, dtype=np.int64)
-    index = MaxSimIndex(D, Q, "fp16")
+    index = MaxSimIndex(D, Q, "flat-fp16")
     index.add(keys, vectors)
     query = np.eye(D, dtype=np.float32)[0]
     hits = index.search(query, 3, exact=source(keys, vectors))[0]
@@ -73,13 +73,13 @@ def test_fp16_orders_near_ties_exactly(count):
 def test_remove_save_load_and_codec_change(tmp_path):
     rng = np.random.default_rng(1)
     vectors = unit(rng.standard_normal((20, Q, D)))
-    index = MaxSimIndex(D, Q, "fp16")
+    index = MaxSimIndex(D, Q, "flat-fp16")
     index.add(np.arange(20), vectors)
     assert index.remove(np.array([3, 4, 99])) == 2
     index.save(tmp_path / "v.faiss")
-    loaded = MaxSimIndex.load(tmp_path / "v.faiss", D, Q, "fp16")
+    loaded = MaxSimIndex.load(tmp_path / "v.faiss", D, Q, "flat-fp16")
     assert loaded.keys().tolist() == [k for k in range(20) if k not in (3, 4)]
-    assert MaxSimIndex.load(tmp_path / "v.faiss", D, Q, "fp32").ntotal == 0  # the caller refills it
+    assert MaxSimIndex.load(tmp_path / "v.faiss", D, Q, "flat-fp32").ntotal == 0  # the caller refills it
 
 
 def test_rejects_unnormalised_vectors():
@@ -90,7 +90,7 @@ def test_rejects_unnormalised_vectors():
 def test_vanished_keys_are_dropped_from_rescoring():
     rng = np.random.default_rng(2)
     vectors = unit(rng.standard_normal((10, Q, D)))
-    index = MaxSimIndex(D, Q, "fp16")
+    index = MaxSimIndex(D, Q, "flat-fp16")
     index.add(np.arange(10), vectors)
     query = unit(rng.standard_normal(D))
     best = brute_force(vectors, np.arange(10), query, 1)[0][0]

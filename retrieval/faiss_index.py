@@ -1,0 +1,167 @@
+"""Building, recognising and reading FAISS indexes of each `IndexSpec` kind.
+
+Every kind keeps our int64 vector ids: IVF kinds natively, the others through `IndexIDMap2`. The
+kind is read back from the saved file itself, so a file always says what it holds.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+
+from retrieval.index_types import IndexSpec
+
+log = logging.getLogger(__name__)
+GPU_KINDS = ("flat-fp32", "ivf-flat", "ivf-pq")  # what FAISS's GPU cloner supports among ours
+
+
+def new_index(spec: IndexSpec, dim: int, vectors: int):
+    """An empty index of `spec` for a collection of about `vectors` vectors (untrained if it needs training)."""
+    import faiss
+
+    ip = faiss.METRIC_INNER_PRODUCT
+    if spec.kind == "flat-fp32":
+        return faiss.IndexIDMap2(faiss.IndexFlatIP(dim))
+    if spec.kind == "flat-fp16":
+        return faiss.IndexIDMap2(faiss.IndexScalarQuantizer(dim, faiss.ScalarQuantizer.QT_fp16, ip))
+    if spec.kind == "sq8":
+        return faiss.IndexIDMap2(faiss.IndexScalarQuantizer(dim, faiss.ScalarQuantizer.QT_8bit, ip))
+    if spec.kind == "hnsw":
+        return faiss.IndexIDMap2(faiss.IndexHNSWSQ(dim, faiss.ScalarQuantizer.QT_fp16, spec.hnsw_m, ip))
+    nlist = spec.nlist_for(vectors)
+    if spec.kind == "ivf-flat":
+        return faiss.index_factory(dim, f"IVF{nlist},Flat", ip)
+    m = spec.pq_m(dim)
+    prefix = f"OPQ{m}," if spec.opq else ""
+    return faiss.index_factory(dim, f"{prefix}IVF{nlist},PQ{m}", ip)
+
+
+def kind_of(index) -> str | None:
+    import faiss
+
+    if isinstance(index, faiss.IndexIDMap2):
+        inner = faiss.downcast_index(index.index)
+        if isinstance(inner, faiss.IndexFlatIP):
+            return "flat-fp32"
+        if isinstance(inner, faiss.IndexHNSW):
+            return "hnsw"
+        if isinstance(inner, faiss.IndexScalarQuantizer):
+            return {faiss.ScalarQuantizer.QT_fp16: "flat-fp16", faiss.ScalarQuantizer.QT_8bit: "sq8"}.get(inner.sq.qtype)
+        return None
+    ivf = faiss.try_extract_index_ivf(index)
+    ivf = faiss.downcast_index(ivf) if ivf is not None else None
+    if isinstance(ivf, faiss.IndexIVFPQ):
+        return "ivf-pq"
+    if isinstance(ivf, faiss.IndexIVFFlat):
+        return "ivf-flat"
+    return None
+
+
+def matches(index, spec: IndexSpec, dim: int) -> bool:
+    """Whether `index` is of `spec`'s kind with the options the user fixed (nlist, m, opq)."""
+    import faiss
+
+    if kind_of(index) != spec.kind:
+        return False
+    ivf = faiss.try_extract_index_ivf(index)
+    if ivf is None:
+        return spec.kind != "hnsw" or faiss.downcast_index(index.index).hnsw.nb_neighbors(1) == spec.hnsw_m
+    if spec.nlist is not None and ivf.nlist != spec.nlist:
+        return False
+    if spec.kind == "ivf-pq":
+        return faiss.downcast_index(ivf).pq.M == spec.pq_m(dim) and isinstance(index, faiss.IndexPreTransform) == spec.opq
+    return True
+
+
+def stored_ids(index) -> np.ndarray:
+    """Every vector id the index holds (int64), in no particular order."""
+    import faiss
+
+    if index.ntotal == 0:
+        return np.zeros(0, np.int64)
+    ivf = faiss.try_extract_index_ivf(index)
+    if ivf is None:
+        return faiss.vector_to_array(index.id_map).astype(np.int64)
+    lists = faiss.extract_index_ivf(index).invlists
+    parts = []
+    for number in range(lists.nlist):
+        size = lists.list_size(number)
+        if size:
+            ids = lists.get_ids(number)
+            parts.append(faiss.rev_swig_ptr(ids, size).copy())
+            lists.release_ids(number, ids)
+    return np.concatenate(parts).astype(np.int64)
+
+
+def train(index, sample: np.ndarray) -> None:
+    """Train on `sample`; the k-means of IVF kinds runs on the GPU when there is one."""
+    import faiss
+
+    ivf = faiss.try_extract_index_ivf(index)
+    if ivf is not None and gpu_count() > 0:
+        ivf.clustering_index = faiss.index_cpu_to_all_gpus(faiss.IndexFlatIP(ivf.d))
+    index.train(np.ascontiguousarray(sample, dtype=np.float32))
+    if ivf is not None:
+        ivf.clustering_index = None
+
+
+def search_params(index, spec: IndexSpec, depth: int, deleted: np.ndarray):
+    """(FAISS search parameters, an object to keep alive while they are used): IVF probes, HNSW
+    breadth, and the HNSW tombstones to skip."""
+    import faiss
+
+    ivf = faiss.try_extract_index_ivf(index)
+    if ivf is not None:
+        return faiss.SearchParametersIVF(nprobe=spec.probes(ivf.nlist)), None
+    if kind_of(index) != "hnsw":
+        return None, None
+    params = faiss.SearchParametersHNSW(efSearch=max(spec.ef_search, depth))
+    if not len(deleted):
+        return params, None
+    batch = faiss.IDSelectorBatch(deleted)
+    params.sel = faiss.IDSelectorNot(batch)
+    return params, (batch, params.sel)
+
+
+def reconstructs(index) -> bool:
+    """Whether stored vectors can be read back by id (IVF kinds would need a direct map)."""
+    import faiss
+
+    return faiss.try_extract_index_ivf(index) is None
+
+
+def gpu_count() -> int:
+    import faiss
+
+    return faiss.get_num_gpus() if hasattr(faiss, "get_num_gpus") else 0
+
+
+def to_gpu(index):
+    """A GPU copy of `index` for searching, or None when there is no GPU or FAISS cannot move this kind."""
+    import faiss
+
+    if gpu_count() == 0 or kind_of(index) not in GPU_KINDS:
+        return None
+    try:
+        options = faiss.GpuMultipleClonerOptions()
+        options.useFloat16 = True  # PQ lookup tables in fp16: needed for codes of 56 bytes and over
+        return faiss.index_cpu_to_all_gpus(index, options)
+    except RuntimeError as exc:  # an index FAISS's GPU code does not implement: search on the CPU
+        log.warning("searching on the CPU: FAISS could not move the index to the GPU (%s)", exc)
+        return None
+
+
+def gpu_search(gpu_index, nprobe: int | None, queries: np.ndarray, depth: int):
+    """Search a `to_gpu` copy; `nprobe` for IVF kinds (GPU indexes take it as a setting, not a parameter)."""
+    import faiss
+
+    if nprobe is not None:
+        faiss.GpuParameterSpace().set_index_parameter(gpu_index, "nprobe", nprobe)
+    return gpu_index.search(queries, depth)
+
+
+def ivf_nlist(index) -> int:
+    import faiss
+
+    return faiss.extract_index_ivf(index).nlist
