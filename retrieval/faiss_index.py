@@ -34,7 +34,8 @@ def new_index(spec: IndexSpec, dim: int, vectors: int):
         return faiss.index_factory(dim, f"IVF{nlist},Flat", ip)
     m = spec.pq_m(dim)
     prefix = f"OPQ{m}," if spec.opq else ""
-    return faiss.index_factory(dim, f"{prefix}IVF{nlist},PQ{m}", ip)
+    # "np": no polysemous training, which costs more than the rest and serves a search mode we do not use
+    return faiss.index_factory(dim, f"{prefix}IVF{nlist},PQ{m}np", ip)
 
 
 def kind_of(index) -> str | None:

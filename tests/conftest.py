@@ -73,12 +73,12 @@ def assert_consistent(index_dir: Path, catalog_url: str | None = None) -> None:
     import faiss
 
     from indexer.catalog import Catalog, sqlite_url
+    from retrieval.faiss_index import stored_ids
 
     catalog = Catalog.open(catalog_url or sqlite_url(index_dir / "catalog.sqlite"))
     try:
         identity = catalog.model()
-        stored = faiss.read_index(str(index_dir / "vectors.faiss"))  # keep alive: id_map points into it
-        ids = faiss.vector_to_array(stored.id_map).copy()
+        ids = stored_ids(faiss.read_index(str(index_dir / "vectors.faiss")))  # any index kind
         embedding_ids = catalog.embedding_ids()
         files = catalog.files()
     finally:

@@ -10,6 +10,8 @@ import subprocess
 import sys
 import time
 
+import pytest
+
 from tests.conftest import ROOT, assert_consistent, make_images
 
 
@@ -24,12 +26,13 @@ def committed_embeddings(index_dir) -> int:
         return 0
 
 
-def test_kill_dash_nine_repeatedly_then_resume(tmp_path, tiny_model):
+@pytest.mark.parametrize("index_type", ["flat-fp16", "sq8"])  # sq8 trains once 1,000 vectors are in
+def test_kill_dash_nine_repeatedly_then_resume(tmp_path, tiny_model, index_type):
     folder = tmp_path / "photos"
     total = len(make_images(folder, 120, seed=7))
     idx = tmp_path / "idx"
     command = [sys.executable, "-m", "api.cli", "index", str(folder), "--index", str(idx), "--model",
-               str(tiny_model), "--batch-size", "4", "--workers", "1", "--json", "-q"]
+               str(tiny_model), "--batch-size", "4", "--workers", "1", "--json", "-q", "--index-type", index_type]
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     kills = 0
     for _ in range(3):

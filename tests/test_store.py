@@ -1,0 +1,92 @@
+"""Index types through the CLI and the store: chosen, kept, converted, budgeted, mapped; always consistent."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from tests.conftest import assert_consistent, make_images, run_cli
+
+
+@pytest.fixture(scope="module")
+def photos(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("types") / "photos"
+    make_images(folder, 40, seed=11)  # 1,280 vectors: enough to train SQ8 and a 16-list IVF
+    return folder
+
+
+def status(index_dir) -> dict:
+    return json.loads(run_cli("status", "--index", str(index_dir), "--json", check=True).stdout)
+
+
+def itc_results(index_dir, model, query="a red circle") -> list[tuple[str, float]]:
+    found = run_cli("search", query, "--index", str(index_dir), "--model", str(model), "--no-rerank", "-k", "5",
+                    "--json", check=True)
+    return [(r["path"], round(r["score"], 5)) for r in json.loads(found.stdout)["results"]]
+
+
+def test_types_are_chosen_kept_converted_and_budgeted(photos, tiny_model, tmp_path):
+    exact, idx = tmp_path / "exact", tmp_path / "idx"
+    common = ["--model", str(tiny_model), "-q", "--json"]
+    run_cli("index", str(photos), "--index", str(exact), *common, check=True)
+    assert status(exact)["index_kind"] == "flat-fp16"
+
+    run_cli("index", str(photos), "--index", str(idx), "--index-type", "sq8", *common, check=True)
+    assert (status(idx)["index_type"], status(idx)["index_kind"]) == ("sq8", "sq8")
+    assert_consistent(idx)
+    assert itc_results(idx, tiny_model) == itc_results(exact, tiny_model)  # exact scores, same images
+
+    # Converting an index re-reads the catalog's vectors: nothing is embedded again.
+    converted = run_cli("index", str(photos), "--index", str(idx), "--index-type", "ivf-flat:nlist=16", *common,
+                        check=True)
+    assert json.loads(converted.stdout)["indexed"] == 0
+    assert status(idx)["index_kind"] == "ivf-flat"
+    assert_consistent(idx)
+    assert itc_results(idx, tiny_model) == itc_results(exact, tiny_model)
+
+    # The type is kept: a plain re-run leaves it as it is.
+    run_cli("index", str(photos), "--index", str(idx), *common, check=True)
+    assert status(idx)["index_type"] == "ivf-flat:nlist=16"
+
+    over = run_cli("index", str(photos), "--index", str(idx), "--max-index-memory", "10kB", *common)
+    assert over.returncode == 2 and "--max-index-memory" in over.stderr and "Traceback" not in over.stderr
+    assert status(idx)["index_type"] == "ivf-flat:nlist=16"  # a refused setting is not recorded
+
+    run_cli("index", str(photos), "--index", str(idx), "--max-index-memory", "1GiB", *common, check=True)
+    assert (status(idx)["index_type"], status(idx)["index_kind"]) == ("auto", "flat-fp16")
+    assert_consistent(idx)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--index-type", "ivfpq"], "unknown index type"),
+    (["--index-type", "ivf-pq:m=7"], "dividing"),
+    (["--max-index-memory", "lots"], "is not a size"),
+    (["--index-type", "auto"], "needs --max-index-memory"),
+])
+def test_bad_index_types_are_one_clear_error(args, message, photos, tiny_model, tmp_path):
+    result = run_cli("index", str(photos), "--index", str(tmp_path / "idx"), "--model", str(tiny_model), "-q", *args)
+    assert result.returncode == 2 and message in result.stderr, result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_read_only_opens_map_large_files_and_changes_still_work(photos, tiny_model, tmp_path):
+    import numpy as np
+
+    from indexer.store import IndexStore, StoreConfig
+
+    run_cli("index", str(photos), "--index", str(tmp_path), "--model", str(tiny_model), "-q",
+            "--index-type", "ivf-flat:nlist=16", check=True)
+    store = IndexStore.open(StoreConfig(tmp_path, mmap_min_bytes=0))
+    try:
+        identity = store.catalog.model()
+        vectors = store.load_vectors(identity, read_only=True)
+        assert vectors._mapped_from is not None and vectors.kind == "ivf-flat"
+        query = np.eye(identity.embed_dim, dtype=np.float32)[0]
+        before = vectors.search(query, 3, store.exact_vectors(identity))[0]
+        vectors.remove(before.keys[:1])  # FAISS aborts on writing a mapped IVF: this must read it first
+        after = vectors.search(query, 3, store.exact_vectors(identity))[0]
+        assert vectors._mapped_from is None and before.keys[0] not in after.keys.tolist()
+        assert store.load_vectors(identity).ntotal == vectors.ntotal + identity.num_queries  # the file is untouched
+    finally:
+        store.close()
