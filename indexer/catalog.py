@@ -16,7 +16,7 @@ from typing import Iterable, Sequence
 import numpy as np
 from sqlalchemy import and_, create_engine, delete, event, exists, func, insert, select
 from sqlalchemy.engine import Engine
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy.exc import IntegrityError, OperationalError
 
 from indexer import schema
 from indexer.schema import chunks
@@ -72,6 +72,9 @@ def _under(root: str):
     """`files.path` strictly under directory `root`, as an index-friendly range (no LIKE escaping)."""
     prefix = root.rstrip("/") + "/"
     return and_(schema.files.c.path >= prefix, schema.files.c.path < prefix[:-1] + "0")  # "0" follows "/"
+
+
+WRITE_ATTEMPTS = 5
 
 
 class Catalog:
@@ -246,11 +249,28 @@ class Catalog:
         Embeddings left without any file by the upsert (a file whose content changed) are deleted in
         the same transaction. `captions` of new contents (`index --caption`) land in it too.
         """
+        for attempt in range(WRITE_ATTEMPTS):
+            try:
+                return self._write_batch(entries, new_vectors, captions)
+            except (IntegrityError, OperationalError) as exc:
+                # Another writer sharing this catalog stored the same content or path first, or the
+                # server broke a deadlock between us: the retry sees its rows and reuses them.
+                if attempt == WRITE_ATTEMPTS - 1 or (isinstance(exc, OperationalError) and not _transient(exc)):
+                    raise
+                time.sleep(0.05 * (attempt + 1))
+        raise AssertionError("unreachable")
+
+    def _write_batch(self, entries, new_vectors, captions) -> BatchWritten:
         e, f = schema.embeddings, schema.files
         now = time.time()
         created: dict[str, int] = {}
         with self.engine.begin() as conn:
+            present = set()
+            for chunk in chunks(sorted(new_vectors)):  # stored by another writer since the caller looked
+                present.update(conn.execute(select(e.c.content_hash).where(e.c.content_hash.in_(chunk))).scalars())
             for content_hash, vectors in new_vectors.items():
+                if content_hash in present:
+                    continue
                 blob = np.ascontiguousarray(vectors, dtype=np.float32).tobytes()
                 result = conn.execute(insert(e).values(content_hash=content_hash, vectors=blob, created_at=now))
                 created[content_hash] = int(result.inserted_primary_key[0])
@@ -305,6 +325,12 @@ class Catalog:
         for chunk in chunks(orphans):
             conn.execute(delete(e).where(e.c.id.in_(chunk)))
         return orphans
+
+
+def _transient(exc: OperationalError) -> bool:
+    """A deadlock or serialization failure (PostgreSQL), or a locked database (SQLite): worth a retry."""
+    code = getattr(exc.orig, "sqlstate", None)
+    return code in ("40P01", "40001") or "database is locked" in str(exc.orig)
 
 
 def _glob(column, pattern: str):

@@ -23,7 +23,7 @@ from indexer.catalog import FileEntry, FileRow
 from indexer.decode import Decoded, DecodeOptions, Skipped
 from indexer.features import FeatureCache, FeatureCacheConfig
 from indexer.schema import INDEXED, SKIPPED
-from indexer.store import IndexStore
+from indexer.store import IndexStore, reconcile
 from indexer.walk import FoundFile, WalkOptions, resolve_roots, walk
 from indexer.workers import DecodePool, PoolOptions
 from retrieval.errors import BlipsearchError
@@ -145,6 +145,8 @@ class Indexer:
         gone = sorted(set(known) - set(found))
         writer.vectors.remove(np.asarray(self.store.catalog.remove_paths(gone), dtype=np.int64))
         summary.removed = len(gone)
+        # Writers sharing the catalog (PostgreSQL) add images this run's file lacks: take them in.
+        reconcile(writer.vectors, self.store.catalog, writer.embedder.identity)
         self.store.save_vectors(writer.vectors)
         summary.seconds["total"] = time.perf_counter() - started
         self.progress.close()

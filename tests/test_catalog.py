@@ -109,3 +109,34 @@ def test_captions_todo_write_and_full_text_search(catalog):
     assert catalog.captions.search("!!! ''", 10) == []
     catalog.remove_paths(["/p/b.jpg"])  # its content is gone: so is its caption
     assert [eid for eid, _ in catalog.captions.search("giraffe", 10)] == []
+
+
+def test_indexers_and_searchers_share_one_postgres_catalog(tiny_model, tmp_path, postgres_url):
+    """Two indexers at once, each with its own index directory, on folders holding a common image."""
+    import os
+    import shutil
+    import subprocess
+    import sys
+
+    from tests.conftest import ROOT
+
+    for name, seed in (("a", 21), ("b", 22)):
+        make_images(tmp_path / name, 12, seed=seed)
+    shutil.copy(tmp_path / "a" / "img0000.jpg", tmp_path / "b" / "aaa.jpg")  # both writers start with it
+    catalog = ["--catalog-url", postgres_url, "--model", str(tiny_model)]
+
+    def command(name):
+        return [sys.executable, "-m", "api.cli", "index", str(tmp_path / name), "--index", str(tmp_path / f"idx-{name}"),
+                "--batch-size", "2", "-q", "--json", *catalog]
+
+    runs = [subprocess.Popen(command(n), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                             env={**os.environ, "HF_HUB_OFFLINE": "1"}) for n in ("a", "b")]
+    for run in runs:
+        out, err = run.communicate(timeout=240)
+        assert run.returncode == 0, err
+    for name in ("a", "b"):  # each directory's FAISS file takes in what the other writer added
+        run_cli(*command(name)[3:], check=True)
+        assert_consistent(tmp_path / f"idx-{name}", postgres_url)
+        found = run_cli("search", "a red circle", "-k", "100", "--no-rerank", "--json", "--index",
+                        str(tmp_path / f"idx-{name}"), *catalog, check=True)
+        assert found.stdout.count('"path"') == 25  # both folders, every file
