@@ -55,6 +55,7 @@ class MaxSimIndex:
         self.index = faiss_index if faiss_index is not None else self._empty(self.spec, 0)
         self.deleted = np.zeros(0, np.int64)  # HNSW vector ids removed but still in the graph
         self._gpu = None  # a GPU copy for searching, made by `use_gpu`, dropped by any change
+        self._want_gpu = False
         self._selector = None  # keeps the FAISS selector of deleted ids alive while it is used
         self._mapped_from: Path | None = None  # the file a memory-mapped index maps
 
@@ -161,9 +162,11 @@ class MaxSimIndex:
         self.rebuild(lambda: [(keys, stored)], len(stored), stored[:0].reshape(0, self.dim))
 
     def use_gpu(self) -> bool:
-        """Search on a GPU copy from now on, when a GPU and FAISS's GPU support for this kind exist."""
+        """Search on a GPU copy from now on (re-made after changes), when a GPU and FAISS's GPU
+        support for this kind exist."""
         self._gpu = faiss_index.to_gpu(self.index)
-        return self._gpu is not None
+        self._want_gpu = self._gpu is not None
+        return self._want_gpu
 
     # -- contents ---------------------------------------------------------------------------------
     @property
@@ -261,6 +264,8 @@ class MaxSimIndex:
         return hits
 
     def _search_vectors(self, queries: np.ndarray, depth: int) -> tuple[np.ndarray, np.ndarray]:
+        if self._want_gpu and self._gpu is None:
+            self._gpu = faiss_index.to_gpu(self.index)
         if self._gpu is not None:
             ivf = self.kind in ("ivf-flat", "ivf-pq")
             nprobe = self.spec.probes(faiss_index.ivf_nlist(self.index)) if ivf else None
