@@ -11,6 +11,7 @@ import click
 from api.cli_search import evaluate_command, search
 from api.cli_serve import demo, serve
 from api.cli_train import train
+from api.cli_ray import caption_on_ray, index_on_ray, ray_config, ray_options
 from api.options import (
     caption_options, emit_json, feature_cache_option, index_options, index_type_options, model_options, store_config,
 )
@@ -73,11 +74,13 @@ def make_tiny_command(directory: Path, seed: int) -> None:
               help="Also caption images (stage-2 LLM), new ones from the same decoded pixels.")
 @caption_options
 @index_type_options
+@ray_options
 @click.option("--quiet", "-q", is_flag=True, help="No progress output.")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as one JSON object on stdout.")
 def index(paths, index_dir, catalog_url, model, device, dtype, batch_size, workers, exclude, follow_symlinks,
           max_megapixels, decode_timeout, feature_cache_mb, with_captions, caption_model, prompt, max_new_tokens,
-          num_beams, index_type, max_index_memory, quiet, as_json) -> None:
+          num_beams, index_type, max_index_memory, ray_address, shards_url, ray_model_actors, ray_gpus_per_actor,
+          quiet, as_json) -> None:
     """Index the images under PATHS (folders or files): new and changed files are embedded, renamed and
     duplicate files reuse their vectors, files gone from disk are removed."""
     import os
@@ -117,6 +120,11 @@ def index(paths, index_dir, catalog_url, model, device, dtype, batch_size, worke
         with store.writer_lock(), ThreadPoolExecutor(max_workers=1) as loader:
             if index_type is not None or max_index_memory is not None:
                 _choose_index_type(store, index_type or "auto", max_index_memory)
+            if ray_address is not None:
+                ray = ray_config(store, ray_address, shards_url, ray_model_actors, ray_gpus_per_actor, batch_size,
+                                 "index")
+                summary = index_on_ray(store, model_config, config, ray, paths, make_progress("index", quiet))
+                return _print_index_summary(store, summary, with_captions, as_json)
             # The models load in the background while files are walked and decoded; one after the
             # other, since transformers' loading is not thread-safe.
             embedder = loader.submit(Blip2Retriever.load, model_config)
@@ -132,6 +140,10 @@ def index(paths, index_dir, catalog_url, model, device, dtype, batch_size, worke
                 summary.captioned += rest.captioned
     finally:
         store.close()
+    _print_index_summary(store, summary, with_captions, as_json)
+
+
+def _print_index_summary(store, summary, with_captions: bool, as_json: bool) -> None:
     result = {"index": str(store.directory), **summary.as_dict()}
     if as_json:
         emit_json(result)
@@ -166,10 +178,11 @@ def _choose_index_type(store, index_type: str, max_memory: int | None) -> None:
 @click.option("--batch-size", type=click.IntRange(1, 1024), default=8, show_default=True)
 @click.option("--workers", type=click.IntRange(1, 256), default=None, help="Decode worker processes [default: CPU cores].")
 @click.option("--overwrite", is_flag=True, help="Re-caption images captioned by another model or prompt.")
+@ray_options
 @click.option("--quiet", "-q", is_flag=True, help="No progress output.")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as one JSON object on stdout.")
 def caption(index_dir, catalog_url, caption_model, prompt, max_new_tokens, num_beams, device, dtype, batch_size,
-            workers, overwrite, quiet, as_json) -> None:
+            workers, overwrite, ray_address, shards_url, ray_model_actors, ray_gpus_per_actor, quiet, as_json) -> None:
     """Write a caption for every indexed image that has none, with BLIP-2's stage-2 LLM."""
     import os
 
@@ -186,8 +199,14 @@ def caption(index_dir, catalog_url, caption_model, prompt, max_new_tokens, num_b
     store = IndexStore.open(store_config(index_dir, catalog_url))
     try:
         with store.writer_lock():
-            captioner = Blip2Captioner.load(ModelConfig.captioning(caption_model, device, dtype))
-            summary = CaptionRun(store, captioner, config, make_progress("caption", quiet)).run()
+            model_config = ModelConfig.captioning(caption_model, device, dtype)
+            if ray_address is not None:
+                ray = ray_config(store, ray_address, shards_url, ray_model_actors, ray_gpus_per_actor, batch_size,
+                                 "captions")
+                summary = caption_on_ray(store, model_config, config, ray, make_progress("caption", quiet))
+            else:
+                captioner = Blip2Captioner.load(model_config)
+                summary = CaptionRun(store, captioner, config, make_progress("caption", quiet)).run()
     finally:
         store.close()
     result = {"index": str(store.directory), **summary.as_dict()}

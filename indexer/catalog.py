@@ -214,6 +214,10 @@ class Catalog:
                 found.update(conn.execute(select(e.c.content_hash, e.c.id).where(e.c.content_hash.in_(chunk))).all())
         return found
 
+    def content_hashes(self) -> list[str]:
+        with self.engine.connect() as conn:
+            return list(conn.execute(select(schema.embeddings.c.content_hash)).scalars())
+
     def embedding_ids(self) -> np.ndarray:
         with self.engine.connect() as conn:
             ids = conn.execute(select(schema.embeddings.c.id).order_by(schema.embeddings.c.id)).scalars().all()

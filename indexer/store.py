@@ -21,7 +21,7 @@ import numpy as np
 from indexer.catalog import Catalog, sqlite_url
 from indexer.errors import IndexBusyError, IndexNotFoundError
 from retrieval.errors import UsageError
-from retrieval.index_types import IndexSpec, choose_spec
+from retrieval.index_types import IndexSpec, auto_candidates, choose_spec
 from retrieval.loading import ModelIdentity
 
 CATALOG_FILE = "catalog.sqlite"
@@ -58,14 +58,21 @@ class IndexSettings:
         if self.index_type != "auto":
             IndexSpec.parse(self.index_type)
 
-    def spec_for(self, images: int, num_queries: int, dim: int) -> IndexSpec:
+    def spec_for(self, images: int, num_queries: int, dim: int, strict: bool = True) -> IndexSpec:
+        """The type for `images` images; over budget, a UsageError, or (not `strict`: searching,
+        which must keep working) the smallest type that auto would take."""
         planned = int(images * HEADROOM) + 1
         if self.index_type == "auto":
-            return choose_spec(self.max_memory, planned, num_queries, dim)
+            try:
+                return choose_spec(self.max_memory, planned, num_queries, dim)
+            except UsageError:
+                if strict:
+                    raise
+                return auto_candidates(dim)[-1]
         spec = IndexSpec.parse(self.index_type)
         spec.validate(dim)
         needed = spec.bytes_per_vector(dim) * num_queries * images
-        if self.max_memory is not None and needed > self.max_memory:
+        if strict and self.max_memory is not None and needed > self.max_memory:
             raise UsageError(
                 f"{images} images in a {spec} index need {needed / 2**20:.0f} MiB, over --max-index-memory "
                 f"{self.max_memory / 2**20:.0f} MiB; choose a smaller type or --index-type auto"
@@ -130,7 +137,7 @@ class IndexStore:
         from retrieval.index import MaxSimIndex
 
         ids = self.catalog.embedding_ids()
-        spec = self.settings().spec_for(len(ids), identity.num_queries, identity.embed_dim)
+        spec = self.settings().spec_for(len(ids), identity.num_queries, identity.embed_dim, strict=not read_only)
         path = self.vectors_path
         mmap = read_only and path.exists() and path.stat().st_size >= self.config.mmap_min_bytes
         index = MaxSimIndex.load(path, identity.embed_dim, identity.num_queries, spec, mmap=mmap)
@@ -138,7 +145,8 @@ class IndexStore:
             self._rebuild(index, spec, ids)
         else:
             reconcile(index, self.catalog, identity)
-        self.refresh(index)
+        if not read_only:  # searching leaves training to writers (a staged index is exact meanwhile)
+            self.refresh(index)
         return index
 
     def refresh(self, index) -> str | None:

@@ -10,8 +10,9 @@ an fp32 matrix product: fp16 rounding moves a score by at most `error_bound(q)`,
 the true top-n scores within 2 bounds of the n-th fp16 score, and those few candidates are re-scored
 on their exact fp32 vectors (from the catalog), which gives the exact ranking.
 
-Approximate kinds (`sq8`, `ivf-*`, `hnsw`) propose twice the images asked for; those are re-scored
-on their exact vectors and the best n returned, so every score returned is exact and only recall
+Approximate kinds (`sq8`, `ivf-*`, `hnsw`) propose several times the images asked for (2x, 8x for
+PQ's rougher scores: `IndexSpec.rescore_factor`); those are re-scored on their exact vectors and the
+best n returned, so every score returned is exact and only recall
 is approximate. Kinds that need training hold their vectors in a `flat-fp16` index (exact) until
 the collection is large enough to train on; `needs_rebuild` says when, and `rebuild` does it.
 """
@@ -32,7 +33,6 @@ from retrieval.index_types import IndexSpec
 VectorSource = Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]]
 # Yields (keys, (n, num_queries, dim) vectors) chunks: every image a rebuilt index must hold.
 VectorChunks = Callable[[], Iterable[tuple[np.ndarray, np.ndarray]]]
-OVERSAMPLE = 2  # approximate kinds re-score this many times the images asked for
 TOMBSTONE_REBUILD = 0.2  # HNSW (which cannot delete) is rebuilt when a fifth of it is deleted
 
 
@@ -152,6 +152,7 @@ class MaxSimIndex:
         if not index.is_trained:
             faiss_index.train(index, sample)
         self.spec, self.index, self.deleted, self._gpu = spec, index, np.zeros(0, np.int64), None
+        self._mapped_from = None
         for keys, chunk in chunks():
             self.add(keys, chunk)
 
@@ -159,7 +160,7 @@ class MaxSimIndex:
         """Rebuild an HNSW graph without its deleted vectors."""
         keys = self.keys()
         stored = self.index.reconstruct_batch(self._ids(keys)).reshape(len(keys), self.num_queries, self.dim)
-        self.rebuild(lambda: [(keys, stored)], len(stored), stored[:0].reshape(0, self.dim))
+        self.rebuild(lambda: [(keys, stored)], len(keys) * self.num_queries, stored[:0].reshape(0, self.dim))
 
     def use_gpu(self) -> bool:
         """Search on a GPU copy from now on (re-made after changes), when a GPU and FAISS's GPU
@@ -242,7 +243,7 @@ class MaxSimIndex:
             return [ImageHits(empty, np.zeros(0, np.float32), empty, True) for _ in queries]
         approximate = self.error_bound(queries[0]) is None
         if approximate:
-            depth = min(self.num_queries * n_images * OVERSAMPLE, self.ntotal)
+            depth = min(self.num_queries * n_images * self.spec.rescore_factor(), self.ntotal)
         else:
             depth = min(self.num_queries * (n_images - 1) + 1, self.ntotal)
         scores, ids = self._search_vectors(queries, depth)
@@ -250,7 +251,7 @@ class MaxSimIndex:
         for query, row_scores, row_ids in zip(queries, scores, ids):
             keys, best, slots = self._collapse(row_scores, row_ids)
             if approximate:
-                considered, top = len(keys), n_images * OVERSAMPLE
+                considered, top = len(keys), n_images * self.spec.rescore_factor()
                 keys, best, slots = keys[:top], best[:top], slots[:top]
                 if exact is not None or faiss_index.reconstructs(self.index):
                     keys, best, slots = self._ranked(*self._rescore(query, keys, exact))

@@ -41,6 +41,7 @@ class IndexSpec:
     nprobe: int | None = None  # IVF lists visited per search; None: nlist // 16, at least 8
     hnsw_m: int = 32  # HNSW links per node
     ef_search: int = 128  # HNSW search breadth (raised to the number of vectors asked for)
+    rescore: int | None = None  # images re-scored exactly per image asked; None: 8 for PQ, else 2
 
     @classmethod
     def parse(cls, text: str) -> "IndexSpec":
@@ -64,7 +65,7 @@ class IndexSpec:
         return spec
 
     def validate(self, dim: int | None = None) -> None:
-        for name in ("nlist", "m", "nprobe", "hnsw_m", "ef_search"):
+        for name in ("nlist", "m", "nprobe", "hnsw_m", "ef_search", "rescore"):
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise UsageError(f"index type option {name} must be at least 1, not {value}")
@@ -114,8 +115,18 @@ class IndexSpec:
             need = max(need, PQ_TRAIN_PER_CENTROID * 256)  # 8-bit PQ codebooks have 256 centroids
         return need
 
+    def rescore_factor(self) -> int:
+        """PQ's scores are rough, so its true top n hides deeper in its candidates than other kinds'."""
+        return self.rescore or (8 if self.kind == "ivf-pq" else 2)
+
     def probes(self, nlist: int) -> int:
         return min(nlist, self.nprobe or max(8, nlist // 16))
+
+
+def auto_candidates(dim: int) -> list[IndexSpec]:
+    """What `auto` chooses from, most exact (and largest) first."""
+    pq = [IndexSpec("ivf-pq", m=m) for m in (dim // 4, dim // 8, dim // 16, dim // 32) if m >= 1 and dim % m == 0]
+    return [IndexSpec("flat-fp16"), IndexSpec("sq8"), *dict.fromkeys(pq)]
 
 
 def choose_spec(max_bytes: int, images: int, num_queries: int, dim: int) -> IndexSpec:
@@ -124,8 +135,7 @@ def choose_spec(max_bytes: int, images: int, num_queries: int, dim: int) -> Inde
     Exact flat fp16 first, then SQ8, then IVF-PQ with the largest code that fits; the caller passes
     the collection size it expects to reach (this leaves no other headroom)."""
     vectors = max(images, 1) * num_queries
-    candidates = [IndexSpec("flat-fp16"), IndexSpec("sq8")]
-    candidates += [IndexSpec("ivf-pq", m=m) for m in (dim // 4, dim // 8, dim // 16, dim // 32) if m >= 1 and dim % m == 0]
+    candidates = auto_candidates(dim)
     for spec in candidates:
         if spec.bytes_per_vector(dim) * vectors <= max_bytes:
             return spec

@@ -90,3 +90,16 @@ def test_read_only_opens_map_large_files_and_changes_still_work(photos, tiny_mod
         assert store.load_vectors(identity).ntotal == vectors.ntotal + identity.num_queries  # the file is untouched
     finally:
         store.close()
+
+
+def test_a_budget_outgrown_stops_writers_but_not_searches():
+    from indexer.store import IndexSettings
+    from retrieval.errors import UsageError
+
+    auto, fixed = IndexSettings("auto", 100_000), IndexSettings("sq8", 100_000)
+    assert auto.spec_for(10, 32, 256).kind == "flat-fp16"
+    for settings in (auto, fixed):
+        with pytest.raises(UsageError, match="max-index-memory"):
+            settings.spec_for(10_000, 32, 256)
+    assert str(auto.spec_for(10_000, 32, 256, strict=False)) == "ivf-pq:m=8"  # the smallest auto takes
+    assert fixed.spec_for(10_000, 32, 256, strict=False).kind == "sq8"

@@ -1,0 +1,136 @@
+"""`index --ray` and `caption --ray` on a local Ray (2 CPUs): the same catalog, vectors, search results
+and captions as a single-process run on the same folder; bad files recorded; resumable from shards."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from tests.conftest import assert_consistent, make_images, run_cli
+
+pytest.importorskip("ray", reason="the ray extra is not installed")
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory) -> Path:
+    photos = tmp_path_factory.mktemp("ray") / "photos"
+    make_images(photos, 20, seed=31)
+    shutil.copy(photos / "img0003.jpg", photos / "sub-copy.jpg")  # duplicate content: reused
+    (photos / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
+    (photos / "empty.png").write_bytes(b"")
+    return photos
+
+
+def catalog_rows(index_dir: Path) -> dict[str, tuple]:
+    from indexer.catalog import Catalog, sqlite_url
+
+    catalog = Catalog.open(sqlite_url(index_dir / "catalog.sqlite"))
+    try:
+        rows = {r.path: (r.status, (r.error or "").split(":")[0], r.content_hash, r.width, r.height, r.format)
+                for r in catalog.files()}
+        by_hash = {r.content_hash: r.embedding_id for r in catalog.files() if r.embedding_id is not None}
+        ids = np.asarray(sorted(by_hash.values()), np.int64)
+        _, vectors = catalog.vectors(ids, 32, 16)
+        hashes = {eid: h for h, eid in by_hash.items()}
+        return rows, {hashes[int(i)]: v for i, v in zip(ids, vectors)}
+    finally:
+        catalog.close()
+
+
+def index(folder, index_dir, model, *extra) -> dict:
+    result = run_cli("index", str(folder), "--index", str(index_dir), "--model", str(model), "--json", "-q", *extra,
+                     timeout=300)
+    assert result.returncode == 0, result.stderr
+    return json.loads(result.stdout)
+
+
+@pytest.fixture(scope="module")
+def both(folder, tiny_model, tmp_path_factory):
+    """The same folder indexed by one process and on Ray."""
+    root = tmp_path_factory.mktemp("both")
+    single = index(folder, root / "single", tiny_model)
+    on_ray = index(folder, root / "ray", tiny_model, "--ray", "--shards", f"file://{root / 'shards'}")
+    return root, single, on_ray
+
+
+def test_ray_run_equals_the_single_process_run(both, tiny_model):
+    root, single, on_ray = both
+    for key in ("indexed", "unchanged", "reused", "removed", "skipped", "skipped_by_reason"):
+        assert on_ray[key] == single[key], key
+    assert on_ray["skipped"] == 2 and on_ray["reused"] == 1
+    rows_single, vectors_single = catalog_rows(root / "single")
+    rows_ray, vectors_ray = catalog_rows(root / "ray")
+    assert rows_ray == rows_single  # status, skip reason, hash, size, format of every file
+    assert vectors_ray.keys() == vectors_single.keys()
+    for digest, vectors in vectors_single.items():
+        np.testing.assert_allclose(vectors_ray[digest], vectors, atol=1e-5)
+    assert_consistent(root / "ray")
+    assert not list((root / "shards" / "index").glob("part-*")), "merged shards are deleted"
+
+    def search(index_dir):
+        found = run_cli("search", "a red circle", "-k", "5", "--index", str(index_dir), "--model", str(tiny_model),
+                        "--json", check=True)
+        return [(r["path"], round(r["score"], 4)) for r in json.loads(found.stdout)["results"]]
+
+    assert search(root / "ray") == search(root / "single")
+
+
+def test_ray_rerun_is_incremental(both, folder, tiny_model):
+    root, _, _ = both
+    again = index(folder, root / "ray", tiny_model, "--ray", "--shards", f"file://{root / 'shards'}")
+    assert again["indexed"] == 0 and again["unchanged"] == 23
+
+
+def test_interrupted_ray_run_resumes_from_its_shards(folder, tiny_model, tmp_path):
+    """Shards written by a run that stopped before merging are merged, and only the other files are read."""
+    import ray
+
+    from indexer.pipeline import IndexConfig
+    from indexer.ray_index import RayConfig, RayIndexRun
+    from indexer.store import IndexStore, StoreConfig
+    from indexer.walk import walk
+    from retrieval.config import ModelConfig
+    from retrieval.preprocess import peek_transform
+
+    shards = tmp_path / "shards" / "index"
+    store = IndexStore.open(StoreConfig(tmp_path / "idx"), create=True)
+    model = ModelConfig.retrieval(str(tiny_model), "cpu")
+    config = RayConfig(num_cpus=2, shards_url=str(shards), batch_size=4)
+    try:
+        run = RayIndexRun(store, model, IndexConfig(), config, peek_transform(str(tiny_model)))
+        first_half = sorted(walk([str(folder)], IndexConfig().walk).values(), key=lambda f: f.path)[:10]
+        run._embed(first_half)  # then the run "dies": nothing merged
+        import pyarrow.parquet as pq
+
+        written = [pq.read_table(p).num_rows for p in shards.glob("part-*.parquet")]
+        assert len(written) >= 3 and sum(written) == 10  # batches of at most 4, one shard each
+    finally:
+        store.close()
+        ray.shutdown()
+    result = run_cli("index", str(folder), "--index", str(tmp_path / "idx"), "--model", str(tiny_model), "--json",
+                     "--ray", "--shards", str(tmp_path / "shards"), timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert "13 files to process" in result.stderr  # 23 files, 10 of them in the shards
+    summary = json.loads(result.stdout)
+    assert summary["indexed"] + summary["reused"] + summary["skipped"] == 23
+    assert_consistent(tmp_path / "idx")
+
+
+def test_caption_on_ray_equals_the_single_process_captions(both, caption_model):
+    root, _, _ = both
+    shutil.copytree(root / "single", root / "captions-single")
+    shutil.copytree(root / "ray", root / "captions-ray")
+    common = ["--caption-model", str(caption_model), "--json", "-q"]
+    single = run_cli("caption", "--index", str(root / "captions-single"), *common, check=True, timeout=300)
+    on_ray = run_cli("caption", "--index", str(root / "captions-ray"), *common, "--ray", check=True, timeout=300)
+    assert json.loads(on_ray.stdout)["captioned"] == json.loads(single.stdout)["captioned"] == 20
+
+    def captions(index_dir):
+        exported = run_cli("export", "--index", str(index_dir), check=True)
+        return {r["path"]: r["caption"] for r in map(json.loads, exported.stdout.splitlines()) if r["status"] == "indexed"}
+
+    assert captions(root / "captions-ray") == captions(root / "captions-single")
