@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Iterable, Sequence
 
 import numpy as np
-from sqlalchemy import and_, create_engine, delete, event, exists, func, insert, select
+from sqlalchemy import and_, create_engine, delete, event, exists, func, insert, select, update
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import IntegrityError, OperationalError
 
@@ -157,11 +157,23 @@ class Catalog:
         return json.loads(value) if value else []
 
     def add_roots(self, roots: Iterable[str]) -> None:
-        merged = sorted(set(self.roots()) | set(roots))
-        m = schema.meta
-        with self.engine.begin() as conn:
-            conn.execute(delete(m).where(m.c.key == "roots"))
-            conn.execute(insert(m).values(key="roots", value=json.dumps(merged)))
+        """Read, merge and write in one transaction with the row locked, so writers sharing the
+        catalog never drop each other's roots; two first inserts collide and the loser retries."""
+        m, roots = schema.meta, set(roots)
+        for attempt in range(WRITE_ATTEMPTS):
+            try:
+                with self.engine.begin() as conn:
+                    query = select(m.c.value).where(m.c.key == "roots").with_for_update()
+                    value = conn.execute(query).scalar()
+                    merged = json.dumps(sorted(set(json.loads(value) if value else []) | roots))
+                    if value is None:
+                        conn.execute(insert(m).values(key="roots", value=merged))
+                    elif merged != value:
+                        conn.execute(update(m).where(m.c.key == "roots").values(value=merged))
+                return
+            except IntegrityError:
+                if attempt == WRITE_ATTEMPTS - 1:
+                    raise
 
     # -- reads ------------------------------------------------------------------------------------
     def file(self, file_id: int) -> FileRow | None:

@@ -113,8 +113,17 @@ def _stream(rows: list[dict], stages: list[tuple[Any, dict]], batch_size: int) -
     dataset = ray.data.from_items(rows, override_num_blocks=max(1, min(len(rows) // batch_size, 1000)))
     for stage, options in stages:
         dataset = dataset.map_batches(stage, batch_size=batch_size, batch_format="numpy", **options)
-    for batch in dataset.iter_batches(batch_size=None, batch_format="numpy"):
-        yield len(batch["path"])
+    try:
+        for batch in dataset.iter_batches(batch_size=None, batch_format="numpy"):
+            yield len(batch["path"])
+    except ray.exceptions.RayError as exc:
+        cause = str(exc).strip().splitlines()[-1][:300]
+        raise RayRunError(f"the Ray run failed ({cause}); the shards written so far are kept, "
+                          "so running the same command again resumes") from None
+
+
+class RayRunError(BlipsearchError):
+    exit_code = 1
 
 
 class RayIndexRun:

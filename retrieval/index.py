@@ -10,7 +10,7 @@ an fp32 matrix product: fp16 rounding moves a score by at most `error_bound(q)`,
 the true top-n scores within 2 bounds of the n-th fp16 score, and those few candidates are re-scored
 on their exact fp32 vectors (from the catalog), which gives the exact ranking.
 
-Approximate kinds (`sq8`, `ivf-*`, `hnsw`) propose several times the images asked for (2x, 8x for
+Approximate kinds (`sq8`, `ivf-*`, `hnsw`) propose several times the images asked for (2x, 16x for
 PQ's rougher scores: `IndexSpec.rescore_factor`); those are re-scored on their exact vectors and the
 best n returned, so every score returned is exact and only recall
 is approximate. Kinds that need training hold their vectors in a `flat-fp16` index (exact) until

@@ -36,12 +36,12 @@ PQ_TRAIN_PER_CENTROID = 39  # FAISS warns below 39 training points per k-means c
 class IndexSpec:
     kind: str = "flat-fp16"
     nlist: int | None = None  # IVF lists; None: about 4 * sqrt(vectors) when trained
-    m: int | None = None  # PQ bytes per vector; None: dim // 8
+    m: int | None = None  # PQ bytes per vector; None: dim // 4 (64 for 256-d; 32 lost recall: RESULTS.md)
     opq: bool = False  # rotate before PQ (OPQ), which lowers PQ's error on correlated dimensions
     nprobe: int | None = None  # IVF lists visited per search; None: nlist // 16, at least 8
     hnsw_m: int = 32  # HNSW links per node
     ef_search: int = 128  # HNSW search breadth (raised to the number of vectors asked for)
-    rescore: int | None = None  # images re-scored exactly per image asked; None: 8 for PQ, else 2
+    rescore: int | None = None  # images re-scored exactly per image asked; None: 16 for PQ, else 2
 
     @classmethod
     def parse(cls, text: str) -> "IndexSpec":
@@ -80,7 +80,7 @@ class IndexSpec:
 
     # -- sizes ------------------------------------------------------------------------------------
     def pq_m(self, dim: int) -> int:
-        return self.m or max(1, dim // 8)
+        return self.m or max(1, dim // 4)
 
     def bytes_per_vector(self, dim: int) -> int:
         """Memory per stored vector, ids included (graph links for HNSW, not the IVF centroids)."""
@@ -117,7 +117,7 @@ class IndexSpec:
 
     def rescore_factor(self) -> int:
         """PQ's scores are rough, so its true top n hides deeper in its candidates than other kinds'."""
-        return self.rescore or (8 if self.kind == "ivf-pq" else 2)
+        return self.rescore or (16 if self.kind == "ivf-pq" else 2)
 
     def probes(self, nlist: int) -> int:
         return min(nlist, self.nprobe or max(8, nlist // 16))

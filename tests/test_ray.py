@@ -12,7 +12,7 @@ import pytest
 
 from tests.conftest import assert_consistent, make_images, run_cli
 
-pytest.importorskip("ray", reason="the ray extra is not installed")
+
 
 
 @pytest.fixture(scope="module")
@@ -134,3 +134,10 @@ def test_caption_on_ray_equals_the_single_process_captions(both, caption_model):
         return {r["path"]: r["caption"] for r in map(json.loads, exported.stdout.splitlines()) if r["status"] == "indexed"}
 
     assert captions(root / "captions-ray") == captions(root / "captions-single")
+
+
+def test_a_missing_model_is_one_clear_error_before_ray_starts(folder, tmp_path):
+    result = run_cli("index", str(folder), "--index", str(tmp_path / "idx"), "--model", str(tmp_path / "nowhere"),
+                     "--ray")
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert len(result.stderr.strip().splitlines()) <= 3, result.stderr

@@ -96,7 +96,7 @@ def test_a_budget_outgrown_stops_writers_but_not_searches():
     from indexer.store import IndexSettings
     from retrieval.errors import UsageError
 
-    auto, fixed = IndexSettings("auto", 100_000), IndexSettings("sq8", 100_000)
+    auto, fixed = IndexSettings("auto", 1_000_000), IndexSettings("sq8", 1_000_000)
     assert auto.spec_for(10, 32, 256).kind == "flat-fp16"
     for settings in (auto, fixed):
         with pytest.raises(UsageError, match="max-index-memory"):
