@@ -126,14 +126,35 @@ class RayRunError(BlipsearchError):
     exit_code = 1
 
 
-class RayIndexRun:
-    def __init__(self, store: IndexStore, model_config: Any, config: IndexConfig, ray_config: RayConfig,
+class _RayRun:
+    """What index and caption runs share: the store, the model, the shards, and the Ray pipeline."""
+
+    def __init__(self, store: IndexStore, model_config: Any, config: Any, ray_config: RayConfig,
                  transform: Any, progress: Progress | None = None) -> None:
         self.store, self.model_config, self.config, self.ray = store, model_config, config, ray_config
         self.transform = transform
         self.progress = progress or NoProgress()
         self.shards = Shards(ray_config.shards_url)
-        self.vectors = None  # the FAISS index, loaded once the model is known
+
+    def _process(self, rows: list[dict], decode: DecodeOptions, model_stage: type, model_args: tuple,
+                 batch_size: int) -> None:
+        """Decode actors then model actors over `rows`, each model batch written as a shard."""
+        start_ray(self.ray)
+        decode_actors, gpus = _actors(self.ray)
+        stages = [
+            (DecodeStage, {"fn_constructor_args": (decode, replace(self.config.pool, workers=1)),
+                           **_pool(decode_actors), "num_cpus": 1}),
+            (model_stage, {"fn_constructor_args": model_args,
+                           **_pool(self.ray.model_actors), "num_gpus": gpus, "num_cpus": 1}),
+        ]
+        self.progress.start(len(rows))
+        for count in _stream(rows, stages, batch_size):
+            self.progress.advance(count)
+
+
+class RayIndexRun(_RayRun):
+    config: IndexConfig
+    vectors = None  # the FAISS index, loaded once the model is known
 
     def run(self, paths: Sequence[str]) -> IndexSummary:
         started = time.perf_counter()
@@ -163,22 +184,13 @@ class RayIndexRun:
         return summary
 
     def _embed(self, todo: list[FoundFile]) -> None:
-        start_ray(self.ray)
-        decode_actors, gpus = _actors(self.ray)
-        options = DecodeOptions(self.transform, self.config.max_pixels, self.config.use_draft)
         import ray
 
-        known = frozenset(self.store.catalog.content_hashes())  # put once, read by every model actor
-        stages = [
-            (DecodeStage, {"fn_constructor_args": (options, replace(self.config.pool, workers=1)),
-                           **_pool(decode_actors), "num_cpus": 1}),
-            (EmbedStage, {"fn_constructor_args": (self.model_config, self.ray.shards_url, ray.put(known)),
-                          **_pool(self.ray.model_actors), "num_gpus": gpus, "num_cpus": 1}),
-        ]
+        start_ray(self.ray)
+        known = ray.put(frozenset(self.store.catalog.content_hashes()))  # put once, read by every model actor
         rows = [{"path": f.path, "size": f.size, "mtime_ns": f.mtime_ns} for f in todo]
-        self.progress.start(len(rows))
-        for count in _stream(rows, stages, self.ray.batch_size):
-            self.progress.advance(count)
+        decode = DecodeOptions(self.transform, self.config.max_pixels, self.config.use_draft)
+        self._process(rows, decode, EmbedStage, (self.model_config, self.ray.shards_url, known), self.ray.batch_size)
 
     def _vectors(self, identity: ModelIdentity):
         if self.vectors is None:
@@ -238,15 +250,10 @@ class RayIndexRun:
         return entries, fresh
 
 
-class RayCaptionRun:
+class RayCaptionRun(_RayRun):
     """`caption --ray`: contents without a caption -> decode actors -> captioning actors -> shards -> catalog."""
 
-    def __init__(self, store: IndexStore, model_config: Any, config: CaptionConfig, ray_config: RayConfig,
-                 transform: Any, progress: Progress | None = None) -> None:
-        self.store, self.model_config, self.config, self.ray = store, model_config, config, ray_config
-        self.transform = transform
-        self.progress = progress or NoProgress()
-        self.shards = Shards(ray_config.shards_url)
+    config: CaptionConfig
 
     def run(self) -> CaptionSummary:
         import os
@@ -266,18 +273,9 @@ class RayCaptionRun:
                 else:
                     summary.missing.append(task.path)
         if rows:
-            start_ray(self.ray)
-            decode_actors, gpus = _actors(self.ray)
-            stages = [
-                (DecodeStage, {"fn_constructor_args": (DecodeOptions.for_indexed(self.transform),
-                                                       replace(self.config.pool, workers=1)),
-                               **_pool(decode_actors), "num_cpus": 1}),
-                (CaptionStage, {"fn_constructor_args": (self.model_config, self.config.options, self.ray.shards_url),
-                                **_pool(self.ray.model_actors), "num_gpus": gpus, "num_cpus": 1}),
-            ]
-            self.progress.start(len(rows))
-            for count in _stream(rows, stages, self.config.batch_size):
-                self.progress.advance(count)
+            model_args = (self.model_config, self.config.options, self.ray.shards_url)
+            self._process(rows, DecodeOptions.for_indexed(self.transform), CaptionStage, model_args,
+                          self.config.batch_size)
             self._merge(summary)
         summary.seconds["total"] = time.perf_counter() - started
         self.progress.close()
