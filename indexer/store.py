@@ -144,14 +144,15 @@ class IndexStore:
         if index.ntotal == 0 and len(ids):  # new, lost, or of another kind: build it straight away
             self._rebuild(index, spec, ids)
         else:
-            reconcile(index, self.catalog, identity)
+            reconcile(index, self.catalog, identity, ids)
         if not read_only:  # searching leaves training to writers (a staged index is exact meanwhile)
-            self.refresh(index)
+            self.refresh(index, ids)
         return index
 
-    def refresh(self, index) -> str | None:
-        """Rebuild `index` from the catalog if its kind changed or training is due; returns why."""
-        ids = self.catalog.embedding_ids()
+    def refresh(self, index, ids: np.ndarray | None = None) -> str | None:
+        """Rebuild `index` from the catalog if its kind changed or training is due; returns why.
+        `ids`: the catalog's embedding ids, when the caller has just read them."""
+        ids = self.catalog.embedding_ids() if ids is None else ids
         spec = self.settings().spec_for(len(ids), index.num_queries, index.dim)
         reason = index.needs_rebuild(spec)
         if reason is not None:
@@ -199,10 +200,12 @@ class IndexStore:
         return summary
 
 
-def reconcile(index, catalog: Catalog, identity: ModelIdentity, chunk: int = 2048) -> tuple[int, int]:
-    """Make `index` hold exactly the catalog's embeddings; returns (added, removed)."""
+def reconcile(index, catalog: Catalog, identity: ModelIdentity, in_catalog: np.ndarray | None = None,
+              chunk: int = 2048) -> tuple[int, int]:
+    """Make `index` hold exactly the catalog's embeddings (`in_catalog`: their ids, if just read);
+    returns (added, removed)."""
     in_index = index.keys()
-    in_catalog = catalog.embedding_ids()
+    in_catalog = catalog.embedding_ids() if in_catalog is None else in_catalog
     extra = np.setdiff1d(in_index, in_catalog, assume_unique=True)
     missing = np.setdiff1d(in_catalog, in_index, assume_unique=True)
     index.remove(extra)
