@@ -33,7 +33,7 @@ class DecodeStage:
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         transform = self.options.transform
         n = len(batch["path"])
-        pixels = np.zeros((n, 3, transform.height, transform.width), np.float32)
+        pixels = np.zeros((n, 3, transform.height, transform.width), np.uint8)
         facts: dict[str, list] = {k: [] for k in ("decoded", "content_hash", "error", "reason", "width", "height", "format")}
         for i, (_, outcome) in enumerate(self.pool.imap(list(batch["path"]))):
             decoded = isinstance(outcome, Decoded)

@@ -67,12 +67,12 @@ class Blip2Captioner:
         return ids, torch.ones_like(ids)
 
     def caption(self, pixel_values: np.ndarray, options: CaptionOptions) -> list[str]:
-        """(B, 3, H, W) model inputs -> B captions (the prompt not repeated)."""
+        """(B, 3, H, W) model inputs (float, or uint8 from a decoder) -> B captions (the prompt not repeated)."""
         import torch
 
         options.validate()
         dtype = self.model.vision_model.embeddings.patch_embedding.weight.dtype
-        pixels = torch.as_tensor(pixel_values).to(self.device, dtype)
+        pixels = self.transform.to_tensor(pixel_values, self.device, dtype)
         prompt = {}
         if options.prompt:
             input_ids, attention_mask = self._input_ids(options.prompt, pixels.shape[0])

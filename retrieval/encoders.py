@@ -51,14 +51,12 @@ class Blip2Retriever:
 
     # -- images -------------------------------------------------------------------------------
     def _pixels(self, pixel_values: Any):
-        import torch
-
-        tensor = torch.as_tensor(pixel_values)
         vision_dtype = self.model.vision_model.embeddings.patch_embedding.weight.dtype
-        return tensor.to(self.device, vision_dtype)
+        return self.transform.to_tensor(pixel_values, self.device, vision_dtype)
 
     def vit_features(self, pixel_values: Any):
-        """(B, 3, H, W) -> frozen ViT last hidden state (B, P, Dv), on the model's device."""
+        """(B, 3, H, W) model input (float, or uint8 from a decoder) -> frozen ViT last hidden state
+        (B, P, Dv), on the model's device."""
         import torch
 
         with torch.inference_mode():

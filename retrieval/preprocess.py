@@ -1,4 +1,5 @@
-"""The BLIP image transform as a small picklable value: PIL image in, normalised CHW float32 out.
+"""The BLIP image transform as a small picklable value: PIL image in, normalised CHW float32 out, in
+two steps (resize to uint8 in decode workers, normalise where the model runs).
 
 It is built from the checkpoint's own image-processor settings and reproduces transformers'
 PIL `BlipImageProcessor` (resize -> rescale -> normalise), tested against it. Owning it lets decode
@@ -71,11 +72,34 @@ class ImageTransform:
         )
 
     def __call__(self, image: Any) -> np.ndarray:
-        """An RGB PIL image -> (3, H, W) float32."""
-        channels = np.asarray(image.resize((self.width, self.height), resample=self.resample)).transpose(2, 0, 1)
+        """An RGB PIL image -> (3, H, W) float32 model input."""
+        return self.normalise(self.resize(image))
+
+    def resize(self, image: Any) -> np.ndarray:
+        """An RGB PIL image -> (3, H, W) uint8 at the model's size, before rescaling and normalising:
+        what decode workers send, a quarter of the bytes of the float input."""
+        return np.ascontiguousarray(np.asarray(image.resize((self.width, self.height), resample=self.resample)).transpose(2, 0, 1))
+
+    def normalise(self, pixels: np.ndarray) -> np.ndarray:
+        """(..., 3, H, W) uint8 from `resize` -> float32 model input."""
         # Pixels are uint8, so rescale + normalise is a 256-entry table per channel: the same float32
         # arithmetic as the processor's, done once per value instead of once per pixel.
-        return np.stack([table[channel] for table, channel in zip(self._tables, channels)])
+        channels = np.arange(3)[:, None, None]
+        return self._tables[channels, pixels]
+
+    def to_tensor(self, pixels: Any, device: Any, dtype: Any):
+        """(B, 3, H, W) model input as a torch tensor on `device` in `dtype`: float input as it is, uint8
+        from `resize` sent as uint8 (a quarter of the bytes) and normalised there."""
+        import torch
+
+        tensor = torch.as_tensor(pixels).to(device)
+        if tensor.dtype == torch.uint8:
+            # The tables' float32 operations in the same order, so the values are identical (tested).
+            f32 = {"dtype": torch.float32, "device": device}
+            mean = torch.tensor(self.mean, **f32)[:, None, None]
+            std = torch.tensor(self.std, **f32)[:, None, None]
+            tensor = (tensor.to(torch.float32) * torch.tensor(self.rescale_factor, **f32) - mean) / std
+        return tensor.to(dtype)
 
     @property
     def _tables(self) -> np.ndarray:

@@ -17,6 +17,26 @@ TRANSFORM = ImageTransform(224, 224, int(Image.Resampling.BICUBIC), 1 / 255, (0.
 OPTIONS = DecodeOptions(TRANSFORM, max_pixels=50_000_000)
 
 
+def model_input(decoded: Decoded) -> np.ndarray:
+    """Decoders send uint8 at the model's size; compare what the model receives."""
+    assert decoded.pixels.dtype == np.uint8 and decoded.pixels.shape == (3, TRANSFORM.height, TRANSFORM.width)
+    return TRANSFORM.normalise(decoded.pixels)
+
+
+def test_uint8_and_float_inputs_reach_the_model_identically():
+    import torch
+
+    rng = np.random.default_rng(0)
+    images = [Image.fromarray(rng.integers(0, 256, (300, 400, 3), dtype=np.uint8)) for _ in range(2)]
+    as_float = np.stack([TRANSFORM(image) for image in images])
+    as_uint8 = np.stack([TRANSFORM.resize(image) for image in images])
+    assert as_uint8.dtype == np.uint8 and as_float.dtype == np.float32
+    np.testing.assert_array_equal(TRANSFORM.normalise(as_uint8), as_float)
+    expected = torch.from_numpy(as_float)
+    assert torch.equal(TRANSFORM.to_tensor(as_uint8, "cpu", torch.float32), expected)
+    assert torch.equal(TRANSFORM.to_tensor(as_float, "cpu", torch.float32), expected)
+
+
 def encode(image: Image.Image, fmt: str, **kwargs) -> bytes:
     buffer = io.BytesIO()
     image.save(buffer, fmt, **kwargs)
@@ -61,7 +81,7 @@ def test_exif_orientation_applied_and_reported():
     assert (decoded.width, decoded.height) == (100, 200)
     upright = np.asarray(Image.new("RGB", (100, 200)))  # after rotation red is on top
     plain = decode_bytes(encode(image.transpose(Image.Transpose.ROTATE_270), "JPEG"), OPTIONS)
-    np.testing.assert_allclose(decoded.pixels, plain.pixels, atol=0.1)
+    np.testing.assert_allclose(model_input(decoded), model_input(plain), atol=0.1)
     assert upright.shape == (200, 100, 3)
 
 
@@ -71,7 +91,7 @@ def test_first_frame_of_animation():
     frames[0].save(buffer, "GIF", save_all=True, append_images=frames[1:])
     decoded = decode_bytes(buffer.getvalue(), OPTIONS)
     first = decode_bytes(encode(frames[0], "GIF"), OPTIONS)
-    np.testing.assert_allclose(decoded.pixels, first.pixels, atol=1e-6)
+    np.testing.assert_allclose(model_input(decoded), model_input(first), atol=1e-6)
 
 
 @pytest.mark.parametrize("fmt", ["PNG", "WEBP", "BMP", "TIFF", "GIF"])
@@ -89,7 +109,7 @@ def test_draft_decode_stays_close_to_full_decode(tmp_path):
     data = path.read_bytes()
     drafted = decode_bytes(data, OPTIONS)
     full = decode_bytes(data, DecodeOptions(TRANSFORM, OPTIONS.max_pixels, use_draft=False))
-    difference = np.abs(drafted.pixels - full.pixels) * np.asarray(TRANSFORM.std)[:, None, None]
+    difference = np.abs(model_input(drafted) - model_input(full)) * np.asarray(TRANSFORM.std)[:, None, None]
     assert difference.mean() < 0.01 and difference.max() < 0.1  # in [0, 1] pixel units
 
 
@@ -106,7 +126,7 @@ def test_heic_and_avif_when_a_plugin_reads_them(fmt):
     decoded = decode_bytes(encode(image, fmt), OPTIONS)
     assert isinstance(decoded, Decoded) and decoded.format == fmt
     expected = decode_bytes(encode(image, "PNG"), OPTIONS)
-    assert np.abs(decoded.pixels - expected.pixels).mean() < 0.1  # lossy codecs, same picture
+    assert np.abs(model_input(decoded) - model_input(expected)).mean() < 0.1  # lossy codecs, same picture
     broken = encode(image, fmt)[:40]
     assert decode_bytes(broken, OPTIONS).reason in ("corrupt", "truncated")
 
