@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import random
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 
 COLOURS = {
@@ -55,65 +55,24 @@ def _background(rng: random.Random, avoid: set[str]) -> tuple[int, int, int]:
             return rgb
 
 
-def describe(things: tuple[Thing, ...], relation: str | None) -> str:
-    """The caption of `things` ("a small red circle", "... above a large blue square", "two small red circles")."""
-    first = things[0]
-    if len(things) == 1:
-        return f"a {first.size} {first.colour} {first.shape}"
-    if relation is None:
-        return f"{NUMBERS[len(things)]} {first.size} {first.colour} {first.shape}s"
-    second = things[1]
-    return f"a {first.size} {first.colour} {first.shape} {relation} a {second.size} {second.colour} {second.shape}"
-
-
 def make_scene(rng: random.Random, held_out: bool = False) -> Scene:
     kind = rng.random()
     first = _thing(rng, held_out)
     if kind < 0.4:
         things, relation = (first,), None
+        caption = f"a {first.size} {first.colour} {first.shape}"
     elif kind < 0.8:
         second = _thing(rng, False)
         while second.colour == first.colour:  # two colours, so each word points at one shape
             second = _thing(rng, False)
         relation = rng.choice(RELATIONS)
         things = (first, second)
+        caption = f"a {first.size} {first.colour} {first.shape} {relation} a {second.size} {second.colour} {second.shape}"
     else:
         count = rng.choice(list(NUMBERS))
         things, relation = (first,) * count, None
-    return Scene(things, relation, _background(rng, {t.colour for t in things}), describe(things, relation))
-
-
-OPPOSITE = {"above": "below", "below": "above", "left of": "right of", "right of": "left of"}
-
-
-def near_miss(scene: Scene, rng: random.Random) -> str:
-    """A caption that fits `scene` but for one thing: one thing's colour, shape or size, the relation's
-    direction, or the count. Hard negatives for ITM and ITC, which in-batch negatives rarely are. It
-    names no held-out pair that the scene does not show (training scenes show none), so training
-    cannot learn to reject those words."""
-    distinct = scene.things[:1] if scene.relation is None else scene.things
-    options = [("thing", k, attribute) for k in range(len(distinct)) for attribute in ("colour", "shape", "size")]
-    options += [("relation",)] if scene.relation else [("count",)] if len(scene.things) > 1 else []
-    while True:
-        change = rng.choice(options)
-        if change[0] == "relation":
-            return describe(scene.things, OPPOSITE[scene.relation])
-        if change[0] == "count":
-            return describe((scene.things[0],) * (5 - len(scene.things)), None)  # two <-> three
-        _, k, attribute = change
-        thing = distinct[k]
-        others = {t.colour for i, t in enumerate(distinct) if i != k}
-        values = {"colour": COLOURS, "shape": SHAPES, "size": SIZES}[attribute]
-        choices = [v for v in values if v != getattr(thing, attribute)
-                   and (v not in others if attribute == "colour" else True)]
-        candidates = [replace(thing, **{attribute: v}) for v in choices]
-        candidates = [t for t in candidates if (t.colour, t.shape) not in HELD_OUT]
-        if not candidates:
-            continue
-        changed = rng.choice(candidates)
-        things = tuple(changed if t == thing else t for t in scene.things) if scene.relation is None else \
-            tuple(changed if i == k else t for i, t in enumerate(scene.things))
-        return describe(things, scene.relation)
+        caption = f"{NUMBERS[count]} {first.size} {first.colour} {first.shape}s"
+    return Scene(things, relation, _background(rng, {t.colour for t in things}), caption)
 
 
 def draw(scene: Scene, size: int, rng: random.Random):
@@ -241,7 +200,8 @@ def paraphrase(scene: Scene) -> str:
     if scene.relation is None:
         return scene.caption
     first, second = scene.things
-    return describe((second, first), OPPOSITE[scene.relation])
+    other = {"above": "below", "below": "above", "left of": "right of", "right of": "left of"}[scene.relation]
+    return f"a {second.size} {second.colour} {second.shape} {other} a {first.size} {first.colour} {first.shape}"
 
 
 def caption_corpus(count: int, rng: random.Random) -> list[str]:
@@ -281,19 +241,16 @@ def make_dataset(directory: Path, train: int, test: int, seed: int = 0, size: in
 
 
 def training_set(count: int, seed: int = 0, corpus_size: int = 20_000):
-    """`count` scenes with no held-out pair, rendered, captioned and labelled, with a near-miss caption
-    each, plus caption text over every pair for the language model: the input of
-    `retrieval.train.recipe.train`."""
+    """`count` scenes with no held-out pair, rendered, captioned and labelled, plus caption text over
+    every pair for the language model: the input of `retrieval.train.recipe.train`."""
     from retrieval.train.recipe import TrainingSet
 
     rng = random.Random(seed)
     chosen = scenes(count, rng)
     drawn = [render(scene, rng) for scene in chosen]
-    misses = random.Random(f"near misses {seed}")  # its own stream: the images stay those of earlier versions
     return TrainingSet(
         images=[image for image, _ in drawn], captions=[scene.caption for scene in chosen],
         attributes=[attributes(scene) for scene in chosen], attribute_classes=ATTRIBUTE_CLASSES,
         masks=[mask for _, mask in drawn], region_codes=[region_codes(scene) for scene in chosen],
         region_classes=REGION_CLASSES, corpus=caption_corpus(corpus_size, rng),
-        near_misses=[near_miss(scene, misses) for scene in chosen],
     )

@@ -57,7 +57,6 @@ class TrainingSet:
     region_codes: list[list[tuple[int, ...]]]
     region_classes: tuple[int, ...]
     corpus: list[str]
-    near_misses: list[str] | None = None  # per image, a caption wrong in one attribute (stage-1 hard negatives)
 
     def patch_labels(self, grid: int):
         """(N, grid * grid, R) classes of the thing at each ViT patch's centre, in the ViT's raster order."""
@@ -90,7 +89,7 @@ def train(data: TrainingSet, config: TrainConfig, out: Path, progress: Progress 
         torch.set_num_threads(config.threads)
     torch.manual_seed(config.seed)
     arch, seconds, losses = config.architecture, {}, {}
-    words = sorted({word for text in [*data.captions, *data.corpus, *(data.near_misses or [])] for word in text.lower().split()})
+    words = sorted({word for text in [*data.captions, *data.corpus] for word in text.lower().split()})
     itm_processor = retrieval_processor(arch, words)
     opt_processor = caption_processor(arch, data.corpus)
 
@@ -143,15 +142,11 @@ def _stage1(model: Any, processor: Any, features: Any, data: TrainingSet, config
     from retrieval.train.stage1 import train_stage1
 
     tokenizer = processor.tokenizer
-    count = len(data.captions)
-    # Captions and near misses padded together, so a batch slices both to one length.
-    tokens = tokenizer(data.captions + (data.near_misses or []), padding="longest", return_tensors="pt")
-    ids, mask = tokens["input_ids"], tokens["attention_mask"]
+    tokens = tokenizer(data.captions, padding="longest", return_tensors="pt")
     number = {caption: i for i, caption in enumerate(dict.fromkeys(data.captions))}
     caption_ids = torch.tensor([number[caption] for caption in data.captions])
-    near_miss = {"near_miss_ids": ids[count:], "near_miss_mask": mask[count:]} if data.near_misses else {}
-    losses = train_stage1(model, features, ids[:count], mask[:count], caption_ids, tokenizer.bos_token_id,
-                          config.stage1, config.seed, progress, **near_miss)
+    losses = train_stage1(model, features, tokens["input_ids"], tokens["attention_mask"], caption_ids,
+                          tokenizer.bos_token_id, config.stage1, config.seed, progress)
     return None, losses
 
 

@@ -6,10 +6,6 @@ three objectives sharing one set of weights, each with its own attention mask (B
   image's score for a text is the max over its 32 query embeddings; in-batch negatives.
 - ITM, image-text matching: queries and text see each other (bidirectional mask); binary
   match/no-match on the mean of the query outputs, with hard negatives drawn from ITC's scores.
-- Near misses: where the data has them, each image also gets a caption that is wrong in one
-  attribute (a colour, a shape, a size, the relation). It is one more ITC negative for that image
-  (as NegCLIP adds them) and one more ITM non-match: in-batch negatives rarely differ from the
-  truth in a single attribute, and those are the confusions that ranking must settle.
 - ITG, image-grounded text generation: text sees the queries and the text before it (multimodal
   causal mask), queries never see the text; the caption's next-token loss, [DEC] as first token.
 
@@ -125,10 +121,8 @@ class Stage1:
         return self.itg_head(out[:, queries.shape[1] :, :])
 
     # -- the losses ----------------------------------------------------------------------------
-    def losses(self, features, input_ids, attention_mask, caption_ids, generator,
-               near_miss_ids=None, near_miss_mask=None) -> Stage1Losses:
-        """`caption_ids` (B,) names each caption, so identical captions count as positives, not negatives.
-        `near_miss_ids`/`near_miss_mask` (B, L): optional captions each wrong about its image in one way."""
+    def losses(self, features, input_ids, attention_mask, caption_ids, generator) -> Stage1Losses:
+        """`caption_ids` (B,) names each caption, so identical captions count as positives, not negatives."""
         import torch
         from torch.nn import functional as F
 
@@ -138,28 +132,18 @@ class Stage1:
         sim_i2t = torch.einsum("iqd,td->itq", image, text).max(dim=2).values / temperature
         positive = caption_ids[:, None] == caption_ids[None, :]
         targets = positive.float() / positive.sum(dim=1, keepdim=True)
-        t2i = F.cross_entropy(sim_i2t.t(), targets, label_smoothing=LABEL_SMOOTHING)
-        if near_miss_ids is not None:  # each image's own near miss: one more column, never a positive
-            missed = self.text_embeds(near_miss_ids, near_miss_mask)
-            own = torch.einsum("iqd,id->iq", image, missed).max(dim=1).values / temperature
-            sim_i2t_all = torch.cat([sim_i2t, own[:, None]], dim=1)
-            targets_all = torch.cat([targets, torch.zeros_like(targets[:, :1])], dim=1)
-            i2t = F.cross_entropy(sim_i2t_all, targets_all, label_smoothing=LABEL_SMOOTHING)
-        else:
-            i2t = F.cross_entropy(sim_i2t, targets, label_smoothing=LABEL_SMOOTHING)
-        itc = (i2t + t2i) / 2
+        itc = (F.cross_entropy(sim_i2t, targets, label_smoothing=LABEL_SMOOTHING)
+               + F.cross_entropy(sim_i2t.t(), targets, label_smoothing=LABEL_SMOOTHING)) / 2
 
         negative_image = _hard_negatives(sim_i2t.t(), positive, generator)  # for each text
         negative_text = _hard_negatives(sim_i2t, positive, generator)  # for each image
         batch = features.shape[0]
-        images = [features, features[negative_image], features]
-        texts = [input_ids, input_ids, input_ids[negative_text]]
-        masks = [attention_mask, attention_mask, attention_mask[negative_text]]
-        if near_miss_ids is not None:
-            images, texts, masks = images + [features], texts + [near_miss_ids], masks + [near_miss_mask]
-        logits = self.itm_logits(torch.cat(images), torch.cat(texts), torch.cat(masks))
-        labels = torch.zeros(len(images) * batch, dtype=torch.long)
-        labels[:batch] = 1
+        logits = self.itm_logits(
+            torch.cat([features, features[negative_image], features]),
+            torch.cat([input_ids, input_ids, input_ids[negative_text]]),
+            torch.cat([attention_mask, attention_mask, attention_mask[negative_text]]),
+        )
+        labels = torch.cat([torch.ones(batch, dtype=torch.long), torch.zeros(2 * batch, dtype=torch.long)])
         itm = F.cross_entropy(logits, labels)
 
         next_token = self.itg_logits(features, input_ids, attention_mask)[:, :-1]
@@ -192,10 +176,9 @@ def _hard_negatives(similarity, positive, generator):
 
 
 def train_stage1(model: Any, features: Any, input_ids: Any, attention_mask: Any, caption_ids: Any,
-                 bos_token_id: int, schedule: Schedule, seed: int = 0, progress: Progress | None = None,
-                 near_miss_ids: Any = None, near_miss_mask: Any = None) -> dict[str, float]:
-    """Trains the Q-Former, query tokens and heads of `model` on cached ViT `features` (N, P, Dv);
-    `near_miss_ids`/`near_miss_mask` (N, L), padded as `input_ids`, when the data has near misses."""
+                 bos_token_id: int, schedule: Schedule, seed: int = 0,
+                 progress: Progress | None = None) -> dict[str, float]:
+    """Trains the Q-Former, query tokens and heads of `model` on cached ViT `features` (N, P, Dv)."""
     import torch
 
     stage = Stage1(model, bos_token_id)
@@ -208,12 +191,8 @@ def train_stage1(model: Any, features: Any, input_ids: Any, attention_mask: Any,
     def loss_at(step: int):
         index = next(order)
         length = int(attention_mask[index].sum(dim=1).max())
-        near_miss = {}
-        if near_miss_ids is not None:
-            length = max(length, int(near_miss_mask[index].sum(dim=1).max()))
-            near_miss = {"near_miss_ids": near_miss_ids[index, :length], "near_miss_mask": near_miss_mask[index, :length]}
         losses = stage.losses(features[index], input_ids[index, :length], attention_mask[index, :length],
-                              caption_ids[index], generator, **near_miss)
+                              caption_ids[index], generator)
         last.update(itc=float(losses.itc.detach()), itm=float(losses.itm.detach()), itg=float(losses.itg.detach()))
         return losses.total
 
