@@ -78,7 +78,8 @@ class ImageTransform:
     def resize(self, image: Any) -> np.ndarray:
         """An RGB PIL image -> (3, H, W) uint8 at the model's size, before rescaling and normalising:
         what decode workers send, a quarter of the bytes of the float input."""
-        return np.ascontiguousarray(np.asarray(image.resize((self.width, self.height), resample=self.resample)).transpose(2, 0, 1))
+        resized = np.asarray(image.resize((self.width, self.height), resample=self.resample))
+        return np.ascontiguousarray(resized.transpose(2, 0, 1))
 
     def normalise(self, pixels: np.ndarray) -> np.ndarray:
         """(..., 3, H, W) uint8 from `resize` -> float32 model input."""
