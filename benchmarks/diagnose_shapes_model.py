@@ -30,7 +30,7 @@ def error_type(truth, found) -> str:
         return "kind"
     if want[0] == "row" and want[1] != got[1]:
         return "count"
-    things = list(zip(want[1:], got[1:]))[-2:] if want[0] != "row" else [(want[2], got[2])]
+    things = list(zip(want[1:], got[1:])) if want[0] != "row" else [(want[2], got[2])]
     if want[0] in ("vertical", "horizontal") and (want[1], want[2]) == (got[2], got[1]):
         return "relation swapped"
     wrong = {a for x, y in things for a in ("colour", "shape", "size") if getattr(x, a) != getattr(y, a)}
@@ -38,9 +38,7 @@ def error_type(truth, found) -> str:
 
 
 def error_types(retriever, images: int, seed: int) -> None:
-    import torch
-
-    from indexer.evaluate import Pairs, _encode_images
+    from indexer.evaluate import Pairs, _encode_images, _itm, _rerank
     from indexer.synthetic import make_dataset, scenes
 
     with tempfile.TemporaryDirectory() as scratch:
@@ -50,10 +48,8 @@ def error_types(retriever, images: int, seed: int) -> None:
         assert [s.caption for s in shown] == pairs.texts
         embeds, vit = _encode_images(retriever, pairs.images, 32)
     itc = np.einsum("td,nqd->tnq", retriever.encode_texts(pairs.texts), embeds).max(axis=2)
-    reranked = itc.copy()
-    for t, text in enumerate(pairs.texts):  # LAVIS: ITM logit + ITC over the top 16
-        top = np.argsort(-itc[t])[:16]
-        reranked[t, top] = 1e3 + retriever.itm_logits(torch.stack([vit[i] for i in top]), [text])[:, 1] + itc[t, top]
+    # LAVIS ranking, as `blipsearch eval` does it: ITM logit + ITC over each caption's top 16 by ITC
+    reranked = _rerank(itc, 16, lambda t, ns: _itm(retriever, vit, [pairs.texts[t]] * len(ns), ns))
     for name, scores in (("itc", itc), ("itc+itm", reranked)):
         first = scores.argmax(axis=1)
         counts = collections.Counter(error_type(shown[t], shown[f]) for t, f in enumerate(first) if f != t)
