@@ -24,6 +24,7 @@ from indexer.decode import Decoded, DecodeOptions, Skipped
 from indexer.features import FeatureCache, FeatureCacheConfig
 from indexer.schema import INDEXED, SKIPPED
 from indexer.store import IndexStore, reconcile
+from indexer.threads import ThreadBalancer
 from indexer.walk import FoundFile, WalkOptions, resolve_roots, walk
 from indexer.workers import DecodePool, PoolOptions
 from retrieval.errors import BlipsearchError
@@ -128,20 +129,24 @@ class Indexer:
         options = DecodeOptions(transform, self.config.max_pixels, self.config.use_draft)
         writer: _Writer | None = None
         held: list[list[_Result]] = []  # decoded batches waiting for the model
-        with DecodePool(options, self.config.pool) as pool:
-            batch: list[_Result] = []
-            for result in self._decoded(pool, todo, summary):
-                batch.append(result)
-                summary.decoded_before_model += writer is None and not self._model_ready()
-                if len(batch) >= self.config.batch_size:
-                    held.append(batch)
-                    batch = []
-                    if self._model_ready() or len(held) * self.config.batch_size >= self.config.prefetch_images:
-                        writer = writer or self._start_writing(transform, summary)
-                        writer.write_all(held, known, summary)
-                        held = []
-            writer = writer or self._start_writing(transform, summary)
-            writer.write_all(held + [batch], known, summary)
+        try:
+            with DecodePool(options, self.config.pool) as pool:
+                batch: list[_Result] = []
+                for result in self._decoded(pool, todo, summary):
+                    batch.append(result)
+                    summary.decoded_before_model += writer is None and not self._model_ready()
+                    if len(batch) >= self.config.batch_size:
+                        held.append(batch)
+                        batch = []
+                        if self._model_ready() or len(held) * self.config.batch_size >= self.config.prefetch_images:
+                            writer = writer or self._start_writing(transform, summary)
+                            writer.write_all(held, known, summary)
+                            held = []
+                writer = writer or self._start_writing(transform, summary)
+                writer.write_all(held + [batch], known, summary)
+        finally:
+            if writer is not None:
+                writer.finish()
         gone = sorted(set(known) - set(found))
         writer.vectors.remove(np.asarray(self.store.catalog.remove_paths(gone), dtype=np.int64))
         summary.removed = len(gone)
@@ -195,6 +200,13 @@ class _Writer:
         self.feature_cache = feature_cache  # filled with the ViT features the run computes anyway
         self.captioner = captioner if indexer.config.caption is not None else None
         self.saved_at = time.monotonic()
+        self.threads = ThreadBalancer.for_device(getattr(self.embedder, "device", None))
+        self._seen = (0.0, 0.0)  # decode_wait and model seconds when the balancer last looked
+
+    def finish(self) -> None:
+        """Give torch back the threads the run began with."""
+        if self.threads is not None:
+            self.threads.restore()
 
     def write_all(self, batches: list[list[_Result]], known: dict[str, FileRow], summary: IndexSummary) -> None:
         for batch in batches:
@@ -203,6 +215,10 @@ class _Writer:
             if time.monotonic() - self.saved_at > self.config.save_every_s:
                 self.store.save_vectors(self.vectors)
                 self.saved_at = time.monotonic()
+        if self.threads is not None:
+            now = (summary.seconds["decode_wait"], summary.seconds["model"])
+            self.threads.observe(len(batches), now[0] - self._seen[0], now[1] - self._seen[1])
+            self._seen = now
 
     def write(self, batch: list[_Result], known: dict[str, FileRow], summary: IndexSummary) -> None:
         catalog = self.store.catalog

@@ -112,6 +112,8 @@ def test_decoding_starts_while_the_model_loads(tmp_path, retriever):
     import time
     from concurrent.futures import Future
 
+    import torch
+
     from indexer.pipeline import IndexConfig, Indexer
     from indexer.store import IndexStore, StoreConfig
 
@@ -127,8 +129,10 @@ def test_decoding_starts_while_the_model_loads(tmp_path, retriever):
 
     threading.Thread(target=finish_loading).start()
     config = IndexConfig(batch_size=2, prefetch_images=100)
+    threads = torch.get_num_threads()
     summary = Indexer(store, loading, config, transform=retriever.transform).run([str(tmp_path / "photos")])
     store.close()
+    assert torch.get_num_threads() == threads  # the balancer gives back what it took
     assert summary.indexed == 10 and decoded_before_model == [0]  # nothing written before the model
     assert summary.decoded_before_model == 10  # all decoded while it loaded
     assert 0 < summary.seconds["model_wait"] < 3.5
