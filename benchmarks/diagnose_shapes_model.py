@@ -6,7 +6,8 @@
 2. What the frozen ViT encodes: linear probes on its patch features, trained on fresh scenes without
    held-out pairs, predict the colour, shape and size of the thing at each patch of fresh test scenes;
    accuracy on things with a seen colour-shape pair and on those with a held-out pair, against chance
-   (the most common class), as a ratio.
+   (the most common class), as a ratio. The same per thing: linear probes on the mean of the patch
+   features each thing covers.
 
 Run: python -m benchmarks.diagnose_shapes_model [--model DIR] [--images 500]
 """
@@ -57,26 +58,53 @@ def error_types(retriever, images: int, seed: int) -> None:
               + ", ".join(f"{kind} {n}" for kind, n in counts.most_common()))
 
 
+def _linear_probe(x_train, y_train, x_test, classes: int):
+    """Predictions on `x_test` of a linear classifier fitted to (x_train, y_train)."""
+    import torch
+
+    torch.manual_seed(0)
+    probe = torch.nn.Linear(x_train.shape[1], classes)
+    optimiser = torch.optim.Adam(probe.parameters(), 1e-2)
+    for _ in range(300):
+        optimiser.zero_grad()
+        torch.nn.functional.cross_entropy(probe(x_train), y_train).backward()
+        optimiser.step()
+    with torch.no_grad():
+        return probe(x_test).argmax(dim=1)
+
+
+def _probe_scenes(retriever, count: int, seed: int, held_out_share: float):
+    """Fresh scenes drawn at 128 px: their ViT patch features (N, P, D) and masks resized to the input."""
+    import torch
+
+    from indexer.synthetic import render, scenes
+
+    rng = random.Random(seed)
+    chosen = scenes(count, rng, held_out_share=held_out_share)
+    drawn = [render(scene, rng, (128, 128)) for scene in chosen]
+    pixels = [retriever.transform.resize(image) for image, _ in drawn]
+    features = torch.cat([retriever.vit_features(np.stack(pixels[i : i + 128]))[:, 1:].float()
+                          for i in range(0, len(pixels), 128)])
+    return chosen, features, [mask for _, mask in drawn]
+
+
 def probe_vit(retriever, train_scenes: int = 2000, test_scenes: int = 500) -> None:
+    """Per patch: the colour, shape and size of the thing at the patch's centre."""
     import torch
     from PIL import Image
 
-    from indexer.synthetic import HELD_OUT, REGION_CLASSES, region_codes, render, scenes
+    from indexer.synthetic import HELD_OUT, REGION_CLASSES, region_codes
 
     grid = retriever.transform.width // retriever.model.config.vision_config.patch_size
 
     def patches(count: int, seed: int, held_out_share: float):
-        rng = random.Random(seed)
-        pixels, labels, unseen = [], [], []
-        for scene in scenes(count, rng, held_out_share=held_out_share):
-            image, mask = render(scene, rng, (128, 128))
-            pixels.append(retriever.transform.resize(image))
+        chosen, features, masks = _probe_scenes(retriever, count, seed, held_out_share)
+        labels, unseen = [], []
+        for scene, mask in zip(chosen, masks):
             owner = np.asarray(mask.resize((grid, grid), Image.Resampling.NEAREST)).reshape(-1)
             labels.append(np.asarray(region_codes(scene))[owner])
             things = [None, *scene.things]
             unseen.append([o > 0 and (things[o].colour, things[o].shape) in HELD_OUT for o in owner])
-        features = torch.cat([retriever.vit_features(np.stack(pixels[i : i + 128]))[:, 1:].float()
-                              for i in range(0, len(pixels), 128)])
         return (features.reshape(-1, features.shape[-1]), torch.from_numpy(np.stack(labels)).reshape(-1, 3),
                 torch.from_numpy(np.asarray(unseen)).reshape(-1))
 
@@ -84,20 +112,48 @@ def probe_vit(retriever, train_scenes: int = 2000, test_scenes: int = 500) -> No
     x_test, y_test, unseen = patches(test_scenes, 6, 0.5)
     on_thing = y_test[:, 0] != REGION_CLASSES[0] - 1
     for a, name in enumerate(("colour", "shape", "size")):
-        torch.manual_seed(0)
-        probe = torch.nn.Linear(x_train.shape[1], REGION_CLASSES[a])
-        optimiser = torch.optim.Adam(probe.parameters(), 1e-2)
-        for _ in range(300):
-            optimiser.zero_grad()
-            torch.nn.functional.cross_entropy(probe(x_train), y_train[:, a]).backward()
-            optimiser.step()
-        with torch.no_grad():
-            right = probe(x_test).argmax(dim=1) == y_test[:, a]
+        right = _linear_probe(x_train, y_train[:, a], x_test, REGION_CLASSES[a]) == y_test[:, a]
         things = y_test[on_thing, a]
         chance = float(torch.bincount(things).max()) / len(things)
         seen_acc, unseen_acc = float(right[on_thing & ~unseen].float().mean()), float(right[on_thing & unseen].float().mean())
         print(f"ViT patch probe, {name:6}: seen pairs {seen_acc:.3f} ({seen_acc / chance:.1f}x chance), "
               f"held-out pairs {unseen_acc:.3f} ({unseen_acc / chance:.1f}x chance); chance {chance:.3f}")
+
+
+def probe_objects(retriever, train_scenes: int = 2000, test_scenes: int = 600) -> None:
+    """Per thing: its colour and shape from the mean of the patch features it covers (weighted by how
+    much of each patch it covers, patches under 10% left out), closer to what a Q-Former query can
+    gather than a single patch is."""
+    import torch
+
+    from indexer.synthetic import COLOURS, HELD_OUT, SHAPES
+
+    grid = retriever.transform.width // retriever.model.config.vision_config.patch_size
+
+    def things(count: int, seed: int, held_out_share: float):
+        chosen, features, masks = _probe_scenes(retriever, count, seed, held_out_share)
+        rows, labels, unseen = [], [], []
+        for scene, patch_features, mask in zip(chosen, features, masks):
+            owners = np.asarray(mask)
+            cells = np.arange(owners.shape[0]) * grid // owners.shape[0]
+            patch = (cells[:, None] * grid + cells[None, :]).reshape(-1)
+            counts = np.zeros((grid * grid, len(scene.things) + 1))
+            np.add.at(counts, (patch, owners.reshape(-1)), 1)
+            share = counts / counts.sum(axis=1, keepdims=True)
+            for k, thing in enumerate(scene.things, 1):
+                weights = torch.from_numpy(np.where(share[:, k] >= 0.1, share[:, k], 0.0)).float()
+                if weights.sum() > 0:
+                    rows.append((weights[:, None] * patch_features).sum(dim=0) / weights.sum())
+                    labels.append((list(COLOURS).index(thing.colour), SHAPES.index(thing.shape)))
+                    unseen.append((thing.colour, thing.shape) in HELD_OUT)
+        return torch.stack(rows), torch.tensor(labels), torch.tensor(unseen)
+
+    x_train, y_train, _ = things(train_scenes, 5, 0.0)
+    x_test, y_test, unseen = things(test_scenes, 6, 0.5)
+    for a, (name, classes) in enumerate((("colour", len(COLOURS)), ("shape", len(SHAPES)))):
+        right = (_linear_probe(x_train, y_train[:, a], x_test, classes) == y_test[:, a]).float()
+        print(f"ViT object probe, {name:6}: seen pairs {float(right[~unseen].mean()):.3f}, held-out pairs "
+              f"{float(right[unseen].mean()):.3f} ({int(unseen.sum())} things with a held-out pair)")
 
 
 def main() -> None:
@@ -113,6 +169,7 @@ def main() -> None:
     retriever = Blip2Retriever.load(ModelConfig(name=args.model, device="cpu"))
     error_types(retriever, args.images, args.seed)
     probe_vit(retriever)
+    probe_objects(retriever)
 
 
 if __name__ == "__main__":
