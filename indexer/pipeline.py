@@ -201,7 +201,7 @@ class _Writer:
         self.captioner = captioner if indexer.config.caption is not None else None
         self.saved_at = time.monotonic()
         self.threads = ThreadBalancer.for_device(getattr(self.embedder, "device", None))
-        self._seen = (0.0, 0.0)  # decode_wait and model seconds when the balancer last looked
+        self._seen: tuple[float, float] | None = None  # decode_wait and model seconds when the balancer last looked
 
     def finish(self) -> None:
         """Give torch back the threads the run began with."""
@@ -209,6 +209,8 @@ class _Writer:
             self.threads.restore()
 
     def write_all(self, batches: list[list[_Result]], known: dict[str, FileRow], summary: IndexSummary) -> None:
+        if self._seen is None:  # waits while the model loaded say nothing about the balance
+            self._seen = (summary.seconds["decode_wait"], summary.seconds["model"])
         for batch in batches:
             if batch:
                 self.write(batch, known, summary)
