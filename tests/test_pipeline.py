@@ -106,8 +106,9 @@ def test_wrong_path_is_a_clear_error(tmp_path, tiny_model):
     assert "no such file or directory" in result.stderr and "Traceback" not in result.stderr
 
 
-def test_decoding_starts_while_the_model_loads(tmp_path, retriever):
-    """The embedder arrives as a Future; decoded batches wait for it, then land as usual."""
+def test_decoding_starts_while_the_model_loads(tmp_path, retriever, monkeypatch):
+    """The embedder arrives as a Future; decoded batches wait for it, then land as usual. The model
+    runs with the threads the balancer leaves it, and torch gets its own count back at the end."""
     import threading
     import time
     from concurrent.futures import Future
@@ -116,6 +117,7 @@ def test_decoding_starts_while_the_model_loads(tmp_path, retriever):
 
     from indexer.pipeline import IndexConfig, Indexer
     from indexer.store import IndexStore, StoreConfig
+    from indexer.threads import ThreadBalancer
 
     make_images(tmp_path / "photos", 10, seed=3)
     loading: Future = Future()
@@ -129,10 +131,21 @@ def test_decoding_starts_while_the_model_loads(tmp_path, retriever):
 
     threading.Thread(target=finish_loading).start()
     config = IndexConfig(batch_size=2, prefetch_images=100)
+    threads_in_run = []
+
+    def squeeze(balancer, *_):  # as if the decoders were always behind
+        balancer._set(1)
+        threads_in_run.append(torch.get_num_threads())
+
+    monkeypatch.setattr(ThreadBalancer, "observe", squeeze)
     threads = torch.get_num_threads()
-    summary = Indexer(store, loading, config, transform=retriever.transform).run([str(tmp_path / "photos")])
+    torch.set_num_threads(2)
+    try:
+        summary = Indexer(store, loading, config, transform=retriever.transform).run([str(tmp_path / "photos")])
+        assert threads_in_run and set(threads_in_run) == {1} and torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(threads)
     store.close()
-    assert torch.get_num_threads() == threads  # the balancer gives back what it took
     assert summary.indexed == 10 and decoded_before_model == [0]  # nothing written before the model
     assert summary.decoded_before_model == 10  # all decoded while it loaded
     assert 0 < summary.seconds["model_wait"] < 3.5
