@@ -3,7 +3,8 @@
 A fresh test split (seed 1: the one `blipsearch train` writes) of scenes the model never saw; half show a
 colour-shape pair absent from every training image. Reports text->image and image->text R@1/5/10 for
 ITC alone (the baseline) and ITC+ITM (LAVIS ranking), their R@1 ratio, and the share of generated
-captions naming exactly the scene's colour-shape pairs, overall and on the unseen pairs.
+captions naming exactly the scene's colour-shape pairs, overall, on the unseen pairs, and on
+scenes of two different colour-shape pairs.
 
 Run: python -m benchmarks.bench_shapes_model [--images 500] [--model DIR --caption-model DIR]
 """
@@ -41,6 +42,9 @@ def main() -> None:
         captions = caption_summary(pairs, judged)
         unseen = [i for i, t in enumerate(pairs.texts) if colour_shapes(t) & HELD_OUT]  # one caption per image
         captions_unseen = caption_summary(pairs, [judged[i] for i in unseen])
+        two_pairs = [i for i, t in enumerate(pairs.texts) if len(colour_shapes(t)) == 2]  # two different things
+        captions_two = {name: caption_summary(pairs, [judged[i] for i in two_pairs if (i in unseen) == held])
+                        for name, held in (("seen", False), ("unseen", True))}
 
     itc, itm = recall["itc"]["text_to_image"][1], recall["itc+itm"]["text_to_image"][1]
     print(f"{recall['images']} held-out images ({len(unseen)} with an unseen colour-shape pair)")
@@ -51,6 +55,8 @@ def main() -> None:
     print(f"ITC+ITM / ITC text->image R@1: {itm / max(itc, 1e-9):.2f}x")
     print(f"captions naming exactly the right colour-shape pairs: {captions['exact']:.3f} "
           f"(unseen pairs: {captions_unseen['exact']:.3f}); at least one right: {captions['partial']:.3f}")
+    print("captions of scenes with two colour-shape pairs, exactly right: "
+          + ", ".join(f"{name} pairs {c['exact']:.3f} of {c['images']}" for name, c in captions_two.items()))
     print(json.dumps({"examples": captions["examples"][:3]}))
 
 

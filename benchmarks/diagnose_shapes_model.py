@@ -40,7 +40,7 @@ def error_type(truth, found) -> str:
 
 def error_types(retriever, images: int, seed: int) -> None:
     from indexer.evaluate import Pairs, _encode_images, _itm, _rerank
-    from indexer.synthetic import make_dataset, scenes
+    from indexer.synthetic import HELD_OUT, make_dataset, scenes
 
     with tempfile.TemporaryDirectory() as scratch:
         _, test = make_dataset(Path(scratch), 0, images, seed=seed)
@@ -51,11 +51,14 @@ def error_types(retriever, images: int, seed: int) -> None:
     itc = np.einsum("td,nqd->tnq", retriever.encode_texts(pairs.texts), embeds).max(axis=2)
     # LAVIS ranking, as `blipsearch eval` does it: ITM logit + ITC over each caption's top 16 by ITC
     reranked = _rerank(itc, 16, lambda t, ns: _itm(retriever, vit, [pairs.texts[t]] * len(ns), ns))
+    unseen = np.asarray([any((t.colour, t.shape) in HELD_OUT for t in scene.things) for scene in shown])
     for name, scores in (("itc", itc), ("itc+itm", reranked)):
         first = scores.argmax(axis=1)
+        hit = first == np.arange(len(first))
         counts = collections.Counter(error_type(shown[t], shown[f]) for t, f in enumerate(first) if f != t)
-        print(f"{name:8} R@1 {np.mean(first == np.arange(len(first))):.3f}; top-1 misses by what is wrong: "
-              + ", ".join(f"{kind} {n}" for kind, n in counts.most_common()))
+        print(f"{name:8} R@1 {hit.mean():.3f} (captions with a held-out pair {hit[unseen].mean():.3f}, "
+              f"{int((~hit[unseen]).sum())} misses; the rest {hit[~unseen].mean():.3f}, {int((~hit[~unseen]).sum())} "
+              "misses); top-1 misses by what is wrong: " + ", ".join(f"{kind} {n}" for kind, n in counts.most_common()))
 
 
 def _linear_probe(x_train, y_train, x_test, classes: int):
