@@ -11,8 +11,10 @@ import pytest
 from retrieval.checkpoints import SHAPES_CAPTION, SHAPES_RETRIEVAL
 from tests.conftest import run_cli
 
-# Measured on these 120 scenes: ITC R@1 0.933, ITC+ITM R@1 0.967, captions exact 0.275; demo 39 of 40.
-ITC_R1_GUARD, ITM_R1_GUARD, CAPTION_GUARD, DEMO_GUARD = 0.87, 0.9, 0.2, 34
+# Measured on the 500 scenes `blipsearch train` evaluates on: ITC R@1 0.780, ITC+ITM R@1 0.796.
+ITC_R1_GUARD, ITM_R1_GUARD = 0.74, 0.76
+# Measured on 120 other held-out scenes: captions exact 0.475; and the demo: 40 of 40.
+CAPTION_GUARD, DEMO_GUARD = 0.4, 36
 
 
 def test_shipped_checkpoints_are_plain_transformers_checkpoints():
@@ -29,6 +31,16 @@ def test_shipped_checkpoints_are_plain_transformers_checkpoints():
 
 
 @pytest.fixture(scope="module")
+def train_test_split(tmp_path_factory):
+    """The held-out split `blipsearch train` writes and reports on (seed 0 + 1), so RESULTS' numbers."""
+    from indexer.evaluate import Pairs
+    from indexer.synthetic import make_dataset
+
+    _, test = make_dataset(tmp_path_factory.mktemp("train-test"), 0, 500, seed=1)
+    return Pairs.read(test)
+
+
+@pytest.fixture(scope="module")
 def held_out(tmp_path_factory):
     from indexer.evaluate import Pairs
     from indexer.synthetic import make_dataset
@@ -37,17 +49,17 @@ def held_out(tmp_path_factory):
     return Pairs.read(test)
 
 
-def test_shipped_model_ranks_held_out_scenes(held_out):
+def test_shipped_model_ranks_held_out_scenes_and_itm_re_ranking_improves_on_itc(train_test_split):
     from indexer.evaluate import evaluate
     from retrieval.config import ModelConfig
     from retrieval.encoders import Blip2Retriever
 
     retriever = Blip2Retriever.load(ModelConfig(name=str(SHAPES_RETRIEVAL), device="cpu"))
-    result = evaluate(retriever, held_out)
+    result = evaluate(retriever, train_test_split)
     itc, itm = result["itc"]["text_to_image"], result["itc+itm"]["text_to_image"]
     assert itc[1] >= ITC_R1_GUARD and itm[1] >= ITM_R1_GUARD, result
     assert itc[5] >= 0.95 and itm[5] >= 0.95, result
-    # On 500 scenes ITM re-ranking is not yet better than ITC alone (0.716 against 0.726): not asserted.
+    assert itm[1] > itc[1], result  # the issue's target: re-ranking helps (8 more of 500 queries right first)
 
 
 def test_shipped_captioner_names_colours_and_shapes(held_out):

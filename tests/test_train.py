@@ -159,3 +159,19 @@ def test_train_into_an_unwritable_place_is_one_clear_error(tmp_path):
     blocker.write_text("x")
     result = run_cli("train", "--smoke", "--out", str(blocker / "models"))
     assert result.returncode == 1 and "cannot write to" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_patch_labels_follow_what_covers_each_patch_not_its_centre():
+    from PIL import Image, ImageDraw
+
+    from retrieval.train.recipe import TrainingSet
+
+    mask = Image.new("L", (64, 64), 0)
+    ImageDraw.Draw(mask).rectangle((0, 0, 6, 6), fill=1)  # a small thing in the corner of patch 0 (16 px)
+    ImageDraw.Draw(mask).rectangle((16, 16, 17, 17), fill=2)  # a speck in patch 5: under 10% of it
+    codes = [(9, 9), (1, 2), (3, 4)]  # background, thing 1, thing 2
+    data = TrainingSet([], [], [], (), [mask], [codes], (), [])
+    labels = data.patch_labels(4)
+    assert labels.shape == (1, 16, 2)
+    assert labels[0, 0].tolist() == [1, 2]  # covers 19% of the patch, but not its centre
+    assert labels[0, 5].tolist() == [9, 9] and labels[0, 15].tolist() == [9, 9]

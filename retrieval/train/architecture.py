@@ -12,7 +12,7 @@ from typing import Any
 @dataclass(frozen=True)
 class Architecture:
     image_size: int = 64
-    patch_size: int = 8
+    patch_size: int = 16  # 4x4 patches: a small thing fits in one, so its shape is visible locally
     vision_hidden: int = 128
     vision_layers: int = 4
     qformer_hidden: int = 128

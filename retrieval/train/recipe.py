@@ -27,9 +27,9 @@ CAPTION_NAME = "blip2-opt-shapes"
 @dataclass(frozen=True)
 class TrainConfig:
     architecture: Architecture = Architecture()
-    vision: Schedule = Schedule(steps=1800, lr=1.5e-3, batch_size=64)
+    vision: Schedule = Schedule(steps=3000, lr=1.5e-3, batch_size=64)
     stage1: Schedule = Schedule(steps=850, lr=1e-3, batch_size=96)
-    language: Schedule = Schedule(steps=300, lr=2e-3, batch_size=32)
+    language: Schedule = Schedule(steps=1500, lr=2e-3, batch_size=32)
     stage2: Schedule = Schedule(steps=1300, lr=1e-3, batch_size=64)
     seed: int = 0
     threads: int = 0  # 0: torch's default
@@ -58,14 +58,23 @@ class TrainingSet:
     region_classes: tuple[int, ...]
     corpus: list[str]
 
-    def patch_labels(self, grid: int):
-        """(N, grid * grid, R) classes of the thing at each ViT patch's centre, in the ViT's raster order."""
+    def patch_labels(self, grid: int, min_cover: float = 0.1):
+        """(N, grid * grid, R) classes of the thing covering most of each ViT patch, in the ViT's raster
+        order; background where no thing covers `min_cover` of the patch. Labelling by coverage, not
+        by the patch's centre, puts shape labels on the patches that hold a thing's edges, the only
+        ones that show its shape, and on small things that cover no patch centre."""
         import numpy as np
-        from PIL import Image
 
         labels = []
         for mask, codes in zip(self.masks, self.region_codes):
-            owner = np.asarray(mask.resize((grid, grid), Image.Resampling.NEAREST)).reshape(-1)
+            owners = np.asarray(mask)
+            cells = np.arange(owners.shape[0]) * grid // owners.shape[0]  # a square mask's pixel -> patch row
+            patch = (cells[:, None] * grid + cells[None, :]).reshape(-1)
+            counts = np.zeros((grid * grid, len(codes)))
+            np.add.at(counts, (patch, owners.reshape(-1)), 1)
+            share = counts / counts.sum(axis=1, keepdims=True)
+            owner = share[:, 1:].argmax(axis=1) + 1
+            owner[share[np.arange(grid * grid), owner] < min_cover] = 0
             labels.append(np.asarray(codes)[owner])
         return np.stack(labels)
 
