@@ -188,22 +188,6 @@ def render(scene: Scene, rng: random.Random, sizes: tuple[int, int] = (64, 192))
 REGION_CLASSES = (len(COLOURS) + 1, len(SHAPES) + 1, len(SIZES) + 1)
 
 
-CHANNEL_ORDERS = ((0, 2, 1), (1, 0, 2), (1, 2, 0), (2, 0, 1), (2, 1, 0))  # every RGB reordering but the identity
-
-
-def channel_orders(scene: Scene) -> tuple[tuple[int, int, int], ...]:
-    """The RGB reorderings under which no thing of the scene looks like a held-out pair: none turns
-    a triangle purple-ish, a circle orange-ish or a square yellow-ish (within the distance that keeps
-    backgrounds apart from things). Image-encoder training may show the scene so recoloured."""
-
-    def near_held_out(thing: Thing, order: tuple[int, int, int]) -> bool:
-        rgb = [COLOURS[thing.colour][k] for k in order]
-        return any(shape == thing.shape and sum(abs(a - b) for a, b in zip(rgb, COLOURS[colour])) < 150
-                   for colour, shape in HELD_OUT)
-
-    return tuple(order for order in CHANNEL_ORDERS if not any(near_held_out(t, order) for t in scene.things))
-
-
 def region_codes(scene: Scene) -> list[tuple[int, int, int]]:
     """Entry m: the classes of mask value m (0: background, m: thing m - 1)."""
     background = (len(COLOURS), len(SHAPES), len(SIZES))
@@ -269,5 +253,4 @@ def training_set(count: int, seed: int = 0, corpus_size: int = 20_000):
         attributes=[attributes(scene) for scene in chosen], attribute_classes=ATTRIBUTE_CLASSES,
         masks=[mask for _, mask in drawn], region_codes=[region_codes(scene) for scene in chosen],
         region_classes=REGION_CLASSES, corpus=caption_corpus(corpus_size, rng),
-        channel_orders=[channel_orders(scene) for scene in chosen], colour_attributes=(1, 4), colour_region=0,
     )

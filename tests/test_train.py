@@ -175,38 +175,3 @@ def test_patch_labels_follow_what_covers_each_patch_not_its_centre():
     assert labels.shape == (1, 16, 2)
     assert labels[0, 0].tolist() == [1, 2]  # covers 19% of the patch, but not its centre
     assert labels[0, 5].tolist() == [9, 9] and labels[0, 15].tolist() == [9, 9]
-
-
-def test_image_encoder_sees_recoloured_images_without_their_colour_labels(data):
-    from dataclasses import replace
-
-    import numpy as np
-    from PIL import Image
-
-    from retrieval.preprocess import ImageTransform
-    from retrieval.train.recipe import TrainConfig, _recoloured
-
-    processor = retrieval_processor(SMALL, ["a"])
-    transform = ImageTransform.from_processor(processor)
-    pixels = pixels_of(data.images, processor)
-    labels = torch.tensor(data.attributes)
-    patches = torch.from_numpy(data.patch_labels(4)).long()
-
-    def shown(share: float):
-        return _recoloured(data, replace(TrainConfig(), recolour=share), pixels, labels, patches, transform)
-
-    same = shown(0.0)
-    assert all(torch.equal(a, b) for a, b in zip(same, (pixels, labels, patches)))
-    every = shown(1.0)
-    changed = [i for i in range(len(data.images)) if data.channel_orders[i]]
-    assert changed and not torch.equal(every[0][changed], pixels[changed])
-    for i in changed:
-        channels = np.asarray(data.images[i]).transpose(2, 0, 1)
-        reordered = [Image.fromarray(np.ascontiguousarray(channels[list(order)].transpose(1, 2, 0)))
-                     for order in data.channel_orders[i]]
-        assert any(np.allclose(every[0][i].numpy(), transform(image)) for image in reordered)
-        assert (every[1][i, list(data.colour_attributes)] == -100).all()
-        assert (every[2][i, :, data.colour_region] == -100).all()
-        kept = [a for a in range(labels.shape[1]) if a not in data.colour_attributes]
-        assert torch.equal(every[1][i, kept], labels[i, kept]) and torch.equal(every[2][i, :, 1:], patches[i, :, 1:])
-    assert torch.equal(pixels, pixels_of(data.images, processor))  # the inputs are left as they were

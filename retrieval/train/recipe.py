@@ -31,7 +31,6 @@ class TrainConfig:
     stage1: Schedule = Schedule(steps=850, lr=1e-3, batch_size=96)
     language: Schedule = Schedule(steps=1500, lr=2e-3, batch_size=32)
     stage2: Schedule = Schedule(steps=1300, lr=1e-3, batch_size=64)
-    recolour: float = 0.5  # share of the image encoder's training images shown with RGB reordered
     seed: int = 0
     threads: int = 0  # 0: torch's default
 
@@ -48,9 +47,7 @@ class TrainConfig:
 @dataclass(frozen=True)
 class TrainingSet:
     """Images (RGB PIL) with one caption each; class labels of what each shows, as a whole and region by
-    region (an "L" mask per image whose value m has the classes `region_codes[i][m]`); text-only captions.
-    `channel_orders[i]`: RGB reorderings image i may be shown in to the image encoder, which then
-    learns shape apart from colour; its colour labels (`colour_attributes`, `colour_region`) go unused."""
+    region (an "L" mask per image whose value m has the classes `region_codes[i][m]`); text-only captions."""
 
     images: list[Any]
     captions: list[str]
@@ -60,9 +57,6 @@ class TrainingSet:
     region_codes: list[list[tuple[int, ...]]]
     region_classes: tuple[int, ...]
     corpus: list[str]
-    channel_orders: list[tuple[tuple[int, int, int], ...]] = field(default_factory=list)
-    colour_attributes: tuple[int, ...] = ()
-    colour_region: int = 0
 
     def patch_labels(self, grid: int, min_cover: float = 0.1):
         """(N, grid * grid, R) classes of the thing covering most of each ViT patch, in the ViT's raster
@@ -144,36 +138,11 @@ def _image_encoder(vision_model: Any, processor: Any, data: TrainingSet, config:
     pixels = torch.from_numpy(np.stack([transform(image) for image in data.images]))
     labels = torch.tensor(data.attributes, dtype=torch.long)
     patch_labels = torch.from_numpy(data.patch_labels(arch.image_size // arch.patch_size)).long()
-    shown, shown_labels, shown_patch_labels = _recoloured(data, config, pixels, labels, patch_labels, transform)
-    loss = pretrain_vision(vision_model, shown, shown_labels, data.attribute_classes, shown_patch_labels,
-                           data.region_classes, config.vision, config.seed, progress)
-    with torch.no_grad():  # stage 1 and 2 see the images as drawn, the colours their captions name
+    loss = pretrain_vision(vision_model, pixels, labels, data.attribute_classes, patch_labels, data.region_classes,
+                           config.vision, config.seed, progress)
+    with torch.no_grad():
         features = [vision_model(pixel_values=pixels[i : i + 256]).last_hidden_state for i in range(0, len(pixels), 256)]
     return torch.cat(features), loss
-
-
-def _recoloured(data: TrainingSet, config: TrainConfig, pixels: Any, labels: Any, patch_labels: Any, transform):
-    """(pixels, labels, patch labels) for the image encoder: `config.recolour` of the images, drawn at
-    random, with their RGB channels reordered (one of the image's safe orders) and their colour labels
-    set to -100, which the loss ignores. The encoder so meets shapes in colours that never show them,
-    which the held-out pairs need, without the colour labels that would then be wrong."""
-    import random
-
-    import numpy as np
-    import torch
-    from PIL import Image
-
-    rng = random.Random(config.seed)
-    pixels, labels, patch_labels = pixels.clone(), labels.clone(), patch_labels.clone()
-    for i, orders in enumerate(data.channel_orders):
-        if not orders or rng.random() >= config.recolour:
-            continue
-        channels = data.images[i].split()
-        recoloured = Image.merge("RGB", [channels[k] for k in rng.choice(orders)])
-        pixels[i] = torch.from_numpy(np.asarray(transform(recoloured)))
-        labels[i, list(data.colour_attributes)] = -100
-        patch_labels[i, :, data.colour_region] = -100
-    return pixels, labels, patch_labels
 
 
 def _stage1(model: Any, processor: Any, features: Any, data: TrainingSet, config: TrainConfig, progress):
