@@ -130,6 +130,7 @@ def probe_objects(retriever, train_scenes: int = 2000, test_scenes: int = 600) -
     import torch
 
     from indexer.synthetic import COLOURS, HELD_OUT, SHAPES
+    from retrieval.train.recipe import patch_coverage
 
     grid = retriever.transform.width // retriever.model.config.vision_config.patch_size
 
@@ -137,12 +138,7 @@ def probe_objects(retriever, train_scenes: int = 2000, test_scenes: int = 600) -
         chosen, features, masks = _probe_scenes(retriever, count, seed, held_out_share)
         rows, labels, unseen = [], [], []
         for scene, patch_features, mask in zip(chosen, features, masks):
-            owners = np.asarray(mask)
-            cells = np.arange(owners.shape[0]) * grid // owners.shape[0]
-            patch = (cells[:, None] * grid + cells[None, :]).reshape(-1)
-            counts = np.zeros((grid * grid, len(scene.things) + 1))
-            np.add.at(counts, (patch, owners.reshape(-1)), 1)
-            share = counts / counts.sum(axis=1, keepdims=True)
+            share = patch_coverage(mask, len(scene.things) + 1, grid)
             for k, thing in enumerate(scene.things, 1):
                 weights = torch.from_numpy(np.where(share[:, k] >= 0.1, share[:, k], 0.0)).float()
                 if weights.sum() > 0:

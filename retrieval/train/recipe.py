@@ -67,16 +67,24 @@ class TrainingSet:
 
         labels = []
         for mask, codes in zip(self.masks, self.region_codes):
-            owners = np.asarray(mask)
-            cells = np.arange(owners.shape[0]) * grid // owners.shape[0]  # a square mask's pixel -> patch row
-            patch = (cells[:, None] * grid + cells[None, :]).reshape(-1)
-            counts = np.zeros((grid * grid, len(codes)))
-            np.add.at(counts, (patch, owners.reshape(-1)), 1)
-            share = counts / counts.sum(axis=1, keepdims=True)
+            share = patch_coverage(mask, len(codes), grid)
             owner = share[:, 1:].argmax(axis=1) + 1
             owner[share[np.arange(grid * grid), owner] < min_cover] = 0
             labels.append(np.asarray(codes)[owner])
         return np.stack(labels)
+
+
+def patch_coverage(mask: Any, regions: int, grid: int):
+    """(grid * grid, regions) share of each ViT patch, in raster order, that each value of a square
+    "L" `mask` covers (value m: region m, 0 the background)."""
+    import numpy as np
+
+    owners = np.asarray(mask)
+    cells = np.arange(owners.shape[0]) * grid // owners.shape[0]  # a pixel row or column -> its patch's
+    patch = (cells[:, None] * grid + cells[None, :]).reshape(-1)
+    counts = np.zeros((grid * grid, regions))
+    np.add.at(counts, (patch, owners.reshape(-1)), 1)
+    return counts / counts.sum(axis=1, keepdims=True)
 
 
 @dataclass(frozen=True)
