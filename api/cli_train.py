@@ -20,9 +20,13 @@ from api.options import emit_json
 @click.option("--test-images", type=click.IntRange(8, 100_000), default=500, show_default=True,
               help="Held-out test images (half with unseen colour-shape pairs).")
 @click.option("--seed", default=0, show_default=True)
+@click.option("--itm-negatives", type=click.Choice(["batch", "bank"]), default="batch", show_default=True,
+              help="Where ITM's hard negatives come from: each batch (as LAVIS), or the whole training set.")
+@click.option("--foils", type=click.IntRange(0, 50), default=0, show_default=True,
+              help="With --itm-negatives bank: captions one change away from each image's, as extra negatives.")
 @click.option("--smoke", is_flag=True, help="A narrow model and a few steps per stage: checks the machinery in seconds.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as one JSON object on stdout.")
-def train(out_dir, images, test_images, seed, smoke, as_json) -> None:
+def train(out_dir, images, test_images, seed, itm_negatives, foils, smoke, as_json) -> None:
     """Train a small BLIP-2 (ViT, Q-Former stages 1 and 2, OPT decoder) on generated captioned shapes."""
     from indexer.synthetic import make_dataset, training_set
     from retrieval.train.recipe import TrainConfig
@@ -30,13 +34,15 @@ def train(out_dir, images, test_images, seed, smoke, as_json) -> None:
 
     from dataclasses import replace
 
-    config = replace(TrainConfig.smoke() if smoke else TrainConfig(), seed=seed)
+    if foils and itm_negatives != "bank":
+        raise click.UsageError("--foils are negatives for the bank: add --itm-negatives bank")
+    config = replace(TrainConfig.smoke() if smoke else TrainConfig(), seed=seed, itm_negatives=itm_negatives)
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise click.ClickException(f"cannot write to {out_dir}: {exc.strerror or exc}") from None
     began = time.perf_counter()
-    data = training_set(images, seed)
+    data = training_set(images, seed, foils_per_scene=foils)
     _, test_pairs = make_dataset(out_dir / "test-data", 0, test_images, seed=seed + 1)
 
     def progress(stage: str, step: int, steps: int, loss: float) -> None:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 COLOURS = {
@@ -60,19 +60,56 @@ def make_scene(rng: random.Random, held_out: bool = False) -> Scene:
     first = _thing(rng, held_out)
     if kind < 0.4:
         things, relation = (first,), None
-        caption = f"a {first.size} {first.colour} {first.shape}"
     elif kind < 0.8:
         second = _thing(rng, False)
         while second.colour == first.colour:  # two colours, so each word points at one shape
             second = _thing(rng, False)
         relation = rng.choice(RELATIONS)
         things = (first, second)
-        caption = f"a {first.size} {first.colour} {first.shape} {relation} a {second.size} {second.colour} {second.shape}"
     else:
-        count = rng.choice(list(NUMBERS))
-        things, relation = (first,) * count, None
-        caption = f"{NUMBERS[count]} {first.size} {first.colour} {first.shape}s"
-    return Scene(things, relation, _background(rng, {t.colour for t in things}), caption)
+        things, relation = (first,) * rng.choice(list(NUMBERS)), None
+    return Scene(things, relation, _background(rng, {t.colour for t in things}), describe(things, relation))
+
+
+def describe(things: tuple[Thing, ...], relation: str | None) -> str:
+    """The caption of `things`: one, two in `relation`, or a row of one kind."""
+    first = things[0]
+    if len(things) == 1:
+        return f"a {first.size} {first.colour} {first.shape}"
+    if relation is not None:
+        second = things[1]
+        return f"a {first.size} {first.colour} {first.shape} {relation} a {second.size} {second.colour} {second.shape}"
+    return f"{NUMBERS[len(things)]} {first.size} {first.colour} {first.shape}s"
+
+
+OPPOSITE = {"above": "below", "below": "above", "left of": "right of", "right of": "left of"}
+
+
+def foils(scene: Scene, rng: random.Random, count: int) -> list[Scene]:
+    """Up to `count` scenes one change away from `scene`, captioned, each a layout of its own: one
+    thing's colour, shape or size changed, two things' colours or shapes swapped, the relation turned
+    round, the count changed. Never a held-out colour-shape pair, which training text must not name."""
+    things, relation = scene.things, scene.relation
+    changed: list[tuple[tuple[Thing, ...], str | None]] = []
+    distinct = things[:1] if relation is None else things
+    for i, thing in enumerate(distinct):
+        for other in [replace(thing, colour=c) for c in COLOURS] + [replace(thing, shape=s) for s in SHAPES] \
+                + [replace(thing, size=z) for z in SIZES]:
+            new = tuple(other if j == i or relation is None else t for j, t in enumerate(things))
+            changed.append((new, relation))
+    if relation is not None:
+        first, second = things
+        changed += [((replace(first, colour=second.colour), replace(second, colour=first.colour)), relation),
+                    ((replace(first, shape=second.shape), replace(second, shape=first.shape)), relation),
+                    (things, OPPOSITE[relation])]
+    elif len(things) > 1:
+        changed += [(things[:1] * n, None) for n in NUMBERS if n != len(things)]
+    truth = layout(scene)
+    candidates = {describe(t, r): Scene(t, r, scene.background, describe(t, r)) for t, r in changed
+                  if (r is None or t[0].colour != t[1].colour)  # as make_scene draws them
+                  and not any((x.colour, x.shape) in HELD_OUT for x in t)}
+    distinct = sorted((c for c in candidates.values() if layout(c) != truth), key=lambda c: c.caption)
+    return rng.sample(distinct, min(count, len(distinct)))
 
 
 def draw(scene: Scene, size: int, rng: random.Random):
@@ -199,9 +236,7 @@ def paraphrase(scene: Scene) -> str:
     """The scene's caption worded the other way round where there is one ("B below A" for "A above B")."""
     if scene.relation is None:
         return scene.caption
-    first, second = scene.things
-    other = {"above": "below", "below": "above", "left of": "right of", "right of": "left of"}[scene.relation]
-    return f"a {second.size} {second.colour} {second.shape} {other} a {first.size} {first.colour} {first.shape}"
+    return describe(scene.things[::-1], OPPOSITE[scene.relation])
 
 
 def caption_corpus(count: int, rng: random.Random) -> list[str]:
@@ -240,17 +275,23 @@ def make_dataset(directory: Path, train: int, test: int, seed: int = 0, size: in
     return out[0], out[1]
 
 
-def training_set(count: int, seed: int = 0, corpus_size: int = 20_000):
+def training_set(count: int, seed: int = 0, corpus_size: int = 20_000, foils_per_scene: int = 0):
     """`count` scenes with no held-out pair, rendered, captioned and labelled, plus caption text over
-    every pair for the language model: the input of `retrieval.train.recipe.train`."""
+    every pair for the language model, and `foils_per_scene` foils of each scene's caption: the input
+    of `retrieval.train.recipe.train`."""
     from retrieval.train.recipe import TrainingSet
 
     rng = random.Random(seed)
     chosen = scenes(count, rng)
     drawn = [render(scene, rng) for scene in chosen]
+    corpus = caption_corpus(corpus_size, rng)
+    # drawn after the rest, so that the images and texts of a seed do not depend on how many foils
+    foiled = [foil for scene in chosen for foil in foils(scene, rng, foils_per_scene)]
+    numbers: dict[tuple, int] = {}
     return TrainingSet(
         images=[image for image, _ in drawn], captions=[scene.caption for scene in chosen],
+        scene_ids=[numbers.setdefault(layout(scene), len(numbers)) for scene in [*chosen, *foiled]],
         attributes=[attributes(scene) for scene in chosen], attribute_classes=ATTRIBUTE_CLASSES,
         masks=[mask for _, mask in drawn], region_codes=[region_codes(scene) for scene in chosen],
-        region_classes=REGION_CLASSES, corpus=caption_corpus(corpus_size, rng),
+        region_classes=REGION_CLASSES, corpus=corpus, foils=[foil.caption for foil in foiled],
     )

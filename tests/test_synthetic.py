@@ -91,3 +91,47 @@ def test_language_corpus_pairs_each_caption_with_a_wording_of_the_same_scene():
         assert colour_shapes(first) == colour_shapes(second)
         assert (first == second) == (not any(r in first for r in ("above", "below", "left of", "right of")))
     assert any(colour_shapes(t) & HELD_OUT for t in texts)  # text has every pair; only images lack some
+
+
+def test_foils_change_one_thing_and_never_describe_the_scene_or_a_held_out_pair():
+    from indexer.synthetic import foils
+
+    rng = random.Random(7)
+    kinds = set()
+    for _ in range(200):
+        scene = make_scene(rng)
+        for foil in foils(scene, rng, 50):
+            assert layout(foil) != layout(scene) and foil.caption == make_caption(foil)
+            assert not colour_shapes(foil.caption) & HELD_OUT
+            words, truth = foil.caption.split(), scene.caption.split()
+            if len(words) == len(truth):
+                changed = [i for i, (a, b) in enumerate(zip(words, truth)) if a != b]
+                kinds.add("swap" if len(changed) == 2 else "one word")
+                assert len(changed) in (1, 2), (scene.caption, foil.caption)
+    assert kinds == {"swap", "one word"}
+    red, blue = Thing("red", "circle", "small"), Thing("blue", "square", "large")
+    two = Scene((red, blue), "above", (100, 100, 100), "a small red circle above a large blue square")
+    captions = {f.caption for f in foils(two, random.Random(0), 100)}
+    assert {"a small blue circle above a large red square", "a small red square above a large blue circle",
+            "a small red circle below a large blue square"} <= captions
+    assert "a large blue square below a small red circle" not in captions  # the same scene in other words
+
+
+def make_caption(scene):
+    from indexer.synthetic import describe
+
+    return describe(scene.things, scene.relation)
+
+
+def test_training_set_foils_leave_the_images_alone_and_share_a_scene_number_only_with_their_layout():
+    from indexer.synthetic import training_set
+
+    plain, foiled = training_set(40, seed=2, corpus_size=10), training_set(40, seed=2, corpus_size=10, foils_per_scene=2)
+    assert plain.captions == foiled.captions and plain.corpus == foiled.corpus and not plain.foils
+    assert all(np.array_equal(np.asarray(a), np.asarray(b)) for a, b in zip(plain.images, foiled.images))
+    assert len(foiled.foils) == 80 and len(foiled.scene_ids) == 120
+    assert plain.scene_ids == foiled.scene_ids[:40]
+    for i, caption in enumerate(foiled.foils):  # a foil that is some image's caption has that image's number
+        for j, truth in enumerate(foiled.captions):
+            if caption == truth:
+                assert foiled.scene_ids[40 + i] == foiled.scene_ids[j]

@@ -14,7 +14,8 @@ from retrieval.train.architecture import (
     Architecture, caption_model, caption_processor, retrieval_model, retrieval_processor,
 )
 from retrieval.train.language import pack
-from retrieval.train.stage1 import Stage1, _hard_negatives, multimodal_causal_mask
+from retrieval.train.negatives import NegativeBank, hard_negatives
+from retrieval.train.stage1 import Pairs, Stage1, multimodal_causal_mask
 from retrieval.train.stage2 import caption_inputs, caption_loss
 from tests.conftest import run_cli
 
@@ -83,13 +84,60 @@ def test_hard_negatives_never_pick_a_positive():
     positive = caption_ids[:, None] == caption_ids[None, :]
     similarity = torch.randn(6, 6) * 5
     for _ in range(50):
-        picked = _hard_negatives(similarity, positive, generator)
+        picked = hard_negatives(similarity, positive, generator)
         assert not positive[torch.arange(6), picked].any()
     # the most similar negative is drawn most often: "hard" negatives
     similarity = torch.zeros(6, 6)
     similarity[0, 3] = 10
-    counts = torch.bincount(torch.stack([_hard_negatives(similarity, positive, generator)[0] for _ in range(200)]), minlength=6)
+    counts = torch.bincount(torch.stack([hard_negatives(similarity, positive, generator)[0] for _ in range(200)]), minlength=6)
     assert counts[3] > 150
+
+
+def test_bank_mines_the_hardest_non_matching_pairs_of_the_whole_set_never_a_paraphrase(stage1, data):
+    """The bank's negatives come from all of the set, not the batch; the most ITC-similar caption that
+    does not match is drawn most often; a caption of the same scene in other words is never drawn."""
+    stage, processor = stage1
+    captions = ["a small red circle above a large blue square", "a large blue square below a small red circle",
+                "a small red circle above a large green square", "two small white circles"] * 2
+    tokens = processor.tokenizer(captions, padding="longest", return_tensors="pt")
+    with torch.no_grad():
+        features = stage.model.vision_model(pixel_values=pixels_of(data.images, processor)).last_hidden_state
+    groups = torch.tensor([0, 0, 1, 2, 0, 0, 1, 2])  # captions 0 and 1 (and their repeats): one scene
+    bank = NegativeBank(features, tokens["input_ids"], tokens["attention_mask"], groups)
+    assert bank.text_rows.tolist() == [0, 1, 2, 3]  # one candidate per distinct caption
+    bank.refresh(stage)
+    # caption 2 is the near miss of image 0 and image 6 that of text 0; the paraphrase (caption 1)
+    # and image 4 (a repeat) are as close, but match
+    bank.text_embeds = torch.nn.functional.normalize(torch.randn_like(bank.text_embeds), dim=-1)
+    image = bank.image_embeds[:1]
+    bank.text_embeds[1] = bank.text_embeds[2] = image[0, 5]
+    bank.image_embeds = torch.nn.functional.normalize(torch.randn_like(bank.image_embeds), dim=-1)
+    text = bank.text_embeds[:1]
+    bank.image_embeds[4, 3] = bank.image_embeds[6, 3] = text[0]
+    generator = torch.Generator().manual_seed(0)
+    picks = [bank.pick(torch.tensor([0]), image, text, 0.05, generator) for _ in range(200)]
+    texts = torch.cat([p.texts for p in picks])
+    images = torch.cat([p.images for p in picks])
+    assert not torch.isin(texts, torch.tensor([0, 1])).any() and not torch.isin(images, torch.tensor([0, 1, 4, 5])).any()
+    assert (texts == 2).sum() > 150 and (images == 6).sum() > 150
+
+
+def test_stage1_losses_draw_itm_negatives_from_the_bank_when_given_one(stage1, data):
+    stage, processor = stage1
+    tokens = processor.tokenizer(data.captions, padding="longest", return_tensors="pt")
+    with torch.no_grad():
+        features = stage.model.vision_model(pixel_values=pixels_of(data.images, processor)).last_hidden_state
+    pairs = Pairs(features, tokens["input_ids"], tokens["attention_mask"], torch.tensor(data.scene_ids))
+    bank = NegativeBank(pairs.features, pairs.input_ids, pairs.attention_mask, pairs.groups)
+    bank.refresh(stage)
+    seen = []
+    pick = bank.pick
+    bank.pick = lambda *args: seen.append(pick(*args)) or seen[-1]
+    with torch.no_grad():
+        losses = stage.losses(pairs, torch.tensor([0, 1]), torch.Generator().manual_seed(0), bank)
+    assert len(seen) == 1 and torch.isfinite(losses.itm)
+    anchors = pairs.groups[torch.tensor([0, 1])]
+    assert (pairs.groups[seen[0].images] != anchors).all() and (pairs.groups[seen[0].texts] != anchors).all()
 
 
 def test_stage2_loss_is_transformers_captioning_loss(data):
@@ -133,25 +181,54 @@ def test_train_smoke_writes_checkpoints_the_loader_reads(tmp_path):
     assert all(v == v for v in report["losses"]["stage1"].values())  # no NaN
 
 
-def test_training_steps_reduce_the_stage1_loss(stage1, data):
+@pytest.mark.parametrize("from_bank", [False, True], ids=["in-batch", "bank-with-foils"])
+def test_training_steps_reduce_the_stage1_loss(stage1, from_bank):
     """A few steps on 8 pairs must fit them better: the objectives are wired to the weights."""
     from retrieval.train.loop import Schedule
     from retrieval.train.stage1 import train_stage1
 
     _, processor = stage1
+    data = training_set(8, seed=1, corpus_size=50, foils_per_scene=2 if from_bank else 0)
     torch.manual_seed(0)
     model = retrieval_model(SMALL, processor)
     pixels = pixels_of(data.images, processor)
     with torch.no_grad():
         features = model.vision_model(pixel_values=pixels).last_hidden_state
-    tokens = processor.tokenizer(data.captions, padding="longest", return_tensors="pt")
-    caption_ids = torch.arange(len(data.captions))
+    tokens = processor.tokenizer([*data.captions, *data.foils], padding="longest", return_tensors="pt")
+    pairs = Pairs(features, tokens["input_ids"], tokens["attention_mask"], torch.tensor(data.scene_ids))
     stage = Stage1(model, processor.tokenizer.bos_token_id)
-    args = (features, tokens["input_ids"], tokens["attention_mask"], caption_ids, torch.Generator().manual_seed(0))
     with torch.no_grad():
-        before = stage.losses(*args)
-    after = train_stage1(model, *args[:4], processor.tokenizer.bos_token_id, Schedule(steps=60, lr=2e-3, batch_size=8))
+        before = stage.losses(pairs, torch.arange(len(data.captions)), torch.Generator().manual_seed(0))
+    after = train_stage1(model, pairs, processor.tokenizer.bos_token_id, Schedule(steps=60, lr=2e-3, batch_size=8),
+                         from_bank=from_bank)
     assert after["itc"] < 0.8 * float(before.itc) and after["itg"] < 0.8 * float(before.itg), (before, after)
+    assert after["itm"] == after["itm"]  # no NaN
+
+
+def test_bank_draws_foils_as_negative_texts_never_as_images(stage1):
+    stage, processor = stage1
+    data = training_set(8, seed=1, corpus_size=50, foils_per_scene=3)
+    tokens = processor.tokenizer([*data.captions, *data.foils], padding="longest", return_tensors="pt")
+    with torch.no_grad():
+        features = stage.model.vision_model(pixel_values=pixels_of(data.images, processor)).last_hidden_state
+    bank = NegativeBank(features, tokens["input_ids"], tokens["attention_mask"], torch.tensor(data.scene_ids))
+    bank.refresh(stage)
+    assert len(bank.image_embeds) == 8 and len(bank.text_embeds) == len(set(data.captions + data.foils))
+    generator = torch.Generator().manual_seed(0)
+    index = torch.arange(8)
+    with torch.no_grad():
+        image = stage.image_embeds(features)
+        picks = [bank.pick(index, image, stage.text_embeds(tokens["input_ids"][:8], tokens["attention_mask"][:8]),
+                           1.0, generator) for _ in range(30)]
+    texts, images = torch.cat([p.texts for p in picks]), torch.cat([p.images for p in picks])
+    assert (images < 8).all() and (texts >= 8).any()
+    groups = torch.tensor(data.scene_ids)
+    assert (groups[texts] != groups[index.repeat(30)]).all()  # a foil never describes the image it is drawn for
+
+
+def test_foils_need_the_bank(tmp_path):
+    result = run_cli("train", "--smoke", "--foils", "2", "--out", str(tmp_path))
+    assert result.returncode == 2 and "--itm-negatives bank" in result.stderr and "Traceback" not in result.stderr
 
 
 def test_train_into_an_unwritable_place_is_one_clear_error(tmp_path):
@@ -170,7 +247,7 @@ def test_patch_labels_follow_what_covers_each_patch_not_its_centre():
     ImageDraw.Draw(mask).rectangle((0, 0, 6, 6), fill=1)  # a small thing in the corner of patch 0 (16 px)
     ImageDraw.Draw(mask).rectangle((16, 16, 17, 17), fill=2)  # a speck in patch 5: under 10% of it
     codes = [(9, 9), (1, 2), (3, 4)]  # background, thing 1, thing 2
-    data = TrainingSet([], [], [], (), [mask], [codes], (), [])
+    data = TrainingSet([], [], [], [], (), [mask], [codes], (), [])
     labels = data.patch_labels(4)
     assert labels.shape == (1, 16, 2)
     assert labels[0, 0].tolist() == [1, 2]  # covers 19% of the patch, but not its centre

@@ -31,6 +31,9 @@ class TrainConfig:
     stage1: Schedule = Schedule(steps=850, lr=1e-3, batch_size=96)
     language: Schedule = Schedule(steps=1500, lr=2e-3, batch_size=32)
     stage2: Schedule = Schedule(steps=1300, lr=1e-3, batch_size=64)
+    # Where ITM's hard negatives come from: "batch", as LAVIS; "bank", the whole training set and its
+    # foils (`retrieval.train.negatives`). Tried for issue 7's ITM, not better yet: see RESULTS.md.
+    itm_negatives: str = "batch"
     seed: int = 0
     threads: int = 0  # 0: torch's default
 
@@ -46,17 +49,22 @@ class TrainConfig:
 
 @dataclass(frozen=True)
 class TrainingSet:
-    """Images (RGB PIL) with one caption each; class labels of what each shows, as a whole and region by
-    region (an "L" mask per image whose value m has the classes `region_codes[i][m]`); text-only captions."""
+    """Images (RGB PIL) with one caption each; class labels of what each image shows, as a whole and
+    region by region (an "L" mask per image whose value m has the classes `region_codes[i][m]`);
+    text-only captions for the language model; `foils`, captions a change away from the images' own,
+    for ITM to learn from as negatives; and `scene_ids`, the number of the scene that each caption,
+    then each foil, describes (captions of one scene in other words share it)."""
 
     images: list[Any]
     captions: list[str]
+    scene_ids: list[int]
     attributes: list[tuple[int, ...]]
     attribute_classes: tuple[int, ...]
     masks: list[Any]
     region_codes: list[list[tuple[int, ...]]]
     region_classes: tuple[int, ...]
     corpus: list[str]
+    foils: list[str] = field(default_factory=list)
 
     def patch_labels(self, grid: int, min_cover: float = 0.1):
         """(N, grid * grid, R) classes of the thing covering most of each ViT patch, in the ViT's raster
@@ -156,14 +164,19 @@ def _image_encoder(vision_model: Any, processor: Any, data: TrainingSet, config:
 def _stage1(model: Any, processor: Any, features: Any, data: TrainingSet, config: TrainConfig, progress):
     import torch
 
-    from retrieval.train.stage1 import train_stage1
+    from retrieval.train.stage1 import Pairs, train_stage1
 
     tokenizer = processor.tokenizer
-    tokens = tokenizer(data.captions, padding="longest", return_tensors="pt")
-    number = {caption: i for i, caption in enumerate(dict.fromkeys(data.captions))}
-    caption_ids = torch.tensor([number[caption] for caption in data.captions])
-    losses = train_stage1(model, features, tokens["input_ids"], tokens["attention_mask"], caption_ids,
-                          tokenizer.bos_token_id, config.stage1, config.seed, progress)
+    from_bank = config.itm_negatives == "bank"
+    texts = [*data.captions, *data.foils] if from_bank else data.captions
+    tokens = tokenizer(texts, padding="longest", return_tensors="pt")
+    if from_bank:
+        groups = data.scene_ids
+    else:  # identical captions match, as the shipped checkpoints were trained, so they stay reproducible
+        number = {caption: i for i, caption in enumerate(dict.fromkeys(data.captions))}
+        groups = [number[caption] for caption in data.captions]
+    pairs = Pairs(features, tokens["input_ids"], tokens["attention_mask"], torch.tensor(groups))
+    losses = train_stage1(model, pairs, tokenizer.bos_token_id, config.stage1, config.seed, progress, from_bank)
     return None, losses
 
 

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from retrieval.train.loop import Progress, Schedule, batches, optimise
+from retrieval.train.negatives import NegativeBank, in_batch
 
 LABEL_SMOOTHING = 0.1  # LAVIS uses 0.1 for ITC and ITG
 
@@ -121,28 +122,31 @@ class Stage1:
         return self.itg_head(out[:, queries.shape[1] :, :])
 
     # -- the losses ----------------------------------------------------------------------------
-    def losses(self, features, input_ids, attention_mask, caption_ids, generator) -> Stage1Losses:
-        """`caption_ids` (B,) names each caption, so identical captions count as positives, not negatives."""
+    def losses(self, pairs: "Pairs", index, generator, bank: NegativeBank | None = None) -> Stage1Losses:
+        """The three losses on the rows `index` of `pairs`; ITM's negatives from the batch, or from
+        `bank` (the whole set) when given. Pairs of one group count as positives, never negatives."""
         import torch
         from torch.nn import functional as F
 
+        features = pairs.features[index]
+        input_ids, attention_mask = _trimmed(pairs.input_ids[index], pairs.attention_mask[index])
         image = self.image_embeds(features)  # (B, Q, D)
         text = self.text_embeds(input_ids, attention_mask)  # (B, D)
         temperature = self.log_temperature.exp().clamp(0.001, 0.5)
         sim_i2t = torch.einsum("iqd,td->itq", image, text).max(dim=2).values / temperature
-        positive = caption_ids[:, None] == caption_ids[None, :]
+        positive = pairs.groups[index][:, None] == pairs.groups[index][None, :]
         targets = positive.float() / positive.sum(dim=1, keepdim=True)
         itc = (F.cross_entropy(sim_i2t, targets, label_smoothing=LABEL_SMOOTHING)
                + F.cross_entropy(sim_i2t.t(), targets, label_smoothing=LABEL_SMOOTHING)) / 2
 
-        negative_image = _hard_negatives(sim_i2t.t(), positive, generator)  # for each text
-        negative_text = _hard_negatives(sim_i2t, positive, generator)  # for each image
-        batch = features.shape[0]
-        logits = self.itm_logits(
-            torch.cat([features, features[negative_image], features]),
-            torch.cat([input_ids, input_ids, input_ids[negative_text]]),
-            torch.cat([attention_mask, attention_mask, attention_mask[negative_text]]),
-        )
+        if bank is None:
+            negatives = in_batch(index, sim_i2t, pairs.groups, generator)
+        else:
+            negatives = bank.pick(index, image.detach(), text.detach(), temperature.detach(), generator)
+        rows = torch.cat([index, index, negatives.texts])
+        itm_ids, itm_mask = _trimmed(pairs.input_ids[rows], pairs.attention_mask[rows])
+        logits = self.itm_logits(torch.cat([features, pairs.features[negatives.images], features]), itm_ids, itm_mask)
+        batch = len(index)
         labels = torch.cat([torch.ones(batch, dtype=torch.long), torch.zeros(2 * batch, dtype=torch.long)])
         itm = F.cross_entropy(logits, labels)
 
@@ -151,6 +155,24 @@ class Stage1:
         itg = F.cross_entropy(next_token.reshape(-1, next_token.shape[-1]), targets_itg.reshape(-1),
                               ignore_index=-100, label_smoothing=LABEL_SMOOTHING)
         return Stage1Losses(itc, itm, itg)
+
+
+@dataclass(frozen=True)
+class Pairs:
+    """The training set as stage 1 reads it: cached ViT features (N, P, Dv), padded caption tokens
+    (N + F, L), and `groups` (N + F,): captions of the same scene share a number. Rows past N are
+    foils, text with no image, drawn only as ITM's negative texts by a `NegativeBank`."""
+
+    features: Any
+    input_ids: Any
+    attention_mask: Any
+    groups: Any
+
+
+def _trimmed(input_ids, attention_mask):
+    """Tokens cut to the longest caption among them: padding columns cost compute and change nothing."""
+    length = int(attention_mask.sum(dim=1).max())
+    return input_ids[:, :length], attention_mask[:, :length]
 
 
 def multimodal_causal_mask(num_queries: int, text_mask, dtype):
@@ -165,34 +187,24 @@ def multimodal_causal_mask(num_queries: int, text_mask, dtype):
     return torch.zeros(allowed.shape, dtype=dtype).masked_fill(~allowed, torch.finfo(dtype).min)[:, None]
 
 
-def _hard_negatives(similarity, positive, generator):
-    """For each row, one column drawn with probability softmax(similarity) over its non-positives."""
-    import torch
-
-    with torch.no_grad():
-        weights = torch.softmax(similarity.float(), dim=1).masked_fill(positive, 0) + 1e-12 * (~positive)
-        weights[weights.sum(dim=1) == 0] = 1.0  # every item in the batch has this caption: nothing better
-        return torch.multinomial(weights, 1, generator=generator).squeeze(1)
-
-
-def train_stage1(model: Any, features: Any, input_ids: Any, attention_mask: Any, caption_ids: Any,
-                 bos_token_id: int, schedule: Schedule, seed: int = 0,
-                 progress: Progress | None = None) -> dict[str, float]:
-    """Trains the Q-Former, query tokens and heads of `model` on cached ViT `features` (N, P, Dv)."""
+def train_stage1(model: Any, pairs: Pairs, bos_token_id: int, schedule: Schedule, seed: int = 0,
+                 progress: Progress | None = None, from_bank: bool = False) -> dict[str, float]:
+    """Trains the Q-Former, query tokens and heads of `model` on `pairs`; ITM's hard negatives mined
+    from each batch as LAVIS does or, `from_bank`, from the whole set and its foils (`NegativeBank`)."""
     import torch
 
     stage = Stage1(model, bos_token_id)
     model.vision_model.requires_grad_(False)
     model.train()
-    order = batches(len(features), schedule.batch_size, seed)
+    order = batches(len(pairs.features), schedule.batch_size, seed)
     generator = torch.Generator().manual_seed(seed + 1)
+    bank = NegativeBank(pairs.features, pairs.input_ids, pairs.attention_mask, pairs.groups) if from_bank else None
     last: dict[str, float] = {}
 
     def loss_at(step: int):
-        index = next(order)
-        length = int(attention_mask[index].sum(dim=1).max())
-        losses = stage.losses(features[index], input_ids[index, :length], attention_mask[index, :length],
-                              caption_ids[index], generator)
+        if bank is not None and step % bank.refresh_every == 0:
+            bank.refresh(stage)
+        losses = stage.losses(pairs, next(order), generator, bank)
         last.update(itc=float(losses.itc.detach()), itm=float(losses.itm.detach()), itg=float(losses.itg.detach()))
         return losses.total
 
