@@ -2,7 +2,7 @@
 
 1. Error types: for each held-out caption whose image ITC (and ITC+ITM) does not rank first, what the
    top image gets wrong against the right one: a thing's colour, shape or size, the relation swapped,
-   the count, or the kind of scene.
+   the count, or the kind of scene. Then R@1 with ITC's top 16 ranked by other mixes of ITM and ITC.
 2. What the frozen ViT encodes: linear probes on its patch features, trained on fresh scenes without
    held-out pairs, predict the colour, shape and size of the thing at each patch of fresh test scenes;
    accuracy on things with a seen colour-shape pair and on those with a held-out pair, against chance
@@ -59,6 +59,22 @@ def error_types(retriever, images: int, seed: int) -> None:
         print(f"{name:8} R@1 {hit.mean():.3f} (captions with a held-out pair {hit[unseen].mean():.3f}, "
               f"{int((~hit[unseen]).sum())} misses; the rest {hit[~unseen].mean():.3f}, {int((~hit[~unseen]).sum())} "
               "misses); top-1 misses by what is wrong: " + ", ".join(f"{kind} {n}" for kind, n in counts.most_common()))
+    ranking_rules(retriever, pairs.texts, itc, vit)
+
+
+def ranking_rules(retriever, texts: list[str], itc, vit, candidates: int = 16) -> None:
+    """R@1 when each caption's top `candidates` by ITC (caption t's image is t) are ranked by other
+    combinations of the two heads than LAVIS's, to tell a weak ITM head from a poor way of adding it."""
+    top = np.argsort(-itc, axis=1, kind="stable")[:, :candidates]
+    logits = np.stack([retriever.itm_logits(retriever.stack_vit_features([vit[n] for n in items]), [text] * len(items))
+                       for text, items in zip(texts, top)])  # (T, K, 2)
+    cosine = np.take_along_axis(itc, top, axis=1)
+    log_odds = logits[..., 1] - logits[..., 0]  # what `search --score itm` ranks by (the match probability)
+    rules = {"ITC": cosine, "ITM logit + ITC (LAVIS)": logits[..., 1] + cosine, "ITM logit": logits[..., 1],
+             "ITM log-odds": log_odds, **{f"ITM log-odds + {w} ITC": log_odds + w * cosine for w in (10, 40)}}
+    right = np.arange(len(texts))
+    print(f"R@1 with ITC's top {candidates} ranked by: " + ", ".join(
+        f"{name} {np.mean(top[right, scores.argmax(axis=1)] == right):.3f}" for name, scores in rules.items()))
 
 
 def _linear_probe(x_train, y_train, x_test, classes: int):
