@@ -1,5 +1,5 @@
 """Stage 1 alone, retrained on the shipped model's frozen ViT: for comparing ways of training the
-Q-Former (ITM's negatives, foils, depth) in a third of the time of `blipsearch train`.
+Q-Former (ITM's negatives, foils, depth, steps, seed) in about half the time of `blipsearch train`.
 
 A fresh Q-Former is trained by the recipe's stage 1 (850 steps, batch 96) on the features that the
 shipped ViT (read from its fp16 checkpoint) gives the seed-0 training images, then evaluated on the
