@@ -21,19 +21,6 @@ from dataclasses import replace
 from pathlib import Path
 
 
-def frozen_features(model, processor, images):
-    import numpy as np
-    import torch
-
-    from retrieval.preprocess import ImageTransform
-
-    transform = ImageTransform.from_processor(processor)
-    pixels = torch.from_numpy(np.stack([transform(image) for image in images]))
-    with torch.no_grad():
-        return torch.cat([model.vision_model(pixel_values=pixels[i : i + 256]).last_hidden_state
-                          for i in range(0, len(pixels), 256)])
-
-
 def main() -> None:
     import torch
     from transformers import Blip2ForImageTextRetrieval
@@ -45,7 +32,7 @@ def main() -> None:
     from retrieval.encoders import Blip2Retriever
     from retrieval.tiny import quiet
     from retrieval.train.architecture import retrieval_model, retrieval_processor
-    from retrieval.train.recipe import TrainConfig, _stage1
+    from retrieval.train.recipe import TrainConfig, _stage1, frozen_features, image_pixels
 
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", type=Path, required=True, help="where the retrained retrieval checkpoint goes")
@@ -61,13 +48,12 @@ def main() -> None:
     config = replace(config, architecture=replace(config.architecture, qformer_layers=args.qformer_layers),
                      stage1=replace(config.stage1, steps=args.steps))
     data = training_set(8000, 0, foils_per_scene=args.foils)
-    words = sorted({word for text in [*data.captions, *data.corpus] for word in text.lower().split()})
-    processor = retrieval_processor(config.architecture, words)
+    processor = retrieval_processor(config.architecture, data.words())
     torch.manual_seed(args.seed)
     model = retrieval_model(config.architecture, processor)
     shipped = Blip2ForImageTextRetrieval.from_pretrained(SHAPES_RETRIEVAL, torch_dtype=torch.float32)
     model.vision_model.load_state_dict(shipped.vision_model.state_dict())
-    features = frozen_features(model, processor, data.images)
+    features = frozen_features(model.vision_model, image_pixels(processor, data.images))
 
     began = time.perf_counter()
 

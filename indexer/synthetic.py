@@ -91,8 +91,8 @@ def foils(scene: Scene, rng: random.Random, count: int) -> list[Scene]:
     round, the count changed. Never a held-out colour-shape pair, which training text must not name."""
     things, relation = scene.things, scene.relation
     changed: list[tuple[tuple[Thing, ...], str | None]] = []
-    distinct = things[:1] if relation is None else things
-    for i, thing in enumerate(distinct):
+    varied = things[:1] if relation is None else things  # a row's things are one kind: vary them together
+    for i, thing in enumerate(varied):
         for other in [replace(thing, colour=c) for c in COLOURS] + [replace(thing, shape=s) for s in SHAPES] \
                 + [replace(thing, size=z) for z in SIZES]:
             new = tuple(other if j == i or relation is None else t for j, t in enumerate(things))

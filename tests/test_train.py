@@ -36,12 +36,9 @@ def stage1(data):
 
 
 def pixels_of(images, processor):
-    import numpy as np
+    from retrieval.train.recipe import image_pixels
 
-    from retrieval.preprocess import ImageTransform
-
-    transform = ImageTransform.from_processor(processor)
-    return torch.from_numpy(np.stack([transform(image) for image in images]))
+    return image_pixels(processor, images)
 
 
 def test_stage1_itc_and_itm_are_what_transformers_computes(stage1, data):

@@ -66,6 +66,10 @@ class TrainingSet:
     corpus: list[str]
     foils: list[str] = field(default_factory=list)
 
+    def words(self) -> list[str]:
+        """Every word of the captions and the language corpus: the retrieval tokenizer's vocabulary."""
+        return sorted({word for text in [*self.captions, *self.corpus] for word in text.lower().split()})
+
     def patch_labels(self, grid: int, min_cover: float = 0.1):
         """(N, grid * grid, R) classes of the thing covering most of each ViT patch, in the ViT's raster
         order; background where no thing covers `min_cover` of the patch. Labelling by coverage, not
@@ -114,8 +118,7 @@ def train(data: TrainingSet, config: TrainConfig, out: Path, progress: Progress 
         torch.set_num_threads(config.threads)
     torch.manual_seed(config.seed)
     arch, seconds, losses = config.architecture, {}, {}
-    words = sorted({word for text in [*data.captions, *data.corpus] for word in text.lower().split()})
-    itm_processor = retrieval_processor(arch, words)
+    itm_processor = retrieval_processor(arch, data.words())
     opt_processor = caption_processor(arch, data.corpus)
 
     def timed(name: str, stage, *args):
@@ -143,22 +146,37 @@ def train(data: TrainingSet, config: TrainConfig, out: Path, progress: Progress 
 
 def _image_encoder(vision_model: Any, processor: Any, data: TrainingSet, config: TrainConfig, progress):
     """Pre-trains and freezes the ViT; returns its features of every training image, computed once."""
-    import numpy as np
     import torch
 
-    from retrieval.preprocess import ImageTransform
     from retrieval.train.vision import pretrain_vision
 
     arch = config.architecture
-    transform = ImageTransform.from_processor(processor)
-    pixels = torch.from_numpy(np.stack([transform(image) for image in data.images]))
+    pixels = image_pixels(processor, data.images)
     labels = torch.tensor(data.attributes, dtype=torch.long)
     patch_labels = torch.from_numpy(data.patch_labels(arch.image_size // arch.patch_size)).long()
     loss = pretrain_vision(vision_model, pixels, labels, data.attribute_classes, patch_labels, data.region_classes,
                            config.vision, config.seed, progress)
+    return frozen_features(vision_model, pixels), loss
+
+
+def image_pixels(processor: Any, images: list[Any]):
+    """(N, 3, H, W) model inputs of PIL `images`, as the processor's transform makes them."""
+    import numpy as np
+    import torch
+
+    from retrieval.preprocess import ImageTransform
+
+    transform = ImageTransform.from_processor(processor)
+    return torch.from_numpy(np.stack([transform(image) for image in images]))
+
+
+def frozen_features(vision_model: Any, pixels: Any, chunk: int = 256):
+    """(N, P, Dv) features of a frozen ViT, `chunk` images at a time: what stages 1 and 2 read."""
+    import torch
+
     with torch.no_grad():
-        features = [vision_model(pixel_values=pixels[i : i + 256]).last_hidden_state for i in range(0, len(pixels), 256)]
-    return torch.cat(features), loss
+        return torch.cat([vision_model(pixel_values=pixels[i : i + chunk]).last_hidden_state
+                          for i in range(0, len(pixels), chunk)])
 
 
 def _stage1(model: Any, processor: Any, features: Any, data: TrainingSet, config: TrainConfig, progress):
