@@ -75,6 +75,22 @@ def test_itg_mask_text_sees_only_the_past_and_queries_never_see_text(stage1, dat
     assert allowed == [[1, 1, 0, 0, 0], [1, 1, 0, 0, 0], [1, 1, 1, 0, 0], [1, 1, 1, 1, 0], [1, 1, 1, 1, 0]]
 
 
+@pytest.mark.timeout(30)
+def test_batches_from_fewer_examples_than_a_batch_use_them_all_each_epoch():
+    """`train --images 16` meets a batch of 64: it must get batches of 16, not wait forever for 64."""
+    import itertools
+
+    from retrieval.train.loop import batches
+
+    drawn = list(itertools.islice(batches(5, 8, seed=0), 3))
+    assert all(sorted(b.tolist()) == [0, 1, 2, 3, 4] for b in drawn)
+    full = list(itertools.islice(batches(10, 4, seed=0), 4))  # enough examples: batches of 4, 2 per epoch
+    assert [len(b) for b in full] == [4, 4, 4, 4]
+    assert len(set(torch.cat(full[:2]).tolist())) == 8
+    with pytest.raises(ValueError):
+        next(batches(0, 4, seed=0))
+
+
 def test_hard_negatives_never_pick_a_positive():
     generator = torch.Generator().manual_seed(0)
     caption_ids = torch.tensor([0, 0, 1, 2, 2, 3])

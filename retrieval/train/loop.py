@@ -51,11 +51,15 @@ def optimise(parameters: Iterable, schedule: Schedule, loss_at: Callable[[int], 
 
 
 def batches(count: int, batch_size: int, seed: int):
-    """Index tensors of `batch_size`, epoch after epoch, each epoch a fresh permutation."""
+    """Index tensors of `batch_size` (of all `count` when there are fewer), epoch after epoch, each
+    epoch a fresh permutation."""
     import torch
 
+    if count < 1:
+        raise ValueError("no examples to draw batches from")
+    size = min(batch_size, count)  # a full batch from fewer examples would never come: no endless loop
     generator = torch.Generator().manual_seed(seed)
     while True:
         order = torch.randperm(count, generator=generator)
-        for start in range(0, count - batch_size + 1, batch_size):
-            yield order[start : start + batch_size]
+        for start in range(0, count - size + 1, size):
+            yield order[start : start + size]
