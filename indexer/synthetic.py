@@ -55,6 +55,17 @@ def _background(rng: random.Random, avoid: set[str]) -> tuple[int, int, int]:
             return rgb
 
 
+def free_colour(shape: str, background: tuple[int, int, int], rng: random.Random) -> tuple[int, int, int]:
+    """A random colour, not necessarily a named one, for a thing of `shape`: it stands out from
+    `background` and is far from the colour of every held-out pair of `shape` (by the distance
+    `_background` keeps), so a drawing in it never shows a held-out pair."""
+    avoid = [COLOURS[c] for c, s in HELD_OUT if s == shape] + [background]
+    while True:
+        rgb = tuple(rng.randint(0, 255) for _ in range(3))
+        if all(sum(abs(a - b) for a, b in zip(rgb, other)) > 150 for other in avoid):
+            return rgb
+
+
 def make_scene(rng: random.Random, held_out: bool = False) -> Scene:
     kind = rng.random()
     first = _thing(rng, held_out)
@@ -116,17 +127,18 @@ def draw(scene: Scene, size: int, rng: random.Random):
     return draw_with_mask(scene, size, rng)[0]
 
 
-def draw_with_mask(scene: Scene, size: int, rng: random.Random):
+def draw_with_mask(scene: Scene, size: int, rng: random.Random, fills: list[tuple[int, int, int]] | None = None):
     """The image, and an "L" mask of the same size whose pixels hold 1 + the index of the thing drawn
-    there (0: background)."""
+    there (0: background). `fills`: one RGB per thing instead of its named colour."""
     from PIL import Image, ImageDraw
 
     image = Image.new("RGB", (size, size), scene.background)
     mask = Image.new("L", (size, size), 0)
     canvases = ((ImageDraw.Draw(image), None), (ImageDraw.Draw(mask), 0))
-    for number, (box, thing) in enumerate(zip(_boxes(scene, size, rng), scene.things), 1):
+    fills = fills or [COLOURS[thing.colour] for thing in scene.things]
+    for number, (box, thing, rgb) in enumerate(zip(_boxes(scene, size, rng), scene.things, fills), 1):
         for canvas, fill in canvases:
-            fill = COLOURS[thing.colour] if fill is None else number
+            fill = rgb if fill is None else number
             if thing.shape == "circle":
                 canvas.ellipse(box, fill=fill)
             elif thing.shape == "square":
@@ -216,9 +228,10 @@ def scenes(count: int, rng: random.Random, held_out_share: float = 0.0, unique: 
     return out
 
 
-def render(scene: Scene, rng: random.Random, sizes: tuple[int, int] = (64, 192)):
+def render(scene: Scene, rng: random.Random, sizes: tuple[int, int] = (64, 192),
+           fills: list[tuple[int, int, int]] | None = None):
     """The scene and its mask drawn at a random size in `sizes`, so a model sees shapes at many scales of detail."""
-    return draw_with_mask(scene, rng.randint(*sizes), rng)
+    return draw_with_mask(scene, rng.randint(*sizes), rng, fills)
 
 
 # Classes of what covers an image region: colour, shape, size of the thing there; last class: background.

@@ -11,8 +11,8 @@ import numpy as np
 from PIL import Image
 
 from indexer.synthetic import (
-    ATTRIBUTE_CLASSES, COLOURS, HELD_OUT, SHAPES, Scene, Thing, attributes, colour_shapes, draw, layout, make_dataset,
-    make_scene,
+    ATTRIBUTE_CLASSES, COLOURS, HELD_OUT, SHAPES, Scene, Thing, attributes, colour_shapes, draw, draw_with_mask,
+    free_colour, layout, make_dataset, make_scene,
 )
 
 
@@ -56,6 +56,29 @@ def test_captions_name_what_is_drawn():
             first, second = (np.argwhere(np.all(grid == COLOURS[t.colour], axis=2)).mean(axis=0) for t in scene.things)
             axis, sign = {"above": (0, 1), "below": (0, -1), "left of": (1, 1), "right of": (1, -1)}[scene.relation]
             assert sign * (second[axis] - first[axis]) > 10, scene.caption
+
+
+def test_free_colours_stand_out_and_never_paint_a_held_out_pair():
+    rng = random.Random(2)
+    background = (120, 120, 120)
+    for shape in SHAPES:
+        fills = [free_colour(shape, background, rng) for _ in range(300)]
+        assert len(set(fills)) > 250  # random, not a palette
+        for held_colour in (COLOURS[c] for c, s in HELD_OUT if s == shape):
+            assert min(sum(abs(a - b) for a, b in zip(f, held_colour)) for f in fills) > 150
+        assert min(sum(abs(a - b) for a, b in zip(f, background)) for f in fills) > 150
+    near_purple = [free_colour("circle", background, rng) for _ in range(300)]  # purple circles are seen pairs
+    assert min(sum(abs(a - b) for a, b in zip(f, COLOURS["purple"])) for f in near_purple) <= 150
+
+
+def test_fills_paint_the_same_drawing_in_other_colours():
+    scene = Scene((Thing("red", "circle", "small"), Thing("blue", "square", "large")), "above", (100, 100, 100), "")
+    named, named_mask = draw_with_mask(scene, 96, random.Random(1))
+    painted, mask = draw_with_mask(scene, 96, random.Random(1), [(1, 2, 3), (4, 5, 6)])
+    assert np.array_equal(np.asarray(mask), np.asarray(named_mask))
+    owner, pixels = np.asarray(mask), np.asarray(painted)
+    assert np.all(pixels[owner == 1] == (1, 2, 3)) and np.all(pixels[owner == 2] == (4, 5, 6))
+    assert np.array_equal(pixels[owner == 0], np.asarray(named)[owner == 0])
 
 
 def test_one_layout_has_one_label_however_it_is_worded():
