@@ -24,9 +24,13 @@ from api.options import emit_json
               help="Where ITM's hard negatives come from: each batch (as LAVIS), or the whole training set.")
 @click.option("--foils", type=click.IntRange(0, 50), default=0, show_default=True,
               help="With --itm-negatives bank: captions one change away from each image's, as extra negatives.")
+@click.option("--swaps", is_flag=True,
+              help="Each caption with two things' colours or shapes swapped, or its relation turned, as a negative.")
+@click.option("--recolour", type=click.FloatRange(0, 1), default=0.0, show_default=True,
+              help="Share of training scenes the image encoder sees in random colours (colour labels ignored); later stages never do.")
 @click.option("--smoke", is_flag=True, help="A narrow model and a few steps per stage: checks the machinery in seconds.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as one JSON object on stdout.")
-def train(out_dir, images, test_images, seed, itm_negatives, foils, smoke, as_json) -> None:
+def train(out_dir, images, test_images, seed, itm_negatives, foils, swaps, recolour, smoke, as_json) -> None:
     """Train a small BLIP-2 (ViT, Q-Former stages 1 and 2, OPT decoder) on generated captioned shapes."""
     from indexer.synthetic import make_dataset, training_set
     from retrieval.train.recipe import TrainConfig
@@ -42,7 +46,7 @@ def train(out_dir, images, test_images, seed, itm_negatives, foils, smoke, as_js
     except OSError as exc:
         raise click.ClickException(f"cannot write to {out_dir}: {exc.strerror or exc}") from None
     began = time.perf_counter()
-    data = training_set(images, seed, foils_per_scene=foils)
+    data = training_set(images, seed, foils_per_scene=foils, recolour_share=recolour, with_swaps=swaps)
     _, test_pairs = make_dataset(out_dir / "test-data", 0, test_images, seed=seed + 1)
 
     def progress(stage: str, step: int, steps: int, loss: float) -> None:

@@ -6,7 +6,7 @@ shipped ViT (read from its fp16 checkpoint) gives the seed-0 training images, th
 500-scene held-out split that `blipsearch train` writes (seed 1). Prints text->image R@1/5/10 by ITC
 alone (the baseline) and after ITM re-ranking, and their R@1 ratio.
 
-Run: python -m benchmarks.ablate_stage1 --out DIR [--itm-negatives bank] [--foils 2] [--qformer-layers 3]
+Run: python -m benchmarks.ablate_stage1 --out DIR [--itm-negatives bank] [--foils 2] [--swaps] [--qformer-layers 3]
      [--steps 850] [--seed 0]
 """
 
@@ -38,6 +38,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, required=True, help="where the retrained retrieval checkpoint goes")
     parser.add_argument("--itm-negatives", choices=["batch", "bank"], default="batch")
     parser.add_argument("--foils", type=int, default=0)
+    parser.add_argument("--swaps", action="store_true", help="swapped captions as ITC and ITM negatives")
     parser.add_argument("--qformer-layers", type=int, default=2)
     parser.add_argument("--steps", type=int, default=TrainConfig().stage1.steps)
     parser.add_argument("--seed", type=int, default=0, help="stage 1's initialisation, batches and negatives; the data stay seed 0's")
@@ -47,7 +48,7 @@ def main() -> None:
     config = TrainConfig(itm_negatives=args.itm_negatives, seed=args.seed)
     config = replace(config, architecture=replace(config.architecture, qformer_layers=args.qformer_layers),
                      stage1=replace(config.stage1, steps=args.steps))
-    data = training_set(8000, 0, foils_per_scene=args.foils)
+    data = training_set(8000, 0, foils_per_scene=args.foils, with_swaps=args.swaps)
     processor = retrieval_processor(config.architecture, data.words())
     torch.manual_seed(args.seed)
     model = retrieval_model(config.architecture, processor)

@@ -109,18 +109,36 @@ def foils(scene: Scene, rng: random.Random, count: int) -> list[Scene]:
             new = tuple(other if j == i or relation is None else t for j, t in enumerate(things))
             changed.append((new, relation))
     if relation is not None:
-        first, second = things
-        changed += [((replace(first, colour=second.colour), replace(second, colour=first.colour)), relation),
-                    ((replace(first, shape=second.shape), replace(second, shape=first.shape)), relation),
-                    (things, OPPOSITE[relation])]
+        changed += _swapped(things, relation)
     elif len(things) > 1:
         changed += [(things[:1] * n, None) for n in NUMBERS if n != len(things)]
+    distinct = _trainable(scene, changed)
+    return rng.sample(distinct, min(count, len(distinct)))
+
+
+def swaps(scene: Scene) -> list[Scene]:
+    """The foils of `scene` that keep its words (the relation turned round: "B above A" in other words)
+    and change what goes with what: two things' colours or shapes swapped, the relation turned
+    round. A model that reads a caption as a bag of words
+    cannot tell them from the scene's own caption (as ARO and Winoground test)."""
+    return [] if scene.relation is None else _trainable(scene, _swapped(scene.things, scene.relation))
+
+
+def _swapped(things: tuple[Thing, ...], relation: str) -> list[tuple[tuple[Thing, ...], str]]:
+    first, second = things
+    return [((replace(first, colour=second.colour), replace(second, colour=first.colour)), relation),
+            ((replace(first, shape=second.shape), replace(second, shape=first.shape)), relation),
+            (things, OPPOSITE[relation])]
+
+
+def _trainable(scene: Scene, changed: list[tuple[tuple[Thing, ...], str | None]]) -> list[Scene]:
+    """The changed scenes that training may show: drawable, without a held-out pair, and another
+    layout than `scene`'s; one per caption, in caption order."""
     truth = layout(scene)
     candidates = {describe(t, r): Scene(t, r, scene.background, describe(t, r)) for t, r in changed
                   if (r is None or t[0].colour != t[1].colour)  # as make_scene draws them
                   and not any((x.colour, x.shape) in HELD_OUT for x in t)}
-    distinct = sorted((c for c in candidates.values() if layout(c) != truth), key=lambda c: c.caption)
-    return rng.sample(distinct, min(count, len(distinct)))
+    return sorted((c for c in candidates.values() if layout(c) != truth), key=lambda c: c.caption)
 
 
 def draw(scene: Scene, size: int, rng: random.Random):
@@ -186,6 +204,7 @@ LAYOUTS = ("single", "vertical", "horizontal", "row of 2", "row of 3")
 # Classes of each attribute that `attributes` returns: layout, then colour, shape and size of the
 # first thing (single, top, left or repeated) and of the second (bottom or right; last class: none).
 ATTRIBUTE_CLASSES = (len(LAYOUTS), len(COLOURS), len(SHAPES), len(SIZES), len(COLOURS) + 1, len(SHAPES) + 1, len(SIZES) + 1)
+COLOUR_ATTRIBUTES = (1, 4)  # the attributes that are a thing's colour
 
 
 def attributes(scene: Scene) -> tuple[int, ...]:
@@ -232,6 +251,18 @@ def render(scene: Scene, rng: random.Random, sizes: tuple[int, int] = (64, 192),
            fills: list[tuple[int, int, int]] | None = None):
     """The scene and its mask drawn at a random size in `sizes`, so a model sees shapes at many scales of detail."""
     return draw_with_mask(scene, rng.randint(*sizes), rng, fills)
+
+
+def recolour(scene: Scene, rng: random.Random):
+    """The scene rendered in free colours (`free_colour`) instead of its named ones: each thing its own,
+    the things of a row one, as a row is things of one colour. Shown to the image encoder with its
+    colour labels ignored, such drawings put every shape in many colours without ever drawing a
+    held-out pair, so colour stops telling shape."""
+    if scene.relation is None:
+        fills = [free_colour(scene.things[0].shape, scene.background, rng)] * len(scene.things)
+    else:
+        fills = [free_colour(thing.shape, scene.background, rng) for thing in scene.things]
+    return render(scene, rng, fills=fills)
 
 
 # Classes of what covers an image region: colour, shape, size of the thing there; last class: background.
@@ -288,10 +319,13 @@ def make_dataset(directory: Path, train: int, test: int, seed: int = 0, size: in
     return out[0], out[1]
 
 
-def training_set(count: int, seed: int = 0, corpus_size: int = 20_000, foils_per_scene: int = 0):
+def training_set(count: int, seed: int = 0, corpus_size: int = 20_000, foils_per_scene: int = 0,
+                 recolour_share: float = 0.0, with_swaps: bool = False):
     """`count` scenes with no held-out pair, rendered, captioned and labelled, plus caption text over
-    every pair for the language model, and `foils_per_scene` foils of each scene's caption: the input
-    of `retrieval.train.recipe.train`."""
+    every pair for the language model, `foils_per_scene` foils of each scene's caption, and for about
+    `recolour_share` of the scenes a second drawing in free colours (`recolour`) for the image
+    encoder, and `with_swaps`, each scene's `swaps` after the foils, their places in `swap_rows`:
+    the input of `retrieval.train.recipe.train`."""
     from retrieval.train.recipe import TrainingSet
 
     rng = random.Random(seed)
@@ -300,11 +334,20 @@ def training_set(count: int, seed: int = 0, corpus_size: int = 20_000, foils_per
     corpus = caption_corpus(corpus_size, rng)
     # drawn after the rest, so that the images and texts of a seed do not depend on how many foils
     foiled = [foil for scene in chosen for foil in foils(scene, rng, foils_per_scene)]
+    swap_rows = []  # rows of each scene's swaps among the texts: captions, then foils
+    for scene in chosen if with_swaps else []:
+        swapped = swaps(scene)
+        swap_rows.append(list(range(count + len(foiled), count + len(foiled) + len(swapped))))
+        foiled += swapped
+    recolour_rng = random.Random(f"recolour {seed}")  # its own stream: the rest does not depend on the share
+    recoloured = {i: recolour(scene, recolour_rng) for i, scene in enumerate(chosen)
+                  if recolour_rng.random() < recolour_share}
     numbers: dict[tuple, int] = {}
     return TrainingSet(
         images=[image for image, _ in drawn], captions=[scene.caption for scene in chosen],
         scene_ids=[numbers.setdefault(layout(scene), len(numbers)) for scene in [*chosen, *foiled]],
         attributes=[attributes(scene) for scene in chosen], attribute_classes=ATTRIBUTE_CLASSES,
         masks=[mask for _, mask in drawn], region_codes=[region_codes(scene) for scene in chosen],
-        region_classes=REGION_CLASSES, corpus=corpus, foils=[foil.caption for foil in foiled],
+        region_classes=REGION_CLASSES, corpus=corpus, foils=[foil.caption for foil in foiled], recoloured=recoloured,
+        swap_rows=swap_rows,
     )

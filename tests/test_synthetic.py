@@ -12,7 +12,7 @@ from PIL import Image
 
 from indexer.synthetic import (
     ATTRIBUTE_CLASSES, COLOURS, HELD_OUT, SHAPES, Scene, Thing, attributes, colour_shapes, draw, draw_with_mask,
-    free_colour, layout, make_dataset, make_scene,
+    foils, free_colour, layout, make_dataset, make_scene, paraphrase, recolour, scenes, swaps,
 )
 
 
@@ -79,6 +79,41 @@ def test_fills_paint_the_same_drawing_in_other_colours():
     owner, pixels = np.asarray(mask), np.asarray(painted)
     assert np.all(pixels[owner == 1] == (1, 2, 3)) and np.all(pixels[owner == 2] == (4, 5, 6))
     assert np.array_equal(pixels[owner == 0], np.asarray(named)[owner == 0])
+
+
+def test_recolour_paints_things_off_the_palette_never_as_a_held_out_pair_and_a_row_in_one_colour():
+    rng, rows = random.Random(4), 0
+    for scene in scenes(200, random.Random(3)):
+        image, mask = recolour(scene, rng)
+        pixels, owner = np.asarray(image), np.asarray(mask)
+        fills = {}
+        for number, thing in enumerate(scene.things, 1):
+            if (owner == number).any():  # a thing may lie under another
+                fill = fills[number] = tuple(int(v) for v in pixels[owner == number][0])
+                assert fill != COLOURS[thing.colour]
+                assert all(sum(abs(a - b) for a, b in zip(fill, COLOURS[c])) > 150 for c, s in HELD_OUT if s == thing.shape)
+        if scene.relation is None and len(scene.things) > 1:
+            rows += 1
+            assert len(set(fills.values())) == 1, scene.caption
+    assert rows > 20
+
+
+def test_swaps_keep_every_word_and_change_what_goes_with_what():
+    counted = 0
+    for scene in scenes(300, random.Random(5)):
+        swapped = swaps(scene)
+        if scene.relation is None:
+            assert swapped == []
+            continue
+        counted += len(swapped)
+        assert 1 <= len(swapped) <= 3
+        all_foils = {f.caption for f in foils(scene, random.Random(0), 1000)}
+        for other in swapped:
+            words = sorted(scene.caption.split())  # the relation turned: "B above A" in other words
+            assert words in (sorted(other.caption.split()), sorted(paraphrase(other).split())), other.caption
+            assert layout(other) != layout(scene) and other.caption in all_foils
+            assert not any((t.colour, t.shape) in HELD_OUT for t in other.things)
+    assert counted > 200
 
 
 def test_one_layout_has_one_label_however_it_is_worded():

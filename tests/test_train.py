@@ -176,8 +176,8 @@ def test_pack_puts_a_separator_before_every_caption():
 
 
 def test_train_smoke_writes_checkpoints_the_loader_reads(tmp_path):
-    result = run_cli("train", "--smoke", "--images", "48", "--test-images", "8", "--out", str(tmp_path), "--json",
-                     check=True, timeout=600)
+    result = run_cli("train", "--smoke", "--images", "48", "--test-images", "8", "--recolour", "0.5", "--swaps",
+                     "--out", str(tmp_path), "--json", check=True, timeout=600)
     report = json.loads(result.stdout)
     from retrieval.captioner import Blip2Captioner, CaptionOptions
     from retrieval.config import ModelConfig
@@ -239,6 +239,43 @@ def test_bank_draws_foils_as_negative_texts_never_as_images(stage1):
     assert (groups[texts] != groups[index.repeat(30)]).all()  # a foil never describes the image it is drawn for
 
 
+def test_swaps_are_one_more_itc_text_and_half_of_itm_negatives(stage1):
+    """With swaps, each image with one has a swapped caption of its own among its ITC texts, and about
+    half of ITM's negative texts are such swaps, never the image's own caption."""
+    stage, processor = stage1
+    data = training_set(24, seed=2, corpus_size=10, with_swaps=True)
+    tokens = processor.tokenizer([*data.captions, *data.foils], padding="longest", return_tensors="pt")
+    widest = max(map(len, data.swap_rows))
+    swaps = torch.tensor([rows + [-1] * (widest - len(rows)) for rows in data.swap_rows])
+    with torch.no_grad():
+        features = stage.model.vision_model(pixel_values=pixels_of(data.images, processor)).last_hidden_state
+    pairs = Pairs(features, tokens["input_ids"], tokens["attention_mask"], torch.tensor(data.scene_ids), swaps)
+    texts_seen, itm_seen = [], []
+    text_embeds, itm_logits = stage.text_embeds, stage.itm_logits
+    stage.text_embeds = lambda ids, mask: texts_seen.append(ids) or text_embeds(ids, mask)
+    stage.itm_logits = lambda f, ids, mask: itm_seen.append(ids) or itm_logits(f, ids, mask)
+    try:
+        with torch.no_grad():
+            losses = stage.losses(pairs, torch.arange(24), torch.Generator().manual_seed(0))
+    finally:
+        del stage.text_embeds, stage.itm_logits
+    with_swaps = [i for i, rows in enumerate(data.swap_rows) if rows]
+    assert 3 < len(with_swaps) < 24 and torch.isfinite(losses.itc) and torch.isfinite(losses.itm)
+    assert [len(ids) for ids in texts_seen] == [24, len(with_swaps)]
+
+    def rows_of(ids):  # which texts (captions, then foils) these token rows are
+        width = ids.shape[1]
+        padded = torch.nn.functional.pad(ids, (0, tokens["input_ids"].shape[1] - width))
+        return [int((tokens["input_ids"] == row).all(dim=1).nonzero()[0]) for row in padded]
+
+    assert all(row in data.swap_rows[i] for i, row in zip(with_swaps, rows_of(texts_seen[1])))
+    negatives = rows_of(itm_seen[0][48:])  # the ITM batch: 24 positives, 24 negative images, 24 negative texts
+    used = sum(negatives[i] in data.swap_rows[i] for i in with_swaps)
+    assert 0 < used < len(with_swaps)
+    groups = torch.tensor(data.scene_ids)
+    assert all(groups[row] != groups[i] for i, row in enumerate(negatives))
+
+
 def test_foils_need_the_bank(tmp_path):
     result = run_cli("train", "--smoke", "--foils", "2", "--out", str(tmp_path))
     assert result.returncode == 2 and "--itm-negatives bank" in result.stderr and "Traceback" not in result.stderr
@@ -265,3 +302,34 @@ def test_patch_labels_follow_what_covers_each_patch_not_its_centre():
     assert labels.shape == (1, 16, 2)
     assert labels[0, 0].tolist() == [1, 2]  # covers 19% of the patch, but not its centre
     assert labels[0, 5].tolist() == [9, 9] and labels[0, 15].tolist() == [9, 9]
+
+
+def test_the_image_encoder_sees_recoloured_scenes_without_their_colour_labels_and_the_rest_the_named_ones():
+    import numpy as np
+
+    from indexer.synthetic import COLOURS
+    from retrieval.train.recipe import IGNORED, TrainConfig, _image_encoder, frozen_features
+
+    plain = training_set(12, seed=1, corpus_size=10)
+    data = training_set(12, seed=1, corpus_size=10, recolour_share=0.5)
+    assert plain.for_vision() is plain and not plain.recoloured
+    assert data.captions == plain.captions and data.attributes == plain.attributes
+    assert all(np.array_equal(np.asarray(a), np.asarray(b)) for a, b in zip(data.images, plain.images))
+    assert 0 < len(data.recoloured) < 12
+    shown = data.for_vision()
+    for i in range(12):
+        if i not in data.recoloured:
+            assert shown.images[i] is data.images[i] and shown.attributes[i] == data.attributes[i]
+            continue
+        assert (shown.images[i], shown.masks[i]) == data.recoloured[i]
+        colours = [a for a, label in enumerate(data.attributes[i]) if a in (1, 4) and label < len(COLOURS)]
+        assert [a for a, label in enumerate(shown.attributes[i]) if label == IGNORED] == colours
+        assert shown.region_codes[i][0] == data.region_codes[i][0]  # the background keeps its colour class
+        assert all(code[0] == IGNORED and code[1:] == named[1:]
+                   for code, named in zip(shown.region_codes[i][1:], data.region_codes[i][1:]))
+
+    config = TrainConfig.smoke()
+    processor = retrieval_processor(config.architecture, data.words())
+    vision = retrieval_model(config.architecture, processor).vision_model
+    features, _ = _image_encoder(vision, processor, data, config, None)
+    assert torch.equal(features, frozen_features(vision, pixels_of(data.images, processor)))  # stages 1, 2: named

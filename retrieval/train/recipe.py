@@ -21,6 +21,7 @@ from retrieval.train.architecture import (
 from retrieval.train.loop import Progress, Schedule
 
 RETRIEVAL_NAME = "blip2-itm-shapes"
+IGNORED = -100  # cross_entropy's ignore_index: a label not to learn from
 CAPTION_NAME = "blip2-opt-shapes"
 
 
@@ -53,7 +54,10 @@ class TrainingSet:
     region by region (an "L" mask per image whose value m has the classes `region_codes[i][m]`);
     text-only captions for the language model; `foils`, captions a change away from the images' own,
     for ITM to learn from as negatives; and `scene_ids`, the number of the scene that each caption,
-    then each foil, describes (captions of one scene in other words share it)."""
+    then each foil, describes (captions of one scene in other words share it); `recoloured`, for some
+    images (by index), the same scene drawn in other colours, with its mask, for the image encoder;
+    `swap_rows`, for each image, where its swapped captions (`indexer.synthetic.swaps`) are among the
+    texts (captions, then foils): stage 1's binding negatives when given."""
 
     images: list[Any]
     captions: list[str]
@@ -65,10 +69,34 @@ class TrainingSet:
     region_classes: tuple[int, ...]
     corpus: list[str]
     foils: list[str] = field(default_factory=list)
+    recoloured: dict[int, tuple[Any, Any]] = field(default_factory=dict)
+    swap_rows: list[list[int]] = field(default_factory=list)
 
     def words(self) -> list[str]:
         """Every word of the captions and the language corpus: the retrieval tokenizer's vocabulary."""
         return sorted({word for text in [*self.captions, *self.corpus] for word in text.lower().split()})
+
+    def for_vision(self) -> "TrainingSet":
+        """What the image encoder trains on: the images, those in `recoloured` swapped for their
+        other drawing, whose colour labels (scene and regions) become IGNORED, bar "no second
+        thing"; other stages see only the named colours the captions name."""
+        from dataclasses import replace
+
+        from indexer.synthetic import COLOUR_ATTRIBUTES, COLOURS
+
+        def without_colours(labels: tuple[int, ...]) -> tuple[int, ...]:
+            # classes from len(COLOURS) on are "no second thing", still true of a recoloured scene
+            return tuple(IGNORED if a in COLOUR_ATTRIBUTES and label < len(COLOURS) else label
+                         for a, label in enumerate(labels))
+
+        if not self.recoloured:
+            return self
+        images, masks, attributes, codes = list(self.images), list(self.masks), list(self.attributes), list(self.region_codes)
+        for i, (image, mask) in self.recoloured.items():
+            images[i], masks[i] = image, mask
+            attributes[i] = without_colours(attributes[i])
+            codes[i] = [codes[i][0]] + [(IGNORED, *rest) for _, *rest in codes[i][1:]]  # region 0: background
+        return replace(self, images=images, masks=masks, attributes=attributes, region_codes=codes, recoloured={})
 
     def patch_labels(self, grid: int, min_cover: float = 0.1):
         """(N, grid * grid, R) classes of the thing covering most of each ViT patch, in the ViT's raster
@@ -151,11 +179,14 @@ def _image_encoder(vision_model: Any, processor: Any, data: TrainingSet, config:
     from retrieval.train.vision import pretrain_vision
 
     arch = config.architecture
-    pixels = image_pixels(processor, data.images)
-    labels = torch.tensor(data.attributes, dtype=torch.long)
-    patch_labels = torch.from_numpy(data.patch_labels(arch.image_size // arch.patch_size)).long()
+    shown = data.for_vision()
+    pixels = image_pixels(processor, shown.images)
+    labels = torch.tensor(shown.attributes, dtype=torch.long)
+    patch_labels = torch.from_numpy(shown.patch_labels(arch.image_size // arch.patch_size)).long()
     loss = pretrain_vision(vision_model, pixels, labels, data.attribute_classes, patch_labels, data.region_classes,
                            config.vision, config.seed, progress)
+    if shown is not data:  # the later stages see the images their captions describe
+        pixels = image_pixels(processor, data.images)
     return frozen_features(vision_model, pixels), loss
 
 
@@ -186,14 +217,19 @@ def _stage1(model: Any, processor: Any, features: Any, data: TrainingSet, config
 
     tokenizer = processor.tokenizer
     from_bank = config.itm_negatives == "bank"
-    texts = [*data.captions, *data.foils] if from_bank else data.captions
+    with_foils = from_bank or bool(data.swap_rows)
+    texts = [*data.captions, *data.foils] if with_foils else data.captions
     tokens = tokenizer(texts, padding="longest", return_tensors="pt")
-    if from_bank:
+    if with_foils:
         groups = data.scene_ids
     else:  # identical captions match, as the shipped checkpoints were trained, so they stay reproducible
         number = {caption: i for i, caption in enumerate(dict.fromkeys(data.captions))}
         groups = [number[caption] for caption in data.captions]
-    pairs = Pairs(features, tokens["input_ids"], tokens["attention_mask"], torch.tensor(groups))
+    swaps = None
+    if data.swap_rows:
+        widest = max(1, max(map(len, data.swap_rows)))
+        swaps = torch.tensor([rows + [-1] * (widest - len(rows)) for rows in data.swap_rows])
+    pairs = Pairs(features, tokens["input_ids"], tokens["attention_mask"], torch.tensor(groups), swaps)
     losses = train_stage1(model, pairs, tokenizer.bos_token_id, config.stage1, config.seed, progress, from_bank)
     return None, losses
 

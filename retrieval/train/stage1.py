@@ -19,9 +19,10 @@ from dataclasses import dataclass
 from typing import Any
 
 from retrieval.train.loop import Progress, Schedule, batches, optimise
-from retrieval.train.negatives import NegativeBank, in_batch
+from retrieval.train.negatives import NegativeBank, Negatives, in_batch
 
 LABEL_SMOOTHING = 0.1  # LAVIS uses 0.1 for ITC and ITG
+SWAP_SHARE = 0.5  # with swaps: the share of ITM's negative texts that are the image's swapped caption
 
 
 @dataclass(frozen=True)
@@ -136,13 +137,25 @@ class Stage1:
         sim_i2t = torch.einsum("iqd,td->itq", image, text).max(dim=2).values / temperature
         positive = pairs.groups[index][:, None] == pairs.groups[index][None, :]
         targets = positive.float() / positive.sum(dim=1, keepdim=True)
-        itc = (F.cross_entropy(sim_i2t, targets, label_smoothing=LABEL_SMOOTHING)
+        swap = None if pairs.swaps is None else _one_swap_each(pairs.swaps[index], generator)
+        i2t, i2t_targets = sim_i2t, targets
+        if swap is not None and (swap >= 0).any():  # NegCLIP: each image's swapped caption, one more text
+            rows = swap[swap >= 0]
+            swapped = self.text_embeds(*_trimmed(pairs.input_ids[rows], pairs.attention_mask[rows]))
+            i2t = torch.cat([sim_i2t, torch.einsum("iqd,td->itq", image, swapped).max(dim=2).values / temperature], 1)
+            also = pairs.groups[index][:, None] == pairs.groups[rows][None, :]  # a swap may be another's caption
+            i2t_targets = torch.cat([positive, also], 1).float()
+            i2t_targets = i2t_targets / i2t_targets.sum(dim=1, keepdim=True)
+        itc = (F.cross_entropy(i2t, i2t_targets, label_smoothing=LABEL_SMOOTHING)
                + F.cross_entropy(sim_i2t.t(), targets, label_smoothing=LABEL_SMOOTHING)) / 2
 
         if bank is None:
             negatives = in_batch(index, sim_i2t, pairs.groups, generator)
         else:
             negatives = bank.pick(index, image.detach(), text.detach(), temperature.detach(), generator)
+        if swap is not None:  # ITM: half the negative texts a swap, where the image has one
+            use = (swap >= 0) & (torch.rand(len(index), generator=generator) < SWAP_SHARE)
+            negatives = Negatives(images=negatives.images, texts=torch.where(use, swap, negatives.texts))
         rows = torch.cat([index, index, negatives.texts])
         itm_ids, itm_mask = _trimmed(pairs.input_ids[rows], pairs.attention_mask[rows])
         logits = self.itm_logits(torch.cat([features, pairs.features[negatives.images], features]), itm_ids, itm_mask)
@@ -161,12 +174,24 @@ class Stage1:
 class Pairs:
     """The training set as stage 1 reads it: cached ViT features (N, P, Dv), padded caption tokens
     (N + F, L), and `groups` (N + F,): captions of the same scene share a number. Rows past N are
-    foils, text with no image, drawn only as ITM's negative texts by a `NegativeBank`."""
+    foils, text with no image, drawn only as ITM's negative texts by a `NegativeBank`, or as the
+    `swaps` (N, S) of each image (rows of its swapped captions, -1 padding): with them, each image's ITC
+    also sees one of its swaps as a negative text, and half its ITM negatives are one."""
 
     features: Any
     input_ids: Any
     attention_mask: Any
     groups: Any
+    swaps: Any = None
+
+
+def _one_swap_each(swaps, generator):
+    """(B,) one of each row's swaps (-1 padded), drawn uniformly; -1 where a row has none."""
+    import torch
+
+    counts = (swaps >= 0).sum(dim=1)
+    pick = (torch.rand(len(swaps), generator=generator) * counts).long().clamp(max=swaps.shape[1] - 1)
+    return torch.where(counts > 0, swaps.gather(1, pick[:, None]).squeeze(1), torch.full_like(counts, -1))
 
 
 def _trimmed(input_ids, attention_mask):
