@@ -3,6 +3,9 @@
 1. Error types: for each held-out caption whose image ITC (and ITC+ITM) does not rank first, what the
    top image gets wrong against the right one: a thing's colour, shape or size, the relation swapped,
    the count, or the kind of scene. Then R@1 with ITC's top 16 ranked by other mixes of ITM and ITC.
+   Then a foil test (as ARO and Winoground test binding): each image's own caption against each
+   caption one change away (`indexer.synthetic.foils`), by kind of change; the share of pairs that
+   ITC, ITM and their LAVIS sum score the right way round.
 2. What the frozen ViT encodes: linear probes on its patch features, trained on fresh scenes without
    held-out pairs, predict the colour, shape and size of the thing at each patch of fresh test scenes;
    accuracy on things with a seen colour-shape pair and on those with a held-out pair, against chance
@@ -60,6 +63,7 @@ def error_types(retriever, images: int, seed: int) -> None:
               f"{int((~hit[unseen]).sum())} misses; the rest {hit[~unseen].mean():.3f}, {int((~hit[~unseen]).sum())} "
               "misses); top-1 misses by what is wrong: " + ", ".join(f"{kind} {n}" for kind, n in counts.most_common()))
     ranking_rules(retriever, pairs.texts, itc, vit)
+    foil_test(retriever, shown, embeds, vit, unseen)
 
 
 def ranking_rules(retriever, texts: list[str], itc, vit, candidates: int = 16) -> None:
@@ -75,6 +79,41 @@ def ranking_rules(retriever, texts: list[str], itc, vit, candidates: int = 16) -
     right = np.arange(len(texts))
     print(f"R@1 with ITC's top {candidates} ranked by: " + ", ".join(
         f"{name} {np.mean(top[right, scores.argmax(axis=1)] == right):.3f}" for name, scores in rules.items()))
+
+
+def foil_kind(scene, foil) -> str:
+    """What `foil` changed of `scene`: an `error_type`, or two things' colours or shapes swapped."""
+    from dataclasses import replace
+
+    if scene.relation is not None and foil.relation == scene.relation:
+        (a, b), (x, y) = scene.things, foil.things
+        for attribute in ("colour", "shape"):
+            if (x, y) == (replace(a, **{attribute: getattr(b, attribute)}), replace(b, **{attribute: getattr(a, attribute)})):
+                return f"{attribute}s swapped"
+    return error_type(scene, foil)
+
+
+def foil_test(retriever, shown, embeds, vit, unseen, per_image: int = 40) -> None:
+    """Each image's caption against its foils: per kind of change, the share scored the right way round."""
+    from indexer.synthetic import foils
+
+    rng = random.Random(0)
+    right: dict[str, list] = collections.defaultdict(list)
+    for n, scene in enumerate(shown):
+        changed = foils(scene, rng, per_image)
+        texts = [scene.caption] + [f.caption for f in changed]
+        itc = (embeds[n] @ retriever.encode_texts(texts).T).max(axis=0)  # the best query's, as search scores
+        logits = retriever.itm_logits(retriever.stack_vit_features([vit[n]] * len(texts)), texts)
+        itm = logits[:, 1] - logits[:, 0]
+        lavis = logits[:, 1] + itc
+        for k, foil in enumerate(changed, 1):
+            right[foil_kind(scene, foil)].append((itc[0] > itc[k], itm[0] > itm[k], lavis[0] > lavis[k], bool(unseen[n])))
+    print("foil test, own caption scored above a caption one change away (ITC / ITM / ITC+ITM; images with an unseen pair):")
+    for kind, rows in sorted(right.items(), key=lambda item: -len(item[1])):
+        table = np.asarray(rows, dtype=float)
+        held = table[table[:, 3] == 1]
+        print(f"  {kind:16} {len(rows):5} pairs: {table[:, 0].mean():.3f} / {table[:, 1].mean():.3f} / "
+              f"{table[:, 2].mean():.3f}; unseen {held[:, 0].mean():.3f} / {held[:, 1].mean():.3f} / {held[:, 2].mean():.3f}")
 
 
 def _linear_probe(x_train, y_train, x_test, classes: int):
