@@ -111,9 +111,12 @@ def foil_test(retriever, shown, embeds, vit, unseen, per_image: int = 40) -> Non
     print("foil test, own caption scored above a caption one change away (ITC / ITM / ITC+ITM; images with an unseen pair):")
     for kind, rows in sorted(right.items(), key=lambda item: -len(item[1])):
         table = np.asarray(rows, dtype=float)
-        held = table[table[:, 3] == 1]
-        print(f"  {kind:16} {len(rows):5} pairs: {table[:, 0].mean():.3f} / {table[:, 1].mean():.3f} / "
-              f"{table[:, 2].mean():.3f}; unseen {held[:, 0].mean():.3f} / {held[:, 1].mean():.3f} / {held[:, 2].mean():.3f}")
+        held = table[table[:, 3] == 1]  # none where every such foil would show a held-out pair
+
+        def shares(part) -> str:
+            return " / ".join(f"{part[:, c].mean():.3f}" for c in range(3)) if len(part) else "-"
+
+        print(f"  {kind:16} {len(rows):5} pairs: {shares(table)}; unseen {shares(held)} ({len(held)})")
 
 
 def _linear_probe(x_train, y_train, x_test, classes: int):

@@ -21,8 +21,8 @@ from retrieval.train.architecture import (
 from retrieval.train.loop import Progress, Schedule
 
 RETRIEVAL_NAME = "blip2-itm-shapes"
-IGNORED = -100  # cross_entropy's ignore_index: a label not to learn from
 CAPTION_NAME = "blip2-opt-shapes"
+IGNORED = -100  # cross_entropy's ignore_index: a label not to learn from
 
 
 @dataclass(frozen=True)
