@@ -4,7 +4,7 @@ ways of teaching the ViT shape apart from colour in a few minutes, without the l
 The ViT is trained by the recipe's attribute classification on the seed-0 training scenes, then
 `diagnose_shapes_model`'s object probe measures how well its features tell each thing's colour and
 shape, on things whose colour-shape pair training showed and on things with a held-out pair. With
-the defaults this is exactly the shipped model's ViT (the probe's baseline).
+the defaults the ViT is trained as the shipped model's was (the probe's baseline).
 
 `--recolour SHARE` is `blipsearch train --recolour SHARE`: that share of the training scenes is shown
 to the encoder drawn in random colours instead of the named ones (`indexer.synthetic.recolour`; their
