@@ -119,8 +119,8 @@ def foils(scene: Scene, rng: random.Random, count: int) -> list[Scene]:
 def swaps(scene: Scene) -> list[Scene]:
     """The foils of `scene` that keep its words (the relation turned round: "B above A" in other words)
     and change what goes with what: two things' colours or shapes swapped, the relation turned
-    round. A model that reads a caption as a bag of words
-    cannot tell them from the scene's own caption (as ARO and Winoground test)."""
+    round. A model that reads a caption as a bag of words cannot tell them from the scene's own
+    caption (as ARO and Winoground test)."""
     return [] if scene.relation is None else _trainable(scene, _swapped(scene.things, scene.relation))
 
 
