@@ -47,23 +47,24 @@ def _thing(rng: random.Random, held_out: bool) -> Thing:
     return Thing(colour, shape, rng.choice(list(SIZES)))
 
 
+def _random_colour(rng: random.Random, low: int, high: int, avoid: list[tuple[int, int, int]]) -> tuple[int, int, int]:
+    """A random colour, channels in [low, high], more than 150 (L1) from every colour in `avoid`."""
+    while True:
+        rgb = tuple(rng.randint(low, high) for _ in range(3))
+        if all(sum(abs(a - b) for a, b in zip(rgb, other)) > 150 for other in avoid):
+            return rgb
+
+
 def _background(rng: random.Random, avoid: set[str]) -> tuple[int, int, int]:
     """A muted colour, far from every object colour in the scene so shapes stay visible."""
-    while True:
-        rgb = tuple(rng.randint(60, 200) for _ in range(3))
-        if all(sum(abs(a - b) for a, b in zip(rgb, COLOURS[c])) > 150 for c in avoid):
-            return rgb
+    return _random_colour(rng, 60, 200, [COLOURS[c] for c in avoid])
 
 
 def free_colour(shape: str, background: tuple[int, int, int], rng: random.Random) -> tuple[int, int, int]:
     """A random colour, not necessarily a named one, for a thing of `shape`: it stands out from
-    `background` and is far from the colour of every held-out pair of `shape` (by the distance
-    `_background` keeps), so a drawing in it never shows a held-out pair."""
-    avoid = [COLOURS[c] for c, s in HELD_OUT if s == shape] + [background]
-    while True:
-        rgb = tuple(rng.randint(0, 255) for _ in range(3))
-        if all(sum(abs(a - b) for a, b in zip(rgb, other)) > 150 for other in avoid):
-            return rgb
+    `background` and is far from the colour of every held-out pair of `shape`, so a drawing in it
+    never shows a held-out pair."""
+    return _random_colour(rng, 0, 255, [COLOURS[c] for c, s in HELD_OUT if s == shape] + [background])
 
 
 def make_scene(rng: random.Random, held_out: bool = False) -> Scene:
