@@ -15,7 +15,7 @@ from retrieval.train.architecture import (
 )
 from retrieval.train.language import pack
 from retrieval.train.negatives import NegativeBank, hard_negatives
-from retrieval.train.stage1 import Pairs, Stage1, multimodal_causal_mask
+from retrieval.train.stage1 import Pairs, Stage1, multimodal_causal_mask, swap_matrix
 from retrieval.train.stage2 import caption_inputs, caption_loss
 from tests.conftest import run_cli
 
@@ -245,8 +245,7 @@ def test_swaps_are_one_more_itc_text_and_half_of_itm_negatives(stage1):
     stage, processor = stage1
     data = training_set(24, seed=2, corpus_size=10, with_swaps=True)
     tokens = processor.tokenizer([*data.captions, *data.foils], padding="longest", return_tensors="pt")
-    widest = max(map(len, data.swap_rows))
-    swaps = torch.tensor([rows + [-1] * (widest - len(rows)) for rows in data.swap_rows])
+    swaps = swap_matrix(data.swap_rows)
     with torch.no_grad():
         features = stage.model.vision_model(pixel_values=pixels_of(data.images, processor)).last_hidden_state
     pairs = Pairs(features, tokens["input_ids"], tokens["attention_mask"], torch.tensor(data.scene_ids), swaps)

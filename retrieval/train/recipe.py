@@ -213,7 +213,7 @@ def frozen_features(vision_model: Any, pixels: Any, chunk: int = 256):
 def _stage1(model: Any, processor: Any, features: Any, data: TrainingSet, config: TrainConfig, progress):
     import torch
 
-    from retrieval.train.stage1 import Pairs, train_stage1
+    from retrieval.train.stage1 import Pairs, swap_matrix, train_stage1
 
     tokenizer = processor.tokenizer
     from_bank = config.itm_negatives == "bank"
@@ -225,10 +225,7 @@ def _stage1(model: Any, processor: Any, features: Any, data: TrainingSet, config
     else:  # identical captions match, as the shipped checkpoints were trained, so they stay reproducible
         number = {caption: i for i, caption in enumerate(dict.fromkeys(data.captions))}
         groups = [number[caption] for caption in data.captions]
-    swaps = None
-    if data.swap_rows:
-        widest = max(1, max(map(len, data.swap_rows)))
-        swaps = torch.tensor([rows + [-1] * (widest - len(rows)) for rows in data.swap_rows])
+    swaps = swap_matrix(data.swap_rows) if data.swap_rows else None
     pairs = Pairs(features, tokens["input_ids"], tokens["attention_mask"], torch.tensor(groups), swaps)
     losses = train_stage1(model, pairs, tokenizer.bos_token_id, config.stage1, config.seed, progress, from_bank)
     return None, losses

@@ -134,7 +134,7 @@ class Stage1:
         image = self.image_embeds(features)  # (B, Q, D)
         text = self.text_embeds(input_ids, attention_mask)  # (B, D)
         temperature = self.log_temperature.exp().clamp(0.001, 0.5)
-        sim_i2t = torch.einsum("iqd,td->itq", image, text).max(dim=2).values / temperature
+        sim_i2t = _max_sim(image, text) / temperature
         positive = pairs.groups[index][:, None] == pairs.groups[index][None, :]
         targets = positive.float() / positive.sum(dim=1, keepdim=True)
         swap = None if pairs.swaps is None else _one_swap_each(pairs.swaps[index], generator)
@@ -142,7 +142,7 @@ class Stage1:
         if swap is not None and (swap >= 0).any():  # NegCLIP: each image's swapped caption, one more text
             rows = swap[swap >= 0]
             swapped = self.text_embeds(*_trimmed(pairs.input_ids[rows], pairs.attention_mask[rows]))
-            i2t = torch.cat([sim_i2t, torch.einsum("iqd,td->itq", image, swapped).max(dim=2).values / temperature], 1)
+            i2t = torch.cat([sim_i2t, _max_sim(image, swapped) / temperature], 1)
             also = pairs.groups[index][:, None] == pairs.groups[rows][None, :]  # a swap may be another's caption
             i2t_targets = torch.cat([positive, also], 1).float()
             i2t_targets = i2t_targets / i2t_targets.sum(dim=1, keepdim=True)
@@ -183,6 +183,23 @@ class Pairs:
     attention_mask: Any
     groups: Any
     swaps: Any = None
+
+
+def _max_sim(image, text):
+    """(B, T) ITC similarity of images' query embeddings (B, Q, D) with texts (T, D): the best query's.
+    The same numbers as `negatives._max_over_queries`, not the same bits; the shipped checkpoints
+    were trained with this one."""
+    import torch
+
+    return torch.einsum("iqd,td->itq", image, text).max(dim=2).values
+
+
+def swap_matrix(swap_rows: list[list[int]]):
+    """`Pairs.swaps` of per-image row lists: (N, S), -1 padding."""
+    import torch
+
+    widest = max(1, max(map(len, swap_rows)))
+    return torch.tensor([rows + [-1] * (widest - len(rows)) for rows in swap_rows])
 
 
 def _one_swap_each(swaps, generator):
