@@ -97,6 +97,18 @@ def describe(things: tuple[Thing, ...], relation: str | None) -> str:
 OPPOSITE = {"above": "below", "below": "above", "left of": "right of", "right of": "left of"}
 
 
+def parse(caption: str) -> tuple[tuple[Thing, ...], str | None]:
+    """The things and relation that a caption in `describe`'s words names: its inverse."""
+    words = caption.split()
+    counts = {word: n for n, word in NUMBERS.items()}
+    if words[0] in counts:  # "two small red circles"
+        return (Thing(words[2], words[3].removesuffix("s"), words[1]),) * counts[words[0]], None
+    first = Thing(words[2], words[3], words[1])
+    if len(words) == 4:
+        return (first,), None
+    return (first, Thing(words[-2], words[-1], words[-3])), " ".join(words[4:-4])
+
+
 def foils(scene: Scene, rng: random.Random, count: int) -> list[Scene]:
     """Up to `count` scenes one change away from `scene`, captioned, each a layout of its own: one
     thing's colour, shape or size changed, two things' colours or shapes swapped, the relation turned
@@ -222,6 +234,13 @@ def attributes(scene: Scene) -> tuple[int, ...]:
         return [list(COLOURS).index(thing.colour), SHAPES.index(thing.shape), list(SIZES).index(thing.size)]
 
     return (LAYOUTS.index(kind), *codes(first), *codes(second))
+
+
+def caption_attributes(caption: str) -> tuple[int, ...]:
+    """`attributes` of the scene a caption describes, read from its words: what a text encoder can learn
+    to tell from the caption alone ("A above B" and "B below A" alike)."""
+    things, relation = parse(caption)
+    return attributes(Scene(things, relation, (0, 0, 0), caption))
 
 
 def colour_shapes(caption: str) -> set[tuple[str, str]]:

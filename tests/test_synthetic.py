@@ -11,8 +11,8 @@ import numpy as np
 from PIL import Image
 
 from indexer.synthetic import (
-    ATTRIBUTE_CLASSES, COLOURS, HELD_OUT, SHAPES, Scene, Thing, attributes, colour_shapes, draw, draw_with_mask,
-    foils, free_colour, layout, make_dataset, make_scene, paraphrase, recolour, scenes, swaps,
+    ATTRIBUTE_CLASSES, COLOURS, HELD_OUT, SHAPES, Scene, Thing, attributes, caption_attributes, colour_shapes, draw,
+    draw_with_mask, foils, free_colour, layout, make_dataset, make_scene, paraphrase, parse, recolour, scenes, swaps,
 )
 
 
@@ -125,6 +125,21 @@ def test_one_layout_has_one_label_however_it_is_worded():
     assert len(labels) == len(ATTRIBUTE_CLASSES) and all(0 <= v < n for v, n in zip(labels, ATTRIBUTE_CLASSES))
     single = Scene((red,), None, (100, 100, 100), "a small red circle")
     assert attributes(single)[4:] == (len(COLOURS), len(SHAPES), 2)  # "no second thing"
+
+
+def test_parse_reads_back_what_describe_wrote_and_labels_a_caption_as_its_scene():
+    kinds = set()
+    for scene in scenes(400, random.Random(8), held_out_share=0.3):
+        kinds.add((len(scene.things), scene.relation))
+        assert parse(scene.caption) == (scene.things, scene.relation)
+        for text in (scene.caption, paraphrase(scene)):
+            assert caption_attributes(text) == attributes(scene)
+    assert {(1, None), (2, None), (3, None), (2, "above"), (2, "left of"), (2, "right of")} <= kinds
+    red, blue = Thing("red", "circle", "small"), Thing("blue", "square", "large")
+    above = caption_attributes("a small red circle above a large blue square")
+    assert above != caption_attributes("a small blue circle above a large red square")  # which colour goes where
+    assert above != caption_attributes("a small red circle below a large blue square")
+    assert above == attributes(Scene((red, blue), "above", (0, 0, 0), ""))
 
 
 def test_test_split_has_one_right_image_per_caption(tmp_path):
