@@ -10,6 +10,7 @@ from pathlib import Path
 import click
 
 from api.options import emit_json
+from retrieval.train.recipe import RECOLOUR_SHARE, WITH_SWAPS, TrainConfig
 
 
 @click.command()
@@ -24,16 +25,18 @@ from api.options import emit_json
               help="Where ITM's hard negatives come from: each batch (as LAVIS), or the whole training set.")
 @click.option("--foils", type=click.IntRange(0, 50), default=0, show_default=True,
               help="With --itm-negatives bank: captions one change away from each image's, as extra negatives.")
-@click.option("--swaps", is_flag=True,
+@click.option("--swaps/--no-swaps", default=WITH_SWAPS, show_default=True,
               help="Each caption with two things' colours or shapes swapped, or its relation turned, as a negative.")
-@click.option("--recolour", type=click.FloatRange(0, 1), default=0.0, show_default=True,
+@click.option("--recolour", type=click.FloatRange(0, 1), default=RECOLOUR_SHARE, show_default=True,
               help="Share of training scenes the image encoder sees in random colours (colour labels ignored); later stages never do.")
+@click.option("--text-steps", type=click.IntRange(0, 100_000), default=None,
+              help=f"Steps pre-training the Q-Former's text side to read word order before stage 1 (0: none).  "
+                   f"[default: {TrainConfig().text.steps}]")
 @click.option("--smoke", is_flag=True, help="A narrow model and a few steps per stage: checks the machinery in seconds.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as one JSON object on stdout.")
-def train(out_dir, images, test_images, seed, itm_negatives, foils, swaps, recolour, smoke, as_json) -> None:
+def train(out_dir, images, test_images, seed, itm_negatives, foils, swaps, recolour, text_steps, smoke, as_json) -> None:
     """Train a small BLIP-2 (ViT, Q-Former stages 1 and 2, OPT decoder) on generated captioned shapes."""
     from indexer.synthetic import make_dataset, training_set
-    from retrieval.train.recipe import TrainConfig
     from retrieval.train.recipe import train as run_training
 
     from dataclasses import replace
@@ -41,6 +44,8 @@ def train(out_dir, images, test_images, seed, itm_negatives, foils, swaps, recol
     if foils and itm_negatives != "bank":
         raise click.UsageError("--foils are negatives for the bank: add --itm-negatives bank")
     config = replace(TrainConfig.smoke() if smoke else TrainConfig(), seed=seed, itm_negatives=itm_negatives)
+    if text_steps is not None:
+        config = replace(config, text=replace(config.text, steps=text_steps))
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
     except OSError as exc:

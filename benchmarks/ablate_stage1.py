@@ -1,13 +1,15 @@
 """Stage 1 alone, retrained on the shipped model's frozen ViT: for comparing ways of training the
-Q-Former (ITM's negatives, foils, depth, steps, seed) in about half the time of `blipsearch train`.
+Q-Former (ITM's negatives, foils, swaps, text pre-training, depth, steps, seed) in about half the time
+of `blipsearch train`.
 
-A fresh Q-Former is trained by the recipe's stage 1 (850 steps, batch 96) on the features that the
-shipped ViT (read from its fp16 checkpoint) gives the seed-0 training images, then evaluated on the
-500-scene held-out split that `blipsearch train` writes (seed 1). Prints text->image R@1/5/10 by ITC
-alone (the baseline) and after ITM re-ranking, and their R@1 ratio.
+A fresh Q-Former is trained by the recipe's stage 1 (its text side pre-trained first, 850 steps of
+96, with swaps) on the features that the shipped ViT (read from its fp16 checkpoint) gives the seed-0
+training images, then evaluated on the 500-scene held-out split that `blipsearch train` writes (seed
+1). Prints text->image R@1/5/10 by ITC alone (the baseline) and after ITM re-ranking, and their R@1
+ratio. `--text-steps 0 --no-swaps` is stage 1 as it was before the seventh session.
 
-Run: python -m benchmarks.ablate_stage1 --out DIR [--itm-negatives bank] [--foils 2] [--swaps] [--qformer-layers 3]
-     [--steps 850] [--seed 0]
+Run: python -m benchmarks.ablate_stage1 --out DIR [--itm-negatives bank] [--foils 2] [--no-swaps] [--qformer-layers 3]
+     [--steps 850] [--text-steps N] [--seed 0]
 """
 
 from __future__ import annotations
@@ -32,22 +34,25 @@ def main() -> None:
     from retrieval.encoders import Blip2Retriever
     from retrieval.tiny import quiet
     from retrieval.train.architecture import retrieval_model, retrieval_processor
-    from retrieval.train.recipe import TrainConfig, _stage1, frozen_features, image_pixels
+    from retrieval.train.recipe import WITH_SWAPS, TrainConfig, _stage1, _text_encoder, frozen_features, image_pixels
 
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", type=Path, required=True, help="where the retrained retrieval checkpoint goes")
     parser.add_argument("--itm-negatives", choices=["batch", "bank"], default="batch")
     parser.add_argument("--foils", type=int, default=0)
-    parser.add_argument("--swaps", action="store_true", help="swapped captions as ITC and ITM negatives")
+    parser.add_argument("--swaps", action=argparse.BooleanOptionalAction, default=WITH_SWAPS,
+                        help="swapped captions as ITC and ITM negatives")
     parser.add_argument("--qformer-layers", type=int, default=2)
     parser.add_argument("--steps", type=int, default=TrainConfig().stage1.steps)
+    parser.add_argument("--text-steps", type=int, default=TrainConfig().text.steps,
+                        help="pre-train the Q-Former's text side this many steps first (retrieval.train.text)")
     parser.add_argument("--seed", type=int, default=0, help="stage 1's initialisation, batches and negatives; the data stay seed 0's")
     args = parser.parse_args()
 
     quiet()
     config = TrainConfig(itm_negatives=args.itm_negatives, seed=args.seed)
     config = replace(config, architecture=replace(config.architecture, qformer_layers=args.qformer_layers),
-                     stage1=replace(config.stage1, steps=args.steps))
+                     stage1=replace(config.stage1, steps=args.steps), text=replace(config.text, steps=args.text_steps))
     data = training_set(8000, 0, foils_per_scene=args.foils, with_swaps=args.swaps)
     processor = retrieval_processor(config.architecture, data.words())
     torch.manual_seed(args.seed)
@@ -62,6 +67,8 @@ def main() -> None:
         if step % 200 == 1 or step == steps:
             print(f"{time.perf_counter() - began:6.0f}s  {stage} step {step}/{steps}  loss {loss:.3f}", file=sys.stderr)
 
+    if config.text.steps:
+        _text_encoder(model, processor, data, config, progress)
     _, losses = _stage1(model, processor, features, data, config, progress)
     seconds = time.perf_counter() - began
     model.half().save_pretrained(args.out)

@@ -9,7 +9,8 @@ the defaults the ViT is trained as the shipped model's was (the probe's baseline
 `--recolour SHARE` is `blipsearch train --recolour SHARE`: that share of the training scenes is shown
 to the encoder drawn in random colours instead of the named ones (`indexer.synthetic.recolour`; their
 colour labels ignored), never near a held-out pair's colour for the thing's shape, so the encoder
-sees each shape in many colours without ever seeing an unseen pair.
+sees each shape in many colours without ever seeing an unseen pair. The recipe's share is the
+default; `--recolour 0` trains the encoder as models before the seventh session did.
 
 Run: python -m benchmarks.ablate_vision [--images 8000] [--steps 3000] [--recolour 0.5] [--seed 0] [--out DIR]
 """
@@ -33,12 +34,12 @@ def main() -> None:
     from retrieval.encoders import Blip2Retriever
     from retrieval.tiny import quiet
     from retrieval.train.architecture import retrieval_model, retrieval_processor
-    from retrieval.train.recipe import TrainConfig, _image_encoder
+    from retrieval.train.recipe import RECOLOUR_SHARE, TrainConfig, _image_encoder
 
     parser = argparse.ArgumentParser()
     parser.add_argument("--images", type=int, default=8000)
     parser.add_argument("--steps", type=int, default=TrainConfig().vision.steps)
-    parser.add_argument("--recolour", type=float, default=0.0)
+    parser.add_argument("--recolour", type=float, default=RECOLOUR_SHARE)
     parser.add_argument("--seed", type=int, default=0, help="the ViT's initialisation and batches; the data stay seed 0's")
     parser.add_argument("--patches", action="store_true", help="also run the per-patch probe")
     parser.add_argument("--out", type=Path, help="keep the checkpoint (ViT trained, Q-Former not) here")

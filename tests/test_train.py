@@ -190,7 +190,7 @@ def test_train_smoke_writes_checkpoints_the_loader_reads(tmp_path):
     assert len(captioner.caption(pixels, CaptionOptions(max_new_tokens=5))) == 2
     evaluation = report["evaluation"]
     assert evaluation["retrieval"]["images"] == 8 and 0 <= evaluation["captions"]["exact"] <= 1
-    assert set(report["losses"]) == {"vision", "stage1", "language", "stage2"}
+    assert set(report["losses"]) == {"vision", "text", "stage1", "language", "stage2"}
     assert all(v == v for v in report["losses"]["stage1"].values())  # no NaN
 
 
@@ -332,3 +332,31 @@ def test_the_image_encoder_sees_recoloured_scenes_without_their_colour_labels_an
     vision = retrieval_model(config.architecture, processor).vision_model
     features, _ = _image_encoder(vision, processor, data, config, None)
     assert torch.equal(features, frozen_features(vision, pixels_of(data.images, processor)))  # stages 1, 2: named
+
+
+def test_text_pretraining_learns_the_scene_from_the_words_and_leaves_the_image_side_alone():
+    import random
+    from dataclasses import replace
+
+    from indexer.synthetic import ATTRIBUTE_CLASSES, caption_attributes, paraphrase, scenes, swaps
+    from retrieval.train.loop import Schedule
+    from retrieval.train.text import pretrain_text
+
+    shown = [s for s in scenes(200, random.Random(3)) if s.relation][:24]
+    # each scene's swaps have its caption's words (or its paraphrase's) and other labels
+    texts = [t for s in shown for t in (s.caption, paraphrase(s), *(w.caption for w in swaps(s)))]
+    processor = retrieval_processor(SMALL, sorted({w for t in texts for w in t.split()}))
+    torch.manual_seed(0)
+    model = retrieval_model(replace(SMALL, qformer_hidden=128), processor)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    tokens = processor.tokenizer(texts, padding="longest", return_tensors="pt")
+    labels = torch.tensor([caption_attributes(t) for t in texts])
+    loss = pretrain_text(model, tokens["input_ids"], tokens["attention_mask"], labels, ATTRIBUTE_CLASSES,
+                         Schedule(steps=300, lr=2e-3, batch_size=32))
+    # measured: 0.06; the same training with position embeddings zeroed and frozen (a bag of words) ends at 2.4
+    assert loss < 1.0, loss
+    after = model.state_dict()
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert "embeddings.word_embeddings.weight" in changed and "embeddings.position_embeddings.weight" in changed
+    assert not any(k.startswith(("vision_model.", "query_tokens", "vision_projection", "itm_head")) or "crossattention" in k
+                   or "_query." in k for k in changed), sorted(changed)

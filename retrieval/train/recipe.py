@@ -3,9 +3,11 @@
 (`Blip2ForConditionalGeneration`), each with its processor, readable by `retrieval.loading`.
 
 1. image encoder: attribute classification, then frozen; its features are computed once and cached
-2. stage 1: Q-Former with ITC + ITM + ITG
-3. language model: next-token pre-training on caption text, then frozen
-4. stage 2: Q-Former (from stage 1) + projection as the language model's soft prompt
+2. the Q-Former's text side: pre-trained to read a caption's structure (`retrieval.train.text`), as
+   BLIP-2 starts its Q-Former from BERT
+3. stage 1: Q-Former with ITC + ITM + ITG
+4. language model: next-token pre-training on caption text, then frozen
+5. stage 2: Q-Former (from stage 1) + projection as the language model's soft prompt
 """
 
 from __future__ import annotations
@@ -23,12 +25,17 @@ from retrieval.train.loop import Progress, Schedule
 RETRIEVAL_NAME = "blip2-itm-shapes"
 CAPTION_NAME = "blip2-opt-shapes"
 IGNORED = -100  # cross_entropy's ignore_index: a label not to learn from
+# The shipped recipe's data options (`indexer.synthetic.training_set`): the share of scenes the image
+# encoder also sees in random colours, and whether stage 1 learns from each caption's swaps.
+RECOLOUR_SHARE, WITH_SWAPS = 0.5, True
 
 
 @dataclass(frozen=True)
 class TrainConfig:
     architecture: Architecture = Architecture()
     vision: Schedule = Schedule(steps=3000, lr=1.5e-3, batch_size=64)
+    # the Q-Former's text side pre-trained to read word order before stage 1 (BLIP-2 starts from BERT)
+    text: Schedule = Schedule(steps=600, lr=1e-3, batch_size=128)
     stage1: Schedule = Schedule(steps=850, lr=1e-3, batch_size=96)
     language: Schedule = Schedule(steps=1500, lr=2e-3, batch_size=32)
     stage2: Schedule = Schedule(steps=1300, lr=1e-3, batch_size=64)
@@ -43,7 +50,8 @@ class TrainConfig:
         """A few steps of every stage on a narrower model: for tests of the machinery, not of quality."""
         return cls(
             architecture=Architecture(vision_hidden=32, vision_layers=1, qformer_hidden=32, qformer_layers=2, lm_hidden=32, lm_layers=1),
-            vision=Schedule(steps=3, lr=1e-3, batch_size=8), stage1=Schedule(steps=3, lr=1e-3, batch_size=8),
+            vision=Schedule(steps=3, lr=1e-3, batch_size=8), text=Schedule(steps=3, lr=1e-3, batch_size=8),
+            stage1=Schedule(steps=3, lr=1e-3, batch_size=8),
             language=Schedule(steps=3, lr=1e-3, batch_size=4), stage2=Schedule(steps=3, lr=1e-3, batch_size=8),
         )
 
@@ -157,6 +165,8 @@ def train(data: TrainingSet, config: TrainConfig, out: Path, progress: Progress 
 
     retrieval = retrieval_model(arch, itm_processor)
     features = timed("vision", _image_encoder, retrieval.vision_model, itm_processor, data, config, progress)
+    if config.text.steps:
+        timed("text", _text_encoder, retrieval, itm_processor, data, config, progress)
     timed("stage1", _stage1, retrieval, itm_processor, features, data, config, progress)
     captioner = caption_model(arch, opt_processor)
     timed("language", _language_model, captioner, opt_processor, data, config, progress)
@@ -208,6 +218,20 @@ def frozen_features(vision_model: Any, pixels: Any, chunk: int = 256):
     with torch.no_grad():
         return torch.cat([vision_model(pixel_values=pixels[i : i + chunk]).last_hidden_state
                           for i in range(0, len(pixels), chunk)])
+
+
+def _text_encoder(model: Any, processor: Any, data: TrainingSet, config: TrainConfig, progress):
+    """Pre-trains the Q-Former's text side on the captions and the language corpus (`retrieval.train.text`)."""
+    import torch
+
+    from indexer.synthetic import ATTRIBUTE_CLASSES, caption_attributes
+    from retrieval.train.text import pretrain_text
+
+    texts = [*data.captions, *data.corpus]
+    tokens = processor.tokenizer(texts, padding="longest", return_tensors="pt")
+    labels = torch.tensor([caption_attributes(text) for text in texts])
+    return None, pretrain_text(model, tokens["input_ids"], tokens["attention_mask"], labels, ATTRIBUTE_CLASSES,
+                               config.text, config.seed, progress)
 
 
 def _stage1(model: Any, processor: Any, features: Any, data: TrainingSet, config: TrainConfig, progress):

@@ -11,7 +11,7 @@ from typing import Any
 from retrieval.train.loop import Progress, Schedule, batches, optimise
 
 
-def _heads(hidden: int, classes: tuple[int, ...]):
+def attribute_heads(hidden: int, classes: tuple[int, ...]):
     from torch import nn
 
     return nn.ModuleList(nn.Sequential(nn.Linear(hidden, hidden), nn.GELU(), nn.Linear(hidden, n)) for n in classes)
@@ -26,7 +26,7 @@ def pretrain_vision(vision_model: Any, pixels: Any, labels: Any, classes: tuple[
     from torch.nn.functional import cross_entropy
 
     hidden = vision_model.config.hidden_size
-    scene_heads, patch_heads = _heads(hidden, classes), _heads(hidden, patch_classes)
+    scene_heads, patch_heads = attribute_heads(hidden, classes), attribute_heads(hidden, patch_classes)
     order = batches(len(pixels), schedule.batch_size, seed)
     vision_model.train()
 
