@@ -6,11 +6,19 @@
    Then a foil test (as ARO and Winoground test binding): each image's own caption against each
    caption one change away (`indexer.synthetic.foils`), by kind of change; the share of pairs that
    ITC, ITM and their LAVIS sum score the right way round.
+   Then where binding is lost (`swap_test`): for each two-thing test scene and each of its swaps
+   (`indexer.synthetic.swaps`), drawn alike, the cosine of the two captions' text embeddings, of the
+   two drawings' query embeddings and of their ViT features; and the Winoground scores of ITC and ITM
+   on the 2x2 of captions and drawings (text score: each drawing prefers its own caption; image
+   score: each caption prefers its own drawing).
 2. What the frozen ViT encodes: linear probes on its patch features, trained on fresh scenes without
    held-out pairs, predict the colour, shape and size of the thing at each patch of fresh test scenes;
    accuracy on things with a seen colour-shape pair and on those with a held-out pair, against chance
    (the most common class), as a ratio. The same per thing: linear probes on the mean of the patch
-   features each thing covers.
+   features each thing covers. And per scene (`probe_scene`): its layout and the colour, shape and
+   size of its first thing and of its second (top or left, bottom or right), from the ViT's [CLS],
+   the mean of its patch tokens, and the Q-Former's 32 query embeddings (concatenated): which of them
+   still says which thing has which colour.
 
 Run: python -m benchmarks.diagnose_shapes_model [--model DIR] [--images 500]
 """
@@ -64,6 +72,7 @@ def error_types(retriever, images: int, seed: int) -> None:
               "misses); top-1 misses by what is wrong: " + ", ".join(f"{kind} {n}" for kind, n in counts.most_common()))
     ranking_rules(retriever, pairs.texts, itc, vit)
     foil_test(retriever, shown, embeds, vit, unseen)
+    swap_test(retriever, shown)
 
 
 def ranking_rules(retriever, texts: list[str], itc, vit, candidates: int = 16) -> None:
@@ -117,6 +126,49 @@ def foil_test(retriever, shown, embeds, vit, unseen, per_image: int = 40) -> Non
             return " / ".join(f"{part[:, c].mean():.3f}" for c in range(3)) if len(part) else "-"
 
         print(f"  {kind:16} {len(rows):5} pairs: {shares(table)}; unseen {shares(held)} ({len(held)})")
+
+
+def swap_test(retriever, shown) -> None:
+    """Caption and swap, drawing and swapped drawing: which stage tells them apart."""
+    from indexer.synthetic import draw, swaps
+
+    rows: dict[str, list] = collections.defaultdict(list)
+    for scene in shown:
+        for swapped in swaps(scene):
+            texts = [scene.caption, swapped.caption]
+            text = retriever.encode_texts(texts)
+            pixels = np.stack([retriever.transform(draw(s, 128, random.Random(7))) for s in (scene, swapped)])
+            drawn = retriever.encode_images(pixels, keep_vit=True)
+            vit = drawn.vit_features.float()
+            itc = np.einsum("td,nqd->tnq", text, drawn.query_embeds).max(axis=2)  # (caption, drawing)
+            itm = np.stack([_log_odds(retriever, vit[n], texts) for n in range(2)], axis=1)
+            rows[foil_kind(scene, swapped)].append((
+                float(text[0] @ text[1]), float((drawn.query_embeds[0] * drawn.query_embeds[1]).sum(-1).mean()),
+                _token_cosine(vit[0], vit[1]), *_winoground(itc), *_winoground(itm)))
+    print("swap test (mean cosine of caption / swap texts, query embeddings, ViT tokens; Winoground text / image score of ITC, ITM):")
+    for kind, values in rows.items():
+        v = np.asarray(values, dtype=float).mean(axis=0)
+        print(f"  {kind:16} {len(values):4} pairs: cosine text {v[0]:.3f}, queries {v[1]:.3f}, ViT {v[2]:.3f}; "
+              f"ITC {v[3]:.2f} / {v[4]:.2f}, ITM {v[5]:.2f} / {v[6]:.2f}")
+
+
+def _log_odds(retriever, vit, texts):
+    logits = retriever.itm_logits(retriever.stack_vit_features([vit] * len(texts)), texts)
+    return logits[:, 1] - logits[:, 0]
+
+
+def _token_cosine(a, b) -> float:
+    """Mean cosine of matching rows (tokens) of two (P, D) tensors."""
+    import torch
+
+    return float(torch.nn.functional.cosine_similarity(a, b, dim=-1).mean())
+
+
+def _winoground(scores) -> tuple[bool, bool]:
+    """Text and image score of a (caption, drawing) 2x2, item 0 and 1 each other's swap."""
+    text = scores[0, 0] > scores[1, 0] and scores[1, 1] > scores[0, 1]
+    image = scores[0, 0] > scores[0, 1] and scores[1, 1] > scores[1, 0]
+    return bool(text), bool(image)
 
 
 def _linear_probe(x_train, y_train, x_test, classes: int):
@@ -213,6 +265,38 @@ def probe_objects(retriever, train_scenes: int = 2000, test_scenes: int = 600) -
               f"{float(right[unseen].mean()):.3f} ({int(unseen.sum())} things with a held-out pair)")
 
 
+def probe_scene(retriever, train_scenes: int = 3000, test_scenes: int = 800) -> None:
+    """Per scene: the bound description (`indexer.synthetic.attributes`) from the ViT's [CLS], the mean of
+    its patch tokens, and the concatenated query embeddings; accuracy on test scenes of two things."""
+    import torch
+
+    from indexer.synthetic import ATTRIBUTE_CLASSES, HELD_OUT, attributes, render, scenes
+
+    def views(count: int, seed: int, held_out_share: float):
+        rng = random.Random(seed)
+        chosen = scenes(count, rng, held_out_share=held_out_share)
+        pixels = np.stack([retriever.transform.resize(render(scene, rng, (128, 128))[0]) for scene in chosen])
+        vit = torch.cat([retriever.vit_features(pixels[i : i + 128]).float() for i in range(0, len(pixels), 128)])
+        queries = torch.from_numpy(np.concatenate([retriever.query_embeds_from_vit(vit[i : i + 128])
+                                                   for i in range(0, len(vit), 128)])).float()
+        features = {"ViT [CLS]": vit[:, 0], "ViT patch mean": vit[:, 1:].mean(dim=1), "queries": queries.flatten(1)}
+        labels = torch.tensor([attributes(scene) for scene in chosen])
+        unseen = torch.tensor([any((t.colour, t.shape) in HELD_OUT for t in scene.things) for scene in chosen])
+        return features, labels, unseen, torch.tensor([scene.relation is not None for scene in chosen])
+
+    x_train, y_train, _, _ = views(train_scenes, 5, 0.0)
+    x_test, y_test, unseen, two = views(test_scenes, 6, 0.5)
+    names = ("layout", "colour 1", "shape 1", "size 1", "colour 2", "shape 2", "size 2")
+    for view in x_train:
+        right = torch.stack([_linear_probe(x_train[view], y_train[:, a], x_test[view], n) == y_test[:, a]
+                             for a, n in enumerate(ATTRIBUTE_CLASSES)], dim=1)
+        bound = right[:, [0, 1, 2, 4, 5]].all(dim=1)  # layout and both things' colour and shape
+        print(f"scene probe, {view:14}, two-thing scenes: " + ", ".join(
+            f"{name} {float(right[two, a].float().mean()):.2f}" for a, name in enumerate(names))
+            + f"; all of layout, colours and shapes: seen pairs {float(bound[two & ~unseen].float().mean()):.2f}, "
+            f"held-out {float(bound[two & unseen].float().mean()):.2f}")
+
+
 def main() -> None:
     from retrieval.checkpoints import SHAPES_RETRIEVAL
     from retrieval.config import ModelConfig
@@ -227,6 +311,7 @@ def main() -> None:
     error_types(retriever, args.images, args.seed)
     probe_vit(retriever)
     probe_objects(retriever)
+    probe_scene(retriever)
 
 
 if __name__ == "__main__":
