@@ -8,7 +8,7 @@ training images, then evaluated on the 500-scene held-out split that `blipsearch
 1). Prints text->image R@1/5/10 by ITC alone (the baseline) and after ITM re-ranking, and their R@1
 ratio. `--text-steps 0 --no-swaps` is stage 1 as it was before the seventh session.
 
-Run: python -m benchmarks.ablate_stage1 --out DIR [--itm-negatives bank] [--foils 2] [--no-swaps] [--qformer-layers 3]
+Run: python -m benchmarks.ablate_stage1 --out DIR [--vit CHECKPOINT] [--itm-negatives bank] [--foils 2] [--no-swaps] [--qformer-layers 3]
      [--steps 850] [--text-steps N] [--seed 0]
 """
 
@@ -38,6 +38,8 @@ def main() -> None:
 
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", type=Path, required=True, help="where the retrained retrieval checkpoint goes")
+    parser.add_argument("--vit", default=str(SHAPES_RETRIEVAL),
+                        help="retrieval checkpoint whose frozen ViT to use [default: the shipped model]")
     parser.add_argument("--itm-negatives", choices=["batch", "bank"], default="batch")
     parser.add_argument("--foils", type=int, default=0)
     parser.add_argument("--swaps", action=argparse.BooleanOptionalAction, default=WITH_SWAPS,
@@ -57,7 +59,7 @@ def main() -> None:
     processor = retrieval_processor(config.architecture, data.words())
     torch.manual_seed(args.seed)
     model = retrieval_model(config.architecture, processor)
-    shipped = Blip2ForImageTextRetrieval.from_pretrained(SHAPES_RETRIEVAL, torch_dtype=torch.float32)
+    shipped = Blip2ForImageTextRetrieval.from_pretrained(args.vit, torch_dtype=torch.float32)
     model.vision_model.load_state_dict(shipped.vision_model.state_dict())
     features = frozen_features(model.vision_model, image_pixels(processor, data.images))
 
