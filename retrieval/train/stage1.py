@@ -20,6 +20,7 @@ from typing import Any
 
 from retrieval.train.loop import Progress, Schedule, batches, optimise
 from retrieval.train.negatives import NegativeBank, Negatives, in_batch
+from retrieval.train.text import text_cls
 
 LABEL_SMOOTHING = 0.1  # LAVIS uses 0.1 for ITC and ITG
 SWAP_SHARE = 0.5  # with swaps: the share of ITM's negative texts that are the image's swapped caption
@@ -84,9 +85,8 @@ class Stage1:
     def text_embeds(self, input_ids, attention_mask):
         import torch
 
-        model = self.model
-        out = model.qformer(query_embeds=model.embeddings(input_ids=input_ids), query_length=0, attention_mask=attention_mask)
-        return torch.nn.functional.normalize(model.text_projection(out.last_hidden_state[:, 0, :]), dim=-1)
+        cls = text_cls(self.model, input_ids, attention_mask)
+        return torch.nn.functional.normalize(self.model.text_projection(cls), dim=-1)
 
     def itm_logits(self, features, input_ids, attention_mask):
         """(B, 2) match logits for paired images and texts, as ITM inference."""
