@@ -24,7 +24,7 @@ from retrieval.train.recipe import RECOLOUR_SHARE, WITH_SWAPS, TrainConfig
 @click.option("--itm-negatives", type=click.Choice(["batch", "bank"]), default="batch", show_default=True,
               help="Where ITM's hard negatives come from: each batch (as LAVIS), or the whole training set.")
 @click.option("--foils", type=click.IntRange(0, 50), default=0, show_default=True,
-              help="With --itm-negatives bank: captions one change away from each image's, as extra negatives.")
+              help="Captions one change away from each image's, as extra negatives: drawn like swaps, or by the bank.")
 @click.option("--swaps/--no-swaps", default=WITH_SWAPS, show_default=True,
               help="Each caption with two things' colours or shapes swapped, or its relation turned, as a negative.")
 @click.option("--recolour", type=click.FloatRange(0, 1), default=RECOLOUR_SHARE, show_default=True,
@@ -41,8 +41,8 @@ def train(out_dir, images, test_images, seed, itm_negatives, foils, swaps, recol
 
     from dataclasses import replace
 
-    if foils and itm_negatives != "bank":
-        raise click.UsageError("--foils are negatives for the bank: add --itm-negatives bank")
+    if foils and itm_negatives != "bank" and not swaps:
+        raise click.UsageError("--foils are drawn with the swaps or by the bank: drop --no-swaps or add --itm-negatives bank")
     config = replace(TrainConfig.smoke() if smoke else TrainConfig(), seed=seed, itm_negatives=itm_negatives)
     if text_steps is not None:
         config = replace(config, text=replace(config.text, steps=text_steps))

@@ -1,6 +1,6 @@
 """Stage 1 alone, retrained on the shipped model's frozen ViT: for comparing ways of training the
-Q-Former (ITM's negatives, foils, swaps, text pre-training, depth, steps, seed) in about half the time
-of `blipsearch train`.
+Q-Former (ITM's negatives and how they are mined, foils, swaps, swap pairs, attribute matching,
+dropout, text pre-training, depth, steps, seed) in about half the time of `blipsearch train`.
 
 A fresh Q-Former is trained by the recipe's stage 1 (its text side pre-trained first, 850 steps of
 96, with swaps) on the features that the shipped ViT (read from its fp16 checkpoint) gives the seed-0
@@ -8,8 +8,9 @@ training images, then evaluated on the 500-scene held-out split that `blipsearch
 1). Prints text->image R@1/5/10 by ITC alone (the baseline) and after ITM re-ranking, and their R@1
 ratio. `--text-steps 0 --no-swaps` is stage 1 as it was before the seventh session.
 
-Run: python -m benchmarks.ablate_stage1 --out DIR [--vit CHECKPOINT] [--itm-negatives bank] [--foils 2] [--no-swaps] [--qformer-layers 3]
-     [--steps 850] [--text-steps N] [--seed 0]
+Run: python -m benchmarks.ablate_stage1 --out DIR [--vit CHECKPOINT] [--itm-negatives bank]
+     [--itm-attributes 1] [--mining-temperature 0.1] [--foils 2] [--no-swaps] [--swap-pairs]
+     [--qformer-layers 3] [--dropout 0.1] [--steps 850] [--text-steps N] [--seed 0]
 """
 
 from __future__ import annotations
@@ -41,10 +42,18 @@ def main() -> None:
     parser.add_argument("--vit", default=str(SHAPES_RETRIEVAL),
                         help="retrieval checkpoint whose frozen ViT to use [default: the shipped model]")
     parser.add_argument("--itm-negatives", choices=["batch", "bank"], default="batch")
+    parser.add_argument("--itm-attributes", type=float, default=TrainConfig().itm_attributes,
+                        help="weight of attribute matching beside ITM (retrieval.train.stage1)")
+    parser.add_argument("--mining-temperature", type=float, default=TrainConfig().mining_temperature,
+                        help="draw ITM's in-batch negatives by softmax(cosine / T); 0: ITC's temperature")
     parser.add_argument("--foils", type=int, default=0)
     parser.add_argument("--swaps", action=argparse.BooleanOptionalAction, default=WITH_SWAPS,
                         help="swapped captions as ITC and ITM negatives")
+    parser.add_argument("--swap-pairs", action="store_true",
+                        help="each scene with swaps gets one drawn alike as a training image, batched with it")
     parser.add_argument("--qformer-layers", type=int, default=2)
+    parser.add_argument("--dropout", type=float, default=TrainConfig().architecture.qformer_dropout,
+                        help="the Q-Former's dropout while training")
     parser.add_argument("--steps", type=int, default=TrainConfig().stage1.steps)
     parser.add_argument("--text-steps", type=int, default=TrainConfig().text.steps,
                         help="pre-train the Q-Former's text side this many steps first (retrieval.train.text)")
@@ -52,10 +61,12 @@ def main() -> None:
     args = parser.parse_args()
 
     quiet()
-    config = TrainConfig(itm_negatives=args.itm_negatives, seed=args.seed)
-    config = replace(config, architecture=replace(config.architecture, qformer_layers=args.qformer_layers),
+    config = TrainConfig(itm_negatives=args.itm_negatives, itm_attributes=args.itm_attributes,
+                         mining_temperature=args.mining_temperature, seed=args.seed)
+    config = replace(config, architecture=replace(config.architecture, qformer_layers=args.qformer_layers,
+                                                                    qformer_dropout=args.dropout),
                      stage1=replace(config.stage1, steps=args.steps), text=replace(config.text, steps=args.text_steps))
-    data = training_set(8000, 0, foils_per_scene=args.foils, with_swaps=args.swaps)
+    data = training_set(8000, 0, foils_per_scene=args.foils, with_swaps=args.swaps, swap_pairs=args.swap_pairs)
     processor = retrieval_processor(config.architecture, data.words())
     torch.manual_seed(args.seed)
     model = retrieval_model(config.architecture, processor)

@@ -340,25 +340,42 @@ def make_dataset(directory: Path, train: int, test: int, seed: int = 0, size: in
 
 
 def training_set(count: int, seed: int = 0, corpus_size: int = 20_000, foils_per_scene: int = 0,
-                 recolour_share: float = 0.0, with_swaps: bool = False):
+                 recolour_share: float = 0.0, with_swaps: bool = False, swap_pairs: bool = False):
     """`count` scenes with no held-out pair, rendered, captioned and labelled, plus caption text over
     every pair for the language model, `foils_per_scene` foils of each scene's caption, and for about
     `recolour_share` of the scenes a second drawing in free colours (`recolour`) for the image
-    encoder, and `with_swaps`, each scene's `swaps` after the foils, their places in `swap_rows`:
+    encoder, and `with_swaps`, each scene's `swaps` after the foils, their places in `swap_rows`
+    (with its foils' places first: stage 1 then learns from foils as from swaps, without a bank);
+    with `swap_pairs`, each scene that has swaps also has one of them drawn alike (`twin`), a training
+    image of its own after the `count`, the two each other's `partners`:
     the input of `retrieval.train.recipe.train`."""
     from retrieval.train.recipe import TrainingSet
 
     rng = random.Random(seed)
     chosen = scenes(count, rng)
-    drawn = [render(scene, rng) for scene in chosen]
+    states, drawn = [], []
+    for scene in chosen:
+        states.append(rng.getstate())
+        drawn.append(render(scene, rng))
     corpus = caption_corpus(corpus_size, rng)
+    partners = [-1] * count if swap_pairs else []
+    twin_rng = random.Random(f"swap pairs {seed}")  # its own stream: the rest does not depend on it
+    for i, scene in enumerate(chosen[:count] if swap_pairs else []):
+        if options := swaps(scene):
+            partners[i] = len(chosen)
+            partners.append(i)
+            chosen.append(twin_rng.choice(options))
+            drawn.append(twin(chosen[-1], states[i]))
     # drawn after the rest, so that the images and texts of a seed do not depend on how many foils
-    foiled = [foil for scene in chosen for foil in foils(scene, rng, foils_per_scene)]
-    swap_rows = []  # rows of each scene's swaps among the texts: captions, then foils
-    for scene in chosen if with_swaps else []:
-        swapped = swaps(scene)
-        swap_rows.append(list(range(count + len(foiled), count + len(foiled) + len(swapped))))
-        foiled += swapped
+    foiled: list[Scene] = []  # texts are the captions, then these: each new one's row is the next
+
+    def add(more: list[Scene]) -> list[int]:
+        foiled.extend(more)
+        return list(range(len(chosen) + len(foiled) - len(more), len(chosen) + len(foiled)))
+
+    foil_rows = [add(foils(scene, rng, foils_per_scene)) for scene in chosen]
+    # with swaps: each scene's swaps' rows, after its foils' when it has them
+    swap_rows = [foil_rows[i] + add(swaps(scene)) for i, scene in enumerate(chosen if with_swaps else [])]
     recolour_rng = random.Random(f"recolour {seed}")  # its own stream: the rest does not depend on the share
     recoloured = {i: recolour(scene, recolour_rng) for i, scene in enumerate(chosen)
                   if recolour_rng.random() < recolour_share}
@@ -369,5 +386,14 @@ def training_set(count: int, seed: int = 0, corpus_size: int = 20_000, foils_per
         attributes=[attributes(scene) for scene in chosen], attribute_classes=ATTRIBUTE_CLASSES,
         masks=[mask for _, mask in drawn], region_codes=[region_codes(scene) for scene in chosen],
         region_classes=REGION_CLASSES, corpus=corpus, foils=[foil.caption for foil in foiled], recoloured=recoloured,
-        swap_rows=swap_rows,
+        swap_rows=swap_rows, partners=partners,
     )
+
+
+def twin(swapped: Scene, state: object):
+    """A swap of a scene drawn from the random state its scene was drawn from: the same size, background
+    and places, so that the two images differ only in what goes with what (for a relation turned
+    round, the two things trade places)."""
+    rng = random.Random()
+    rng.setstate(state)
+    return render(swapped, rng)

@@ -208,3 +208,23 @@ def test_training_set_foils_leave_the_images_alone_and_share_a_scene_number_only
         for j, truth in enumerate(foiled.captions):
             if caption == truth:
                 assert foiled.scene_ids[40 + i] == foiled.scene_ids[j]
+
+
+def test_swap_pairs_add_a_twin_drawn_alike_that_differs_in_what_goes_with_what():
+    from indexer.synthetic import training_set
+
+    plain = training_set(40, seed=2, corpus_size=10, with_swaps=True)
+    paired = training_set(40, seed=2, corpus_size=10, with_swaps=True, swap_pairs=True)
+    assert paired.captions[:40] == plain.captions and paired.corpus == plain.corpus
+    assert all(np.array_equal(np.asarray(a), np.asarray(b)) for a, b in zip(plain.images, paired.images))
+    twins = [(i, j) for i, j in enumerate(paired.partners) if 0 <= j]
+    assert len(paired.images) == len(paired.captions) == len(paired.partners) == 40 + len(twins) // 2
+    assert {i for i, _ in twins} == {i for i, rows in enumerate(plain.swap_rows) if rows} | set(range(40, len(paired.images)))
+    for i, j in twins:
+        assert paired.partners[j] == i and paired.scene_ids[i] != paired.scene_ids[j]
+        original, twin = (i, j) if i < j else (j, i)
+        assert paired.captions[twin] in {s.caption for s in swaps(Scene(*parse(paired.captions[original]), (0, 0, 0), ""))}
+        assert not pairs_in(paired.captions[twin]) & HELD_OUT
+        a, b = np.asarray(paired.images[original]), np.asarray(paired.images[twin])
+        assert a.shape == b.shape and (a[0, 0] == b[0, 0]).all()  # drawn alike: the same size and background
+        assert 0 < (a != b).any(axis=2).mean() < 0.5  # only the things differ

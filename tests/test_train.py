@@ -9,7 +9,7 @@ import json
 import pytest
 import torch
 
-from indexer.synthetic import training_set
+from indexer.synthetic import COLOUR_ATTRIBUTES, Scene, training_set
 from retrieval.train.architecture import (
     Architecture, caption_model, caption_processor, retrieval_model, retrieval_processor,
 )
@@ -250,14 +250,14 @@ def test_swaps_are_one_more_itc_text_and_half_of_itm_negatives(stage1):
         features = stage.model.vision_model(pixel_values=pixels_of(data.images, processor)).last_hidden_state
     pairs = Pairs(features, tokens["input_ids"], tokens["attention_mask"], torch.tensor(data.scene_ids), swaps)
     texts_seen, itm_seen = [], []
-    text_embeds, itm_logits = stage.text_embeds, stage.itm_logits
+    text_embeds, itm_states = stage.text_embeds, stage.itm_states
     stage.text_embeds = lambda ids, mask: texts_seen.append(ids) or text_embeds(ids, mask)
-    stage.itm_logits = lambda f, ids, mask: itm_seen.append(ids) or itm_logits(f, ids, mask)
+    stage.itm_states = lambda f, ids, mask: itm_seen.append(ids) or itm_states(f, ids, mask)
     try:
         with torch.no_grad():
             losses = stage.losses(pairs, torch.arange(24), torch.Generator().manual_seed(0))
     finally:
-        del stage.text_embeds, stage.itm_logits
+        del stage.text_embeds, stage.itm_states
     with_swaps = [i for i, rows in enumerate(data.swap_rows) if rows]
     assert 3 < len(with_swaps) < 24 and torch.isfinite(losses.itc) and torch.isfinite(losses.itm)
     assert [len(ids) for ids in texts_seen] == [24, len(with_swaps)]
@@ -275,8 +275,8 @@ def test_swaps_are_one_more_itc_text_and_half_of_itm_negatives(stage1):
     assert all(groups[row] != groups[i] for i, row in enumerate(negatives))
 
 
-def test_foils_need_the_bank(tmp_path):
-    result = run_cli("train", "--smoke", "--foils", "2", "--out", str(tmp_path))
+def test_foils_need_the_swaps_or_the_bank(tmp_path):
+    result = run_cli("train", "--smoke", "--foils", "2", "--no-swaps", "--out", str(tmp_path))
     assert result.returncode == 2 and "--itm-negatives bank" in result.stderr and "Traceback" not in result.stderr
 
 
@@ -360,3 +360,100 @@ def test_text_pretraining_learns_the_scene_from_the_words_and_leaves_the_image_s
     assert "embeddings.word_embeddings.weight" in changed and "embeddings.position_embeddings.weight" in changed
     assert not any(k.startswith(("vision_model.", "query_tokens", "vision_projection", "itm_head")) or "crossattention" in k
                    or "_query." in k for k in changed), sorted(changed)
+
+
+def test_attribute_agreement_says_which_attributes_a_text_gets_right_whatever_its_wording():
+    from indexer.synthetic import attributes, caption_attributes, parse
+    from retrieval.train.stage1 import attribute_agreement
+
+    caption = "a small red circle above a large blue square"
+    scene = Scene(*parse(caption), (0, 0, 0), caption)
+    texts = [caption, "a large blue square below a small red circle",  # the same scene in other words
+             "a small blue circle above a large red square",  # colours swapped
+             "a small red square above a large blue circle"]  # shapes swapped
+    pairs = Pairs(None, None, None, None, image_attributes=torch.tensor([attributes(scene)]),
+                  text_attributes=torch.tensor([caption_attributes(t) for t in texts]))
+    agree = attribute_agreement(pairs, torch.zeros(4, dtype=torch.long), torch.arange(4))
+    wrong = [tuple(int(a) for a in (row == 0).nonzero().flatten()) for row in agree]
+    assert wrong == [(), (), COLOUR_ATTRIBUTES, (2, 5)]  # attributes 2 and 5: the two things' shapes
+
+
+def test_attribute_matching_trains_beside_itm_on_its_pairs_and_is_not_saved(stage1, monkeypatch):
+    """With a match weight, each ITM pair is labelled attribute by attribute (a positive agrees on
+    all), the extra loss falls as stage 1 trains, and the head stays out of the checkpoint."""
+    import retrieval.train.stage1 as stage1_module
+    from indexer.synthetic import caption_attributes
+    from retrieval.train.loop import Schedule
+    from retrieval.train.stage1 import train_stage1
+
+    _, processor = stage1
+    data = training_set(16, seed=2, corpus_size=10, with_swaps=True)
+    texts = [*data.captions, *data.foils]
+    tokens = processor.tokenizer(texts, padding="longest", return_tensors="pt")
+    torch.manual_seed(0)
+    model = retrieval_model(SMALL, processor)
+    saved_keys = set(model.state_dict())
+    with torch.no_grad():
+        features = model.vision_model(pixel_values=pixels_of(data.images, processor)).last_hidden_state
+    pairs = Pairs(features, tokens["input_ids"], tokens["attention_mask"], torch.tensor(data.scene_ids),
+                  swap_matrix(data.swap_rows), torch.tensor(data.attributes),
+                  torch.tensor([caption_attributes(t) for t in texts]))
+    assert Stage1(model, processor.tokenizer.bos_token_id).match_head is None  # the default: ITM alone
+    stage = Stage1(model, processor.tokenizer.bos_token_id, match_weight=1.0, attributes=7)
+    labels = []
+    agreement = stage1_module.attribute_agreement
+    monkeypatch.setattr(stage1_module, "attribute_agreement", lambda *a: labels.append(agreement(*a)) or labels[-1])
+    with torch.no_grad():
+        before = stage.losses(pairs, torch.arange(16), torch.Generator().manual_seed(0))
+    assert (labels[0][:16] == 1).all() and (labels[0][16:] == 0).any()  # positives, then the negatives
+    assert torch.isclose(before.total, before.itc + before.itm + before.itg + before.match)
+    after = train_stage1(model, pairs, processor.tokenizer.bos_token_id, Schedule(steps=60, lr=2e-3, batch_size=16),
+                         match_weight=1.0)
+    assert after["match"] < 0.9 * float(before.match), (before, after)
+    assert set(model.state_dict()) == saved_keys
+
+
+@pytest.mark.timeout(30)
+def test_paired_batches_keep_each_pair_together_and_use_every_example():
+    import itertools
+
+    from retrieval.train.loop import paired_batches
+
+    partners = [-1, 3, -1, 1, 5, 4, -1, 9, -1, 7]  # pairs (1, 3), (4, 5), (7, 9)
+    drawn = list(itertools.islice(paired_batches(partners, 4, seed=0), 30))
+    assert all(2 <= len(b) <= 4 for b in drawn)
+    for batch in drawn:
+        members = set(batch.tolist())
+        assert all(partners[i] in members for i in members if partners[i] >= 0), batch
+    assert set(torch.cat(drawn).tolist()) == set(range(10))
+    few = list(itertools.islice(paired_batches([1, 0, -1], 8, seed=0), 3))  # fewer than a batch: all of them
+    assert all(sorted(b.tolist()) == [0, 1, 2] for b in few)
+    with pytest.raises(ValueError):
+        next(paired_batches([], 4, seed=0))
+
+
+def test_itm_negatives_can_be_mined_at_a_temperature_of_their_own(stage1, monkeypatch):
+    """LAVIS mines ITM's in-batch negatives by ITC's logits (cosine / ITC's temperature); with a mining
+    temperature, by cosine / that temperature instead."""
+    import retrieval.train.stage1 as stage1_module
+
+    _, processor = stage1
+    data = training_set(8, seed=1, corpus_size=10)
+    tokens = processor.tokenizer(data.captions, padding="longest", return_tensors="pt")
+    torch.manual_seed(0)
+    model = retrieval_model(SMALL, processor).eval()
+    with torch.no_grad():
+        features = model.vision_model(pixel_values=pixels_of(data.images, processor)).last_hidden_state
+    pairs = Pairs(features, tokens["input_ids"], tokens["attention_mask"], torch.tensor(data.scene_ids))
+    mined = []
+    in_batch = stage1_module.in_batch
+    monkeypatch.setattr(stage1_module, "in_batch", lambda index, sim, *a: mined.append(sim) or in_batch(index, sim, *a))
+    index = torch.arange(8)
+    with torch.no_grad():
+        for mining_temperature in (0.0, 0.5):
+            stage = Stage1(model, processor.tokenizer.bos_token_id, mining_temperature=mining_temperature)
+            stage.losses(pairs, index, torch.Generator().manual_seed(0))
+        cosine = torch.einsum("iqd,td->itq", stage.image_embeds(features),
+                              stage.text_embeds(tokens["input_ids"], tokens["attention_mask"])).max(dim=2).values
+    torch.testing.assert_close(mined[0], cosine / 0.07)  # ITC's temperature, before training
+    torch.testing.assert_close(mined[1], cosine / 0.5)

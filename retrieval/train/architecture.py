@@ -24,6 +24,8 @@ class Architecture:
     lm_hidden: int = 128
     lm_layers: int = 2
     max_text_positions: int = 64
+    # the Q-Former's dropout while it trains (BERT's and LAVIS's 0.1; inference runs without it)
+    qformer_dropout: float = 0.0
 
 
 def _vision_config(arch: Architecture):
@@ -45,7 +47,7 @@ def _qformer_config(arch: Architecture, vocab_size: int, text_input: bool):
         num_attention_heads=arch.heads, intermediate_size=4 * arch.qformer_hidden,
         cross_attention_frequency=arch.cross_attention_frequency, encoder_hidden_size=arch.vision_hidden,
         max_position_embeddings=arch.max_text_positions, use_qformer_text_input=text_input, pad_token_id=0,
-        hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
+        hidden_dropout_prob=arch.qformer_dropout, attention_probs_dropout_prob=arch.qformer_dropout,
     )
 
 

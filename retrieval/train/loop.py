@@ -63,3 +63,27 @@ def batches(count: int, batch_size: int, seed: int):
         order = torch.randperm(count, generator=generator)
         for start in range(0, count - size + 1, size):
             yield order[start : start + size]
+
+
+def paired_batches(partners: list[int], batch_size: int, seed: int):
+    """As `batches`, over examples of which some come in pairs (`partners[i]`: i's partner, or -1),
+    a pair always in one batch: each epoch a fresh permutation of the singles and pairs, batches
+    filled to at most `batch_size`, so that in-batch negatives include each example's partner."""
+    import torch
+
+    units = [[i] if j < 0 else [i, j] for i, j in enumerate(partners) if j < 0 or i < j]
+    if not units:
+        raise ValueError("no examples to draw batches from")
+    size = max(min(batch_size, len(partners)), max(map(len, units)))  # as `batches`: never wait forever
+    generator = torch.Generator().manual_seed(seed)
+    while True:
+        batch: list[int] = []
+        for unit in torch.randperm(len(units), generator=generator).tolist():
+            if len(batch) + len(units[unit]) > size:
+                yield torch.tensor(batch)
+                batch = []
+            batch += units[unit]
+            if len(batch) == size:
+                yield torch.tensor(batch)
+                batch = []
+        # the epoch's last, partly filled batch is left out, as `batches` leaves out the remainder

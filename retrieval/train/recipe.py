@@ -13,7 +13,7 @@
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +42,10 @@ class TrainConfig:
     # Where ITM's hard negatives come from: "batch", as LAVIS; "bank", the whole training set and its
     # foils (`retrieval.train.negatives`). Tried for issue 7's ITM, not better yet: see RESULTS.md.
     itm_negatives: str = "batch"
+    # The weight of attribute matching beside ITM (`retrieval.train.stage1`); 0: ITM alone, as LAVIS.
+    itm_attributes: float = 0.0
+    # ITM's in-batch negatives drawn by softmax(cosine / this); 0: by ITC's learned temperature, as LAVIS.
+    mining_temperature: float = 0.0
     seed: int = 0
     threads: int = 0  # 0: torch's default
 
@@ -65,7 +69,8 @@ class TrainingSet:
     then each foil, describes (captions of one scene in other words share it); `recoloured`, for some
     images (by index), the same scene drawn in other colours, with its mask, for the image encoder;
     `swap_rows`, for each image, where its swapped captions (`indexer.synthetic.swaps`) are among the
-    texts (captions, then foils): stage 1's binding negatives when given."""
+    texts (captions, then foils): stage 1's binding negatives when given; `partners`, for each image
+    the row of its swap drawn alike, or -1: stage 1 then batches the two together."""
 
     images: list[Any]
     captions: list[str]
@@ -79,6 +84,7 @@ class TrainingSet:
     foils: list[str] = field(default_factory=list)
     recoloured: dict[int, tuple[Any, Any]] = field(default_factory=dict)
     swap_rows: list[list[int]] = field(default_factory=list)
+    partners: list[int] = field(default_factory=list)  # for each image, its swap twin's row, or -1
 
     def words(self) -> list[str]:
         """Every word of the captions and the language corpus: the retrieval tokenizer's vocabulary."""
@@ -88,8 +94,6 @@ class TrainingSet:
         """What the image encoder trains on: the images, those in `recoloured` swapped for their
         other drawing, whose colour labels (scene and regions) become IGNORED, bar "no second
         thing"; other stages see only the named colours the captions name."""
-        from dataclasses import replace
-
         from indexer.synthetic import COLOUR_ATTRIBUTES, COLOURS
 
         def without_colours(labels: tuple[int, ...]) -> tuple[int, ...]:
@@ -250,8 +254,15 @@ def _stage1(model: Any, processor: Any, features: Any, data: TrainingSet, config
         number = {caption: i for i, caption in enumerate(dict.fromkeys(data.captions))}
         groups = [number[caption] for caption in data.captions]
     swaps = swap_matrix(data.swap_rows) if data.swap_rows else None
-    pairs = Pairs(features, tokens["input_ids"], tokens["attention_mask"], torch.tensor(groups), swaps)
-    losses = train_stage1(model, pairs, tokenizer.bos_token_id, config.stage1, config.seed, progress, from_bank)
+    pairs = Pairs(features, tokens["input_ids"], tokens["attention_mask"], torch.tensor(groups), swaps,
+                  partners=data.partners or None)
+    if config.itm_attributes:
+        from indexer.synthetic import caption_attributes
+
+        pairs = replace(pairs, image_attributes=torch.tensor(data.attributes),
+                        text_attributes=torch.tensor([caption_attributes(text) for text in texts]))
+    losses = train_stage1(model, pairs, tokenizer.bos_token_id, config.stage1, config.seed, progress, from_bank,
+                          config.itm_attributes, config.mining_temperature)
     return None, losses
 
 

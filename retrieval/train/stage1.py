@@ -18,7 +18,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from retrieval.train.loop import Progress, Schedule, batches, optimise
+from retrieval.train.loop import Progress, Schedule, batches, optimise, paired_batches
 from retrieval.train.negatives import NegativeBank, Negatives, in_batch
 from retrieval.train.text import text_cls
 
@@ -31,10 +31,12 @@ class Stage1Losses:
     itc: Any
     itm: Any
     itg: Any
+    match: Any = None  # with attribute matching: its loss, already weighted
 
     @property
     def total(self):
-        return self.itc + self.itm + self.itg
+        total = self.itc + self.itm + self.itg
+        return total if self.match is None else total + self.match
 
 
 def _lm_head(hidden: int, embeddings: Any):
@@ -57,19 +59,32 @@ def _lm_head(hidden: int, embeddings: Any):
 class Stage1:
     """The three objectives over a `Blip2ForImageTextRetrieval` whose ViT is frozen."""
 
-    def __init__(self, model: Any, bos_token_id: int) -> None:
+    def __init__(self, model: Any, bos_token_id: int, match_weight: float = 0.0, attributes: int = 0,
+                 mining_temperature: float = 0.0) -> None:
         import torch
 
         self.model = model
         self.bos_token_id = bos_token_id
         self.log_temperature = torch.nn.Parameter(torch.tensor(0.07).log())
-        self.itg_head = _lm_head(model.config.qformer_config.hidden_size, model.embeddings.word_embeddings)
+        hidden = model.config.qformer_config.hidden_size
+        self.itg_head = _lm_head(hidden, model.embeddings.word_embeddings)
+        # Attribute matching, a training-only head beside ITM's: from the same query outputs, which of
+        # the text's attributes (layout; colour, shape, size of each thing) the image has. One match
+        # bit says only that something is wrong; these say what, one attribute at a time, as the
+        # encoders' pre-training labelled them, so that ITM's features bind colour to thing the same
+        # way for pairs never seen together. Made only when used: the default recipe stays bit-identical.
+        self.match_weight = match_weight
+        self.match_head = torch.nn.Linear(hidden, attributes) if match_weight else None
+        # ITM's in-batch negatives drawn by softmax(cosine / this) when set; LAVIS: ITC's own temperature
+        self.mining_temperature = mining_temperature
 
     def parameters(self):
         model = self.model
         yield from (p for name, p in model.named_parameters() if not name.startswith("vision_model."))
         yield self.log_temperature
         yield from self.itg_head.parameters()  # its decoder is the word embeddings, already yielded
+        if self.match_head is not None:
+            yield from self.match_head.parameters()
 
     # -- the three forward passes --------------------------------------------------------------
     def image_embeds(self, features):
@@ -90,6 +105,10 @@ class Stage1:
 
     def itm_logits(self, features, input_ids, attention_mask):
         """(B, 2) match logits for paired images and texts, as ITM inference."""
+        return self.model.itm_head(self.itm_states(features, input_ids, attention_mask)).mean(dim=1)
+
+    def itm_states(self, features, input_ids, attention_mask):
+        """(B, Q, H) the query outputs that ITM's head reads: queries and text see each other."""
         import torch
 
         model = self.model
@@ -102,7 +121,7 @@ class Stage1:
             encoder_hidden_states=features,
             encoder_attention_mask=torch.ones(features.shape[:-1], dtype=torch.long),
         ).last_hidden_state
-        return model.itm_head(out[:, : queries.shape[1], :]).mean(dim=1)
+        return out[:, : queries.shape[1], :]
 
     def itg_logits(self, features, input_ids, attention_mask):
         """Next-token logits (B, L, V) for the text, its first token replaced by [DEC]."""
@@ -150,7 +169,8 @@ class Stage1:
                + F.cross_entropy(sim_i2t.t(), targets, label_smoothing=LABEL_SMOOTHING)) / 2
 
         if bank is None:
-            negatives = in_batch(index, sim_i2t, pairs.groups, generator)
+            mining = sim_i2t if not self.mining_temperature else sim_i2t * temperature / self.mining_temperature
+            negatives = in_batch(index, mining.detach(), pairs.groups, generator)
         else:
             negatives = bank.pick(index, image.detach(), text.detach(), temperature.detach(), generator)
         if swap is not None:  # ITM: half the negative texts a swap, where the image has one
@@ -158,16 +178,20 @@ class Stage1:
             negatives = Negatives(images=negatives.images, texts=torch.where(use, swap, negatives.texts))
         rows = torch.cat([index, index, negatives.texts])
         itm_ids, itm_mask = _trimmed(pairs.input_ids[rows], pairs.attention_mask[rows])
-        logits = self.itm_logits(torch.cat([features, pairs.features[negatives.images], features]), itm_ids, itm_mask)
+        states = self.itm_states(torch.cat([features, pairs.features[negatives.images], features]), itm_ids, itm_mask)
         batch = len(index)
         labels = torch.cat([torch.ones(batch, dtype=torch.long), torch.zeros(2 * batch, dtype=torch.long)])
-        itm = F.cross_entropy(logits, labels)
+        itm = F.cross_entropy(self.model.itm_head(states).mean(dim=1), labels)
+        match = None
+        if self.match_head is not None:
+            agree = attribute_agreement(pairs, torch.cat([index, negatives.images, index]), rows)
+            match = self.match_weight * F.binary_cross_entropy_with_logits(self.match_head(states).mean(dim=1), agree)
 
         next_token = self.itg_logits(features, input_ids, attention_mask)[:, :-1]
         targets_itg = input_ids[:, 1:].masked_fill(attention_mask[:, 1:] == 0, -100)
         itg = F.cross_entropy(next_token.reshape(-1, next_token.shape[-1]), targets_itg.reshape(-1),
                               ignore_index=-100, label_smoothing=LABEL_SMOOTHING)
-        return Stage1Losses(itc, itm, itg)
+        return Stage1Losses(itc, itm, itg, match)
 
 
 @dataclass(frozen=True)
@@ -183,6 +207,14 @@ class Pairs:
     attention_mask: Any
     groups: Any
     swaps: Any = None
+    image_attributes: Any = None  # (N, A) `attributes` of each image: for attribute matching
+    text_attributes: Any = None  # (N + F, A) the same read from each text (`caption_attributes`)
+    partners: list[int] | None = None  # each image's swap twin (-1: none), batched with it
+
+
+def attribute_agreement(pairs: Pairs, image_rows, text_rows):
+    """(B, A) 1.0 where image `image_rows[b]` has attribute a as text `text_rows[b]` says, else 0.0."""
+    return (pairs.image_attributes[image_rows] == pairs.text_attributes[text_rows]).float()
 
 
 def _max_sim(image, text):
@@ -230,15 +262,21 @@ def multimodal_causal_mask(num_queries: int, text_mask, dtype):
 
 
 def train_stage1(model: Any, pairs: Pairs, bos_token_id: int, schedule: Schedule, seed: int = 0,
-                 progress: Progress | None = None, from_bank: bool = False) -> dict[str, float]:
+                 progress: Progress | None = None, from_bank: bool = False, match_weight: float = 0.0,
+                 mining_temperature: float = 0.0) -> dict[str, float]:
     """Trains the Q-Former, query tokens and heads of `model` on `pairs`; ITM's hard negatives mined
-    from each batch as LAVIS does or, `from_bank`, from the whole set and its foils (`NegativeBank`)."""
+    from each batch as LAVIS does or, `from_bank`, from the whole set and its foils (`NegativeBank`);
+    with `match_weight`, attribute matching beside ITM (`Pairs` must then hold the attributes)."""
     import torch
 
-    stage = Stage1(model, bos_token_id)
+    attributes = pairs.image_attributes.shape[1] if match_weight else 0
+    stage = Stage1(model, bos_token_id, match_weight, attributes, mining_temperature)
     model.vision_model.requires_grad_(False)
     model.train()
-    order = batches(len(pairs.features), schedule.batch_size, seed)
+    if pairs.partners:
+        order = paired_batches(pairs.partners, schedule.batch_size, seed)
+    else:
+        order = batches(len(pairs.features), schedule.batch_size, seed)
     generator = torch.Generator().manual_seed(seed + 1)
     bank = NegativeBank(pairs.features, pairs.input_ids, pairs.attention_mask, pairs.groups) if from_bank else None
     last: dict[str, float] = {}
@@ -248,8 +286,11 @@ def train_stage1(model: Any, pairs: Pairs, bos_token_id: int, schedule: Schedule
             bank.refresh(stage)
         losses = stage.losses(pairs, next(order), generator, bank)
         last.update(itc=float(losses.itc.detach()), itm=float(losses.itm.detach()), itg=float(losses.itg.detach()))
+        if losses.match is not None:
+            last["match"] = float(losses.match.detach())
         return losses.total
 
     last["total"] = optimise(stage.parameters(), schedule, loss_at, "Q-Former stage 1", progress)
+    last["temperature"] = float(stage.log_temperature.detach().exp())
     model.eval()
     return last
