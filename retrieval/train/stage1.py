@@ -20,7 +20,7 @@ from typing import Any
 
 from retrieval.train.loop import Progress, Schedule, batches, optimise, paired_batches
 from retrieval.train.negatives import NegativeBank, Negatives, in_batch
-from retrieval.train.text import text_cls
+from retrieval.train.text import text_cls, trimmed
 
 LABEL_SMOOTHING = 0.1  # LAVIS uses 0.1 for ITC and ITG
 SWAP_SHARE = 0.5  # with swaps: the share of ITM's negative texts that are the image's swapped caption
@@ -149,18 +149,19 @@ class Stage1:
         from torch.nn import functional as F
 
         features = pairs.features[index]
-        input_ids, attention_mask = _trimmed(pairs.input_ids[index], pairs.attention_mask[index])
+        input_ids, attention_mask = trimmed(pairs.input_ids[index], pairs.attention_mask[index])
         image = self.image_embeds(features)  # (B, Q, D)
         text = self.text_embeds(input_ids, attention_mask)  # (B, D)
         temperature = self.log_temperature.exp().clamp(0.001, 0.5)
-        sim_i2t = _max_sim(image, text) / temperature
+        cosine = _max_sim(image, text)
+        sim_i2t = cosine / temperature
         positive = pairs.groups[index][:, None] == pairs.groups[index][None, :]
         targets = positive.float() / positive.sum(dim=1, keepdim=True)
         swap = None if pairs.swaps is None else _one_swap_each(pairs.swaps[index], generator)
         i2t, i2t_targets = sim_i2t, targets
         if swap is not None and (swap >= 0).any():  # NegCLIP: each image's swapped caption, one more text
             rows = swap[swap >= 0]
-            swapped = self.text_embeds(*_trimmed(pairs.input_ids[rows], pairs.attention_mask[rows]))
+            swapped = self.text_embeds(*trimmed(pairs.input_ids[rows], pairs.attention_mask[rows]))
             i2t = torch.cat([sim_i2t, _max_sim(image, swapped) / temperature], 1)
             also = pairs.groups[index][:, None] == pairs.groups[rows][None, :]  # a swap may be another's caption
             i2t_targets = torch.cat([positive, also], 1).float()
@@ -169,7 +170,7 @@ class Stage1:
                + F.cross_entropy(sim_i2t.t(), targets, label_smoothing=LABEL_SMOOTHING)) / 2
 
         if bank is None:
-            mining = sim_i2t if not self.mining_temperature else sim_i2t * temperature / self.mining_temperature
+            mining = cosine / self.mining_temperature if self.mining_temperature else sim_i2t
             negatives = in_batch(index, mining.detach(), pairs.groups, generator)
         else:
             negatives = bank.pick(index, image.detach(), text.detach(), temperature.detach(), generator)
@@ -177,7 +178,7 @@ class Stage1:
             use = (swap >= 0) & (torch.rand(len(index), generator=generator) < SWAP_SHARE)
             negatives = Negatives(images=negatives.images, texts=torch.where(use, swap, negatives.texts))
         rows = torch.cat([index, index, negatives.texts])
-        itm_ids, itm_mask = _trimmed(pairs.input_ids[rows], pairs.attention_mask[rows])
+        itm_ids, itm_mask = trimmed(pairs.input_ids[rows], pairs.attention_mask[rows])
         states = self.itm_states(torch.cat([features, pairs.features[negatives.images], features]), itm_ids, itm_mask)
         batch = len(index)
         labels = torch.cat([torch.ones(batch, dtype=torch.long), torch.zeros(2 * batch, dtype=torch.long)])
@@ -241,12 +242,6 @@ def _one_swap_each(swaps, generator):
     counts = (swaps >= 0).sum(dim=1)
     pick = (torch.rand(len(swaps), generator=generator) * counts).long().clamp(max=swaps.shape[1] - 1)
     return torch.where(counts > 0, swaps.gather(1, pick[:, None]).squeeze(1), torch.full_like(counts, -1))
-
-
-def _trimmed(input_ids, attention_mask):
-    """Tokens cut to the longest caption among them: padding columns cost compute and change nothing."""
-    length = int(attention_mask.sum(dim=1).max())
-    return input_ids[:, :length], attention_mask[:, :length]
 
 
 def multimodal_causal_mask(num_queries: int, text_mask, dtype):

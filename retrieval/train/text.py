@@ -24,6 +24,12 @@ def text_cls(model: Any, input_ids: Any, attention_mask: Any):
     return out.last_hidden_state[:, 0, :]
 
 
+def trimmed(input_ids, attention_mask):
+    """Tokens cut to the longest text among them: padding columns cost compute and change nothing."""
+    length = int(attention_mask.sum(dim=1).max())
+    return input_ids[:, :length], attention_mask[:, :length]
+
+
 def pretrain_text(model: Any, input_ids: Any, attention_mask: Any, labels: Any, classes: tuple[int, ...],
                   schedule: Schedule, seed: int = 0, progress: Progress | None = None) -> float:
     """Trains the text path of `model` in place on padded (N, L) tokens and (N, A) scene labels of
@@ -36,9 +42,7 @@ def pretrain_text(model: Any, input_ids: Any, attention_mask: Any, labels: Any, 
 
     def loss_at(step: int):
         index = next(order)
-        mask = attention_mask[index]
-        length = int(mask.sum(dim=1).max())  # padding columns change nothing
-        cls = text_cls(model, input_ids[index, :length], mask[:, :length])
+        cls = text_cls(model, *trimmed(input_ids[index], attention_mask[index]))
         return sum(cross_entropy(head(cls), labels[index, a]) for a, head in enumerate(heads))
 
     parameters = [p for name, p in model.named_parameters() if not name.startswith("vision_model.")]
