@@ -228,3 +228,22 @@ def test_swap_pairs_add_a_twin_drawn_alike_that_differs_in_what_goes_with_what()
         a, b = np.asarray(paired.images[original]), np.asarray(paired.images[twin])
         assert a.shape == b.shape and (a[0, 0] == b[0, 0]).all()  # drawn alike: the same size and background
         assert 0 < (a != b).any(axis=2).mean() < 0.5  # only the things differ
+
+
+def test_with_swaps_each_scene_draws_its_foils_like_its_swaps():
+    """Foils join a scene's swap rows (so stage 1 uses them without a bank): its own foils first, then
+    its swaps, none of them a caption of the scene."""
+    from indexer.synthetic import training_set
+
+    foiled = training_set(30, seed=3, corpus_size=10, foils_per_scene=2)
+    both = training_set(30, seed=3, corpus_size=10, foils_per_scene=2, with_swaps=True)
+    texts = [*both.captions, *both.foils]
+    assert both.foils[:len(foiled.foils)] == foiled.foils
+    start = 0
+    for i, (caption, rows) in enumerate(zip(both.captions, both.swap_rows)):
+        own = foils(Scene(*parse(caption), (0, 0, 0), caption), random.Random(0), 50)
+        count = sum(1 for row in rows if row < 30 + len(foiled.foils))
+        assert rows[:count] == list(range(30 + start, 30 + start + count)) and count == min(2, len(own))
+        start += count
+        assert {texts[r] for r in rows[count:]} == {s.caption for s in swaps(Scene(*parse(caption), (0, 0, 0), caption))}
+        assert all(both.scene_ids[r] != both.scene_ids[i] for r in rows)
