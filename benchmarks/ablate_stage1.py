@@ -10,7 +10,7 @@ ratio. `--text-steps 0 --no-swaps` is stage 1 as it was before the seventh sessi
 
 Run: python -m benchmarks.ablate_stage1 --out DIR [--vit CHECKPOINT] [--itm-negatives bank]
      [--itm-attributes 1] [--mining-temperature 0.1] [--foils 2] [--no-swaps] [--swap-pairs]
-     [--qformer-layers 3] [--dropout 0.1] [--steps 850] [--text-steps N] [--seed 0]
+     [--qformer-layers 3] [--dropout 0.1] [--steps 850] [--text-steps N] [--images 8000] [--seed 0]
 """
 
 from __future__ import annotations
@@ -57,6 +57,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=TrainConfig().stage1.steps)
     parser.add_argument("--text-steps", type=int, default=TrainConfig().text.steps,
                         help="pre-train the Q-Former's text side this many steps first (retrieval.train.text)")
+    parser.add_argument("--images", type=int, default=8000,
+                        help="training scenes for stage 1 (seed 0's); the ViT is the checkpoint's whatever its data")
     parser.add_argument("--seed", type=int, default=0, help="stage 1's initialisation, batches and negatives; the data stay seed 0's")
     args = parser.parse_args()
 
@@ -66,7 +68,7 @@ def main() -> None:
     config = replace(config, architecture=replace(config.architecture, qformer_layers=args.qformer_layers,
                                                                     qformer_dropout=args.dropout),
                      stage1=replace(config.stage1, steps=args.steps), text=replace(config.text, steps=args.text_steps))
-    data = training_set(8000, 0, foils_per_scene=args.foils, with_swaps=args.swaps, swap_pairs=args.swap_pairs)
+    data = training_set(args.images, 0, foils_per_scene=args.foils, with_swaps=args.swaps, swap_pairs=args.swap_pairs)
     processor = retrieval_processor(config.architecture, data.words())
     torch.manual_seed(args.seed)
     model = retrieval_model(config.architecture, processor)

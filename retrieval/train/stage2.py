@@ -51,10 +51,14 @@ def caption_loss(model: Any, features: Any, input_ids: Any, attention_mask: Any,
 
 
 def train_stage2(model: Any, features: Any, input_ids: Any, attention_mask: Any, labels: Any,
-                 schedule: Schedule, seed: int = 0, progress: Progress | None = None) -> float:
-    """Trains Q-Former, query tokens and projection of `model`; the ViT and the LM stay frozen."""
+                 schedule: Schedule, seed: int = 0, progress: Progress | None = None, qformer: bool = True) -> float:
+    """Trains Q-Former, query tokens and projection of `model` (the projection alone unless `qformer`:
+    the stage-1 query outputs kept as they are); the ViT and the LM stay frozen."""
     model.vision_model.requires_grad_(False)
     model.language_model.requires_grad_(False)
+    if not qformer:
+        model.qformer.requires_grad_(False)
+        model.query_tokens.requires_grad_(False)
     model.train()
     order = batches(len(features), schedule.batch_size, seed)
 
@@ -64,7 +68,8 @@ def train_stage2(model: Any, features: Any, input_ids: Any, attention_mask: Any,
         return caption_loss(model, features[index], input_ids[index, :length], attention_mask[index, :length],
                             labels[index, :length])
 
-    trainable = [*model.qformer.parameters(), model.query_tokens, *model.language_projection.parameters()]
+    trainable = [*model.qformer.parameters(), model.query_tokens] if qformer else []
+    trainable += [*model.language_projection.parameters()]
     loss = optimise(trainable, schedule, loss_at, "Q-Former stage 2", progress)
     model.eval()
     return loss
