@@ -13,7 +13,8 @@ from api.cli_serve import demo, serve
 from api.cli_train import train
 from api.cli_ray import caption_on_ray, index_on_ray, ray_config, ray_options
 from api.options import (
-    caption_options, emit_json, feature_cache_option, index_options, index_type_options, model_options, store_config,
+    best_of, caption_options, emit_json, feature_cache_option, index_options, index_type_options, model_options,
+    store_config,
 )
 from retrieval.errors import BlipsearchError
 
@@ -79,7 +80,7 @@ def make_tiny_command(directory: Path, seed: int) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as one JSON object on stdout.")
 def index(paths, index_dir, catalog_url, model, device, dtype, batch_size, workers, exclude, follow_symlinks,
           max_megapixels, decode_timeout, feature_cache_mb, with_captions, caption_model, prompt, max_new_tokens,
-          num_beams, index_type, max_index_memory, ray_address, shards_url, ray_model_actors, ray_gpus_per_actor,
+          num_beams, candidates, index_type, max_index_memory, ray_address, shards_url, ray_model_actors, ray_gpus_per_actor,
           quiet, as_json) -> None:
     """Index the images under PATHS (folders or files): new and changed files are embedded, renamed and
     duplicate files reuse their vectors, files gone from disk are removed."""
@@ -101,6 +102,7 @@ def index(paths, index_dir, catalog_url, model, device, dtype, batch_size, worke
     resolve_roots(list(paths))  # fail on a wrong path before loading anything
     caption = CaptionOptions(prompt=prompt, max_new_tokens=max_new_tokens, num_beams=num_beams)
     caption.validate()
+    _check_candidates(candidates, ray_address)
     max_pixels = int(max_megapixels * 1e6)
     config = IndexConfig(
         batch_size=batch_size,
@@ -130,7 +132,9 @@ def index(paths, index_dir, catalog_url, model, device, dtype, batch_size, worke
             embedder = loader.submit(Blip2Retriever.load, model_config)
             captioner = None
             if with_captions:
-                captioner = loader.submit(Blip2Captioner.load, ModelConfig.captioning(caption_model, device, dtype))
+                caption_config = ModelConfig.captioning(caption_model, device, dtype)
+                captioner = loader.submit(lambda: best_of(Blip2Captioner.load(caption_config), embedder.result(),
+                                                          candidates))
             indexer = Indexer(store, embedder, config, make_progress("index", quiet), peek_transform(model_config.name),
                               captioner)
             summary = indexer.run(paths)
@@ -141,6 +145,16 @@ def index(paths, index_dir, catalog_url, model, device, dtype, batch_size, worke
     finally:
         store.close()
     _print_index_summary(store, summary, with_captions, as_json)
+
+
+def _check_candidates(candidates: int, ray_address) -> None:
+    from retrieval.captioner import MAX_BEAMS
+    from retrieval.errors import UsageError
+
+    if not 1 <= candidates <= MAX_BEAMS:
+        raise UsageError(f"--candidates must be between 1 and {MAX_BEAMS}, not {candidates}")
+    if candidates > 1 and ray_address is not None:
+        raise UsageError("--candidates runs in this process; leave out --ray to use it")
 
 
 def _print_index_summary(store, summary, with_captions: bool, as_json: bool) -> None:
@@ -177,12 +191,14 @@ def _choose_index_type(store, index_type: str, max_memory: int | None) -> None:
 @click.option("--dtype", type=click.Choice(["auto", "float32", "float16", "bfloat16"]), default=None)
 @click.option("--batch-size", type=click.IntRange(1, 1024), default=8, show_default=True)
 @click.option("--workers", type=click.IntRange(1, 256), default=None, help="Decode worker processes [default: CPU cores].")
+@click.option("--model", default=None,
+              help="With --candidates: the retrieval model that chooses [default: the one the index was built with].")
 @click.option("--overwrite", is_flag=True, help="Re-caption images captioned by another model or prompt.")
 @ray_options
 @click.option("--quiet", "-q", is_flag=True, help="No progress output.")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as one JSON object on stdout.")
-def caption(index_dir, catalog_url, caption_model, prompt, max_new_tokens, num_beams, device, dtype, batch_size,
-            workers, overwrite, ray_address, shards_url, ray_model_actors, ray_gpus_per_actor, quiet, as_json) -> None:
+def caption(index_dir, catalog_url, caption_model, prompt, max_new_tokens, num_beams, candidates, model, device,
+            dtype, batch_size, workers, overwrite, ray_address, shards_url, ray_model_actors, ray_gpus_per_actor, quiet, as_json) -> None:
     """Write a caption for every indexed image that has none, with BLIP-2's stage-2 LLM."""
     import os
 
@@ -192,9 +208,11 @@ def caption(index_dir, catalog_url, caption_model, prompt, max_new_tokens, num_b
     from indexer.workers import PoolOptions
     from retrieval.captioner import Blip2Captioner, CaptionOptions
     from retrieval.config import ModelConfig
+    from retrieval.encoders import Blip2Retriever
 
     options = CaptionOptions(prompt=prompt, max_new_tokens=max_new_tokens, num_beams=num_beams)
     options.validate()
+    _check_candidates(candidates, ray_address)
     config = CaptionConfig(options, batch_size, overwrite, PoolOptions(workers=workers or os.cpu_count() or 1))
     store = IndexStore.open(store_config(index_dir, catalog_url))
     try:
@@ -206,6 +224,11 @@ def caption(index_dir, catalog_url, caption_model, prompt, max_new_tokens, num_b
                 summary = caption_on_ray(store, model_config, config, ray, make_progress("caption", quiet))
             else:
                 captioner = Blip2Captioner.load(model_config)
+                if candidates > 1:  # the index's own retrieval model chooses, unless --model names another
+                    recorded = store.catalog.model()
+                    name = model or (recorded.name if recorded else None)
+                    captioner = best_of(captioner, Blip2Retriever.load(ModelConfig.retrieval(name, device, dtype)),
+                                        candidates)
                 summary = CaptionRun(store, captioner, config, make_progress("caption", quiet)).run()
     finally:
         store.close()

@@ -6,7 +6,9 @@ from pathlib import Path
 
 import click
 
-from api.options import feature_cache_option, index_options, model_options, store_config
+from api.options import best_of, feature_cache_option, index_options, model_options, store_config
+
+DEMO_CANDIDATES = 16  # the demo's captions: the best of this many beams by ITC, as `caption --candidates`
 
 
 @click.command()
@@ -84,7 +86,8 @@ def demo(directory, model, caption_model) -> None:
     try:
         with store.writer_lock():
             retriever = Blip2Retriever.load(ModelConfig.retrieval(model))
-            captioner = Blip2Captioner.load(ModelConfig.captioning(caption_model))
+            # each image's caption: the best of 16 beams by ITC (`caption --candidates 16`)
+            captioner = best_of(Blip2Captioner.load(ModelConfig.captioning(caption_model)), retriever, DEMO_CANDIDATES)
             config = IndexConfig(caption=CaptionOptions())
             summary = Indexer(store, retriever, config, captioner=captioner).run([str(directory / "images")])
         click.echo(f"indexed {summary.indexed}, captioned {summary.captioned}, unchanged {summary.unchanged}"

@@ -29,12 +29,23 @@ def model_options(func):
 
 
 def caption_options(func):
+    func = click.option(
+        "--candidates", type=int, default=1, show_default=True,
+        help="Write this many captions per image (the beam search's best) and keep the one the retrieval "
+             "model's ITC ranks first (1: the caption model's own first choice).")(func)
     func = click.option("--num-beams", type=int, default=1, show_default=True, help="Beam search width (1: greedy).")(func)
     func = click.option("--max-new-tokens", type=int, default=30, show_default=True, help="Longest caption, in tokens.")(func)
     func = click.option("--prompt", default="", help='Text the caption continues, e.g. "a photo of" (kept in the catalog).')(func)
     return click.option("--caption-model", default=None,
                         help="Captioning model: hub id or directory (default Salesforce/blip2-opt-2.7b). "
                              "Env: BLIPSEARCH_CAPTION_MODEL.")(func)
+
+
+def best_of(captioner, retriever, candidates: int):
+    """The captioner itself, or with `candidates` > 1 one that keeps the best of that many by ITC."""
+    from retrieval.best_caption import BestOfCaptions
+
+    return BestOfCaptions(captioner, retriever, candidates) if candidates > 1 else captioner
 
 
 def feature_cache_option(func):

@@ -68,9 +68,15 @@ class Blip2Captioner:
 
     def caption(self, pixel_values: np.ndarray, options: CaptionOptions) -> list[str]:
         """(B, 3, H, W) model inputs (float, or uint8 from a decoder) -> B captions (the prompt not repeated)."""
+        return [texts[0] for texts in self.caption_candidates(pixel_values, options, 1)]
+
+    def caption_candidates(self, pixel_values: np.ndarray, options: CaptionOptions, count: int) -> list[list[str]]:
+        """B lists of `count` captions each, the beam search's best first (its width at least `count`)."""
         import torch
 
         options.validate()
+        if not 1 <= count <= MAX_BEAMS:
+            raise UsageError(f"--candidates must be between 1 and {MAX_BEAMS}, not {count}")
         dtype = self.model.vision_model.embeddings.patch_embedding.weight.dtype
         pixels = self.transform.to_tensor(pixel_values, self.device, dtype)
         prompt = {}
@@ -79,9 +85,10 @@ class Blip2Captioner:
             prompt = {"input_ids": input_ids, "attention_mask": attention_mask}
         with torch.inference_mode():
             generated = self.model.generate(
-                pixel_values=pixels, max_new_tokens=options.max_new_tokens, num_beams=options.num_beams,
-                do_sample=False, **prompt,
+                pixel_values=pixels, max_new_tokens=options.max_new_tokens, num_beams=max(options.num_beams, count),
+                num_return_sequences=count, do_sample=False, **prompt,
             )
-        if prompt and torch.equal(generated[:, : input_ids.shape[1]], input_ids):
+        if prompt and torch.equal(generated[:, : input_ids.shape[1]], input_ids.repeat_interleave(count, dim=0)):
             generated = generated[:, input_ids.shape[1] :]  # generate returns the prompt, then the caption
-        return [text.strip() for text in self.tokenizer.batch_decode(generated, skip_special_tokens=True)]
+        texts = [text.strip() for text in self.tokenizer.batch_decode(generated, skip_special_tokens=True)]
+        return [texts[i : i + count] for i in range(0, len(texts), count)]
