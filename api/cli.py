@@ -80,8 +80,8 @@ def make_tiny_command(directory: Path, seed: int) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as one JSON object on stdout.")
 def index(paths, index_dir, catalog_url, model, device, dtype, batch_size, workers, exclude, follow_symlinks,
           max_megapixels, decode_timeout, feature_cache_mb, with_captions, caption_model, prompt, max_new_tokens,
-          num_beams, candidates, index_type, max_index_memory, ray_address, shards_url, ray_model_actors, ray_gpus_per_actor,
-          quiet, as_json) -> None:
+          num_beams, candidates, index_type, max_index_memory, ray_address, shards_url, ray_model_actors,
+          ray_gpus_per_actor, quiet, as_json) -> None:
     """Index the images under PATHS (folders or files): new and changed files are embedded, renamed and
     duplicate files reuse their vectors, files gone from disk are removed."""
     import os
@@ -103,6 +103,8 @@ def index(paths, index_dir, catalog_url, model, device, dtype, batch_size, worke
     caption = CaptionOptions(prompt=prompt, max_new_tokens=max_new_tokens, num_beams=num_beams)
     caption.validate()
     _check_candidates(candidates, ray_address)
+    if candidates > 1 and not with_captions:
+        raise click.UsageError("--candidates chooses among captions: add --caption")
     max_pixels = int(max_megapixels * 1e6)
     config = IndexConfig(
         batch_size=batch_size,
@@ -198,7 +200,8 @@ def _choose_index_type(store, index_type: str, max_memory: int | None) -> None:
 @click.option("--quiet", "-q", is_flag=True, help="No progress output.")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as one JSON object on stdout.")
 def caption(index_dir, catalog_url, caption_model, prompt, max_new_tokens, num_beams, candidates, model, device,
-            dtype, batch_size, workers, overwrite, ray_address, shards_url, ray_model_actors, ray_gpus_per_actor, quiet, as_json) -> None:
+            dtype, batch_size, workers, overwrite, ray_address, shards_url, ray_model_actors, ray_gpus_per_actor, quiet,
+            as_json) -> None:
     """Write a caption for every indexed image that has none, with BLIP-2's stage-2 LLM."""
     import os
 

@@ -84,8 +84,8 @@ def evaluate_shapes_model(retrieval_dir: Path, caption_dir: Path, test_pairs: Pa
     """Retrieval recall (ITC and ITC+ITM) and caption correctness of a shapes model on a test split: the
     captioner's first choice, and the best of `TRAIN_CANDIDATES` by the retrieval model's ITC."""
     from indexer.evaluate import Pairs, evaluate, evaluate_captions
-    from retrieval.best_caption import BestOfCaptions
     from indexer.synthetic import colour_shapes
+    from retrieval.best_caption import BestOfCaptions
     from retrieval.captioner import Blip2Captioner
     from retrieval.config import ModelConfig
     from retrieval.encoders import Blip2Retriever

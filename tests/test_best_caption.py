@@ -70,16 +70,26 @@ def test_needs_models_that_prepare_images_alike(captioner, retriever):
         BestOfCaptions(other, retriever, COUNT)
 
 
-def test_caption_command_with_candidates(tmp_path, tiny_model, caption_model):
+def _stored(idx) -> dict[str, tuple[str, str]]:
+    with sqlite3.connect(idx / "catalog.sqlite") as conn:
+        return dict(conn.execute("SELECT f.path, c.caption || ' | ' || c.model FROM files f "
+                                 "JOIN captions c ON c.embedding_id = f.embedding_id"))
+
+
+def test_caption_command_and_index_caption_with_candidates(tmp_path, tiny_model, caption_model):
     make_images(tmp_path / "photos", 4, seed=42)
-    run_cli("index", str(tmp_path / "photos"), "--index", str(tmp_path / "idx"), "--model", str(tiny_model), "-q",
-            check=True)
-    common = ("caption", "--index", str(tmp_path / "idx"), "--caption-model", str(caption_model), "--max-new-tokens", "6")
+    index = ("index", str(tmp_path / "photos"), "--model", str(tiny_model), "-q")
+    run_cli(*index, "--index", str(tmp_path / "a"), check=True)
+    common = ("caption", "--index", str(tmp_path / "a"), "--caption-model", str(caption_model), "--max-new-tokens", "6")
     summary = json.loads(run_cli(*common, "--candidates", "3", "--json", "-q", check=True).stdout)
     assert summary["captioned"] == 4
-    with sqlite3.connect(tmp_path / "idx" / "catalog.sqlite") as conn:
-        models = {row[0] for row in conn.execute("SELECT model FROM captions")}
-    assert models == {f"{caption_model} (best of 3 by {tiny_model})"}  # the index's own retrieval model chose
+    stored = _stored(tmp_path / "a")  # the index's own retrieval model chose
+    assert {v.split(" | ")[1] for v in stored.values()} == {f"{caption_model} (best of 3 by {tiny_model})"}
+    run_cli(*index, "--index", str(tmp_path / "b"), "--caption", "--caption-model", str(caption_model),
+            "--max-new-tokens", "6", "--candidates", "3", check=True)
+    assert _stored(tmp_path / "b") == stored  # while indexing: the same captions, the same record
     for bad, message in (("0", "--candidates must be between 1 and 16"), ("17", "--candidates must be between 1 and 16")):
         result = run_cli(*common, "--candidates", bad)
         assert result.returncode == 2 and message in result.stderr and "Traceback" not in result.stderr
+    result = run_cli(*index, "--index", str(tmp_path / "c"), "--candidates", "3")
+    assert result.returncode == 2 and "add --caption" in result.stderr
