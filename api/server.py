@@ -37,6 +37,7 @@ class CaptionJob(BaseModel):
     kind: Literal["caption"]
     prompt: str = Field("", max_length=1000)
     max_new_tokens: int = Field(30, ge=1, le=512)
+    candidates: int = Field(1, ge=1, le=16)  # > 1: the best of that many beams by ITC (`caption --candidates`)
     batch_size: int = Field(8, ge=1, le=1024)
     overwrite: bool = False
 

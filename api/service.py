@@ -159,6 +159,7 @@ class Service:
         return Indexer(self.store, self.retriever, config, progress).run(job.params["paths"]).as_dict()
 
     def _caption(self, job: Job, progress: JobProgress) -> dict:
+        from api.options import best_of
         from indexer.captions import CaptionConfig, CaptionRun
         from indexer.workers import PoolOptions
         from retrieval.captioner import CaptionOptions
@@ -167,7 +168,8 @@ class Service:
                                  max_new_tokens=job.params.get("max_new_tokens", 30))
         config = CaptionConfig(options, job.params.get("batch_size", 8), job.params.get("overwrite", False),
                                PoolOptions(workers=os.cpu_count() or 1))
-        return CaptionRun(self.store, self.captioner(), config, progress).run().as_dict()
+        captioner = best_of(self.captioner(), self.retriever, job.params.get("candidates", 1))
+        return CaptionRun(self.store, captioner, config, progress).run().as_dict()
 
     def captioner(self):
         if self._captioner is None:

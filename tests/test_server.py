@@ -142,7 +142,7 @@ def test_write_endpoints_need_the_token(served):
     assert_error(client.post("/api/jobs", json={"kind": "reindex"}, headers=AUTH), 422)
 
 
-def test_jobs_add_images_searches_see_them_and_captions(served):
+def test_jobs_add_images_searches_see_them_and_captions(served, retriever, captioner):
     client, root, _ = served
     job = client.post("/api/jobs", json={"kind": "index", "paths": [str(root / "later")]}, headers=AUTH).json()
     done = wait(client, job["id"])
@@ -153,6 +153,13 @@ def test_jobs_add_images_searches_see_them_and_captions(served):
     assert wait(client, job["id"])["result"]["captioned"] == 11
     assert client.get("/api/images", params={"has_caption": "false"}).json()["total"] == 0
     assert client.get("/api/jobs").json()["jobs"][-1]["id"] == job["id"]
+    job = client.post("/api/jobs", json={"kind": "caption", "max_new_tokens": 5, "candidates": 2, "overwrite": True},
+                      headers=AUTH).json()
+    assert wait(client, job["id"])["result"]["captioned"] == 11
+    models = {image["caption_model"] for image in client.get("/api/images", params={"limit": 100}).json()["images"]}
+    assert models == {f"{captioner.name} (best of 2 by {retriever.identity.name})"}
+    for candidates in (0, 17):
+        assert_error(client.post("/api/jobs", json={"kind": "caption", "candidates": candidates}, headers=AUTH), 422)
     assert_error(client.get("/api/jobs/9999"), 404)
 
 
