@@ -13,8 +13,8 @@ from api.cli_serve import demo, serve
 from api.cli_train import train
 from api.cli_ray import caption_on_ray, index_on_ray, ray_config, ray_options
 from api.options import (
-    best_of, caption_options, emit_json, feature_cache_option, index_options, index_type_options, model_options,
-    store_config,
+    best_of, caption_options, emit_json, feature_cache_option, index_model, index_options, index_type_options,
+    model_options, store_config,
 )
 from retrieval.errors import BlipsearchError
 
@@ -228,10 +228,8 @@ def caption(index_dir, catalog_url, caption_model, prompt, max_new_tokens, num_b
             else:
                 captioner = Blip2Captioner.load(model_config)
                 if candidates > 1:  # the index's own retrieval model chooses, unless --model names another
-                    recorded = store.catalog.model()
-                    name = model or (recorded.name if recorded else None)
-                    captioner = best_of(captioner, Blip2Retriever.load(ModelConfig.retrieval(name, device, dtype)),
-                                        candidates)
+                    retriever = Blip2Retriever.load(ModelConfig.retrieval(index_model(store, model), device, dtype))
+                    captioner = best_of(captioner, retriever, candidates)
                 summary = CaptionRun(store, captioner, config, make_progress("caption", quiet)).run()
     finally:
         store.close()

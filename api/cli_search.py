@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import click
 
-from api.options import emit_json, feature_cache, feature_cache_option, index_options, model_options, store_config
+from api.options import (
+    emit_json, feature_cache, feature_cache_option, index_model, index_options, model_options, store_config,
+)
 
 
 @click.command()
@@ -79,9 +81,7 @@ def _run_search(index_dir, catalog_url, model, device, dtype, query, image_path,
 
     store = IndexStore.open(store_config(index_dir, catalog_url))
     try:
-        recorded = store.catalog.model()
-        name = model or (recorded.name if recorded else None)
-        retriever = Blip2Retriever.load(ModelConfig.retrieval(name, device, dtype))
+        retriever = Blip2Retriever.load(ModelConfig.retrieval(index_model(store, model), device, dtype))
         reranker = Reranker(retriever, feature_cache(store, retriever.identity, feature_cache_mb))
         searcher = Searcher(store, retriever, reranker)
         if query is not None:

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from api.options import best_of, feature_cache_option, index_options, model_options, store_config
+from api.options import best_of, feature_cache_option, index_model, index_options, model_options, store_config
 
 DEMO_CANDIDATES = 16  # the demo's captions: the best of this many beams by ITC, as `caption --candidates`
 
@@ -44,10 +44,10 @@ def serve(index_dir, catalog_url, model, device, dtype, caption_model, host, por
     location = store_config(index_dir, catalog_url)
     store = IndexStore.open(location, create=True)
     try:
-        recorded = store.catalog.model()
+        name = index_model(store, model)
     finally:
         store.close()
-    retriever = Blip2Retriever.load(ModelConfig.retrieval(model or (recorded.name if recorded else None), device, dtype))
+    retriever = Blip2Retriever.load(ModelConfig.retrieval(name, device, dtype))
     config = ServeConfig(location, model, caption_model, device, token, max_upload_mb * 1024 * 1024, feature_cache_mb)
     service = Service(config, retriever, lambda: Blip2Captioner.load(ModelConfig.captioning(caption_model, device, dtype)))
     click.echo(f"blipsearch: serving {location.directory} on http://{host}:{port}/", err=True)

@@ -48,6 +48,13 @@ def best_of(captioner, retriever, candidates: int):
     return BestOfCaptions(captioner, retriever, candidates) if candidates > 1 else captioner
 
 
+def index_model(store, model: str | None) -> str | None:
+    """The retrieval model to use on `store`: `model` when given, else the one the index was built with
+    (None for an index not built yet: the default model)."""
+    recorded = store.catalog.model()
+    return model or (recorded.name if recorded else None)
+
+
 def feature_cache_option(func):
     return click.option(
         "--feature-cache-mb", type=click.IntRange(0, 10_000_000), default=0, envvar="BLIPSEARCH_FEATURE_CACHE_MB",
