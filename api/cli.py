@@ -150,11 +150,11 @@ def index(paths, index_dir, catalog_url, model, device, dtype, batch_size, worke
 
 
 def _check_candidates(candidates: int, ray_address) -> None:
-    from retrieval.captioner import MAX_BEAMS
+    """Before any model loads: the count, and that it is not asked of Ray."""
+    from retrieval.captioner import check_candidates
     from retrieval.errors import UsageError
 
-    if not 1 <= candidates <= MAX_BEAMS:
-        raise UsageError(f"--candidates must be between 1 and {MAX_BEAMS}, not {candidates}")
+    check_candidates(candidates)
     if candidates > 1 and ray_address is not None:
         raise UsageError("--candidates runs in this process; leave out --ray to use it")
 

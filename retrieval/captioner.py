@@ -38,6 +38,12 @@ class CaptionOptions:
             raise UsageError("--prompt is longer than 1000 characters")
 
 
+def check_candidates(count: int) -> None:
+    """How many captions per image a beam search can be asked for."""
+    if not 1 <= count <= MAX_BEAMS:
+        raise UsageError(f"--candidates must be between 1 and {MAX_BEAMS}, not {count}")
+
+
 class Blip2Captioner:
     """Captions on a loaded `Blip2ForConditionalGeneration`."""
 
@@ -75,8 +81,7 @@ class Blip2Captioner:
         import torch
 
         options.validate()
-        if not 1 <= count <= MAX_BEAMS:
-            raise UsageError(f"--candidates must be between 1 and {MAX_BEAMS}, not {count}")
+        check_candidates(count)
         dtype = self.model.vision_model.embeddings.patch_embedding.weight.dtype
         pixels = self.transform.to_tensor(pixel_values, self.device, dtype)
         prompt = {}
