@@ -28,8 +28,9 @@ def main() -> None:
     import torch
     from transformers import Blip2ForConditionalGeneration, Blip2ForImageTextRetrieval, Blip2Processor
 
-    from indexer.evaluate import Pairs, caption_summary, judge_captions
-    from indexer.synthetic import HELD_OUT, colour_shapes, make_dataset, training_set
+    from benchmarks.bench_shapes_model import caption_groups
+    from indexer.evaluate import Pairs, judge_captions
+    from indexer.synthetic import colour_shapes, make_dataset, training_set
     from retrieval.captioner import Blip2Captioner
     from retrieval.checkpoints import SHAPES_CAPTION, SHAPES_RETRIEVAL
     from retrieval.config import ModelConfig
@@ -80,14 +81,7 @@ def main() -> None:
         _, test = make_dataset(Path(scratch), 0, 500, seed=1)
         pairs = Pairs.read(test)
         judged = judge_captions(Blip2Captioner.load(ModelConfig(name=str(args.out), device="cpu")), pairs, colour_shapes)
-    unseen = {i for i, text in enumerate(pairs.texts) if colour_shapes(text) & HELD_OUT}  # one caption per image
-    two = [i for i, text in enumerate(pairs.texts) if len(colour_shapes(text)) == 2]
-    exact = {
-        "all": caption_summary(pairs, judged)["exact"],
-        "unseen pairs": caption_summary(pairs, [judged[i] for i in unseen])["exact"],
-        "two pairs, seen": caption_summary(pairs, [judged[i] for i in two if i not in unseen])["exact"],
-        "two pairs, unseen": caption_summary(pairs, [judged[i] for i in two if i in unseen])["exact"],
-    }
+    exact = {name: group["exact"] for name, group in caption_groups(pairs, judged).items()}
     print(json.dumps({"args": {k: str(v) for k, v in vars(args).items()}, "stage2_seconds": round(seconds),
                       "loss": loss, "exact": exact}))
     print("captions exactly right: " + ", ".join(f"{name} {share:.3f}" for name, share in exact.items()))

@@ -20,8 +20,8 @@ from pathlib import Path
 
 
 def main() -> None:
-    from indexer.evaluate import Pairs, caption_summary, evaluate, judge_captions
-    from indexer.synthetic import HELD_OUT, colour_shapes, make_dataset
+    from indexer.evaluate import Pairs, evaluate, judge_captions
+    from indexer.synthetic import colour_shapes, make_dataset
     from retrieval.best_caption import BestOfCaptions
     from retrieval.captioner import Blip2Captioner
     from retrieval.checkpoints import SHAPES_CAPTION, SHAPES_RETRIEVAL
@@ -42,8 +42,6 @@ def main() -> None:
         retriever = Blip2Retriever.load(ModelConfig(name=args.model, device="cpu"))
         recall = evaluate(retriever, pairs)
         captioner = Blip2Captioner.load(ModelConfig(name=args.caption_model, device="cpu"))
-        unseen = [i for i, t in enumerate(pairs.texts) if colour_shapes(t) & HELD_OUT]  # one caption per image
-        two_pairs = [i for i, t in enumerate(pairs.texts) if len(colour_shapes(t)) == 2]  # two different things
         chosen = BestOfCaptions(captioner, retriever, args.candidates)
         judged, seconds = {}, {}
         for name, model in (("first choice", captioner), (f"best of {args.candidates} by ITC", chosen)):
@@ -51,29 +49,44 @@ def main() -> None:
             judged[name] = judge_captions(model, pairs, colour_shapes)
             seconds[name] = time.perf_counter() - began
 
-    def summary(judgements: list[dict]) -> str:
-        exact = caption_summary(pairs, judgements)["exact"]
-        of_unseen = caption_summary(pairs, [judgements[i] for i in unseen])["exact"]
-        two = {name: caption_summary(pairs, [judgements[i] for i in two_pairs if (i in unseen) == held])
-               for name, held in (("seen", False), ("unseen", True))}
-        return (f"{exact:.3f} (unseen pairs: {of_unseen:.3f}); of scenes with two colour-shape pairs: "
-                + ", ".join(f"{name} pairs {c['exact']:.3f} of {c['images']}" for name, c in two.items()))
+    groups = {name: caption_groups(pairs, judgements) for name, judgements in judged.items()}
+
+    def summary(of: dict[str, dict]) -> str:
+        two = ", ".join(f"{name} pairs {of[f'two pairs, {name}']['exact']:.3f} of {of[f'two pairs, {name}']['images']}"
+                        for name in ("seen", "unseen"))
+        return (f"{of['all']['exact']:.3f} (unseen pairs: {of['unseen pairs']['exact']:.3f}); "
+                f"of scenes with two colour-shape pairs: {two}")
 
     itc, itm = recall["itc"]["text_to_image"][1], recall["itc+itm"]["text_to_image"][1]
-    print(f"{recall['images']} held-out images ({len(unseen)} with an unseen colour-shape pair)")
+    print(f"{recall['images']} held-out images ({groups['first choice']['unseen pairs']['images']} with an unseen "
+          "colour-shape pair)")
     for name in ("itc", "itc+itm"):
         t2i, i2t = recall[name]["text_to_image"], recall[name]["image_to_text"]
         print(f"{name:8} text->image R@1/5/10 {t2i[1]:.3f}/{t2i[5]:.3f}/{t2i[10]:.3f}   "
               f"image->text {i2t[1]:.3f}/{i2t[5]:.3f}/{i2t[10]:.3f}   {recall['ms_per_query'][name]:.1f} ms/query")
     print(f"ITC+ITM / ITC text->image R@1: {itm / max(itc, 1e-9):.2f}x")
     print("captions naming exactly the right colour-shape pairs:")
-    for name, judgements in judged.items():
-        print(f"  {name:18} {summary(judgements)}; {1e3 * seconds[name] / len(judgements):.1f} ms/image")
-    first, best = (caption_summary(pairs, j)["exact"] for j in judged.values())
+    for name, of in groups.items():
+        print(f"  {name:18} {summary(of)}; {1e3 * seconds[name] / of['all']['images']:.1f} ms/image")
+    first, best = (of["all"]["exact"] for of in groups.values())
     print(f"best of {args.candidates} / first choice, exact captions: {best / max(first, 1e-9):.2f}x")
     for name, judgements in judged.items():
         print(json.dumps({name: [{"image": Path(pairs.images[i]).name, "caption": j["caption"]}
                                  for i, j in enumerate(judgements[:3])]}))
+
+
+def caption_groups(pairs, judged: list[dict]) -> dict[str, dict]:
+    """`caption_summary` of all the test images and of the groups that tell generalisation apart:
+    scenes with a colour-shape pair no training image shows, and scenes of two different pairs, seen
+    or unseen. `pairs` has one caption per image (the held-out split)."""
+    from indexer.evaluate import caption_summary
+    from indexer.synthetic import HELD_OUT, colour_shapes
+
+    unseen = {i for i, text in enumerate(pairs.texts) if colour_shapes(text) & HELD_OUT}
+    two = [i for i, text in enumerate(pairs.texts) if len(colour_shapes(text)) == 2]  # two different things
+    rows = {"all": range(len(judged)), "unseen pairs": sorted(unseen),
+            "two pairs, seen": [i for i in two if i not in unseen], "two pairs, unseen": [i for i in two if i in unseen]}
+    return {name: caption_summary(pairs, [judged[i] for i in group]) for name, group in rows.items()}
 
 
 if __name__ == "__main__":
