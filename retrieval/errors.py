@@ -20,7 +20,7 @@ class ModelNotFoundError(BlipsearchError):
 
     exit_code = 2
 
-    def __init__(self, model: str, looked_in: str, reason: str = "") -> None:
+    def __init__(self, model: str, looked_in: str, reason: str = "", option: str = "--model") -> None:
         self.model = model
         self.looked_in = looked_in
         self.reason = reason
@@ -28,7 +28,7 @@ class ModelNotFoundError(BlipsearchError):
             f"model {model!r} is not available: not a local model directory, and not in {looked_in}"
             + (f" ({reason})" if reason else "") + ".",
             "Download it on a connected machine (huggingface-cli download "
-            f"{model} --local-dir DIR) and pass --model DIR, or point HF_HOME at a cache that holds it.",
+            f"{model} --local-dir DIR) and pass {option} DIR, or point HF_HOME at a cache that holds it.",
         ]
         super().__init__("\n".join(lines))
 

@@ -88,28 +88,29 @@ def _hub_reachable(timeout: float = 3.0) -> bool:
         return False
 
 
-def _from_pretrained(cls: Any, name: str, **kwargs: Any) -> Any:
-    """`cls.from_pretrained(name)` for a directory or a hub id; local files and the cache first."""
+def _from_pretrained(cls: Any, name: str, option: str = "--model", **kwargs: Any) -> Any:
+    """`cls.from_pretrained(name)` for a directory or a hub id; local files and the cache first. A
+    missing model's error tells the user to pass `option`, the command-line option that names it."""
     path = Path(name).expanduser()
     if path.is_dir():
         if not (path / "config.json").exists() and "Processor" not in cls.__name__:
-            raise ModelNotFoundError(name, str(path), "the directory has no config.json")
+            raise ModelNotFoundError(name, str(path), "the directory has no config.json", option=option)
         try:
             return cls.from_pretrained(str(path), **kwargs)
         except (OSError, ValueError) as exc:
-            raise ModelNotFoundError(name, str(path), _first_line(exc)) from exc
+            raise ModelNotFoundError(name, str(path), _first_line(exc), option=option) from exc
     if _looks_like_path(name) or path.exists():
-        raise ModelNotFoundError(name, str(path), "no such directory")
+        raise ModelNotFoundError(name, str(path), "no such directory", option=option)
     try:
         return cls.from_pretrained(name, local_files_only=True, **kwargs)
     except (OSError, ValueError):
         pass
     if not _hub_reachable():
-        raise ModelNotFoundError(name, hub_cache_dir(), "the model hub cannot be reached")
+        raise ModelNotFoundError(name, hub_cache_dir(), "the model hub cannot be reached", option=option)
     try:
         return cls.from_pretrained(name, **kwargs)
     except (OSError, ValueError) as exc:
-        raise ModelNotFoundError(name, hub_cache_dir(), _first_line(exc)) from exc
+        raise ModelNotFoundError(name, hub_cache_dir(), _first_line(exc), option=option) from exc
 
 
 def local_file(name: str, filename: str) -> Path | None:
@@ -139,6 +140,10 @@ def _quiet_hub_logs() -> None:
     logging.getLogger("huggingface_hub").setLevel(logging.ERROR)
 
 
+# the command-line option that names a model of this class, where it is not --model
+OPTION_OF = {"Blip2ForConditionalGeneration": "--caption-model"}
+
+
 def load(model_cls_name: str, config: ModelConfig) -> Loaded:
     """Load `transformers.<model_cls_name>` and its processor on the configured device and dtype."""
     import transformers
@@ -147,8 +152,9 @@ def load(model_cls_name: str, config: ModelConfig) -> Loaded:
     device = resolve_device(config.device)
     dtype = resolve_dtype(config.dtype, device)
     model_cls = getattr(transformers, model_cls_name)
-    model = _from_pretrained(model_cls, config.name, dtype=dtype)
-    processor = _from_pretrained(transformers.AutoProcessor, config.name)
+    option = OPTION_OF.get(model_cls_name, "--model")
+    model = _from_pretrained(model_cls, config.name, option, dtype=dtype)
+    processor = _from_pretrained(transformers.AutoProcessor, config.name, option)
     model.to(device).eval()
     return Loaded(model=model, processor=processor, device=device, dtype=dtype)
 
