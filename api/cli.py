@@ -8,7 +8,7 @@ from pathlib import Path
 
 import click
 
-from api.cli_search import evaluate_command, search
+from api.cli_search import calibrate_command, evaluate_command, search
 from api.cli_serve import demo, serve
 from api.cli_train import train
 from api.cli_ray import caption_on_ray, index_on_ray, ray_config, ray_options
@@ -306,7 +306,7 @@ def status(index_dir, catalog_url, as_json) -> None:
             click.echo(f"{key}: {value}")
 
 
-for command in (search, evaluate_command, serve, demo, train):
+for command in (search, evaluate_command, calibrate_command, serve, demo, train):
     main.add_command(command)
 
 

@@ -17,7 +17,8 @@ from api.options import (
 @click.option("--candidates", type=int, default=None, help="ITC candidates to re-rank [default: max(32, k)].")
 @click.option("--no-rerank", is_flag=True, help="Rank by ITC alone (no ITM head).")
 @click.option("--score", type=click.Choice(["itm", "itm+itc", "itc"]), default=None,
-              help="Final score: ITM match probability (default), ITM logit + ITC as LAVIS ranks, or ITC.")
+              help="Final score: ITM match probability, ITM + ITC (as the model's calibrated fusion weighs them, "
+                   "else ITM logit + ITC as LAVIS ranks), or ITC [default: itm+itc for a calibrated model, else itm].")
 @click.option("--min-score", type=float, default=None, help="Drop results scoring below this.")
 @click.option("--path", "path_glob", default=None, help="Only files whose path matches this glob.")
 @click.option("--not", "negatives", multiple=True, help="Push results away from this text (repeatable).")
@@ -134,3 +135,47 @@ def evaluate_command(pairs_file, model, device, dtype, itm_candidates, as_json) 
         t2i, i2t = result[name]["text_to_image"], result[name]["image_to_text"]
         cells = ["/".join(f"{scores[k]:.3f}" for k in (1, 5, 10)) for scores in (t2i, i2t)]
         click.echo(f"{name:12}{cells[0]:>24}{cells[1]:>24}{result['ms_per_query'][name]:>10.1f}")
+    click.echo(f"re-ranked by {result['fusion']}, the top {result['itm_candidates']} by ITC of each query")
+
+
+@click.command("calibrate")
+@click.option("--pairs", "pairs_file", required=True, type=click.Path(dir_okay=False),
+              help="Held-out pairs, as eval reads them; not the pairs you will report eval on.")
+@model_options
+@click.option("--itm-candidates", type=click.IntRange(1, 1000), default=16, show_default=True,
+              help="Top ITC candidates per query re-scored with ITM, as search and eval will.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout.")
+def calibrate_command(pairs_file, model, device, dtype, itm_candidates, as_json) -> None:
+    """Choose how re-ranking adds ITM to ITC for a model: the weight of ITC beside ITM's log-odds that
+    ranks PAIRS best, stored in the model's directory, where search, serve and eval read it."""
+    from dataclasses import asdict
+    from pathlib import Path
+
+    from indexer.evaluate import Pairs, calibrate_fusion
+    from retrieval.config import ModelConfig
+    from retrieval.encoders import Blip2Retriever
+    from retrieval.errors import UsageError
+    from retrieval.fusion import write_fusion
+
+    directory = Path(model).expanduser()
+    if not directory.is_dir():
+        raise UsageError(f"calibrate stores its result in the model's directory, and {model} is not one: download "
+                         "the checkpoint (huggingface-cli download NAME --local-dir DIR) and pass --model DIR")
+    pairs = Pairs.read(Path(pairs_file))
+    retriever = Blip2Retriever.load(ModelConfig.retrieval(model, device, dtype))
+    calibration = calibrate_fusion(retriever, pairs, itm_candidates)
+    path = write_fusion(directory, calibration, str(Path(pairs_file).resolve()))
+    if as_json:
+        emit_json({"model": model, "file": str(path), "chosen": calibration.best.itc_weight, **asdict(calibration)})
+        return
+    click.echo(f"{len(pairs.images)} images, {len(pairs.texts)} texts; R@1 after re-ranking the top {itm_candidates} "
+               "by ITC, ranked by ITM log-odds + WEIGHT x ITC:")
+    click.echo(f"{'weight':>8}{'text->image':>14}{'image->text':>14}")
+    for weight, t2i, i2t in zip(calibration.weights, calibration.text_to_image, calibration.image_to_text):
+        mark = "  <- chosen" if weight == calibration.best.itc_weight else ""
+        click.echo(f"{weight:>8g}{t2i:>14.3f}{i2t:>14.3f}{mark}")
+    click.echo(f"{'ITC alone':>8}{calibration.itc_text_to_image:>14.3f}{calibration.itc_image_to_text:>14.3f}")
+    click.echo(f"wrote {path}: re-ranking with this model now scores {calibration.best.describe()}")
+    if not calibration.improves_on_itc:
+        click.echo("warning: no weight ranks these pairs better than ITC alone; search --no-rerank ranks by ITC",
+                   err=True)

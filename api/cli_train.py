@@ -12,16 +12,17 @@ import click
 from api.options import emit_json
 from retrieval.train.recipe import RECOLOUR_SHARE, WITH_SWAPS, TrainConfig
 
+VALIDATION_SEED = 2  # the validation split is drawn with the training seed + 2, the test split with + 1
 TRAIN_CANDIDATES = 16  # the held-out captions are also judged as `caption --candidates 16` would choose them
 
 
 @click.command()
 @click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False, path_type=Path),
-              help="Where to write the two checkpoints and the held-out test split.")
+              help="Where to write the two checkpoints and the held-out validation and test splits.")
 @click.option("--images", type=click.IntRange(16, 1_000_000), default=8_000, show_default=True,
               help="Training images to generate.")
 @click.option("--test-images", type=click.IntRange(8, 100_000), default=500, show_default=True,
-              help="Held-out test images (half with unseen colour-shape pairs).")
+              help="Held-out test images (half with unseen colour-shape pairs), and as many for validation.")
 @click.option("--seed", default=0, show_default=True)
 @click.option("--itm-negatives", type=click.Choice(["batch", "bank"]), default="batch", show_default=True,
               help="Where ITM's hard negatives come from: each batch (as LAVIS), or the whole training set.")
@@ -55,15 +56,18 @@ def train(out_dir, images, test_images, seed, itm_negatives, foils, swaps, recol
     began = time.perf_counter()
     data = training_set(images, seed, foils_per_scene=foils, recolour_share=recolour, with_swaps=swaps)
     _, test_pairs = make_dataset(out_dir / "test-data", 0, test_images, seed=seed + 1)
+    _, validation_pairs = make_dataset(out_dir / "validation-data", 0, test_images, seed=seed + VALIDATION_SEED)
 
     def progress(stage: str, step: int, steps: int, loss: float) -> None:
         if step == steps or sys.stderr.isatty() or step % 200 == 1:
             click.echo(f"{time.perf_counter() - began:7.0f}s  {stage:18} step {step:>5}/{steps}  loss {loss:.3f}", err=True)
 
     trained = run_training(data, config, out_dir, progress)
+    calibration = calibrate_shapes_model(trained.retrieval_dir, validation_pairs, test_images, seed + VALIDATION_SEED)
     result = {
         "retrieval_model": str(trained.retrieval_dir), "caption_model": str(trained.caption_dir),
         "train_seconds": round(time.perf_counter() - began, 1), "losses": trained.losses,
+        "fusion": calibration.best.describe(),
         "evaluation": evaluate_shapes_model(trained.retrieval_dir, trained.caption_dir, test_pairs),
     }
     if as_json:
@@ -71,6 +75,7 @@ def train(out_dir, images, test_images, seed, itm_negatives, foils, swaps, recol
         return
     evaluation = result["evaluation"]
     click.echo(f"trained in {result['train_seconds']:.0f} s: {trained.retrieval_dir}, {trained.caption_dir}")
+    click.echo(f"re-ranking scores {result['fusion']}, the weight that ranks a validation split best")
     for name in ("itc", "itc+itm"):
         recall = evaluation["retrieval"][name]["text_to_image"]
         click.echo(f"held-out text->image {name:8} R@1 {recall[1]:.3f}  R@5 {recall[5]:.3f}  R@10 {recall[10]:.3f}")
@@ -78,6 +83,20 @@ def train(out_dir, images, test_images, seed, itm_negatives, foils, swaps, recol
                f"the best of {TRAIN_CANDIDATES} by ITC (caption --candidates {TRAIN_CANDIDATES}): "
                f"{evaluation['captions_best_of'][str(TRAIN_CANDIDATES)]['exact']:.3f}")
     click.echo(f"evaluate again: blipsearch eval --pairs {test_pairs} --model {trained.retrieval_dir}")
+
+
+def calibrate_shapes_model(retrieval_dir: Path, validation_pairs: Path, scenes: int, seed: int):
+    """Stores with the retrieval model the fusion of ITM and ITC that ranks a validation split (scenes
+    unseen in training, half with unseen colour-shape pairs; not the test split) best."""
+    from indexer.evaluate import Pairs, calibrate_fusion
+    from retrieval.config import ModelConfig
+    from retrieval.encoders import Blip2Retriever
+    from retrieval.fusion import write_fusion
+
+    retriever = Blip2Retriever.load(ModelConfig.retrieval(str(retrieval_dir), "cpu"))
+    calibration = calibrate_fusion(retriever, Pairs.read(validation_pairs))
+    write_fusion(retrieval_dir, calibration, f"{scenes} held-out shapes scenes (indexer.synthetic.make_dataset, seed {seed})")
+    return calibration
 
 
 def evaluate_shapes_model(retrieval_dir: Path, caption_dir: Path, test_pairs: Path) -> dict:

@@ -50,7 +50,7 @@ def error_type(truth, found) -> str:
 
 
 def error_types(retriever, images: int, seed: int) -> None:
-    from indexer.evaluate import Pairs, _encode_images, _itm, _rerank
+    from indexer.evaluate import Pairs, _candidates, _encode_images, _itm, _reranked
     from indexer.synthetic import HELD_OUT, make_dataset, scenes
 
     with tempfile.TemporaryDirectory() as scratch:
@@ -60,8 +60,10 @@ def error_types(retriever, images: int, seed: int) -> None:
         assert [s.caption for s in shown] == pairs.texts
         embeds, vit = _encode_images(retriever, pairs.images, 32)
     itc = np.einsum("td,nqd->tnq", retriever.encode_texts(pairs.texts), embeds).max(axis=2)
-    # LAVIS ranking, as `blipsearch eval` does it: ITM logit + ITC over each caption's top 16 by ITC
-    reranked = _rerank(itc, 16, lambda t, ns: _itm(retriever, vit, [pairs.texts[t]] * len(ns), ns))
+    # as `blipsearch eval` ranks: each caption's top 16 by ITC, scored by the model's fusion of ITM and ITC
+    images_of = [{t} for t in range(len(pairs.texts))]
+    candidates = _candidates(itc, 16, images_of, lambda t, ns: _itm(retriever, vit, [pairs.texts[t]] * len(ns), ns))
+    reranked = _reranked(itc, candidates, retriever.fusion)
     unseen = np.asarray([any((t.colour, t.shape) in HELD_OUT for t in scene.things) for scene in shown])
     for name, scores in (("itc", itc), ("itc+itm", reranked)):
         first = scores.argmax(axis=1)

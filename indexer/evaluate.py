@@ -1,7 +1,9 @@
 """Retrieval evaluation over a captioned image set, BLIP-2 style (LAVIS `compute_sim_matrix`).
 
 Text->image and image->text Recall@1/5/10, first by ITC alone (max over the 32 query vectors), then
-with the top `itm_candidates` of each query re-scored as ITM positive logit + ITC, as LAVIS ranks.
+with the top `itm_candidates` of each query re-scored from ITM and ITC: ITM positive logit + ITC as
+LAVIS ranks, or as the model's calibrated fusion weighs them (`retrieval.fusion`), which
+`calibrate_fusion` measures on held-out pairs.
 The pairs file is JSON Lines: {"image": PATH, "captions": [TEXT, ...]} (or "caption": TEXT), with
 relative paths taken from the file's folder.
 """
@@ -18,6 +20,7 @@ import numpy as np
 
 from indexer.decode import Decoded, DecodeOptions, decode_file
 from retrieval.errors import UsageError
+from retrieval.fusion import Calibration, Candidates, Fusion, calibrate
 
 RANKS = (1, 5, 10)
 
@@ -70,25 +73,59 @@ def recall_at(scores: np.ndarray, correct: list[set[int]]) -> dict[int, float]:
 
 
 def evaluate(retriever: Any, pairs: Pairs, itm_candidates: int = 16, batch_size: int = 32) -> dict:
-    if itm_candidates < 1:
-        raise UsageError("--itm-candidates must be at least 1")
+    """Recalls by ITC alone and after ITM re-ranking (by the model's fusion: `retriever.fusion`)."""
     began = time.perf_counter()
-    embeds, vit = _encode_images(retriever, pairs.images, batch_size)
-    texts = np.concatenate([retriever.encode_texts(pairs.texts[i : i + 256]) for i in range(0, len(pairs.texts), 256)])
-    itc = np.einsum("td,nqd->tnq", texts, embeds).max(axis=2)  # (T, N): max-sim
+    itc, vit = _itc_scores(retriever, pairs, batch_size)
     itc_seconds = time.perf_counter() - began
-    images_of = [{int(i)} for i in pairs.text_image]
-    texts_of = [set(np.flatnonzero(pairs.text_image == n).tolist()) for n in range(len(pairs.images))]
+    images_of, texts_of = _right_answers(pairs)
     result = {"images": len(pairs.images), "texts": len(pairs.texts), "itc": _recalls(itc, images_of, texts_of)}
     began = time.perf_counter()
-    t2i = _rerank(itc, itm_candidates, lambda t, ns: _itm(retriever, vit, [pairs.texts[t]] * len(ns), ns))
-    i2t = _rerank(itc.T, itm_candidates, lambda n, ts: _itm(retriever, vit, [pairs.texts[t] for t in ts], [n] * len(ts)))
-    result["itc+itm"] = {"text_to_image": recall_at(t2i, images_of), "image_to_text": recall_at(i2t, texts_of)}
+    t2i, i2t = _itm_candidates(retriever, pairs, itc, vit, itm_candidates)
+    fusion = retriever.fusion
+    result["itc+itm"] = {"text_to_image": recall_at(_reranked(itc, t2i, fusion), images_of),
+                         "image_to_text": recall_at(_reranked(itc.T, i2t, fusion), texts_of)}
     queries = len(pairs.texts) + len(pairs.images)
     result["ms_per_query"] = {"itc": 1e3 * itc_seconds / queries,
                               "itc+itm": 1e3 * (itc_seconds + time.perf_counter() - began) / queries}
     result["itm_candidates"] = itm_candidates
+    result["fusion"] = fusion.describe()
     return result
+
+
+def calibrate_fusion(retriever: Any, pairs: Pairs, itm_candidates: int = 16, batch_size: int = 32) -> Calibration:
+    """R@1 on `pairs` with each candidate ITC weight of the fusion (`retrieval.fusion`)."""
+    return calibrate(*score_candidates(retriever, pairs, itm_candidates, batch_size))
+
+
+def score_candidates(retriever: Any, pairs: Pairs, itm_candidates: int = 16,
+                     batch_size: int = 32) -> tuple[Candidates, Candidates]:
+    """Text->image and image->text: each query's top candidates by ITC, with ITM's logits for them."""
+    itc, vit = _itc_scores(retriever, pairs, batch_size)
+    return _itm_candidates(retriever, pairs, itc, vit, itm_candidates)
+
+
+def _itc_scores(retriever: Any, pairs: Pairs, batch_size: int):
+    """(texts, images) ITC max-sim over the 32 query vectors, and each image's ViT features."""
+    embeds, vit = _encode_images(retriever, pairs.images, batch_size)
+    texts = np.concatenate([retriever.encode_texts(pairs.texts[i : i + 256]) for i in range(0, len(pairs.texts), 256)])
+    return np.einsum("td,nqd->tnq", texts, embeds).max(axis=2), vit
+
+
+def _right_answers(pairs: Pairs) -> tuple[list[set[int]], list[set[int]]]:
+    """Each text's image, and each image's texts."""
+    images_of = [{int(i)} for i in pairs.text_image]
+    texts_of = [set(np.flatnonzero(pairs.text_image == n).tolist()) for n in range(len(pairs.images))]
+    return images_of, texts_of
+
+
+def _itm_candidates(retriever: Any, pairs: Pairs, itc: np.ndarray, vit: list, k: int) -> tuple[Candidates, Candidates]:
+    """Every text's top k images by ITC and every image's top k texts, with their ITM logits."""
+    if k < 1:
+        raise UsageError("--itm-candidates must be at least 1")
+    images_of, texts_of = _right_answers(pairs)
+    t2i = _candidates(itc, k, images_of, lambda t, ns: _itm(retriever, vit, [pairs.texts[t]] * len(ns), ns))
+    i2t = _candidates(itc.T, k, texts_of, lambda n, ts: _itm(retriever, vit, [pairs.texts[t] for t in ts], [n] * len(ts)))
+    return t2i, i2t
 
 
 def _recalls(scores: np.ndarray, images_of: list[set[int]], texts_of: list[set[int]]) -> dict:
@@ -118,16 +155,22 @@ def _encode_images(retriever: Any, paths: list[str], batch_size: int):
 
 
 def _itm(retriever: Any, vit: list, texts: list[str], images: list[int]) -> np.ndarray:
-    """Positive ITM logits for paired (text, image) lists."""
-    return retriever.itm_logits(retriever.stack_vit_features([vit[n] for n in images]), texts)[:, 1]
+    """ITM logits (n, 2) of paired (text, image) lists."""
+    return retriever.itm_logits(retriever.stack_vit_features([vit[n] for n in images]), texts)
 
 
-def _rerank(itc: np.ndarray, candidates: int, itm) -> np.ndarray:
-    """LAVIS: every query's top candidates by ITC score ITM logit + ITC; the rest rank below them all."""
+def _candidates(itc: np.ndarray, k: int, correct: list[set[int]], itm) -> Candidates:
+    """LAVIS: each query's top k items by ITC, in ITC's order, scored by `itm(query, items)`."""
+    items = np.argsort(-itc, axis=1, kind="stable")[:, :k]
+    logits = np.stack([itm(query, row.tolist()) for query, row in enumerate(items)]).astype(np.float64)
+    right = np.asarray([[int(i) in correct[query] for i in row] for query, row in enumerate(items)])
+    return Candidates(items, logits, np.take_along_axis(itc, items, axis=1).astype(np.float64), right)
+
+
+def _reranked(itc: np.ndarray, candidates: Candidates, fusion: Fusion) -> np.ndarray:
+    """Scores with each query's candidates re-scored by `fusion`; the rest rank below them all."""
     scores = np.full(itc.shape, -np.inf, dtype=np.float64)
-    top = np.argsort(-itc, axis=1, kind="stable")[:, :candidates]
-    for query, items in enumerate(top):
-        scores[query, items] = itm(query, items.tolist()) + itc[query, items]
+    np.put_along_axis(scores, candidates.items, fusion.combine_logits(candidates.itm_logits, candidates.itc), axis=1)
     return scores
 
 

@@ -24,6 +24,7 @@ from retrieval.encoders import match_probability
 class Match:
     probability: float  # ITM match probability, weighted over the query's texts
     logit: float  # the positive ITM logit, weighted the same way
+    log_odds: float  # the positive logit minus the other, weighted the same way
 
 
 class Reranker:
@@ -46,12 +47,14 @@ class Reranker:
                 continue
             probability = np.zeros(len(chunk))
             logit = np.zeros(len(chunk))
+            log_odds = np.zeros(len(chunk))
             for text, weight in zip(texts, weights):
                 logits = self.retriever.itm_logits(vit, [text]).astype(np.float64)
                 probability += weight * match_probability(logits)
                 logit += weight * logits[:, 1]
+                log_odds += weight * (logits[:, 1] - logits[:, 0])
             for i, content_hash in enumerate(chunk):
-                matches[content_hash] = Match(float(probability[i]), float(logit[i]))
+                matches[content_hash] = Match(float(probability[i]), float(logit[i]), float(log_odds[i]))
         return matches
 
     def _features(self, hashes: list[str], files: dict[str, str]):

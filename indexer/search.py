@@ -2,7 +2,9 @@
 
 This is LAVIS's `compute_sim_matrix` for one query: ITC picks the top `candidates` images, the ITM
 head scores each (text, image) pair on freshly computed ViT features, and the final score is the ITM
-match probability (`itm`), ITM positive logit + ITC (`itm+itc`, as LAVIS ranks), or ITC alone.
+match probability (`itm`), ITM and ITC added (`itm+itc`: as the model's calibrated fusion weighs them,
+else ITM positive logit + ITC as LAVIS ranks; `retrieval.fusion`), or ITC alone. Re-ranking scores by
+`itm+itc` when the model has a calibrated fusion, else by `itm`.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from indexer.rerank import Reranker
 from indexer.schema import INDEXED
 from indexer.store import IndexStore
 from retrieval.errors import UsageError
+from retrieval.fusion import Fusion
 from retrieval.query import TextQuery, combine, image_query_vector, validate_text
 
 SCORES = ("itm", "itm+itc", "itc")
@@ -32,21 +35,21 @@ class SearchOptions:
     k: int = 10
     candidates: int | None = None  # default max(32, k)
     rerank: bool = True
-    score: str | None = None  # None: "itm" when re-ranking, else "itc"
+    score: str | None = None  # None: "itc" without re-ranking, else the model's default (`default_score`)
     min_score: float | None = None
     path_glob: str | None = None
     hybrid: bool = False  # fuse the visual ranking with a full-text ranking of captions
 
     def __post_init__(self) -> None:
-        if self.score is None:
-            object.__setattr__(self, "score", "itm" if self.rerank else "itc")
+        if self.score is None and not self.rerank:
+            object.__setattr__(self, "score", "itc")
 
     def validate(self) -> None:
         if not 1 <= self.k <= MAX_K:
             raise UsageError(f"-k must be between 1 and {MAX_K}, not {self.k}")
         if self.candidates is not None and not 1 <= self.candidates <= MAX_K:
             raise UsageError(f"--candidates must be between 1 and {MAX_K}, not {self.candidates}")
-        if self.score not in SCORES:
+        if self.score is not None and self.score not in SCORES:
             raise UsageError(f"--score must be one of {', '.join(SCORES)}")
         if not self.rerank and self.score != "itc":
             raise UsageError("--no-rerank scores by ITC only; drop --score or use --score itc")
@@ -171,11 +174,14 @@ class Searcher:
             for c in candidates:
                 first_file.setdefault(c.row.content_hash, c.row.path)
             matches = self.reranker.score(first_file, query.texts, query.weights)
+        fusion = self.retriever.fusion
+        kind = options.score or default_score(fusion)
         results = []
         for c in candidates:
             match = matches.get(c.row.content_hash)
             prob = match.probability if match else None
-            score = {"itc": c.itc, "itm": prob, "itm+itc": match.logit + c.itc if match else None}[options.score]
+            fused = fusion.combine(match.logit, match.log_odds, c.itc) if match else None
+            score = {"itc": c.itc, "itm": prob, "itm+itc": fused}[kind]
             if score is None:  # the re-ranker could not read this file after all
                 continue
             results.append(SearchResult(c.row.path, float(score), c.itc, prob, c.slot, c.row.id, c.row.embedding_id,
@@ -186,6 +192,12 @@ class Searcher:
         if options.min_score is not None:
             results = [r for r in results if r.score >= options.min_score]
         return SearchResponse(with_captions(self.store.catalog, results[: options.k]), missing)
+
+
+def default_score(fusion: Fusion) -> str:
+    """How re-ranking scores when not told: ITM and ITC fused where the model was calibrated to add
+    them, else ITM's match probability."""
+    return "itm+itc" if fusion.calibrated else "itm"
 
 
 def search_captions(catalog: Catalog, text: str, options: SearchOptions) -> SearchResponse:

@@ -16,6 +16,7 @@ import numpy as np
 
 from retrieval.config import ModelConfig
 from retrieval.errors import UsageError
+from retrieval.fusion import Fusion, read_fusion
 from retrieval.loading import ModelIdentity, fingerprint, load
 from retrieval.preprocess import ImageTransform
 
@@ -31,8 +32,10 @@ class ImageEncoding:
 class Blip2Retriever:
     """ITC and ITM scoring on a loaded `Blip2ForImageTextRetrieval`."""
 
-    def __init__(self, model: Any, processor: Any, device: str, max_text_tokens: int, name: str) -> None:
+    def __init__(self, model: Any, processor: Any, device: str, max_text_tokens: int, name: str,
+                 fusion: Fusion = Fusion()) -> None:
         self.model = model
+        self.fusion = fusion  # how re-ranking adds ITM to ITC for this model
         self.tokenizer = processor.tokenizer
         self.transform = ImageTransform.from_processor(processor)
         self.device = device
@@ -47,7 +50,8 @@ class Blip2Retriever:
     @classmethod
     def load(cls, config: ModelConfig) -> "Blip2Retriever":
         loaded = load("Blip2ForImageTextRetrieval", config)
-        return cls(loaded.model, loaded.processor, loaded.device, config.max_text_tokens, config.name)
+        return cls(loaded.model, loaded.processor, loaded.device, config.max_text_tokens, config.name,
+                   read_fusion(config.name))
 
     # -- images -------------------------------------------------------------------------------
     def _pixels(self, pixel_values: Any):

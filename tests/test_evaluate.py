@@ -32,37 +32,99 @@ def pairs_file(tmp_path_factory):
     return root / "pairs.jsonl"
 
 
-def test_recalls_equal_those_of_transformers_scores(retriever, tiny_model, pairs_file):
+@pytest.fixture(scope="module")
+def transformers_scores(tiny_model, pairs_file):
+    """(texts, images) ITC scores and (texts, images, 2) ITM logits from transformers, pair by pair."""
     from transformers import AutoProcessor, Blip2ForImageTextRetrieval
 
     pairs = Pairs.read(pairs_file)
     model = Blip2ForImageTextRetrieval.from_pretrained(str(tiny_model)).eval()
     processor = AutoProcessor.from_pretrained(str(tiny_model))
     itc = np.zeros((len(pairs.texts), len(pairs.images)))
-    itm = np.zeros_like(itc)
+    itm = np.zeros((*itc.shape, 2))
     for n, path in enumerate(pairs.images):
         image = Image.open(path).convert("RGB")
         for t, text in enumerate(pairs.texts):
             inputs = processor(images=image, text=text, return_tensors="pt")
             with torch.no_grad():
                 itc[t, n] = model(**inputs, use_image_text_matching_head=False).logits_per_image.item()
-                itm[t, n] = model(**inputs, use_image_text_matching_head=True).logits_per_image[0, 1].item()
+                itm[t, n] = model(**inputs, use_image_text_matching_head=True).logits_per_image[0].numpy()
+    return pairs, itc, itm
+
+
+def _reranked(scores, fused, k):
+    """Each query's top k by ITC scored `fused[q, item]`; the rest below them all."""
+    out = np.full(scores.shape, -np.inf)
+    for q, row in enumerate(scores):
+        top = np.argsort(-row, kind="stable")[:k]
+        out[q, top] = fused[q, top]
+    return out
+
+
+def _answers(pairs):
+    return ([{int(i)} for i in pairs.text_image],
+            [set(np.flatnonzero(pairs.text_image == n).tolist()) for n in range(len(pairs.images))])
+
+
+def test_recalls_equal_those_of_transformers_scores(retriever, transformers_scores):
+    pairs, itc, itm = transformers_scores
     k = 3
     result = evaluate(retriever, pairs, itm_candidates=k)
-    images_of = [{int(i)} for i in pairs.text_image]
-    texts_of = [set(np.flatnonzero(pairs.text_image == n).tolist()) for n in range(len(pairs.images))]
+    images_of, texts_of = _answers(pairs)
     assert result["itc"]["text_to_image"] == recall_at(itc, images_of)
     assert result["itc"]["image_to_text"] == recall_at(itc.T, texts_of)
+    lavis = itm[..., 1] + itc  # LAVIS: positive ITM logit + ITC, the rule of a model without a fusion file
+    assert result["fusion"] == "ITM logit + ITC (LAVIS)"
+    assert result["itc+itm"]["text_to_image"] == recall_at(_reranked(itc, lavis, k), images_of)
+    assert result["itc+itm"]["image_to_text"] == recall_at(_reranked(itc.T, lavis.T, k), texts_of)
 
-    def reranked(scores, logits):
-        out = np.full(scores.shape, -np.inf)
-        for q, row in enumerate(scores):
-            top = np.argsort(-row, kind="stable")[:k]
-            out[q, top] = logits[q, top] + row[top]
-        return out
 
-    assert result["itc+itm"]["text_to_image"] == recall_at(reranked(itc, itm), images_of)
-    assert result["itc+itm"]["image_to_text"] == recall_at(reranked(itc.T, itm.T), texts_of)
+@pytest.fixture
+def model_copy(tiny_model, tmp_path):
+    import shutil
+
+    return shutil.copytree(tiny_model, tmp_path / "model")
+
+
+def test_a_calibrated_model_reranks_by_its_weight(model_copy, transformers_scores):
+    from retrieval.config import ModelConfig
+    from retrieval.encoders import Blip2Retriever
+    from retrieval.fusion import FUSION_FILE
+
+    (model_copy / FUSION_FILE).write_text('{"itc_weight": 3.0}')
+    retriever = Blip2Retriever.load(ModelConfig(name=str(model_copy), device="cpu"))
+    pairs, itc, itm = transformers_scores
+    result = evaluate(retriever, pairs, itm_candidates=4)
+    fused = itm[..., 1] - itm[..., 0] + 3.0 * itc
+    images_of, texts_of = _answers(pairs)
+    lavis = recall_at(_reranked(itc.T, itm[..., 1].T + itc.T, 4), texts_of)
+    assert recall_at(_reranked(itc.T, fused.T, 4), texts_of) != lavis  # so the rule is told apart
+    assert result["fusion"] == "ITM log-odds + 3 x ITC (calibrated)"
+    assert result["itc+itm"]["text_to_image"] == recall_at(_reranked(itc, fused, 4), images_of)
+    assert result["itc+itm"]["image_to_text"] == recall_at(_reranked(itc.T, fused.T, 4), texts_of)
+
+
+def test_calibrate_command_measures_each_weight_and_stores_the_best(model_copy, pairs_file, transformers_scores):
+    from retrieval.fusion import FUSION_FILE, read_fusion
+
+    result = run_cli("calibrate", "--pairs", str(pairs_file), "--model", str(model_copy), "--itm-candidates", "3",
+                     "--json", check=True)
+    body = json.loads(result.stdout)
+    pairs, itc, itm = transformers_scores
+    images_of, texts_of = _answers(pairs)
+    for weight, t2i, i2t in zip(body["weights"], body["text_to_image"], body["image_to_text"]):
+        fused = itm[..., 1] - itm[..., 0] + weight * itc
+        assert t2i == pytest.approx(recall_at(_reranked(itc, fused, 3), images_of)[1])
+        assert i2t == pytest.approx(recall_at(_reranked(itc.T, fused.T, 3), texts_of)[1])
+    assert body["file"] == str(model_copy / FUSION_FILE)
+    assert read_fusion(str(model_copy)).itc_weight == body["chosen"] in body["weights"]
+    again = run_cli("eval", "--pairs", str(pairs_file), "--model", str(model_copy), check=True)
+    assert f"ITM log-odds + {body['chosen']:g} x ITC (calibrated)" in again.stdout
+
+
+def test_calibrate_needs_a_model_directory(pairs_file):
+    result = run_cli("calibrate", "--pairs", str(pairs_file), "--model", "Salesforce/blip2-itm-vit-g")
+    assert result.returncode == 2 and "--local-dir DIR" in result.stderr and "Traceback" not in result.stderr
 
 
 def test_eval_command(tiny_model, pairs_file, tmp_path):

@@ -90,6 +90,35 @@ def test_itm_plus_itc_score(indexed):
         assert np.isfinite(logit_gap) and r.score != r.itc_score
 
 
+def test_a_calibrated_model_reranks_by_its_fusion_unless_told_otherwise(indexed, reference_scores, tiny_model, retriever):
+    """With a fusion file, the default score is ITM log-odds + weight x ITC (transformers' logits)."""
+    import copy
+
+    from transformers import AutoProcessor, Blip2ForImageTextRetrieval
+
+    from retrieval.fusion import Fusion
+
+    root, paths, searcher = indexed
+    calibrated = copy.copy(retriever)
+    calibrated.fusion = Fusion(3.0)
+    fused = Searcher(searcher.store, calibrated).search_text(TextQuery.parse([QUERY]), SearchOptions(k=5, candidates=12))
+    model = Blip2ForImageTextRetrieval.from_pretrained(str(tiny_model)).eval()
+    processor = AutoProcessor.from_pretrained(str(tiny_model))
+    itc, _ = reference_scores
+    top = sorted(itc, key=lambda p: -itc[p])[:12]
+    expected = {}
+    for path in top:
+        inputs = processor(images=Image.open(path).convert("RGB"), text=QUERY, return_tensors="pt")
+        with torch.no_grad():
+            logits = model(**inputs, use_image_text_matching_head=True).logits_per_image[0]
+        expected[path] = float(logits[1] - logits[0]) + 3.0 * itc[path]
+    assert [r.path for r in fused.results] == sorted(top, key=lambda p: -expected[p])[:5]
+    for result in fused.results:
+        assert result.score == pytest.approx(expected[result.path], abs=1e-4)
+    told = Searcher(searcher.store, calibrated).search_text(TextQuery.parse([QUERY]), SearchOptions(k=5, score="itm"))
+    assert all(r.score == r.itm_score for r in told.results)
+
+
 @pytest.mark.parametrize("texts, negatives", [
     (["a red circle"], ["a blue square"]),
     (["a red circle", "3:a dog"], []),

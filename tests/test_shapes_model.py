@@ -11,8 +11,9 @@ import pytest
 from retrieval.checkpoints import SHAPES_CAPTION, SHAPES_RETRIEVAL
 from tests.conftest import run_cli
 
-# Measured on the 500 scenes `blipsearch train` evaluates on: ITC R@1 0.952, ITC+ITM R@1 0.846.
-ITC_R1_GUARD, ITM_R1_GUARD = 0.92, 0.81
+# Measured on the 500 scenes `blipsearch train` evaluates on: ITC R@1 0.952; after ITM re-ranking by the
+# fusion calibrated on the validation split, 0.958 (by LAVIS's rule, 0.846).
+ITC_R1_GUARD, ITM_R1_GUARD = 0.92, 0.9
 # Measured on 120 other held-out scenes: captions exact 0.608, the best of 16 by ITC 0.725; the demo: 40 of 40.
 CAPTION_GUARD, BEST_OF_16_GUARD, DEMO_GUARD = 0.55, 0.68, 36
 
@@ -49,17 +50,19 @@ def held_out(tmp_path_factory):
     return Pairs.read(test)
 
 
-def test_shipped_model_ranks_held_out_scenes(train_test_split):
-    """Not asserted, because it is not true of this model: the issue's target that ITM re-ranking
-    improves on ITC alone (0.846 against 0.952; RESULTS.md, seventh session)."""
+def test_shipped_model_ranks_held_out_scenes_and_itm_reranking_improves_on_itc(train_test_split):
+    """The issue's targets, on the split `train` reports: R@1 after ITM re-ranking at least 0.9 and
+    above ITC's, with the fusion `train` calibrated on its validation split (another seed)."""
     from indexer.evaluate import evaluate
     from retrieval.config import ModelConfig
     from retrieval.encoders import Blip2Retriever
 
     retriever = Blip2Retriever.load(ModelConfig(name=str(SHAPES_RETRIEVAL), device="cpu"))
+    assert retriever.fusion.calibrated  # blipsearch_fusion.json ships beside the checkpoint
     result = evaluate(retriever, train_test_split)
     itc, itm = result["itc"]["text_to_image"], result["itc+itm"]["text_to_image"]
-    assert itc[1] >= ITC_R1_GUARD and itm[1] >= ITM_R1_GUARD, result
+    assert itc[1] >= ITC_R1_GUARD and itm[1] >= ITM_R1_GUARD and itm[1] > itc[1], result
+    assert result["itc+itm"]["image_to_text"][1] > result["itc"]["image_to_text"][1], result
     assert itc[5] >= 0.95 and itm[5] >= 0.95, result
 
 

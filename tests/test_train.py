@@ -186,6 +186,10 @@ def test_train_smoke_writes_checkpoints_the_loader_reads(tmp_path):
     retriever = Blip2Retriever.load(ModelConfig(name=report["retrieval_model"], device="cpu"))
     captioner = Blip2Captioner.load(ModelConfig(name=report["caption_model"], device="cpu"))
     assert retriever.identity.num_queries == 32 and retriever.transform.height == 64
+    # the fusion of ITM and ITC, calibrated on the validation split (another seed than the test split's)
+    assert retriever.fusion.calibrated and report["fusion"] == retriever.fusion.describe()
+    assert report["evaluation"]["retrieval"]["fusion"] == report["fusion"]
+    assert (tmp_path / "validation-data" / "test.jsonl").read_text() != (tmp_path / "test-data" / "test.jsonl").read_text()
     pixels = pixels_of(training_set(2, seed=3, corpus_size=1).images, captioner.processor).numpy()
     assert len(captioner.caption(pixels, CaptionOptions(max_new_tokens=5))) == 2
     evaluation = report["evaluation"]
