@@ -91,7 +91,8 @@ def demo(directory, model, caption_model) -> None:
             config = IndexConfig(caption=CaptionOptions())
             summary = Indexer(store, retriever, config, captioner=captioner).run([str(directory / "images")])
         click.echo(f"indexed {summary.indexed}, captioned {summary.captioned}, unchanged {summary.unchanged}"
-                   f" -> {store.directory}\nmodels: {model}, {caption_model}", err=True)
+                   f" -> {store.directory}\nmodels: {model}, {caption_model}\n"
+                   f"ranked: the top 32 by ITC, re-scored {retriever.fusion.describe()}", err=True)
         searcher = Searcher(store, retriever)
         first = []
         for number, image in enumerate(images):

@@ -104,7 +104,7 @@ def create_app(service: Service) -> FastAPI:
     def healthz() -> dict:
         identity = service.retriever.identity
         return {"status": "ok", "model": identity.name, "device": service.retriever.device,
-                "counts": service.store.catalog.counts()}
+                "rerank": service.retriever.fusion.describe(), "counts": service.store.catalog.counts()}
 
     @app.get("/api/status")
     def status() -> dict:

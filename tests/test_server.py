@@ -53,6 +53,7 @@ def test_health_status_metrics_and_page(served):
     client, _, _ = served
     health = client.get("/healthz").json()
     assert health["status"] == "ok" and health["device"] == "cpu" and health["counts"]["distinct_images"] == 8
+    assert health["rerank"] == "ITM logit + ITC (LAVIS)"  # the tiny model has no calibrated fusion
     assert client.get("/api/status").json()["jobs"]["done"] >= 1
     metrics = client.get("/metrics").text
     assert "blipsearch_index_images 8.0" in metrics and "blipsearch_request_seconds_bucket" in metrics
