@@ -3,7 +3,7 @@
 A fresh test split (seed 1: the one `blipsearch train` writes) of scenes the model never saw; half show a
 colour-shape pair absent from every training image. Reports text->image and image->text R@1/5/10 for
 ITC alone (the baseline) and ITC+ITM (re-ranked by the model's fusion of the two, else by LAVIS's rule),
-their R@1 ratio, and on `--ranking-seeds` more splits of as many scenes each, R@1 by ITC alone, by the
+their R@1 ratio, and on the `--ranking-seeds` splits of as many scenes each, R@1 by ITC alone, by the
 fusion and by LAVIS's rule, and the queries the fusion gets right where ITC is wrong and the reverse,
 pooled, with a two-sided sign test. Then the share of generated
 captions naming exactly the scene's colour-shape pairs, overall, on the unseen pairs, and on
@@ -93,7 +93,8 @@ def ranking_splits(retriever, seeds: list[int], images: int) -> None:
 
     fusion, lavis = retriever.fusion, Fusion()
     changed = {"text->image": [0, 0], "image->text": [0, 0]}
-    print(f"text->image / image->text R@1 on {images} more scenes per seed: ITC, {fusion.describe()}, {lavis.describe()}")
+    print(f"text->image / image->text R@1 on splits of {images} scenes (seed 2 is train's validation split): "
+          f"ITC, {fusion.describe()}, {lavis.describe()}")
     for seed in seeds:
         with tempfile.TemporaryDirectory() as scratch:
             _, test = make_dataset(Path(scratch), 0, images, seed=seed)
