@@ -127,5 +127,8 @@ def write_fusion(directory: Path, calibration: Calibration, pairs_file: str) -> 
                           "image_to_text": calibration.itc_image_to_text},
         },
     }
-    path.write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
+    try:
+        path.write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
+    except OSError as exc:
+        raise UsageError(f"cannot write {path}: {exc.strerror or exc}; copy the model to a directory you can write") from None
     return path

@@ -65,3 +65,9 @@ def test_a_bad_fusion_file_is_a_clear_error(tmp_path, text):
     (tmp_path / FUSION_FILE).write_text(text)
     with pytest.raises(UsageError, match=FUSION_FILE):
         read_fusion(str(tmp_path))
+
+
+def test_an_unwritable_model_directory_is_a_clear_error(tmp_path):
+    candidates = Candidates(np.array([[0]]), np.zeros((1, 1, 2)), np.array([[0.5]]), np.array([[True]]))
+    with pytest.raises(UsageError, match="cannot write"):
+        write_fusion(tmp_path / "no-such-directory", calibrate(candidates, candidates, (1.0,)), "one pair")
