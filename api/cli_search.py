@@ -108,13 +108,24 @@ def _print_search(label, response, as_json: bool) -> None:
         click.echo(f"{rank:>3}  {result.score:.4f}  {result.path}{caption}")
 
 
-@click.command("eval")
-@click.option("--pairs", "pairs_file", required=True, type=click.Path(dir_okay=False),
-              help='JSON Lines: {"image": PATH, "captions": [TEXT, ...]} per line; relative paths from its folder.')
-@model_options
-@click.option("--itm-candidates", type=click.IntRange(1, 1000), default=16, show_default=True,
-              help="Top ITC candidates per query re-scored with ITM (LAVIS uses 128 on Flickr30K).")
-@click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout.")
+def _pairs_command(name: str, pairs_help: str, candidates_help: str):
+    """A command over captioned pairs and a retrieval model, as `eval` and `calibrate` are."""
+    def decorate(function):
+        for option in reversed((
+            click.command(name),
+            click.option("--pairs", "pairs_file", required=True, type=click.Path(dir_okay=False), help=pairs_help),
+            model_options,
+            click.option("--itm-candidates", type=click.IntRange(1, 1000), default=16, show_default=True,
+                         help=candidates_help),
+            click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout."),
+        )):
+            function = option(function)
+        return function
+    return decorate
+
+
+@_pairs_command("eval", 'JSON Lines: {"image": PATH, "captions": [TEXT, ...]} per line; relative paths from its folder.',
+               "Top ITC candidates per query re-scored with ITM (LAVIS uses 128 on Flickr30K).")
 def evaluate_command(pairs_file, model, device, dtype, itm_candidates, as_json) -> None:
     """Text->image and image->text Recall@1/5/10 over a captioned image set, ITC alone and ITC+ITM."""
     from pathlib import Path
@@ -138,13 +149,8 @@ def evaluate_command(pairs_file, model, device, dtype, itm_candidates, as_json) 
     click.echo(f"re-ranked by {result['fusion']}, the top {result['itm_candidates']} by ITC of each query")
 
 
-@click.command("calibrate")
-@click.option("--pairs", "pairs_file", required=True, type=click.Path(dir_okay=False),
-              help="Held-out pairs, as eval reads them; not the pairs you will report eval on.")
-@model_options
-@click.option("--itm-candidates", type=click.IntRange(1, 1000), default=16, show_default=True,
-              help="Top ITC candidates per query re-scored with ITM, as search and eval will.")
-@click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout.")
+@_pairs_command("calibrate", "Held-out pairs, as eval reads them; not the pairs you will report eval on.",
+               "Top ITC candidates per query re-scored with ITM, as search and eval will.")
 def calibrate_command(pairs_file, model, device, dtype, itm_candidates, as_json) -> None:
     """Choose how re-ranking adds ITM to ITC for a model: the weight of ITC beside ITM's log-odds that
     ranks PAIRS best, stored in the model's directory, where search, serve and eval read it."""
