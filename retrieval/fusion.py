@@ -99,6 +99,7 @@ class Candidates:
 
 
 def calibrate(text_to_image: Candidates, image_to_text: Candidates, weights=WEIGHTS) -> Calibration:
+    """R@1 of both directions' candidates re-ranked with each weight, and by ITC alone."""
     return Calibration(
         weights=tuple(weights),
         text_to_image=tuple(text_to_image.recall_at_1(Fusion(w)) for w in weights),
@@ -112,13 +113,14 @@ def _itc_recall(candidates: Candidates) -> float:
     return float(candidates.right[np.arange(len(first)), first].mean())
 
 
-def write_fusion(directory: Path, calibration: Calibration, pairs_file: str) -> Path:
-    """Stores the calibration's best weight, and the evidence for it, beside a model's config.json."""
+def write_fusion(directory: Path, calibration: Calibration, source: str) -> Path:
+    """Stores the calibration's best weight, and the evidence for it (measured on `source`, said in
+    words or as a file), beside a model's config.json."""
     path = Path(directory) / FUSION_FILE
     record = {
         "rule": "ITM log-odds + itc_weight x ITC cosine, over ITC's top candidates",
         "itc_weight": calibration.best.itc_weight,
-        "calibrated_on": pairs_file,
+        "calibrated_on": source,
         "recall_at_1": {
             "weights": list(calibration.weights),
             "text_to_image": list(calibration.text_to_image),
