@@ -161,14 +161,15 @@ def calibrate_command(pairs_file, model, device, dtype, itm_candidates, as_json)
     from retrieval.config import ModelConfig
     from retrieval.encoders import Blip2Retriever
     from retrieval.errors import UsageError
-    from retrieval.fusion import write_fusion
+    from retrieval.fusion import Fusion, write_fusion
 
     directory = Path(model).expanduser()
     if not directory.is_dir():
         raise UsageError(f"calibrate stores its result in the model's directory, and {model} is not one: download "
                          "the checkpoint (huggingface-cli download NAME --local-dir DIR) and pass --model DIR")
     pairs = Pairs.read(Path(pairs_file))
-    retriever = Blip2Retriever.load(ModelConfig.retrieval(model, device, dtype))
+    # the fusion stored with the model, if any, plays no part and is replaced, even when unreadable
+    retriever = Blip2Retriever.load(ModelConfig.retrieval(model, device, dtype), fusion=Fusion())
     calibration = calibrate_fusion(retriever, pairs, itm_candidates)
     path = write_fusion(directory, calibration, str(Path(pairs_file).resolve()))
     if as_json:

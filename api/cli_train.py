@@ -91,9 +91,9 @@ def calibrate_shapes_model(retrieval_dir: Path, validation_pairs: Path, scenes: 
     from indexer.evaluate import Pairs, calibrate_fusion
     from retrieval.config import ModelConfig
     from retrieval.encoders import Blip2Retriever
-    from retrieval.fusion import write_fusion
+    from retrieval.fusion import Fusion, write_fusion
 
-    retriever = Blip2Retriever.load(ModelConfig.retrieval(str(retrieval_dir), "cpu"))
+    retriever = Blip2Retriever.load(ModelConfig.retrieval(str(retrieval_dir), "cpu"), fusion=Fusion())
     calibration = calibrate_fusion(retriever, Pairs.read(validation_pairs))
     write_fusion(retrieval_dir, calibration, f"{scenes} held-out shapes scenes (indexer.synthetic.make_dataset, seed {seed})")
     return calibration

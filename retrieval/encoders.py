@@ -48,10 +48,11 @@ class Blip2Retriever:
         )
 
     @classmethod
-    def load(cls, config: ModelConfig) -> "Blip2Retriever":
+    def load(cls, config: ModelConfig, fusion: Fusion | None = None) -> "Blip2Retriever":
+        """`fusion`: how to re-rank; None reads the one stored with the model (`read_fusion`)."""
         loaded = load("Blip2ForImageTextRetrieval", config)
         return cls(loaded.model, loaded.processor, loaded.device, config.max_text_tokens, config.name,
-                   read_fusion(config.name))
+                   read_fusion(config.name) if fusion is None else fusion)
 
     # -- images -------------------------------------------------------------------------------
     def _pixels(self, pixel_values: Any):

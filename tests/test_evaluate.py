@@ -122,6 +122,16 @@ def test_calibrate_command_measures_each_weight_and_stores_the_best(model_copy, 
     assert f"ITM log-odds + {body['chosen']:g} x ITC (calibrated)" in again.stdout
 
 
+def test_calibrate_replaces_an_unreadable_fusion_file(model_copy, pairs_file):
+    from retrieval.fusion import FUSION_FILE, read_fusion
+
+    (model_copy / FUSION_FILE).write_text("not json")
+    broken = run_cli("eval", "--pairs", str(pairs_file), "--model", str(model_copy))
+    assert broken.returncode == 2 and FUSION_FILE in broken.stderr and "Traceback" not in broken.stderr
+    run_cli("calibrate", "--pairs", str(pairs_file), "--model", str(model_copy), check=True)
+    assert read_fusion(str(model_copy)).calibrated
+
+
 def test_calibrate_needs_a_model_directory(pairs_file):
     result = run_cli("calibrate", "--pairs", str(pairs_file), "--model", "Salesforce/blip2-itm-vit-g")
     assert result.returncode == 2 and "--local-dir DIR" in result.stderr and "Traceback" not in result.stderr
