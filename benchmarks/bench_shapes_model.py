@@ -85,8 +85,6 @@ def main() -> None:
 
 def ranking_splits(retriever, seeds: list[int], images: int) -> None:
     """R@1 by ITC, by the model's fusion and by LAVIS's rule on fresh splits, and paired counts."""
-    import numpy as np
-
     from indexer.evaluate import Pairs, score_candidates
     from indexer.synthetic import make_dataset
     from retrieval.fusion import Fusion
@@ -101,9 +99,7 @@ def ranking_splits(retriever, seeds: list[int], images: int) -> None:
             directions = dict(zip(changed, score_candidates(retriever, Pairs.read(test))))
         cells = []
         for name, c in directions.items():
-            rows = np.arange(len(c.items))
-            by_itc = c.right[rows, c.itc.argmax(axis=1)]
-            fused = c.right[rows, fusion.combine_logits(c.itm_logits, c.itc).argmax(axis=1)]
+            by_itc, fused = c.first_right(c.itc), c.first_right(fusion.combine_logits(c.itm_logits, c.itc))
             changed[name][0] += int((fused & ~by_itc).sum())
             changed[name][1] += int((~fused & by_itc).sum())
             cells.append(f"{by_itc.mean():.3f}, {fused.mean():.3f}, {c.recall_at_1(lavis):.3f}")

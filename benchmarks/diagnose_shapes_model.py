@@ -72,24 +72,20 @@ def error_types(retriever, images: int, seed: int) -> None:
         print(f"{name:8} R@1 {hit.mean():.3f} (captions with a held-out pair {hit[unseen].mean():.3f}, "
               f"{int((~hit[unseen]).sum())} misses; the rest {hit[~unseen].mean():.3f}, {int((~hit[~unseen]).sum())} "
               "misses); top-1 misses by what is wrong: " + ", ".join(f"{kind} {n}" for kind, n in counts.most_common()))
-    ranking_rules(retriever, pairs.texts, itc, vit)
+    ranking_rules(candidates)
     foil_test(retriever, shown, embeds, vit, unseen)
     swap_test(retriever, shown)
 
 
-def ranking_rules(retriever, texts: list[str], itc, vit, candidates: int = 16) -> None:
-    """R@1 when each caption's top `candidates` by ITC (caption t's image is t) are ranked by other
-    combinations of the two heads than LAVIS's, to tell a weak ITM head from a poor way of adding it."""
-    top = np.argsort(-itc, axis=1, kind="stable")[:, :candidates]
-    logits = np.stack([retriever.itm_logits(retriever.stack_vit_features([vit[n] for n in items]), [text] * len(items))
-                       for text, items in zip(texts, top)])  # (T, K, 2)
-    cosine = np.take_along_axis(itc, top, axis=1)
+def ranking_rules(candidates) -> None:
+    """R@1 when each caption's top candidates by ITC (`indexer.evaluate` `Candidates`) are ranked by
+    other combinations of the two heads, to tell a weak ITM head from a poor way of adding it."""
+    logits, cosine = candidates.itm_logits, candidates.itc
     log_odds = logits[..., 1] - logits[..., 0]  # what `search --score itm` ranks by (the match probability)
     rules = {"ITC": cosine, "ITM logit + ITC (LAVIS)": logits[..., 1] + cosine, "ITM logit": logits[..., 1],
              "ITM log-odds": log_odds, **{f"ITM log-odds + {w} ITC": log_odds + w * cosine for w in (10, 40)}}
-    right = np.arange(len(texts))
-    print(f"R@1 with ITC's top {candidates} ranked by: " + ", ".join(
-        f"{name} {np.mean(top[right, scores.argmax(axis=1)] == right):.3f}" for name, scores in rules.items()))
+    print(f"R@1 with ITC's top {cosine.shape[1]} ranked by: " + ", ".join(
+        f"{name} {candidates.first_right(scores).mean():.3f}" for name, scores in rules.items()))
 
 
 def foil_kind(scene, foil) -> str:

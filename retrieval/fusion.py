@@ -93,9 +93,12 @@ class Candidates:
     itc: np.ndarray  # (queries, k) cosine
     right: np.ndarray  # (queries, k) bool
 
+    def first_right(self, scores: np.ndarray) -> np.ndarray:
+        """(queries,) bool: whether the candidate `scores` (queries, k) ranks first is a right one."""
+        return self.right[np.arange(len(scores)), scores.argmax(axis=1)]
+
     def recall_at_1(self, fusion: Fusion) -> float:
-        first = fusion.combine_logits(self.itm_logits, self.itc).argmax(axis=1)
-        return float(self.right[np.arange(len(first)), first].mean())
+        return float(self.first_right(fusion.combine_logits(self.itm_logits, self.itc)).mean())
 
 
 def calibrate(text_to_image: Candidates, image_to_text: Candidates, weights=WEIGHTS) -> Calibration:
@@ -104,13 +107,9 @@ def calibrate(text_to_image: Candidates, image_to_text: Candidates, weights=WEIG
         weights=tuple(weights),
         text_to_image=tuple(text_to_image.recall_at_1(Fusion(w)) for w in weights),
         image_to_text=tuple(image_to_text.recall_at_1(Fusion(w)) for w in weights),
-        itc_text_to_image=_itc_recall(text_to_image), itc_image_to_text=_itc_recall(image_to_text),
+        itc_text_to_image=float(text_to_image.first_right(text_to_image.itc).mean()),
+        itc_image_to_text=float(image_to_text.first_right(image_to_text.itc).mean()),
     )
-
-
-def _itc_recall(candidates: Candidates) -> float:
-    first = candidates.itc.argmax(axis=1)
-    return float(candidates.right[np.arange(len(first)), first].mean())
 
 
 def write_fusion(directory: Path, calibration: Calibration, source: str) -> Path:
