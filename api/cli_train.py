@@ -35,9 +35,13 @@ TRAIN_CANDIDATES = 16  # the held-out captions are also judged as `caption --can
 @click.option("--text-steps", type=click.IntRange(0, 100_000), default=None,
               help=f"Steps pre-training the Q-Former's text side to read word order before stage 1 (0: none).  "
                    f"[default: {TrainConfig().text.steps}]")
+@click.option("--colour-noise", type=click.FloatRange(0, 1), default=TrainConfig().caption_colour_noise, show_default=True,
+              help="How often stage 2's teacher forcing replaces each caption's last colour word by a random colour, "
+                   "so the captioner reads that thing's shape from the image, not from the colour word.")
 @click.option("--smoke", is_flag=True, help="A narrow model and a few steps per stage: checks the machinery in seconds.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as one JSON object on stdout.")
-def train(out_dir, images, test_images, seed, itm_negatives, foils, swaps, recolour, text_steps, smoke, as_json) -> None:
+def train(out_dir, images, test_images, seed, itm_negatives, foils, swaps, recolour, text_steps, colour_noise, smoke,
+          as_json) -> None:
     """Train a small BLIP-2 (ViT, Q-Former stages 1 and 2, OPT decoder) on generated captioned shapes."""
     from indexer.synthetic import make_dataset, training_set
     from retrieval.train.recipe import train as run_training
@@ -46,7 +50,8 @@ def train(out_dir, images, test_images, seed, itm_negatives, foils, swaps, recol
 
     if foils and itm_negatives != "bank" and not swaps:
         raise click.UsageError("--foils are drawn with the swaps or by the bank: drop --no-swaps or add --itm-negatives bank")
-    config = replace(TrainConfig.smoke() if smoke else TrainConfig(), seed=seed, itm_negatives=itm_negatives)
+    config = replace(TrainConfig.smoke() if smoke else TrainConfig(), seed=seed, itm_negatives=itm_negatives,
+                     caption_colour_noise=colour_noise)
     if text_steps is not None:
         config = replace(config, text=replace(config.text, steps=text_steps))
     try:

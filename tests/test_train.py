@@ -14,6 +14,7 @@ from retrieval.train.architecture import (
     Architecture, caption_model, caption_processor, retrieval_model, retrieval_processor,
 )
 from retrieval.train.language import pack
+from retrieval.train.loop import Schedule
 from retrieval.train.negatives import NegativeBank, hard_negatives
 from retrieval.train.stage1 import Pairs, Stage1, multimodal_causal_mask, swap_matrix
 from retrieval.train.stage2 import caption_inputs, caption_loss
@@ -170,6 +171,48 @@ def test_stage2_loss_is_transformers_captioning_loss(data):
     assert row == tokens[0] + [model.config.text_config.eos_token_id]
 
 
+def test_colour_noise_replaces_only_each_captions_last_colour_word_and_never_a_label(data, monkeypatch):
+    from indexer.synthetic import COLOURS
+    from retrieval.train import stage2
+    from retrieval.train.recipe import colour_noise
+
+    processor = caption_processor(SMALL, data.corpus + CAPTIONS)
+    model = caption_model(SMALL, processor).eval()
+    tokens = [processor.tokenizer(c, add_special_tokens=False)["input_ids"] for c in CAPTIONS]
+    input_ids, mask, labels = caption_inputs(model, tokens)
+    assert colour_noise(processor, input_ids, 0.0) is None
+    noise = colour_noise(processor, input_ids, 1.0)
+    colours = {processor.tokenizer(f" {c}", add_special_tokens=False)["input_ids"][0]: c for c in COLOURS}
+    # "red"; "green", not the first thing's "blue"; "white"
+    marked = [colours[int(input_ids[row, column])] for row, column in noise.positions.nonzero().tolist()]
+    assert marked == ["red", "green", "white"]
+    generator = torch.Generator().manual_seed(0)
+    noisy = [noise.apply(input_ids, torch.arange(3), generator) for _ in range(20)]
+    changed = torch.stack([n != input_ids for n in noisy]).any(dim=0)
+    assert changed.any() and not (changed & ~noise.positions).any()
+    assert all(set(n[noise.positions].tolist()) <= set(colours) for n in noisy)
+    # a batch of other rows, cut short: the positions follow the rows
+    rows, length = torch.tensor([2, 0]), int(mask[[2, 0]].sum(dim=1).max())
+    cut = torch.stack([noise.apply(input_ids[rows, :length], rows, generator) != input_ids[rows, :length]
+                       for _ in range(20)]).any(dim=0)
+    assert cut.any() and not (cut & ~noise.positions[rows, :length]).any()
+    with pytest.raises(ValueError, match="one token"):
+        stage2.word_ids(processor.tokenizer, ["red", "redgreenblue"])
+
+    seen = []  # train_stage2 feeds the loss noisy inputs, with their labels as they were
+    monkeypatch.setattr(stage2, "caption_loss", lambda m, f, ids, attn, lab: seen.append((ids, lab)) or
+                        (m.language_projection.weight.sum() * 0))
+    stage2.train_stage2(model, torch.zeros(3, 5, SMALL.vision_hidden), input_ids, mask, labels,
+                        Schedule(steps=6, lr=1e-3, batch_size=3), noise=noise)
+    changed_any = False
+    for ids, lab in seen:
+        order = [next(r for r in range(3) if torch.equal(labels[r, : lab.shape[1]], row)) for row in lab]
+        changed = ids != input_ids[order, : ids.shape[1]]
+        assert not (changed & ~noise.positions[order, : ids.shape[1]]).any()
+        changed_any |= bool(changed.any())
+    assert len(seen) == 6 and changed_any
+
+
 def test_pack_puts_a_separator_before_every_caption():
     rows = pack([[5, 6], [7], [8, 9], [11]], separator=2, length=3)
     assert rows.tolist() == [[2, 5, 6], [2, 7, 2], [8, 9, 2]]  # the stream's tail shorter than a row is dropped
@@ -177,7 +220,7 @@ def test_pack_puts_a_separator_before_every_caption():
 
 def test_train_smoke_writes_checkpoints_the_loader_reads(tmp_path):
     result = run_cli("train", "--smoke", "--images", "48", "--test-images", "8", "--recolour", "0.5", "--swaps",
-                     "--out", str(tmp_path), "--json", check=True, timeout=600)
+                     "--colour-noise", "1", "--out", str(tmp_path), "--json", check=True, timeout=600)
     report = json.loads(result.stdout)
     from retrieval.captioner import Blip2Captioner, CaptionOptions
     from retrieval.config import ModelConfig
