@@ -72,7 +72,7 @@ def train(out_dir, images, test_images, seed, itm_negatives, foils, swaps, recol
     result = {
         "retrieval_model": str(trained.retrieval_dir), "caption_model": str(trained.caption_dir),
         "train_seconds": round(time.perf_counter() - began, 1), "losses": trained.losses,
-        "fusion": calibration.best.describe(),
+        "fusion": calibration.best.describe(), "caption_colour_noise": config.caption_colour_noise,
         "evaluation": evaluate_shapes_model(trained.retrieval_dir, trained.caption_dir, test_pairs),
     }
     if as_json:

@@ -239,6 +239,7 @@ def test_train_smoke_writes_checkpoints_the_loader_reads(tmp_path):
     assert evaluation["retrieval"]["images"] == 8 and 0 <= evaluation["captions"]["exact"] <= 1
     assert evaluation["captions_best_of"]["16"]["images"] == 8
     assert set(report["losses"]) == {"vision", "text", "stage1", "language", "stage2"}
+    assert report["caption_colour_noise"] == 1.0
     assert all(v == v for v in report["losses"]["stage1"].values())  # no NaN
 
 
