@@ -11,6 +11,9 @@
    two drawings' query embeddings and of their ViT features; and the Winoground scores of ITC and ITM
    on the 2x2 of captions and drawings (text score: each drawing prefers its own caption; image
    score: each caption prefers its own drawing).
+   Then the caption choice ceiling (`choice_ceiling`): how often ITC, ITM and the model's fusion rank
+   an image's own caption above every caption one colour or shape word away at once, the most a
+   chooser of captions by that score could get right.
 2. What the frozen ViT encodes: linear probes on its patch features, trained on fresh scenes without
    held-out pairs, predict the colour, shape and size of the thing at each patch of fresh test scenes;
    accuracy on things with a seen colour-shape pair and on those with a held-out pair, against chance
@@ -74,6 +77,7 @@ def error_types(retriever, images: int, seed: int) -> None:
               "misses); top-1 misses by what is wrong: " + ", ".join(f"{kind} {n}" for kind, n in counts.most_common()))
     ranking_rules(candidates)
     foil_test(retriever, shown, embeds, vit, unseen)
+    choice_ceiling(retriever, shown, embeds, vit, unseen)
     swap_test(retriever, shown)
 
 
@@ -124,6 +128,26 @@ def foil_test(retriever, shown, embeds, vit, unseen, per_image: int = 40) -> Non
             return " / ".join(f"{part[:, c].mean():.3f}" for c in range(3)) if len(part) else "-"
 
         print(f"  {kind:16} {len(rows):5} pairs: {shares(table)}; unseen {shares(held)} ({len(held)})")
+
+
+def choice_ceiling(retriever, shown, embeds, vit, unseen) -> None:
+    """How often each score ranks an image's own caption above every `word_edits` caption at once. A
+    caption chooser (`caption --candidates`) that scores by it cannot be right more often than this
+    when the captioner's candidates include such near misses."""
+    from indexer.synthetic import word_edits
+
+    rows = []
+    for n, scene in enumerate(shown):
+        texts = [scene.caption] + word_edits(scene)
+        itc = (embeds[n] @ retriever.encode_texts(texts).T).max(axis=0)
+        logits = retriever.itm_logits(retriever.stack_vit_features([vit[n]] * len(texts)), texts)
+        scores = (itc, logits[:, 1] - logits[:, 0], retriever.fusion.combine_logits(logits, itc))
+        rows.append([bool((score[0] > score[1:]).all()) for score in scores])
+    table, held = np.asarray(rows, dtype=float), np.asarray(unseen, dtype=bool)
+    print(f"caption choice ceiling, own caption above all its one-word colour or shape edits (held-out pairs "
+          f"included; ITC / ITM log-odds / {retriever.fusion.describe()}): " + "; ".join(
+              f"{name} " + " / ".join(f"{part[:, c].mean():.3f}" for c in range(3))
+              for name, part in (("all", table), ("unseen pairs", table[held]), ("the rest", table[~held]))))
 
 
 def swap_test(retriever, shown) -> None:

@@ -114,19 +114,35 @@ def foils(scene: Scene, rng: random.Random, count: int) -> list[Scene]:
     thing's colour, shape or size changed, two things' colours or shapes swapped, the relation turned
     round, the count changed. Never a held-out colour-shape pair, which training text must not name."""
     things, relation = scene.things, scene.relation
-    changed: list[tuple[tuple[Thing, ...], str | None]] = []
-    varied = things[:1] if relation is None else things  # a row's things are one kind: vary them together
-    for i, thing in enumerate(varied):
-        for other in [replace(thing, colour=c) for c in COLOURS] + [replace(thing, shape=s) for s in SHAPES] \
-                + [replace(thing, size=z) for z in SIZES]:
-            new = tuple(other if j == i or relation is None else t for j, t in enumerate(things))
-            changed.append((new, relation))
+    changed = [(new, relation) for new in _one_thing_varied(things, relation, ("colour", "shape", "size"))]
     if relation is not None:
         changed += _swapped(things, relation)
     elif len(things) > 1:
         changed += [(things[:1] * n, None) for n in NUMBERS if n != len(things)]
     distinct = _trainable(scene, changed)
     return rng.sample(distinct, min(count, len(distinct)))
+
+
+def word_edits(scene: Scene) -> list[str]:
+    """Every caption that names other colour-shape pairs than `scene`'s own and differs from it in one
+    colour or shape word, or in two things' colours or shapes swapped, held-out pairs included: what a
+    captioner might write instead of the right caption."""
+    things, relation = scene.things, scene.relation
+    edited = _one_thing_varied(things, relation, ("colour", "shape"))
+    if relation is not None:
+        edited += [new for new, _ in _swapped(things, relation)[:2]]  # colours swapped, shapes swapped
+    own = colour_shapes(scene.caption)
+    return sorted(caption for caption in {describe(new, relation) for new in edited} if colour_shapes(caption) != own)
+
+
+def _one_thing_varied(things: tuple[Thing, ...], relation: str | None, attributes: tuple[str, ...]):
+    """`things` with one thing's value of one of `attributes` replaced by each value it can take (itself
+    included); a row's things are one kind, so they vary together."""
+    values = {"colour": COLOURS, "shape": SHAPES, "size": SIZES}
+    varied = things[:1] if relation is None else things
+    return [tuple(other if j == i or relation is None else t for j, t in enumerate(things))
+            for i, thing in enumerate(varied)
+            for attribute in attributes for other in (replace(thing, **{attribute: v}) for v in values[attribute])]
 
 
 def swaps(scene: Scene) -> list[Scene]:

@@ -190,6 +190,34 @@ def test_foils_change_one_thing_and_never_describe_the_scene_or_a_held_out_pair(
     assert "a large blue square below a small red circle" not in captions  # the same scene in other words
 
 
+def test_word_edits_are_every_colour_or_shape_word_changed_or_swapped_that_names_other_pairs():
+    from indexer.synthetic import word_edits
+
+    def by_words(caption: str) -> set[str]:  # the same, from the caption's words alone
+        words, found = caption.split(), set()
+        for i, word in enumerate(words):
+            choices = COLOURS if word in COLOURS else [s + word[len(word.rstrip("s")):] for s in SHAPES] \
+                if word.rstrip("s") in SHAPES else []
+            found |= {" ".join(words[:i] + [other] + words[i + 1:]) for other in choices}
+        if " a " in caption:  # two things: their colours swapped, their shapes swapped
+            for a, b in ((2, -2), (3, -1)):
+                swapped = list(words)
+                swapped[a], swapped[b] = words[b], words[a]
+                found.add(" ".join(swapped))
+        return {edit for edit in found if colour_shapes(edit) != colour_shapes(caption)}
+
+    rng = random.Random(11)
+    for _ in range(100):
+        scene = make_scene(rng, held_out=rng.random() < 0.3)
+        edits = word_edits(scene)
+        assert edits == sorted(by_words(scene.caption)), scene.caption
+    two = Scene((Thing("red", "circle", "small"), Thing("blue", "square", "large")), "above", (0, 0, 0),
+                "a small red circle above a large blue square")
+    edits = word_edits(two)
+    assert len(edits) == 2 * 7 + 2 * 2 + 2 and "a small red circle above a large yellow square" in edits  # held out
+    assert "a small blue circle above a large red square" in edits and two.caption not in edits
+
+
 def make_caption(scene):
     from indexer.synthetic import describe
 
