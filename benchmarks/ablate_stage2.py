@@ -55,7 +55,7 @@ def main() -> None:
                         help="train the projection alone, keeping stage 1's Q-Former and queries as they are")
     parser.add_argument("--splits", type=int, nargs="+", default=[1],
                         help="held-out splits to judge on (seeds): 1, the test split; 2, train's validation split")
-    parser.add_argument("--colour-noise", type=float, default=0.0,
+    parser.add_argument("--colour-noise", type=float, default=TrainConfig().caption_colour_noise,
                         help="how often each caption's last colour word is replaced in teacher forcing (TrainConfig)")
     args = parser.parse_args()
 

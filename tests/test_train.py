@@ -220,7 +220,7 @@ def test_pack_puts_a_separator_before_every_caption():
 
 def test_train_smoke_writes_checkpoints_the_loader_reads(tmp_path):
     result = run_cli("train", "--smoke", "--images", "48", "--test-images", "8", "--recolour", "0.5", "--swaps",
-                     "--colour-noise", "1", "--out", str(tmp_path), "--json", check=True, timeout=600)
+                     "--colour-noise", "0.5", "--out", str(tmp_path), "--json", check=True, timeout=600)
     report = json.loads(result.stdout)
     from retrieval.captioner import Blip2Captioner, CaptionOptions
     from retrieval.config import ModelConfig
@@ -239,7 +239,7 @@ def test_train_smoke_writes_checkpoints_the_loader_reads(tmp_path):
     assert evaluation["retrieval"]["images"] == 8 and 0 <= evaluation["captions"]["exact"] <= 1
     assert evaluation["captions_best_of"]["16"]["images"] == 8
     assert set(report["losses"]) == {"vision", "text", "stage1", "language", "stage2"}
-    assert report["caption_colour_noise"] == 1.0
+    assert report["caption_colour_noise"] == 0.5
     assert all(v == v for v in report["losses"]["stage1"].values())  # no NaN
 
 

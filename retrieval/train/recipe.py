@@ -48,10 +48,10 @@ class TrainConfig:
     # ITM's in-batch negatives drawn by softmax(cosine / this); 0: by ITC's learned temperature, as LAVIS.
     mining_temperature: float = 0.0
     # Stage 2's teacher forcing with each caption's last colour word replaced by a random colour this
-    # often (`retrieval.train.stage2.WordNoise`). 1 names unseen pairs right more often in stage-2
-    # ablations (RESULTS.md, eleventh session); 0, the captions as they are (as BLIP-2), is what the
-    # shipped checkpoints were trained with, so it stays the default until they are retrained.
-    caption_colour_noise: float = 0.0
+    # often (`retrieval.train.stage2.WordNoise`); 0 feeds the captions as they are, as BLIP-2 does.
+    # 1 names unseen pairs right more often (RESULTS.md, eleventh and twelfth sessions): the shipped
+    # captioner was trained with it.
+    caption_colour_noise: float = 1.0
     seed: int = 0
     threads: int = 0  # 0: torch's default
 
