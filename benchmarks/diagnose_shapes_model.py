@@ -12,8 +12,9 @@
    on the 2x2 of captions and drawings (text score: each drawing prefers its own caption; image
    score: each caption prefers its own drawing).
    Then the caption choice ceiling (`choice_ceiling`): how often ITC, ITM and the model's fusion rank
-   an image's own caption above every caption one colour or shape word away at once, the most a
-   chooser of captions by that score could get right.
+   an image's own caption above every caption one colour or shape word away at once: how often a
+   chooser of captions by that score picks the right one when such near misses are among its
+   candidates.
 2. What the frozen ViT encodes: linear probes on its patch features, trained on fresh scenes without
    held-out pairs, predict the colour, shape and size of the thing at each patch of fresh test scenes;
    accuracy on things with a seen colour-shape pair and on those with a held-out pair, against chance
@@ -131,9 +132,9 @@ def foil_test(retriever, shown, embeds, vit, unseen, per_image: int = 40) -> Non
 
 
 def choice_ceiling(retriever, shown, embeds, vit, unseen) -> None:
-    """How often each score ranks an image's own caption above every `word_edits` caption at once. A
-    caption chooser (`caption --candidates`) that scores by it cannot be right more often than this
-    when the captioner's candidates include such near misses."""
+    """How often each score ranks an image's own caption above every `word_edits` caption at once: how
+    often a caption chooser (`caption --candidates`) scoring by it picks the right caption when the
+    captioner's candidates hold it and these near misses."""
     from indexer.synthetic import word_edits
 
     rows = []
