@@ -114,8 +114,7 @@ def foil_test(retriever, shown, embeds, vit, unseen, per_image: int = 40) -> Non
     for n, scene in enumerate(shown):
         changed = foils(scene, rng, per_image)
         texts = [scene.caption] + [f.caption for f in changed]
-        itc = (embeds[n] @ retriever.encode_texts(texts).T).max(axis=0)  # the best query's, as search scores
-        logits = retriever.itm_logits(retriever.stack_vit_features([vit[n]] * len(texts)), texts)
+        itc, logits = _one_image_itc(retriever, embeds[n], texts), _one_image_itm(retriever, vit[n], texts)
         itm = logits[:, 1] - logits[:, 0]
         lavis = logits[:, 1] + itc
         for k, foil in enumerate(changed, 1):
@@ -140,8 +139,7 @@ def choice_ceiling(retriever, shown, embeds, vit, unseen) -> None:
     rows = []
     for n, scene in enumerate(shown):
         texts = [scene.caption] + word_edits(scene)
-        itc = (embeds[n] @ retriever.encode_texts(texts).T).max(axis=0)
-        logits = retriever.itm_logits(retriever.stack_vit_features([vit[n]] * len(texts)), texts)
+        itc, logits = _one_image_itc(retriever, embeds[n], texts), _one_image_itm(retriever, vit[n], texts)
         scores = (itc, logits[:, 1] - logits[:, 0], retriever.fusion.combine_logits(logits, itc))
         rows.append([bool((score[0] > score[1:]).all()) for score in scores])
     table, held = np.asarray(rows, dtype=float), np.asarray(unseen, dtype=bool)
@@ -175,8 +173,18 @@ def swap_test(retriever, shown) -> None:
               f"ITC {v[3]:.2f} / {v[4]:.2f}, ITM {v[5]:.2f} / {v[6]:.2f}")
 
 
+def _one_image_itc(retriever, query_embeds, texts):
+    """(T,) ITC of one image's (Q, D) query embeddings with each text: the best query's, as search scores."""
+    return (query_embeds @ retriever.encode_texts(texts).T).max(axis=0)
+
+
+def _one_image_itm(retriever, vit, texts):
+    """(T, 2) ITM logits of one image's ViT features with each text."""
+    return retriever.itm_logits(retriever.stack_vit_features([vit] * len(texts)), texts)
+
+
 def _log_odds(retriever, vit, texts):
-    logits = retriever.itm_logits(retriever.stack_vit_features([vit] * len(texts)), texts)
+    logits = _one_image_itm(retriever, vit, texts)
     return logits[:, 1] - logits[:, 0]
 
 
