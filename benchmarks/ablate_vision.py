@@ -12,7 +12,11 @@ colour labels ignored), never near a held-out pair's colour for the thing's shap
 sees each shape in many colours without ever seeing an unseen pair. The recipe's share is the
 default; `--recolour 0` trains the encoder as models before the seventh session did.
 
-Run: python -m benchmarks.ablate_vision [--images 8000] [--steps 3000] [--recolour 0.5] [--seed 0] [--out DIR]
+`--image-size` and `--patch-size` change the ViT's input (64 px, 16 px patches in the shipped model):
+for asking whether the encoder tells small things' shapes better from more pixels.
+
+Run: python -m benchmarks.ablate_vision [--images 8000] [--steps 3000] [--recolour 0.5] [--seed 0]
+     [--image-size 64] [--patch-size 16] [--out DIR]
 """
 
 from __future__ import annotations
@@ -41,13 +45,16 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=TrainConfig().vision.steps)
     parser.add_argument("--recolour", type=float, default=RECOLOUR_SHARE)
     parser.add_argument("--seed", type=int, default=0, help="the ViT's initialisation and batches; the data stay seed 0's")
+    parser.add_argument("--image-size", type=int, default=TrainConfig().architecture.image_size)
+    parser.add_argument("--patch-size", type=int, default=TrainConfig().architecture.patch_size)
     parser.add_argument("--patches", action="store_true", help="also run the per-patch probe")
     parser.add_argument("--out", type=Path, help="keep the checkpoint (ViT trained, Q-Former not) here")
     args = parser.parse_args()
 
     quiet()
     config = TrainConfig(seed=args.seed)
-    config = replace(config, vision=replace(config.vision, steps=args.steps))
+    config = replace(config, vision=replace(config.vision, steps=args.steps),
+                     architecture=replace(config.architecture, image_size=args.image_size, patch_size=args.patch_size))
     data = training_set(args.images, 0, recolour_share=args.recolour)
     processor = retrieval_processor(config.architecture, data.words())
     torch.manual_seed(args.seed)

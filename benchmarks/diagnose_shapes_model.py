@@ -277,7 +277,7 @@ def probe_objects(retriever, train_scenes: int = 2000, test_scenes: int = 600) -
 
     def things(count: int, seed: int, held_out_share: float):
         chosen, features, masks = _probe_scenes(retriever, count, seed, held_out_share)
-        rows, labels, unseen = [], [], []
+        rows, labels, unseen, small = [], [], [], []
         for scene, patch_features, mask in zip(chosen, features, masks):
             share = patch_coverage(mask, len(scene.things) + 1, grid)
             for k, thing in enumerate(scene.things, 1):
@@ -286,14 +286,17 @@ def probe_objects(retriever, train_scenes: int = 2000, test_scenes: int = 600) -
                     rows.append((weights[:, None] * patch_features).sum(dim=0) / weights.sum())
                     labels.append((list(COLOURS).index(thing.colour), SHAPES.index(thing.shape)))
                     unseen.append((thing.colour, thing.shape) in HELD_OUT)
-        return torch.stack(rows), torch.tensor(labels), torch.tensor(unseen)
+                    small.append(thing.size == "small")
+        return torch.stack(rows), torch.tensor(labels), torch.tensor(unseen), torch.tensor(small)
 
-    x_train, y_train, _ = things(train_scenes, 5, 0.0)
-    x_test, y_test, unseen = things(test_scenes, 6, 0.5)
+    x_train, y_train, _, _ = things(train_scenes, 5, 0.0)
+    x_test, y_test, unseen, small = things(test_scenes, 6, 0.5)
     for a, (name, classes) in enumerate((("colour", len(COLOURS)), ("shape", len(SHAPES)))):
         right = (_linear_probe(x_train, y_train[:, a], x_test, classes) == y_test[:, a]).float()
         print(f"ViT object probe, {name:6}: seen pairs {float(right[~unseen].mean()):.3f}, held-out pairs "
-              f"{float(right[unseen].mean()):.3f} ({int(unseen.sum())} things with a held-out pair)")
+              f"{float(right[unseen].mean()):.3f} ({int(unseen.sum())} things with a held-out pair); small things "
+              f"{float(right[~unseen & small].mean()):.3f} / {float(right[unseen & small].mean()):.3f}, large "
+              f"{float(right[~unseen & ~small].mean()):.3f} / {float(right[unseen & ~small].mean()):.3f}")
 
 
 def probe_scene(retriever, train_scenes: int = 3000, test_scenes: int = 800) -> None:
