@@ -291,12 +291,15 @@ def probe_objects(retriever, train_scenes: int = 2000, test_scenes: int = 600) -
 
     x_train, y_train, _, _ = things(train_scenes, 5, 0.0)
     x_test, y_test, unseen, small = things(test_scenes, 6, 0.5)
+
+    def rate(right: torch.Tensor, where: torch.Tensor) -> str:  # the probe's accuracy on the things `where` picks
+        return f"{float(right[where].mean()):.3f}"
+
     for a, (name, classes) in enumerate((("colour", len(COLOURS)), ("shape", len(SHAPES)))):
         right = (_linear_probe(x_train, y_train[:, a], x_test, classes) == y_test[:, a]).float()
-        print(f"ViT object probe, {name:6}: seen pairs {float(right[~unseen].mean()):.3f}, held-out pairs "
-              f"{float(right[unseen].mean()):.3f} ({int(unseen.sum())} things with a held-out pair); small things "
-              f"{float(right[~unseen & small].mean()):.3f} / {float(right[unseen & small].mean()):.3f}, large "
-              f"{float(right[~unseen & ~small].mean()):.3f} / {float(right[unseen & ~small].mean()):.3f}")
+        print(f"ViT object probe, {name:6}: seen pairs {rate(right, ~unseen)}, held-out pairs {rate(right, unseen)} "
+              f"({int(unseen.sum())} things with a held-out pair); small things {rate(right, ~unseen & small)} / "
+              f"{rate(right, unseen & small)}, large {rate(right, ~unseen & ~small)} / {rate(right, unseen & ~small)}")
 
 
 def probe_scene(retriever, train_scenes: int = 3000, test_scenes: int = 800) -> None:
