@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -56,16 +57,43 @@ def make_images(directory: Path, count: int, seed: int = 0, size=(160, 120)) -> 
     return paths
 
 
-def run_cli(*args: str, check: bool = False, timeout: float = 240, env: dict | None = None):
-    """Run `blipsearch` as a real process, exactly as a user would."""
+def run_cli(*args: str, check: bool = False, timeout: float = 240, env: dict | None = None, fresh: bool = False):
+    """Run `blipsearch` as a process of its own, exactly as a user would.
+
+    It is forked from a parent that has already imported torch and transformers (tests/warm_cli.py)
+    unless `fresh`, BLIPSEARCH_TEST_FRESH_PROCESSES=1, or `env` sets something other than blipsearch's
+    own variables (the libraries read theirs on import): then it starts from nothing.
+    """
     full_env = {**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})}
-    result = subprocess.run(
-        [sys.executable, "-m", "api.cli", *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout,
-        env=full_env,
-    )
+    warm = not (fresh or os.environ.get("BLIPSEARCH_TEST_FRESH_PROCESSES") == "1"
+                or any(not key.startswith("BLIPSEARCH_") for key in env or {}))
+    if warm:
+        with tempfile.TemporaryDirectory(prefix="blipsearch-cli-") as output_dir:
+            result = _warm_cli().run(list(args), full_env, timeout, Path(output_dir))
+    else:
+        result = subprocess.run(
+            [sys.executable, "-m", "api.cli", *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout,
+            env=full_env,
+        )
     if check and result.returncode != 0:
         raise AssertionError(f"blipsearch {' '.join(args)} failed ({result.returncode}):\n{result.stderr}")
     return result
+
+
+_WARM_CLI: list = []  # the one warm parent of this test session, started by the first command
+
+
+def _warm_cli():
+    from tests.warm_cli import WarmCli
+
+    if not _WARM_CLI:
+        _WARM_CLI.append(WarmCli(ROOT, {**os.environ, "HF_HUB_OFFLINE": "1"}))
+    return _WARM_CLI[0]
+
+
+def pytest_sessionfinish(session, exitstatus):
+    for warm_cli in _WARM_CLI:
+        warm_cli.close()
 
 
 def assert_consistent(index_dir: Path, catalog_url: str | None = None) -> None:
