@@ -166,7 +166,7 @@ def calibrate_command(pairs_file, model, device, dtype, itm_candidates, as_json)
     directory = Path(model).expanduser()
     if not directory.is_dir():
         raise UsageError(f"calibrate stores its result in the model's directory, and {model} is not one: download "
-                         "the checkpoint (huggingface-cli download NAME --local-dir DIR) and pass --model DIR")
+                         "the checkpoint (hf download NAME --local-dir DIR) and pass --model DIR")
     pairs = Pairs.read(Path(pairs_file))
     # the fusion stored with the model, if any, plays no part and is replaced, even when unreadable
     retriever = Blip2Retriever.load(ModelConfig.retrieval(model, device, dtype), fusion=Fusion())

@@ -20,16 +20,25 @@ class ModelNotFoundError(BlipsearchError):
 
     exit_code = 2
 
-    def __init__(self, model: str, looked_in: str, reason: str = "", option: str = "--model") -> None:
+    def __init__(self, model: str, looked_in: str, reason: str = "", option: str = "--model",
+                 local: bool = False) -> None:
         self.model = model
         self.looked_in = looked_in
         self.reason = reason
-        lines = [
-            f"model {model!r} is not available: not a local model directory, and not in {looked_in}"
-            + (f" ({reason})" if reason else "") + ".",
-            "Download it on a connected machine (huggingface-cli download "
-            f"{model} --local-dir DIR) and pass {option} DIR, or point HF_HOME at a cache that holds it.",
-        ]
+        if local:  # the user named a directory: a download command for it would make no sense
+            lines = [
+                f"model {model!r} is not available: {looked_in} is not a model directory"
+                + (f" ({reason})" if reason else "") + ".",
+                f"Pass {option} DIR with the directory that holds the checkpoint (its config.json and weights), "
+                "or a hub id.",
+            ]
+        else:
+            lines = [
+                f"model {model!r} is not available: it is not in the model cache {looked_in}"
+                + (f" ({reason})" if reason else "") + ".",
+                f"Download it on a connected machine (hf download {model} --local-dir DIR) and pass {option} DIR, "
+                "or point HF_HOME at a cache that holds it.",
+            ]
         super().__init__("\n".join(lines))
 
 

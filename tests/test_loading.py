@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
@@ -36,11 +37,38 @@ def test_captioner_loads_through_the_same_loader(tiny_models):
     assert loaded.processor.num_query_tokens == 32
 
 
-@pytest.mark.parametrize("name", ["Salesforce/blip2-itm-vit-g-not-cached", "./no/such/dir", "/no/such/abs"])
-def test_missing_model_is_a_model_not_found_error(name):
+@pytest.mark.parametrize("name, says", [
+    ("Salesforce/blip2-itm-vit-g-not-cached", "hf download Salesforce/blip2-itm-vit-g-not-cached --local-dir DIR"),
+    ("./no/such/dir", "no/such/dir is not a model directory (no such directory)"),
+    ("/no/such/abs", "/no/such/abs is not a model directory (no such directory)"),
+])
+def test_missing_model_is_a_model_not_found_error(name, says):
     with pytest.raises(ModelNotFoundError) as info:
         load("Blip2ForImageTextRetrieval", ModelConfig(name=name, device="cpu"))
-    assert name in str(info.value)
+    assert name in str(info.value) and says in str(info.value)
+    assert ("hf download" in str(info.value)) == (not name.startswith(("/", "."))), "no download command for a path"
+
+
+def test_a_directory_or_file_that_is_no_checkpoint_is_named(tmp_path):
+    (tmp_path / "weights.bin").write_bytes(b"")
+    for name, reason in ((tmp_path, "the directory has no config.json"),
+                         (tmp_path / "weights.bin", "a file, not a directory")):
+        with pytest.raises(ModelNotFoundError, match=reason):
+            load("Blip2ForConditionalGeneration", ModelConfig(name=str(name), device="cpu"))
+
+
+def test_a_missing_model_is_refused_before_torch_and_transformers_load(tmp_path):
+    code = (
+        "import sys\nfrom retrieval.config import ModelConfig\nfrom retrieval.errors import ModelNotFoundError\n"
+        "from retrieval.loading import load\n"
+        f"for name in ('Salesforce/not-cached-here', {str(tmp_path / 'nothing')!r}, {str(tmp_path)!r}):\n"
+        "    try:\n        load('Blip2ForImageTextRetrieval', ModelConfig(name=name, device='cpu'))\n"
+        "    except ModelNotFoundError:\n        print('REFUSED')\n"
+        "print('HEAVY', [m for m in ('torch', 'transformers') if m in sys.modules])"
+    )
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True,
+                         env={**os.environ, "HF_HUB_OFFLINE": "1"}).stdout
+    assert out.count("REFUSED") == 3 and "HEAVY []" in out, out
 
 
 def test_missing_model_cli_says_what_to_do_with_exit_2(tmp_path):
