@@ -27,8 +27,7 @@ class ModelNotFoundError(BlipsearchError):
         self.reason = reason
         if local:  # the user named a directory: a download command for it would make no sense
             lines = [
-                f"model {model!r} is not available: {looked_in} is not a model directory"
-                + (f" ({reason})" if reason else "") + ".",
+                f"model {model!r} is not available: {looked_in}" + (f": {reason}" if reason else "") + ".",
                 f"Pass {option} DIR with the directory that holds the checkpoint (its config.json and weights), "
                 "or a hub id.",
             ]

@@ -8,6 +8,7 @@ instead of a traceback after half a minute of network retries.
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import re
 import socket
@@ -88,43 +89,71 @@ def _hub_reachable(timeout: float = 3.0) -> bool:
         return False
 
 
-def require_findable(name: str, option: str = "--model") -> None:
+def require_findable(name: str, option: str = "--model", architecture: str | None = None) -> None:
     """Raise ModelNotFoundError at once when model `name` cannot be loaded: a directory without a
-    config.json, a path that is no directory, or a hub id neither cached nor reachable. It imports
-    neither torch nor transformers, so a mistyped model is told in about a second, not after the
-    libraries' imports (5-7 s on two cores)."""
+    config.json, a path that is no directory, a hub id neither cached nor reachable, or a checkpoint
+    of the other BLIP-2 class than `architecture`. It imports neither torch nor transformers, so a
+    mistyped model is told in about a second, not after the libraries' imports (5-7 s on two cores)."""
     path = Path(name).expanduser()
     if path.is_dir():
         if not (path / "config.json").is_file():
             raise ModelNotFoundError(name, str(path.absolute()), "the directory has no config.json", option=option,
                                      local=True)
+        _require_architecture(name, path / "config.json", architecture, option)
         return
     if _looks_like_path(name) or path.exists():
         reason = "a file, not a directory" if path.exists() else "no such directory"
         raise ModelNotFoundError(name, str(path.absolute()), reason, option=option, local=True)
-    if local_file(name, "config.json") is None and not _hub_reachable():
+    cached_config = local_file(name, "config.json")
+    if cached_config is None and not _hub_reachable():
         raise ModelNotFoundError(name, hub_cache_dir(), "the model hub cannot be reached", option=option)
+    if cached_config is not None:
+        _require_architecture(name, cached_config, architecture, option)
+
+
+# BLIP-2 classes whose checkpoints lack the other's parts. Only these are refused: a checkpoint
+# that names some other class (a conversion, a fine-tune) is left for from_pretrained to judge.
+_LACKS_PARTS_OF = {
+    "Blip2ForImageTextRetrieval": {"Blip2ForConditionalGeneration"},
+    "Blip2ForConditionalGeneration": {"Blip2ForImageTextRetrieval"},
+}
+
+
+def _require_architecture(name: str, config_file: Path, architecture: str | None, option: str) -> None:
+    # transformers would build the class anyway, with random weights for every part the checkpoint
+    # lacks: a caption model passed as --model would index with untrained ITC heads, silently.
+    try:
+        written_for = set(json.loads(config_file.read_text()).get("architectures") or [])
+    except (OSError, ValueError, AttributeError):
+        return  # from_pretrained reports an unreadable config in its own words
+    if written_for and written_for <= _LACKS_PARTS_OF.get(architecture or "", set()):
+        raise ModelNotFoundError(name, str(config_file.parent.absolute()),
+                                 f"its config.json is for {', '.join(sorted(written_for))}, not {architecture}",
+                                 option=option, local=True)
 
 
 def _from_pretrained(cls: Any, name: str, option: str = "--model", **kwargs: Any) -> Any:
     """`cls.from_pretrained(name)` for a directory or a hub id that `require_findable` passed; local
     files and the cache first. A missing model's error tells the user to pass `option`, the
     command-line option that names it."""
+    from safetensors import SafetensorError  # a corrupt or truncated weights file
+
+    load_errors = (OSError, ValueError, SafetensorError)
     path = Path(name).expanduser()
     if path.is_dir():
         try:
             return cls.from_pretrained(str(path), **kwargs)
-        except (OSError, ValueError) as exc:
+        except load_errors as exc:
             raise ModelNotFoundError(name, str(path.absolute()), _first_line(exc), option=option, local=True) from exc
     try:
         return cls.from_pretrained(name, local_files_only=True, **kwargs)
-    except (OSError, ValueError):
+    except load_errors:
         pass
     if not _hub_reachable():
         raise ModelNotFoundError(name, hub_cache_dir(), "the model hub cannot be reached", option=option)
     try:
         return cls.from_pretrained(name, **kwargs)
-    except (OSError, ValueError) as exc:
+    except load_errors as exc:
         raise ModelNotFoundError(name, hub_cache_dir(), _first_line(exc), option=option) from exc
 
 
@@ -143,7 +172,7 @@ def local_file(name: str, filename: str) -> Path | None:
 
 def _first_line(exc: BaseException) -> str:
     text = str(exc).strip().splitlines()
-    return text[0][:200] if text else type(exc).__name__
+    return text[0][:200].rstrip(".") if text else type(exc).__name__
 
 
 def _quiet_hub_logs() -> None:
@@ -162,7 +191,7 @@ OPTION_OF = {"Blip2ForConditionalGeneration": "--caption-model"}
 def load(model_cls_name: str, config: ModelConfig) -> Loaded:
     """Load `transformers.<model_cls_name>` and its processor on the configured device and dtype."""
     option = OPTION_OF.get(model_cls_name, "--model")
-    require_findable(config.name, option)
+    require_findable(config.name, option, model_cls_name)
     import transformers
 
     _quiet_hub_logs()

@@ -177,6 +177,7 @@ def test_missing_caption_model_is_one_clear_sentence(tmp_path, tiny_model):
     assert result.returncode == 2
     assert result.stderr.startswith("Error: model") and "Traceback" not in result.stderr
     assert len(result.stderr.strip().splitlines()) <= 3
-    assert "--caption-model DIR" in result.stderr and "--model" not in result.stderr.replace("--caption-model", "")  # the option that names it, not --model
+    # the option that names it, not --model
+    assert "--caption-model DIR" in result.stderr and "--model" not in result.stderr.replace("--caption-model", "")
     bad = run_cli("caption", "--index", str(tmp_path / "idx"), "--caption-model", str(tmp_path), "--num-beams", "0")
     assert bad.returncode == 2 and "--num-beams" in bad.stderr

@@ -39,8 +39,8 @@ def test_captioner_loads_through_the_same_loader(tiny_models):
 
 @pytest.mark.parametrize("name, says", [
     ("Salesforce/blip2-itm-vit-g-not-cached", "hf download Salesforce/blip2-itm-vit-g-not-cached --local-dir DIR"),
-    ("./no/such/dir", "no/such/dir is not a model directory (no such directory)"),
-    ("/no/such/abs", "/no/such/abs is not a model directory (no such directory)"),
+    ("./no/such/dir", "no/such/dir: no such directory"),
+    ("/no/such/abs", "/no/such/abs: no such directory"),
 ])
 def test_missing_model_is_a_model_not_found_error(name, says):
     with pytest.raises(ModelNotFoundError) as info:
@@ -55,6 +55,25 @@ def test_a_directory_or_file_that_is_no_checkpoint_is_named(tmp_path):
                          (tmp_path / "weights.bin", "a file, not a directory")):
         with pytest.raises(ModelNotFoundError, match=reason):
             load("Blip2ForConditionalGeneration", ModelConfig(name=str(name), device="cpu"))
+
+
+def test_a_corrupt_checkpoint_is_one_clear_error(tiny_model, tmp_path):
+    import shutil
+
+    for name, damage in (("truncated", lambda f: f.write_bytes(f.read_bytes()[:20_000])),
+                         ("garbage", lambda f: f.write_bytes(b"\x00" * 100))):
+        broken = shutil.copytree(tiny_model, tmp_path / name)
+        damage(broken / "model.safetensors")
+        with pytest.raises(ModelNotFoundError, match=f"{name}: Error while deserializing"):
+            load("Blip2ForImageTextRetrieval", ModelConfig(name=str(broken), device="cpu"))
+
+
+def test_a_checkpoint_of_the_other_class_is_refused(tiny_models):
+    retrieval_dir, caption_dir = tiny_models
+    with pytest.raises(ModelNotFoundError, match="is for Blip2ForConditionalGeneration, not Blip2ForImageTextRe"):
+        load("Blip2ForImageTextRetrieval", ModelConfig(name=str(caption_dir), device="cpu"))
+    with pytest.raises(ModelNotFoundError, match="--caption-model DIR"):
+        load("Blip2ForConditionalGeneration", ModelConfig(name=str(retrieval_dir), device="cpu"))
 
 
 def test_a_missing_model_is_refused_before_torch_and_transformers_load(tmp_path):
