@@ -96,6 +96,15 @@ def pytest_sessionfinish(session, exitstatus):
         warm_cli.close()
 
 
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on now."""
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
 def assert_consistent(index_dir: Path, catalog_url: str | None = None) -> None:
     """Catalog and FAISS file agree: every embedding has exactly its vectors, nothing else is stored."""
     import faiss

@@ -192,20 +192,17 @@ def test_delete_an_image(served):
 
 def test_serve_command_answers_over_real_http(tmp_path, tiny_model):
     import signal
-    import socket
     import subprocess
     import sys
 
     import httpx
 
-    from tests.conftest import ROOT, run_cli
+    from tests.conftest import ROOT, free_port, run_cli
 
     refused = run_cli("serve", "--index", str(tmp_path / "idx"), "--model", str(tiny_model), "--host", "0.0.0.0",
                       env={"BLIPSEARCH_API_TOKEN": ""})
     assert refused.returncode == 2 and "BLIPSEARCH_API_TOKEN" in refused.stderr
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+    port = free_port()
     server = subprocess.Popen(
         [sys.executable, "-m", "api.cli", "serve", "--index", str(tmp_path / "idx"), "--model", str(tiny_model),
          "--port", str(port)], cwd=ROOT, env={**os.environ, "HF_HUB_OFFLINE": "1"},

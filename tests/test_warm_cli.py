@@ -6,7 +6,7 @@ import subprocess
 
 import pytest
 
-from tests.conftest import run_cli
+from tests.conftest import free_port, run_cli
 
 
 @pytest.mark.parametrize("args", [
@@ -19,10 +19,10 @@ def test_warm_commands_answer_as_fresh_ones(args):
     assert (warm.returncode, warm.stdout, warm.stderr) == (fresh.returncode, fresh.stdout, fresh.stderr)
 
 
-def test_environment_and_timeout_reach_the_child(tmp_path):
+def test_environment_and_timeout_reach_the_child(tmp_path, tiny_model):
     result = run_cli("status", "--json", env={"BLIPSEARCH_INDEX": str(tmp_path / "nothing-here")})
     assert result.returncode != 0 and "nothing-here" in result.stderr, result.stderr
-    with pytest.raises(subprocess.TimeoutExpired):
-        run_cli("index", str(tmp_path), "--index", str(tmp_path / "idx"), "--model", "Salesforce/blip2-itm-vit-g",
-                timeout=0.05)
+    with pytest.raises(subprocess.TimeoutExpired):  # a server runs until it is stopped
+        run_cli("serve", "--index", str(tmp_path / "idx"), "--model", str(tiny_model), "--port", str(free_port()),
+                timeout=3)
     assert run_cli("--version").returncode == 0  # the parent outlives a child killed on timeout

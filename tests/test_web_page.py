@@ -13,7 +13,7 @@ import time
 
 import pytest
 
-from tests.conftest import ROOT, make_images, run_cli
+from tests.conftest import ROOT, free_port, make_images, run_cli
 
 ARTIFACTS = ROOT / ".artifacts"
 
@@ -40,9 +40,7 @@ def server(tmp_path, tiny_model):
     make_images(tmp_path / "photos", 12, seed=61, size=(320, 240))
     run_cli("index", str(tmp_path / "photos"), "--index", str(tmp_path / "idx"), "--model", str(tiny_model), "-q",
             check=True)
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+    port = free_port()
     process = subprocess.Popen(
         [sys.executable, "-m", "api.cli", "serve", "--index", str(tmp_path / "idx"), "--port", str(port)],
         cwd=ROOT, env={**os.environ, "HF_HUB_OFFLINE": "1"}, stderr=subprocess.DEVNULL,
