@@ -54,7 +54,8 @@ def bpe_tokenizer(corpus: list[str] | None = None):
     backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     backend.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=400, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+        vocab_size=400, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,  # its bar is three blank lines when stdout is not a terminal
     )
     corpus = corpus or [" ".join(_WORDS)] * 4 + [f"a photo of a {w}" for w in _WORDS]
     backend.train_from_iterator(corpus, trainer=trainer)

@@ -119,6 +119,7 @@ def test_make_tiny_command(tmp_path):
     assert (tmp_path / "m" / "blip2-itm-tiny" / "model.safetensors").exists()
     assert (tmp_path / "m" / "blip2-opt-tiny" / "model.safetensors").exists()
     assert "blip2-itm-tiny" in result.stdout
+    assert len(result.stdout.splitlines()) == 2, result.stdout  # the two paths and nothing else
 
 
 def test_tiny_tokenizer_knows_its_words(tiny_model):
