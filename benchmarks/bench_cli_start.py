@@ -19,22 +19,14 @@ import os
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
+
+from benchmarks.bench_search import best_of
 
 ROOT = Path(__file__).resolve().parent.parent
 MISSING = "Salesforce/blip2-not-cached-anywhere"
 IMPORT_FIRST = ("import sys; from transformers import Blip2ForImageTextRetrieval; from api.cli import main; "
                 "main(sys.argv[1:], prog_name='blipsearch')")
-
-
-def best_of(fn, repeats: int) -> float:
-    times = []
-    for _ in range(repeats):
-        began = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - began)
-    return min(times)
 
 
 def bench_missing_model(index_dir: Path, repeats: int) -> None:
