@@ -171,6 +171,11 @@ def _print_index_summary(store, summary, with_captions: bool, as_json: bool) -> 
             + (f", captioned {result['captioned']}" if with_captions else "")
             + f" in {result['seconds']['total']:.1f} s"
         )
+    if summary.unstorable:
+        names = summary.unstorable
+        click.echo(f"warning: {len(names)} file(s) not indexed, because their names are not valid UTF-8 and the "
+                   "catalog keeps names as UTF-8 text; rename them (for example with convmv): "
+                   + ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else ""), err=True)
 
 
 def _choose_index_type(store, index_type: str, max_memory: int | None) -> None:

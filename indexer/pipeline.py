@@ -62,6 +62,9 @@ class IndexConfig:
     caption: Any = None  # retrieval.captioner.CaptionOptions: caption new images from the same pixels
 
 
+NAME_NOT_UTF8 = "name-not-utf8"  # a skip reason with no catalog row: the catalog cannot hold the name
+
+
 @dataclass
 class IndexSummary:
     indexed: int = 0
@@ -72,6 +75,12 @@ class IndexSummary:
     skipped: Counter = field(default_factory=Counter)
     seconds: dict[str, float] = field(default_factory=lambda: Counter())
     decoded_before_model: int = 0  # files decoded while the model was still loading
+    unstorable: list[str] = field(default_factory=list)  # names not UTF-8: skipped, and not in the catalog
+
+    def skip_unstorable(self, names: list[str]) -> None:
+        self.unstorable = names
+        if names:
+            self.skipped[NAME_NOT_UTF8] += len(names)
 
     def as_dict(self) -> dict:
         return {
@@ -83,6 +92,7 @@ class IndexSummary:
             "skipped": sum(self.skipped.values()),
             "skipped_by_reason": dict(sorted(self.skipped.items())),
             "seconds": {k: round(v, 3) for k, v in self.seconds.items()},
+            "names_not_utf8": self.unstorable,
         }
 
 
@@ -120,7 +130,9 @@ class Indexer:
         summary = IndexSummary()
         roots = resolve_roots(list(paths))
         self.store.catalog.add_roots(roots)
-        found = walk(roots, self.config.walk)
+        walked = walk(roots, self.config.walk)
+        found = walked.files
+        summary.skip_unstorable(walked.unstorable)
         known = self.store.catalog.files_under(roots)
         todo = [f for path, f in found.items() if not _unchanged(f, known.get(path))]
         summary.unchanged = len(found) - len(todo)

@@ -162,7 +162,9 @@ class RayIndexRun(_RayRun):
         catalog = self.store.catalog
         roots = resolve_roots(list(paths))
         catalog.add_roots(roots)
-        found = walk(roots, self.config.walk)
+        walked = walk(roots, self.config.walk)
+        found = walked.files
+        summary.skip_unstorable(walked.unstorable)
         leftover = self._merge(found, catalog.files_under(roots), summary)  # what an interrupted run left
         known = catalog.files_under(roots)
         todo = [f for f in found.values() if not _unchanged(f, known.get(f.path))]

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Iterator
 
 from indexer.errors import IndexNotFoundError
+from retrieval.errors import UsageError
 
 # Extensions that are never images; everything else is offered to the decoder to sniff.
 _NOT_IMAGES = frozenset(
@@ -35,13 +36,38 @@ class FoundFile:
     mtime_ns: int
 
 
+@dataclass(frozen=True)
+class Walked:
+    files: dict[str, FoundFile]  # absolute path -> file, for every candidate file the catalog can hold
+    unstorable: list[str]  # files whose names are not UTF-8 (`storable`), as `shown` prints them
+
+
+def storable(path: str) -> bool:
+    """Whether the catalog can hold `path`. A Linux name is bytes; one that is not valid UTF-8 reaches
+    Python with lone surrogates in place of its bad bytes, which no SQL text column accepts."""
+    try:
+        path.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def shown(path: str) -> str:
+    """`path` fit to print: bytes that are not UTF-8 as \\xff escapes."""
+    return os.fsencode(path).decode("utf-8", "backslashreplace")
+
+
 def resolve_roots(paths: list[str]) -> list[str]:
     roots = []
     for raw in paths:
         path = Path(raw).expanduser()
         if not path.exists():
-            raise IndexNotFoundError(f"{raw}: no such file or directory")
-        roots.append(str(path.resolve()))
+            raise IndexNotFoundError(f"{shown(raw)}: no such file or directory")
+        root = str(path.resolve())
+        if not storable(root):
+            raise UsageError(f"{shown(root)}: the name is not valid UTF-8, and the catalog keeps names as UTF-8 "
+                             "text; rename it (for example with convmv)")
+        roots.append(root)
     return roots
 
 
@@ -49,9 +75,11 @@ def _excluded(path: str, name: str, excludes: tuple[str, ...]) -> bool:
     return any(fnmatch.fnmatch(name, pattern) or fnmatch.fnmatch(path, pattern) for pattern in excludes)
 
 
-def walk(roots: list[str], options: WalkOptions) -> dict[str, FoundFile]:
-    """Absolute path -> file, for every candidate file under `roots`."""
-    return {found.path: found for root in roots for found in _walk_one(root, options)}
+def walk(roots: list[str], options: WalkOptions) -> Walked:
+    """Every candidate file under `roots`, those the catalog cannot name set apart."""
+    found = [found for root in roots for found in _walk_one(root, options)]
+    return Walked({f.path: f for f in found if storable(f.path)},
+                  sorted(shown(f.path) for f in found if not storable(f.path)))
 
 
 def _walk_one(root: str, options: WalkOptions) -> Iterator[FoundFile]:

@@ -106,6 +106,30 @@ def test_wrong_path_is_a_clear_error(tmp_path, tiny_model):
     assert "no such file or directory" in result.stderr and "Traceback" not in result.stderr
 
 
+def test_a_name_that_is_not_utf8_is_skipped_and_named(folder, tmp_path, tiny_model):
+    """Linux names are bytes; the catalog's text columns take UTF-8 only. Such a file is left out with
+    a warning that names it; the rest is indexed, and a root with such a name is refused up front."""
+    shutil.copy(folder / "img0000.jpg", os.fsdecode(bytes(folder) + b"/caf\xe9.jpg"))  # Latin-1 "café"
+    idx = tmp_path / "idx"
+    for run in range(2):  # the second run finds it again and removes nothing
+        result = run_cli("index", str(folder), "--index", str(idx), "--model", str(tiny_model), "--json", "-q")
+        assert result.returncode == 0, result.stderr
+        summary = json.loads(result.stdout)
+        assert summary["skipped_by_reason"]["name-not-utf8"] == 1
+        assert summary["names_not_utf8"] == [f"{folder}/caf\\xe9.jpg"]
+        assert summary["indexed"] == (10 if run == 0 else 0) and summary["removed"] == 0
+        assert "not valid UTF-8" in result.stderr and f"{folder}/caf\\xe9.jpg" in result.stderr
+    assert_consistent(idx)
+    rows = [json.loads(line) for line in run_cli("export", "--index", str(idx), check=True).stdout.splitlines()]
+    assert len(rows) == 13 and not any("caf" in r["path"] for r in rows)
+
+    root = os.fsdecode(bytes(tmp_path) + b"/\xff")
+    os.mkdir(root)
+    refused = run_cli("index", root, "--index", str(idx), "--model", str(tiny_model))
+    assert refused.returncode == 2 and f"{tmp_path}/\\xff: the name is not valid UTF-8" in refused.stderr
+    assert "Traceback" not in refused.stderr
+
+
 def test_decoding_starts_while_the_model_loads(tmp_path, retriever, monkeypatch):
     """The embedder arrives as a Future; decoded batches wait for it, then land as usual. The model
     runs with the threads the balancer leaves it, and torch gets its own count back at the end."""

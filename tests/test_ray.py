@@ -102,7 +102,7 @@ def test_interrupted_ray_run_resumes_from_its_shards(folder, tiny_model, tmp_pat
     config = RayConfig(num_cpus=2, shards_url=str(shards), batch_size=4)
     try:
         run = RayIndexRun(store, model, IndexConfig(), config, peek_transform(str(tiny_model)))
-        first_half = sorted(walk([str(folder)], IndexConfig().walk).values(), key=lambda f: f.path)[:10]
+        first_half = sorted(walk([str(folder)], IndexConfig().walk).files.values(), key=lambda f: f.path)[:10]
         run._embed(first_half)  # then the run "dies": nothing merged
         import pyarrow.parquet as pq
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import time
 
@@ -141,6 +142,12 @@ def test_write_endpoints_need_the_token(served):
     assert_error(client.delete("/api/jobs/1"), 401)
     assert_error(client.post("/api/jobs", json={"kind": "index", "paths": [str(root / "nope")]}, headers=AUTH), 400)
     assert_error(client.post("/api/jobs", json={"kind": "reindex"}, headers=AUTH), 422)
+    latin1 = os.fsdecode(bytes(root) + b"/caf\xe9")  # a folder whose name the catalog cannot hold
+    os.mkdir(latin1)
+    body = json.dumps({"kind": "index", "paths": [latin1]})  # "\udce9": JSON can carry it
+    refused = client.post("/api/jobs", content=body, headers={**AUTH, "Content-Type": "application/json"})
+    assert_error(refused, 400)
+    assert "caf\\xe9: the name is not valid UTF-8" in refused.json()["detail"]
 
 
 def test_jobs_add_images_searches_see_them_and_captions(served, retriever, captioner):
