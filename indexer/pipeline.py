@@ -130,7 +130,7 @@ class Indexer:
         summary = IndexSummary()
         roots = resolve_roots(list(paths))
         self.store.catalog.add_roots(roots)
-        walked = walk(roots, self.config.walk)
+        walked = walk(roots, self.config.walk, skip_dirs=(str(self.store.directory),))
         found = walked.files
         summary.skip_unstorable(walked.unstorable)
         known = self.store.catalog.files_under(roots)

@@ -162,7 +162,7 @@ class RayIndexRun(_RayRun):
         catalog = self.store.catalog
         roots = resolve_roots(list(paths))
         catalog.add_roots(roots)
-        walked = walk(roots, self.config.walk)
+        walked = walk(roots, self.config.walk, skip_dirs=(str(self.store.directory),))
         found = walked.files
         summary.skip_unstorable(walked.unstorable)
         leftover = self._merge(found, catalog.files_under(roots), summary)  # what an interrupted run left

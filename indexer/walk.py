@@ -75,19 +75,27 @@ def _excluded(path: str, name: str, excludes: tuple[str, ...]) -> bool:
     return any(fnmatch.fnmatch(name, pattern) or fnmatch.fnmatch(path, pattern) for pattern in excludes)
 
 
-def walk(roots: list[str], options: WalkOptions) -> Walked:
-    """Every candidate file under `roots`, those the catalog cannot name set apart."""
-    found = [found for root in roots for found in _walk_one(root, options)]
+def walk(roots: list[str], options: WalkOptions, skip_dirs: tuple[str, ...] = ()) -> Walked:
+    """Every candidate file under `roots`, those the catalog cannot name set apart. `skip_dirs` are
+    never entered: the index's own directory, which may lie inside a root (`index . --index idx`)."""
+    skipped = set()
+    for directory in skip_dirs:
+        try:
+            stat = os.stat(directory)
+            skipped.add((stat.st_dev, stat.st_ino))
+        except OSError:
+            continue
+    found = [found for root in roots for found in _walk_one(root, options, skipped)]
     return Walked({f.path: f for f in found if storable(f.path)},
                   sorted(shown(f.path) for f in found if not storable(f.path)))
 
 
-def _walk_one(root: str, options: WalkOptions) -> Iterator[FoundFile]:
+def _walk_one(root: str, options: WalkOptions, skip_dirs: set[tuple[int, int]]) -> Iterator[FoundFile]:
     if os.path.isfile(root):
         stat = os.stat(root)
         yield FoundFile(root, stat.st_size, stat.st_mtime_ns)
         return
-    seen_dirs: set[tuple[int, int]] = set()
+    seen_dirs = set(skip_dirs)  # (device, inode): a directory is entered once, a skipped one never
     stack = [root]
     while stack:
         directory = stack.pop()

@@ -130,6 +130,19 @@ def test_a_name_that_is_not_utf8_is_skipped_and_named(folder, tmp_path, tiny_mod
     assert "Traceback" not in refused.stderr
 
 
+def test_an_index_inside_the_folder_does_not_index_itself(folder, tmp_path, tiny_model):
+    """`index . --index idx`: the catalog, its journal and the server's thumbnails are not photos."""
+    idx = folder / "idx"
+    first = index(folder, idx, tiny_model)
+    (idx / "thumbnails").mkdir()
+    shutil.copy(folder / "img0000.jpg", idx / "thumbnails" / "0123abcd.jpg")
+    again = index(folder, idx, tiny_model)
+    assert first["indexed"] == 10 and first["skipped"] == 3
+    assert again["indexed"] == 0 and again["skipped"] == 0 and again["unchanged"] == 13
+    rows = [json.loads(line) for line in run_cli("export", "--index", str(idx), check=True).stdout.splitlines()]
+    assert len(rows) == 13 and not any(r["path"].startswith(str(idx)) for r in rows)
+
+
 def test_decoding_starts_while_the_model_loads(tmp_path, retriever, monkeypatch):
     """The embedder arrives as a Future; decoded batches wait for it, then land as usual. The model
     runs with the threads the balancer leaves it, and torch gets its own count back at the end."""
