@@ -271,12 +271,16 @@ def export(index_dir, catalog_url, fmt, output) -> None:
             write_text(records(store.catalog), sys.stdout, fmt)
             return
         tmp = output.with_name(output.name + ".tmp")
-        if fmt == "parquet":
-            count = write_parquet(records(store.catalog), tmp)
-        else:
-            with open(tmp, "w", newline="", encoding="utf-8") as handle:
-                count = write_text(records(store.catalog), handle, fmt)
-        tmp.replace(output)
+        try:
+            if fmt == "parquet":
+                count = write_parquet(records(store.catalog), tmp)
+            else:
+                with open(tmp, "w", newline="", encoding="utf-8") as handle:
+                    count = write_text(records(store.catalog), handle, fmt)
+            tmp.replace(output)
+        except OSError as exc:  # no such folder, no permission, disk full: the old file stays as it was
+            tmp.unlink(missing_ok=True)
+            raise UsageError(f"cannot write {output}: {exc.strerror or exc}") from None
     finally:
         store.close()
     click.echo(f"wrote {count} rows to {output}", err=True)

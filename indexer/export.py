@@ -65,5 +65,6 @@ def write_parquet(rows: Iterator[dict], path: Path) -> int:
         ("caption_model", pa.string()), ("caption_prompt", pa.string()), ("captioned_at", pa.float64()),
     ])
     table = pa.Table.from_pylist(list(rows), schema=schema)
-    pq.write_table(table, path)
+    with open(path, "wb") as handle:  # Python's OSError for a bad path, not pyarrow's longer one
+        pq.write_table(table, handle)
     return table.num_rows

@@ -8,6 +8,7 @@ its 32 query embeddings: the direction its queries share, scored by max-sim agai
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -38,12 +39,16 @@ class TextQuery:
 
 
 def _split_weight(raw: str) -> tuple[str, float]:
+    """A finite number before the first colon is a weight; anything else, "nan: grandma's garden"
+    included (Python reads "nan" and "inf" as numbers), is part of the text."""
     head, sep, tail = raw.partition(":")
     if sep:
         try:
-            return tail.strip(), float(head)
+            weight = float(head)
         except ValueError:
-            pass
+            weight = math.nan
+        if math.isfinite(weight):
+            return tail.strip(), weight
     return raw.strip(), 1.0
 
 

@@ -168,6 +168,10 @@ def test_captions_in_search_output_and_every_export_format(tmp_path, tiny_model,
     assert [{k: r[k] for k in ("path", "caption", "caption_prompt")} for r in parquet] == \
         [{k: r[k] for k in ("path", "caption", "caption_prompt")} for r in rows]
     assert run_cli("export", "--format", "parquet", *common).returncode == 2  # needs -o
+    for fmt in ("csv", "parquet"):
+        nowhere = run_cli("export", "--format", fmt, "-o", str(tmp_path / "no" / f"c.{fmt}"), *common)
+        assert nowhere.returncode == 2 and "Traceback" not in nowhere.stderr
+        assert f"cannot write {tmp_path / 'no' / f'c.{fmt}'}: No such file or directory" in nowhere.stderr
 
 
 def test_missing_caption_model_is_one_clear_sentence(tmp_path, tiny_model):

@@ -152,6 +152,9 @@ def test_query_weights_parse():
     assert query.texts == ("a red car", "at night", "ratio 16:9 photo", "rain")
     assert query.weights == (2.0, 1.0, 1.0, -1.5)
     assert query.negatives == ("fog",)
+    odd = TextQuery.parse(["nan: grandma's garden", "inf:inity pool", "1e999:x", "0.5:a cat"])
+    assert odd.texts == ("nan: grandma's garden", "inf:inity pool", "1e999:x", "a cat")
+    assert odd.weights == (1.0, 1.0, 1.0, 0.5)
 
 
 def test_image_query_excludes_itself(indexed):
