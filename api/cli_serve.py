@@ -47,14 +47,41 @@ def serve(index_dir, catalog_url, model, device, dtype, caption_model, host, por
         name = index_model(store, model)
     finally:
         store.close()
-    retriever = Blip2Retriever.load(ModelConfig.retrieval(name, device, dtype))
-    config = ServeConfig(location, model, caption_model, device, token, max_upload_mb * 1024 * 1024, feature_cache_mb)
-    service = Service(config, retriever, lambda: Blip2Captioner.load(ModelConfig.captioning(caption_model, device, dtype)))
-    click.echo(f"blipsearch: serving {location.directory} on http://{host}:{port}/", err=True)
+    listening = _listen(host, port)
     try:
-        uvicorn.run(create_app(service), host=host, port=port, log_level="warning")
+        retriever = Blip2Retriever.load(ModelConfig.retrieval(name, device, dtype))
+        config = ServeConfig(location, model, caption_model, device, token, max_upload_mb * 1024 * 1024,
+                             feature_cache_mb)
+        service = Service(config, retriever,
+                          lambda: Blip2Captioner.load(ModelConfig.captioning(caption_model, device, dtype)))
+        click.echo(f"blipsearch: serving {location.directory} on http://{host}:{port}/", err=True)
+        try:
+            uvicorn.Server(uvicorn.Config(create_app(service), log_level="warning")).run(sockets=[listening])
+        finally:
+            service.close()
     finally:
-        service.close()
+        listening.close()
+
+
+def _listen(host: str, port: int):
+    """The server's socket, bound before the model loads: a port in use is told at once and in one
+    line, not by uvicorn after minutes of loading the model."""
+    import socket
+
+    from retrieval.errors import UsageError
+
+    listening = None
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+        listening = socket.socket(family, kind, proto)
+        listening.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds
+        listening.bind(address)
+    except OSError as exc:
+        if listening is not None:
+            listening.close()
+        raise UsageError(f"cannot listen on {host} port {port}: {exc.strerror or exc}; "
+                         "choose another --port (or --host)") from None
+    return listening
 
 
 

@@ -227,6 +227,10 @@ def test_serve_command_answers_over_real_http(tmp_path, tiny_model):
         assert health.status_code == 200 and health.json()["counts"]["files"] == 0
         empty = httpx.get(f"http://127.0.0.1:{port}/api/search", params={"q": "a dog"})
         assert empty.status_code == 400 and "index is empty" in empty.json()["detail"]
+        second = run_cli("serve", "--index", str(tmp_path / "idx"), "--model", str(tiny_model), "--port", str(port))
+        assert second.returncode == 2 and "Traceback" not in second.stderr
+        assert second.stderr.strip() == f"Error: cannot listen on 127.0.0.1 port {port}: Address already in use; " \
+            "choose another --port (or --host)"
     finally:
         server.send_signal(signal.SIGTERM)
         assert server.wait(timeout=30) in (0, -signal.SIGTERM)  # uvicorn re-raises SIGTERM after shutting down
