@@ -19,8 +19,12 @@ from api.options import (
 from retrieval.errors import BlipsearchError
 
 
+RESUMABLE = ("index", "caption")  # commit batch by batch: a rerun goes on where they stopped
+
+
 class BlipsearchGroup(click.Group):
-    """Turns the core's typed errors into `Error: ...` on stderr and the error's exit code."""
+    """Turns the core's typed errors into `Error: ...` on stderr and the error's exit code, and Ctrl-C
+    into one line and the shell's exit code for it (130) instead of click's bare "Aborted!"."""
 
     def invoke(self, ctx: click.Context):
         try:
@@ -28,6 +32,12 @@ class BlipsearchGroup(click.Group):
         except BlipsearchError as exc:
             click.echo(f"Error: {exc}", err=True)
             ctx.exit(exc.exit_code)
+        except KeyboardInterrupt:
+            command = ctx.invoked_subcommand
+            kept = "; every finished batch is kept, and the same command goes on from there" \
+                if command in RESUMABLE else ""
+            click.echo(f"\nInterrupted{kept}.", err=True)
+            ctx.exit(130)
 
 
 @click.group(cls=BlipsearchGroup, context_settings={"help_option_names": ["-h", "--help"]})

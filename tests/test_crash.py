@@ -1,4 +1,4 @@
-"""Crash safety: `kill -9` a real indexing process several times mid-run, then finish the job."""
+"""Crash safety: `kill -9` a real indexing process several times mid-run, then finish the job; Ctrl-C."""
 
 from __future__ import annotations
 
@@ -55,4 +55,28 @@ def test_kill_dash_nine_repeatedly_then_resume(tmp_path, tiny_model, index_type)
     assert summary["indexed"] == total - done_before_final
     assert summary["indexed"] + summary["unchanged"] == total
     assert committed_embeddings(idx) == total
+    assert_consistent(idx)
+
+
+def test_ctrl_c_keeps_finished_batches_and_says_so(tmp_path, tiny_model):
+    folder = tmp_path / "photos"
+    total = len(make_images(folder, 60, seed=8))
+    idx = tmp_path / "idx"
+    command = [sys.executable, "-m", "api.cli", "index", str(folder), "--index", str(idx), "--model",
+               str(tiny_model), "--batch-size", "4", "--workers", "1", "--json", "-q"]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # as a terminal's
+    deadline = time.monotonic() + 120
+    while committed_embeddings(idx) < 8 and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert process.poll() is None, "the run finished before Ctrl-C; make the collection larger"
+    process.send_signal(signal.SIGINT)
+    out, err = process.communicate(timeout=60)
+    assert process.returncode == 130 and out == ""
+    assert err.strip() == "Interrupted; every finished batch is kept, and the same command goes on from there."
+    kept = committed_embeddings(idx)
+    final = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    summary = json.loads(final.stdout)
+    assert 8 <= kept < total and summary["unchanged"] == kept and summary["indexed"] == total - kept
     assert_consistent(idx)
