@@ -1,5 +1,6 @@
 """What the HTTP server does, apart from HTTP: one loaded model shared by every request and job,
-searches that see each finished job's images, safe file access, thumbnails.
+searches that see each finished job's images and what other processes index, safe file access,
+thumbnails.
 
 Model calls from request threads and the job thread take one lock, so concurrent requests queue for
 the model instead of oversubscribing it; catalog reads run in parallel.
@@ -10,6 +11,7 @@ from __future__ import annotations
 import inspect
 import os
 import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -19,7 +21,7 @@ import numpy as np
 from api.jobs import Job, JobProgress, JobRunner
 from indexer.errors import IndexBusyError
 from indexer.store import IndexStore, StoreConfig
-from retrieval.errors import UsageError
+from retrieval.errors import BlipsearchError, UsageError
 
 THUMBNAIL_PX = 256
 
@@ -33,6 +35,7 @@ class ServeConfig:
     token: str | None = None  # required on write endpoints when set
     max_upload_bytes: int = 20 * 1024 * 1024
     feature_cache_mb: int = 0
+    reload_check_s: float = 1.0  # how often a search looks whether another process changed the index
 
 
 class LockedModel:
@@ -67,27 +70,83 @@ class Service:
         self._captioner = None
         self.reranker = Reranker(self.retriever, feature_cache(self.store, retriever.identity, config.feature_cache_mb))
         self.searcher = None
+        self._reload_lock = threading.Lock()
+        self._loaded_state = None  # `_index_state()` when the searcher was built
+        self._next_check = 0.0
+        self._reload_error: BlipsearchError | None = None  # why the last background reload failed
         self.reload()
         self.jobs = JobRunner(self._run_job, lambda job: self.reload())
         (self.store.directory / "thumbnails").mkdir(exist_ok=True)
 
     def close(self) -> None:
         self.jobs.shutdown()
+        self._reload_lock.acquire(timeout=60)  # let a background reload finish with the store
         self.store.close()
 
     # -- searching --------------------------------------------------------------------------------
     def reload(self) -> None:
         """A fresh Searcher over the catalog and FAISS as they are now, swapped in atomically."""
+        with self._reload_lock:  # one at a time, so an older state never replaces a newer one
+            self._reload()
+
+    def _reload(self) -> None:
         from indexer.search import Searcher
 
+        state = self._index_state()
         if self.store.catalog.model() is None:
             self.searcher = None
+        else:
+            self.searcher = Searcher(self.store, self.retriever, self.reranker)
+        self._loaded_state = state
+
+    def _index_state(self) -> tuple:
+        """What changes when another process changes the index: its FAISS file, which every run
+        rewrites atomically at its end (removals included), and the newest embedding id, which also
+        grows with what writers sharing a PostgreSQL catalog add under their own FAISS files."""
+        try:
+            stat = os.stat(self.store.vectors_path)
+            vectors = (stat.st_ino, stat.st_mtime_ns, stat.st_size)
+        except OSError:
+            vectors = None
+        return vectors, self.store.catalog.newest_embedding_id()
+
+    def _reload_if_changed(self) -> None:
+        """At most every `reload_check_s`: if another process changed the index, reload in the
+        background. Searches go on with the searcher they have meanwhile, since loading a large index
+        takes a while, and reloads keep four times their own duration apart."""
+        if time.monotonic() < self._next_check or not self._reload_lock.acquire(blocking=False):
             return
-        self.searcher = Searcher(self.store, self.retriever, self.reranker)
+        try:
+            changed = self._index_state() != self._loaded_state
+        except BaseException:
+            self._reload_lock.release()
+            raise
+        if not changed:
+            self._next_check = time.monotonic() + self.config.reload_check_s
+            self._reload_lock.release()
+            return
+        threading.Thread(target=self._reload_in_background, name="blipsearch-reload", daemon=True).start()
+
+    def _reload_in_background(self) -> None:  # holds `_reload_lock`, taken by `_reload_if_changed`
+        began = time.monotonic()
+        try:
+            self._reload()
+            self._reload_error = None
+        except BlipsearchError as exc:  # e.g. another model claimed the empty index: the error searches get
+            self._reload_error = exc
+        except Exception as exc:  # the searcher in hand stays, and the next check tries again
+            self._reload_error = BlipsearchError(f"could not reload the index: {type(exc).__name__}: {exc}")
+        finally:
+            took = time.monotonic() - began
+            self._next_check = time.monotonic() + max(self.config.reload_check_s, 4 * took)
+            self._reload_lock.release()
 
     def require_searcher(self):
+        self._reload_if_changed()
         searcher = self.searcher
         if searcher is None:
+            if self._reload_error is not None:
+                raise self._reload_error
             raise UsageError("the index is empty; start an index job first (POST /api/jobs)")
         return searcher
 

@@ -230,6 +230,11 @@ class Catalog:
         with self.engine.connect() as conn:
             return list(conn.execute(select(schema.embeddings.c.content_hash)).scalars())
 
+    def newest_embedding_id(self) -> int | None:
+        """The highest embedding id, which grows with every image any writer adds; one index lookup."""
+        with self.engine.connect() as conn:
+            return conn.execute(select(func.max(schema.embeddings.c.id))).scalar()
+
     def embedding_ids(self) -> np.ndarray:
         with self.engine.connect() as conn:
             ids = conn.execute(select(schema.embeddings.c.id).order_by(schema.embeddings.c.id)).scalars().all()

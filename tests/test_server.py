@@ -234,3 +234,62 @@ def test_serve_command_answers_over_real_http(tmp_path, tiny_model):
     finally:
         server.send_signal(signal.SIGTERM)
         assert server.wait(timeout=30) in (0, -signal.SIGTERM)  # uvicorn re-raises SIGTERM after shutting down
+
+
+def test_searches_see_what_other_processes_index(tmp_path, retriever, tiny_model):
+    """A `blipsearch index` run by cron beside the server: the next search after it sees its images,
+    and stops returning the ones it removed, without a restart."""
+    from tests.conftest import run_cli
+
+    idx = tmp_path / "idx"
+    service = Service(ServeConfig(StoreConfig(idx), reload_check_s=0), retriever)
+
+    def outside_index():
+        run_cli("index", str(tmp_path / "photos"), "--index", str(idx), "--model", str(tiny_model), "-q", check=True)
+
+    def found(expected):
+        """What searches return once they agree with `expected` (reloads run in the background)."""
+        deadline = time.monotonic() + 30
+        while True:
+            response = client.get("/api/search", params={"q": "a red circle", "k": 50, "rerank": "false"})
+            paths = {os.path.relpath(r["path"], tmp_path / "photos") for r in response.json()["results"]} \
+                if response.status_code == 200 else response.json()["detail"]
+            if paths == expected or time.monotonic() > deadline:
+                return paths
+            time.sleep(0.05)
+
+    try:
+        with TestClient(create_app(service)) as client:
+            empty = "the index is empty; start an index job first (POST /api/jobs)"
+            assert found(empty) == empty
+            make_images(tmp_path / "photos", 3, seed=43)
+            outside_index()
+            assert found({"img0000.jpg", "img0001.jpg", "img0002.jpg"}) == {"img0000.jpg", "img0001.jpg", "img0002.jpg"}
+            make_images(tmp_path / "photos" / "more", 2, seed=44)
+            os.remove(tmp_path / "photos" / "img0001.jpg")
+            outside_index()
+            expected = {"img0000.jpg", "img0002.jpg", "more/img0000.jpg", "more/img0001.jpg"}
+            assert found(expected) == expected
+    finally:
+        service.close()
+
+
+def test_an_index_another_model_claimed_meanwhile_is_a_clear_error(tmp_path, retriever):
+    """The server started on an empty index; another process then indexed it with another model."""
+    from retrieval.tiny import make_retrieval
+    from tests.conftest import run_cli
+
+    idx = tmp_path / "idx"
+    service = Service(ServeConfig(StoreConfig(idx), reload_check_s=0), retriever)
+    other = make_retrieval(tmp_path / "other-model", seed=1)
+    make_images(tmp_path / "photos", 2, seed=45)
+    try:
+        with TestClient(create_app(service)) as client:
+            run_cli("index", str(tmp_path / "photos"), "--index", str(idx), "--model", str(other), "-q", check=True)
+            deadline = time.monotonic() + 30
+            while "was built with model" not in (detail := client.get("/api/search", params={"q": "x"}).text):
+                assert time.monotonic() < deadline, detail
+                time.sleep(0.05)
+            assert_error(client.get("/api/search", params={"q": "x"}), 400)
+    finally:
+        service.close()
