@@ -14,6 +14,7 @@ from fastapi import Path as PathParam
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, PlainTextResponse
 from pydantic import BaseModel, Field
+from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from api.service import Service
@@ -155,11 +156,15 @@ def create_app(service: Service) -> FastAPI:
         if len(data) > service.config.max_upload_bytes:
             raise HTTPException(413, f"the upload is over {service.config.max_upload_bytes} bytes")
         options = SearchOptions(k=k, rerank=False, score="itc", path_glob=path)
-        with tempfile.NamedTemporaryFile(suffix=Path(image.filename or "").suffix[:10]) as handle:
-            handle.write(data)
-            handle.flush()
-            response = service.require_searcher().search_image(handle.name, options)
-        return _response(image.filename or "upload", response)
+        name = image.filename or "upload"
+
+        def search():  # decoding and the model run off the event loop, as `def` routes do
+            with tempfile.NamedTemporaryFile(suffix=Path(image.filename or "").suffix[:10]) as handle:
+                handle.write(data)
+                handle.flush()
+                return service.require_searcher().search_image(handle.name, options, name=f"the upload {name!r}")
+
+        return _response(name, await run_in_threadpool(search))
 
     # -- catalog ------------------------------------------------------------------------------------
     @app.get("/api/images")

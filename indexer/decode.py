@@ -28,6 +28,8 @@ DECODER_TIMEOUT = "decoder-timeout"
 DECODER_CRASHED = "decoder-crashed"
 OUT_OF_MEMORY = "out-of-memory"
 
+DEFAULT_MAX_PIXELS = 100_000_000  # `index --max-megapixels` 100: the decompression-bomb guard
+
 _ORIENTATION = 0x0112
 _TRANSPOSED_ORIENTATIONS = {5, 6, 7, 8}
 
@@ -40,9 +42,15 @@ class DecodeOptions:
 
     @classmethod
     def for_indexed(cls, transform: ImageTransform) -> "DecodeOptions":
-        """For files read again after indexing (re-ranking, captions, queries): no size limit here,
-        indexing already applied `--max-megapixels`."""
+        """For files read again after indexing (re-ranking, captions): no size limit here, indexing
+        already applied `--max-megapixels`."""
         return cls(transform, max_pixels=1 << 40)
+
+    @classmethod
+    def for_query(cls, transform: ImageTransform) -> "DecodeOptions":
+        """For an example image (`search --image`, an HTTP upload), decoded in the searching process
+        itself: indexing's default limit, so a small crafted PNG cannot make it allocate gigabytes."""
+        return cls(transform, max_pixels=DEFAULT_MAX_PIXELS)
 
 
 @dataclass(frozen=True)

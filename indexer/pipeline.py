@@ -20,7 +20,7 @@ import numpy as np
 
 from indexer.caption_catalog import NewCaptions
 from indexer.catalog import FileEntry, FileRow
-from indexer.decode import Decoded, DecodeOptions, Skipped
+from indexer.decode import DEFAULT_MAX_PIXELS, Decoded, DecodeOptions, Skipped
 from indexer.features import FeatureCache, FeatureCacheConfig
 from indexer.schema import INDEXED, SKIPPED
 from indexer.store import IndexStore, reconcile
@@ -54,7 +54,7 @@ class IndexConfig:
     batch_size: int = 16
     walk: WalkOptions = WalkOptions()
     pool: PoolOptions = PoolOptions()
-    max_pixels: int = 100_000_000
+    max_pixels: int = DEFAULT_MAX_PIXELS
     use_draft: bool = True
     save_every_s: float = 30.0  # how often the FAISS file catches up with the catalog mid-run
     prefetch_images: int = 256  # decoded images held while the model loads (~0.6 MB each at 224 px)

@@ -98,7 +98,6 @@ class Searcher:
         self.vectors = store.load_vectors(recorded, read_only=True)
         self.vectors.use_gpu()  # FAISS on the GPU when there is one and it supports the index kind
         self.exact_vectors = store.exact_vectors(recorded)
-        self.decode_options = DecodeOptions.for_indexed(retriever.transform)
         self.reranker = reranker or Reranker(retriever)
 
     def search_text(self, query: TextQuery, options: SearchOptions) -> SearchResponse:
@@ -113,11 +112,12 @@ class Searcher:
             candidates += self._caption_candidates(vector, caption_ranks, candidates, options)
         return self._finish(candidates, options, query, caption_ranks)
 
-    def search_image(self, path: str, options: SearchOptions) -> SearchResponse:
+    def search_image(self, path: str, options: SearchOptions, name: str | None = None) -> SearchResponse:
+        """`name`: what errors call the image, when `path` is a temporary copy (an upload)."""
         options.validate()
-        decoded = decode_file(path, self.decode_options)
+        decoded = decode_file(path, DecodeOptions.for_query(self.retriever.transform))
         if not isinstance(decoded, Decoded):
-            raise UsageError(f"{path}: cannot use as a query image ({decoded.error})")
+            raise UsageError(f"{name or path}: cannot use as a query image ({decoded.error})")
         embeds = self.retriever.encode_images(decoded.pixels[None]).query_embeds[0]
         itc_only = SearchOptions(**{**options.__dict__, "rerank": False, "score": "itc"})
         candidates = self._candidates(image_query_vector(embeds), itc_only, exclude_hash=decoded.content_hash)

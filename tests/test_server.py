@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import time
 
 import pytest
 from fastapi.testclient import TestClient
+from PIL import Image
 
 from api.server import create_app
 from api.service import ServeConfig, Service
@@ -96,8 +98,16 @@ def test_search_by_uploaded_image(served):
     query = root / "photos" / "img0003.jpg"
     body = client.post("/api/search/image", params={"k": 3}, files={"image": ("q.jpg", query.read_bytes())}).json()
     assert len(body["results"]) == 3 and all(r["path"] != str(query) for r in body["results"])
-    assert_error(client.post("/api/search/image", files={"image": ("q.jpg", b"not an image")}), 400)
+    not_an_image = client.post("/api/search/image", files={"image": ("q.jpg", b"not an image")})
+    assert_error(not_an_image, 400)
+    assert not_an_image.json()["detail"] == "the upload 'q.jpg': cannot use as a query image (not-an-image: " \
+        "not a format Pillow can read)"  # its name, not the server's temporary file
     assert_error(client.post("/api/search/image", files={"image": ("big.jpg", b"x" * 300_000)}), 413)
+    bomb = io.BytesIO()
+    Image.new("L", (12_000, 12_000)).save(bomb, "PNG")  # 144 MP in 140 kB
+    too_large = client.post("/api/search/image", files={"image": ("bomb.png", bomb.getvalue())})
+    assert_error(too_large, 400)
+    assert "(too-large: 12000x12000 is 144 MP, over the 100 MP limit" in too_large.json()["detail"]
 
 
 def test_catalog_listing_metadata_file_and_thumbnail(served):
