@@ -16,12 +16,12 @@ from typing import Iterable, Sequence
 import numpy as np
 from sqlalchemy import and_, create_engine, delete, event, exists, func, insert, select, update
 from sqlalchemy.engine import Engine
-from sqlalchemy.exc import IntegrityError, OperationalError
+from sqlalchemy.exc import ArgumentError, DatabaseError, IntegrityError, OperationalError
 
 from indexer import schema
 from indexer.schema import chunks
 from indexer.caption_catalog import CaptionCatalog, NewCaptions, delete_captions, write_captions
-from indexer.errors import CatalogVersionError
+from indexer.errors import CatalogUnavailableError, CatalogVersionError
 from retrieval.errors import ModelMismatchError
 from retrieval.loading import ModelIdentity
 
@@ -84,11 +84,25 @@ class Catalog:
 
     @classmethod
     def open(cls, url: str) -> "Catalog":
-        engine = create_engine(url, future=True)
+        try:
+            engine = create_engine(url, future=True)
+        except ArgumentError:
+            raise CatalogUnavailableError(
+                "the catalog URL is not a database URL; give e.g. postgresql+psycopg://host/db") from None
+        except ImportError as exc:  # a database whose driver is not installed
+            raise CatalogUnavailableError(
+                f"the catalog URL needs a driver that is not installed ({exc}); blipsearch's catalogs are "
+                "SQLite and PostgreSQL (postgresql+psycopg://host/db)") from None
         if engine.dialect.name == "sqlite":
             event.listen(engine, "connect", _sqlite_pragmas)
         catalog = cls(engine)
-        catalog._migrate()
+        try:
+            catalog._migrate()
+        except DatabaseError as exc:  # no server there, no such database, refused, not a database file
+            engine.dispose()
+            reason = " ".join(str(exc.orig or exc).split())
+            where = engine.url.render_as_string(hide_password=True)
+            raise CatalogUnavailableError(f"cannot open the catalog at {where}: {reason}") from None
         return catalog
 
     def close(self) -> None:

@@ -15,3 +15,9 @@ class IndexNotFoundError(BlipsearchError):
 
 class CatalogVersionError(BlipsearchError):
     exit_code = 2
+
+
+class CatalogUnavailableError(BlipsearchError):
+    """A catalog URL that is not one, names a database without its driver, or cannot be connected to."""
+
+    exit_code = 2

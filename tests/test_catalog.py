@@ -38,6 +38,28 @@ def test_migrates_once_and_reopens(catalog_url):
     reopened.close()
 
 
+@pytest.mark.parametrize("url, message", [
+    ("postgresql+psycopg://127.0.0.1:1/nope", "cannot open the catalog at postgresql+psycopg://127.0.0.1:1/nope: "
+                                              "connection failed"),
+    ("postgresql+psycopg://me:pw@127.0.0.1:1/db", "cannot open the catalog at postgresql+psycopg://me:***@"),
+    ("mysql://host/db", "the catalog URL needs a driver that is not installed (No module named 'MySQLdb')"),
+    ("not a url", "the catalog URL is not a database URL"),
+])
+def test_a_catalog_that_cannot_be_opened_is_one_clear_error(tmp_path, url, message):
+    result = run_cli("status", "--index", str(tmp_path / "idx"), "--catalog-url", url)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert result.stderr.startswith(f"Error: {message}") and "pw" not in result.stderr
+
+
+def test_a_corrupt_sqlite_catalog_is_one_clear_error(tmp_path):
+    (tmp_path / "idx").mkdir()
+    (tmp_path / "idx" / "catalog.sqlite").write_bytes(b"\x13" * 5000)
+    result = run_cli("status", "--index", str(tmp_path / "idx"))
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert result.stderr == f"Error: cannot open the catalog at sqlite:///{tmp_path}/idx/catalog.sqlite: " \
+                            "file is not a database\n"
+
+
 def test_model_is_claimed_once(catalog):
     catalog.claim_model(IDENTITY)
     catalog.claim_model(IDENTITY)
