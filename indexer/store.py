@@ -194,9 +194,13 @@ class IndexStore:
         summary = {"index_type": settings.index_type, "max_index_memory": settings.max_memory,
                    "index_kind": None, "index_vectors": 0, "index_bytes": 0}
         if self.vectors_path.exists():
-            index = faiss.read_index(str(self.vectors_path), faiss.IO_FLAG_MMAP | faiss.IO_FLAG_READ_ONLY)
-            summary.update(index_kind=kind_of(index), index_vectors=int(index.ntotal),
-                           index_bytes=self.vectors_path.stat().st_size)
+            summary["index_bytes"] = self.vectors_path.stat().st_size
+            try:
+                index = faiss.read_index(str(self.vectors_path), faiss.IO_FLAG_MMAP | faiss.IO_FLAG_READ_ONLY)
+            except RuntimeError:  # searches rebuild it in memory from the catalog; the next index run saves it
+                summary["index_kind"] = "unreadable (rebuilt from the catalog)"
+            else:
+                summary.update(index_kind=kind_of(index), index_vectors=int(index.ntotal))
         return summary
 
 

@@ -74,8 +74,8 @@ class MaxSimIndex:
     @classmethod
     def load(cls, path: Path, dim: int, num_queries: int, spec: IndexSpec | str = IndexSpec(),
              mmap: bool = False) -> "MaxSimIndex":
-        """The index saved at `path`, or an empty one when there is none or it holds another kind
-        (the catalog holds every vector, so the caller refills it). `mmap` maps the file read-only
+        """The index saved at `path`, or an empty one when there is none, it cannot be read, or it holds
+        another kind (the catalog holds every vector, so the caller refills it). `mmap` maps the file read-only
         instead of reading it: for large indexes that are searched, not changed."""
         import faiss
 
@@ -83,7 +83,10 @@ class MaxSimIndex:
         if not Path(path).exists():
             return empty
         flags = faiss.IO_FLAG_MMAP | faiss.IO_FLAG_READ_ONLY if mmap else 0
-        index = faiss.read_index(str(path), flags)
+        try:
+            index = faiss.read_index(str(path), flags)
+        except RuntimeError:  # corrupt or truncated: as good as lost, and refilled the same way
+            return empty
         staged = empty.spec.trained and faiss_index.kind_of(index) == "flat-fp16"
         if index.d != dim or not (staged or faiss_index.matches(index, empty.spec, dim)):
             return empty

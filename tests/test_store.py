@@ -103,3 +103,20 @@ def test_a_budget_outgrown_stops_writers_but_not_searches():
             settings.spec_for(10_000, 32, 256)
     assert str(auto.spec_for(10_000, 32, 256, strict=False)) == "ivf-pq:m=8"  # the smallest auto takes
     assert fixed.spec_for(10_000, 32, 256, strict=False).kind == "sq8"
+
+
+def test_a_corrupt_or_truncated_faiss_file_is_rebuilt_from_the_catalog(tiny_model, tmp_path):
+    make_images(tmp_path / "photos", 6, seed=12)
+    idx = tmp_path / "idx"
+    run_cli("index", str(tmp_path / "photos"), "--index", str(idx), "--model", str(tiny_model), "-q", check=True)
+    expected = itc_results(idx, tiny_model)
+    good = (idx / "vectors.faiss").read_bytes()
+    for broken in (b"\x13" * 3000, good[: len(good) // 2]):
+        (idx / "vectors.faiss").write_bytes(broken)
+        assert itc_results(idx, tiny_model) == expected  # searched from the catalog's vectors
+        assert status(idx)["index_kind"] == "unreadable (rebuilt from the catalog)"
+    again = run_cli("index", str(tmp_path / "photos"), "--index", str(idx), "--model", str(tiny_model), "--json",
+                    "-q", check=True)
+    assert json.loads(again.stdout)["unchanged"] == 6  # nothing embedded again, and the file is whole again
+    assert (status(idx)["index_kind"], status(idx)["index_vectors"]) == ("flat-fp16", 6 * 32)
+    assert_consistent(idx)
