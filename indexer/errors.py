@@ -21,3 +21,9 @@ class CatalogUnavailableError(BlipsearchError):
     """A catalog URL that is not one, names a database without its driver, or cannot be connected to."""
 
     exit_code = 2
+
+
+class IndexSettingsError(BlipsearchError):
+    """The index directory's settings file (index type, memory budget) cannot be read."""
+
+    exit_code = 2

@@ -12,14 +12,14 @@ from __future__ import annotations
 import json
 import os
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Iterator
 
 import numpy as np
 
 from indexer.catalog import Catalog, sqlite_url
-from indexer.errors import IndexBusyError, IndexNotFoundError
+from indexer.errors import IndexBusyError, IndexNotFoundError, IndexSettingsError
 from retrieval.errors import UsageError
 from retrieval.index_types import IndexSpec, auto_candidates, choose_spec
 from retrieval.loading import ModelIdentity
@@ -122,7 +122,17 @@ class IndexStore:
     # -- settings ---------------------------------------------------------------------------------
     def settings(self) -> IndexSettings:
         path = self.directory / SETTINGS_FILE
-        return IndexSettings(**json.loads(path.read_text())) if path.exists() else IndexSettings()
+        if not path.exists():
+            return IndexSettings()
+        try:
+            saved = json.loads(path.read_text())
+            if not isinstance(saved, dict):
+                raise ValueError("not a JSON object")
+        except ValueError as exc:  # JSONDecodeError and UnicodeDecodeError too
+            raise IndexSettingsError(f"{path} cannot be read ({exc}); set the index type again with "
+                                      "blipsearch index --index-type TYPE after deleting it") from None
+        known = {f.name for f in fields(IndexSettings)}  # keys a newer blipsearch may add are left alone
+        return IndexSettings(**{key: value for key, value in saved.items() if key in known})
 
     def save_settings(self, settings: IndexSettings) -> None:
         settings.validate()

@@ -120,3 +120,22 @@ def test_a_corrupt_or_truncated_faiss_file_is_rebuilt_from_the_catalog(tiny_mode
     assert json.loads(again.stdout)["unchanged"] == 6  # nothing embedded again, and the file is whole again
     assert (status(idx)["index_kind"], status(idx)["index_vectors"]) == ("flat-fp16", 6 * 32)
     assert_consistent(idx)
+
+
+def test_index_settings_unreadable_are_one_clear_error_and_unknown_keys_are_ignored(tmp_path):
+    from indexer.errors import IndexSettingsError
+    from indexer.store import IndexSettings, IndexStore, StoreConfig
+
+    store = IndexStore.open(StoreConfig(tmp_path / "idx"), create=True)
+    try:
+        settings = tmp_path / "idx" / "index.json"
+        settings.write_text('{"index_type": "sq8", "max_memory": null, "added_by_a_newer_version": 1}')
+        assert store.settings() == IndexSettings("sq8", None)
+        for broken, reason in (("garbage", "Expecting value"), ("[1]", "not a JSON object")):
+            settings.write_text(broken)
+            with pytest.raises(IndexSettingsError, match=f"index.json cannot be read \\({reason}"):
+                store.settings()
+    finally:
+        store.close()
+    result = run_cli("status", "--index", str(tmp_path / "idx"))
+    assert result.returncode == 2 and result.stderr.startswith("Error: ") and "Traceback" not in result.stderr
