@@ -181,8 +181,8 @@ def _print_index_summary(store, summary, with_captions: bool, as_json: bool) -> 
             + (f", captioned {result['captioned']}" if with_captions else "")
             + f" in {result['seconds']['total']:.1f} s"
         )
-    if summary.unstorable:
-        names = summary.unstorable
+    if summary.names_not_utf8:
+        names = summary.names_not_utf8
         click.echo(f"warning: {len(names)} file(s) not indexed, because their names are not valid UTF-8 and the "
                    "catalog keeps names as UTF-8 text; rename them (for example with convmv): "
                    + ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else ""), err=True)

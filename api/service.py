@@ -98,6 +98,7 @@ class Service:
         else:
             self.searcher = Searcher(self.store, self.retriever, self.reranker)
         self._loaded_state = state
+        self._reload_error = None
 
     def _index_state(self) -> tuple:
         """What changes when another process changes the index: its FAISS file, which every run
@@ -131,7 +132,6 @@ class Service:
         began = time.monotonic()
         try:
             self._reload()
-            self._reload_error = None
         except BlipsearchError as exc:  # e.g. another model claimed the empty index: the error searches get
             self._reload_error = exc
         except Exception as exc:  # the searcher in hand stays, and the next check tries again

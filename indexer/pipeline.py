@@ -75,10 +75,10 @@ class IndexSummary:
     skipped: Counter = field(default_factory=Counter)
     seconds: dict[str, float] = field(default_factory=lambda: Counter())
     decoded_before_model: int = 0  # files decoded while the model was still loading
-    unstorable: list[str] = field(default_factory=list)  # names not UTF-8: skipped, and not in the catalog
+    names_not_utf8: list[str] = field(default_factory=list)  # skipped, with no catalog row (`walk.storable`)
 
-    def skip_unstorable(self, names: list[str]) -> None:
-        self.unstorable = names
+    def skip_names_not_utf8(self, names: list[str]) -> None:
+        self.names_not_utf8 = names
         if names:
             self.skipped[NAME_NOT_UTF8] += len(names)
 
@@ -92,7 +92,7 @@ class IndexSummary:
             "skipped": sum(self.skipped.values()),
             "skipped_by_reason": dict(sorted(self.skipped.items())),
             "seconds": {k: round(v, 3) for k, v in self.seconds.items()},
-            "names_not_utf8": self.unstorable,
+            "names_not_utf8": self.names_not_utf8,
         }
 
 
@@ -132,7 +132,7 @@ class Indexer:
         self.store.catalog.add_roots(roots)
         walked = walk(roots, self.config.walk, skip_dirs=(str(self.store.directory),))
         found = walked.files
-        summary.skip_unstorable(walked.unstorable)
+        summary.skip_names_not_utf8(walked.names_not_utf8)
         known = self.store.catalog.files_under(roots)
         todo = [f for path, f in found.items() if not _unchanged(f, known.get(path))]
         summary.unchanged = len(found) - len(todo)

@@ -39,7 +39,7 @@ class FoundFile:
 @dataclass(frozen=True)
 class Walked:
     files: dict[str, FoundFile]  # absolute path -> file, for every candidate file the catalog can hold
-    unstorable: list[str]  # files whose names are not UTF-8 (`storable`), as `shown` prints them
+    names_not_utf8: list[str]  # files the catalog cannot name (`storable`), as `shown` prints them
 
 
 def storable(path: str) -> bool:
@@ -87,7 +87,7 @@ def walk(roots: list[str], options: WalkOptions, skip_dirs: tuple[str, ...] = ()
             continue
     found = [found for root in roots for found in _walk_one(root, options, skipped)]
     return Walked({f.path: f for f in found if storable(f.path)},
-                  sorted(shown(f.path) for f in found if not storable(f.path)))
+                  sorted({shown(f.path) for f in found if not storable(f.path)}))
 
 
 def _walk_one(root: str, options: WalkOptions, skip_dirs: set[tuple[int, int]]) -> Iterator[FoundFile]:
