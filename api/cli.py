@@ -68,7 +68,7 @@ def make_tiny_command(directory: Path, seed: int) -> None:
 
 # -- index --------------------------------------------------------------------------------------
 @main.command()
-@click.argument("paths", nargs=-1, required=True)
+@click.argument("paths", nargs=-1)
 @index_options
 @model_options
 @click.option("--batch-size", type=click.IntRange(1, 4096), default=16, show_default=True)
@@ -93,7 +93,8 @@ def index(paths, index_dir, catalog_url, model, device, dtype, batch_size, worke
           num_beams, candidates, index_type, max_index_memory, ray_address, shards_url, ray_model_actors,
           ray_gpus_per_actor, quiet, as_json) -> None:
     """Index the images under PATHS (folders or files): new and changed files are embedded, renamed and
-    duplicate files reuse their vectors, files gone from disk are removed."""
+    duplicate files reuse their vectors, files gone from disk are removed. Without PATHS: every
+    folder the index was given before."""
     import os
     from concurrent.futures import ThreadPoolExecutor
 
@@ -109,7 +110,8 @@ def index(paths, index_dir, catalog_url, model, device, dtype, batch_size, worke
     from retrieval.captioner import Blip2Captioner, CaptionOptions
     from retrieval.preprocess import peek_transform
 
-    resolve_roots(list(paths))  # fail on a wrong path before loading anything
+    if paths:
+        resolve_roots(list(paths))  # fail on a wrong path before loading anything
     caption = CaptionOptions(prompt=prompt, max_new_tokens=max_new_tokens, num_beams=num_beams)
     caption.validate()
     _check_candidates(candidates, ray_address)
@@ -128,9 +130,10 @@ def index(paths, index_dir, catalog_url, model, device, dtype, batch_size, worke
         feature_cache=FeatureCacheConfig(feature_cache_mb * 1_000_000),
         caption=caption if with_captions else None,
     )
-    store = IndexStore.open(store_config(index_dir, catalog_url), create=True)
+    store = IndexStore.open(store_config(index_dir, catalog_url), create=bool(paths))
     model_config = ModelConfig.retrieval(model, device, dtype)
     try:
+        paths = paths or _recorded_roots(store)
         with store.writer_lock(), ThreadPoolExecutor(max_workers=1) as loader:
             if index_type is not None or max_index_memory is not None:
                 _choose_index_type(store, index_type or "auto", max_index_memory)
@@ -157,6 +160,26 @@ def index(paths, index_dir, catalog_url, model, device, dtype, batch_size, worke
     finally:
         store.close()
     _print_index_summary(store, summary, with_captions, as_json)
+
+
+def _recorded_roots(store) -> list[str]:
+    """`index` without PATHS: every folder (or file) the index was given that is still there. One that
+    is gone is left as it is, since an unplugged drive looks the same as a deleted folder."""
+    import os
+
+    from retrieval.errors import UsageError
+
+    roots = store.catalog.roots()
+    if not roots:
+        raise UsageError("give the folders to index: this index has none yet")
+    for root in roots:
+        if not os.path.exists(root):
+            click.echo(f"warning: {root} is gone (deleted, or on a drive not mounted); its files stay in the index; "
+                       f"blipsearch forget {root} removes them", err=True)
+    present = [root for root in roots if os.path.exists(root)]
+    if not present:
+        raise UsageError("every folder this index was given is gone; see the warnings above")
+    return present
 
 
 def _check_candidates(candidates: int, ray_address) -> None:
@@ -257,6 +280,28 @@ def caption(index_dir, catalog_url, caption_model, prompt, max_new_tokens, num_b
     failed = ", ".join(f"{n} {reason}" for reason, n in result["failed_by_reason"].items())
     click.echo(f"captioned {result['captioned']}, missing {result['missing']}, failed {result['failed']}"
                + (f" ({failed})" if failed else "") + f" in {result['seconds']['total']:.1f} s")
+
+
+@main.command()
+@click.argument("paths", nargs=-1, required=True)
+@index_options
+@click.option("--json", "as_json", is_flag=True, help="Print the summary as one JSON object on stdout.")
+def forget(paths, index_dir, catalog_url, as_json) -> None:
+    """Remove the files at or under PATHS from the index, whether or not they still exist on disk (a
+    deleted folder, an unplugged drive); the files themselves are not touched."""
+    from indexer.forget import catalog_path, forget as forget_paths
+    from indexer.store import IndexStore
+
+    store = IndexStore.open(store_config(index_dir, catalog_url))
+    try:
+        forgotten = forget_paths(store, [catalog_path(p) for p in paths])
+    finally:
+        store.close()
+    if as_json:
+        emit_json({"files": forgotten.files, "images": forgotten.images, "roots": forgotten.roots})
+    else:
+        click.echo(f"forgot {forgotten.files} files ({forgotten.images} images no other file shares)"
+                   + (f"; no longer indexed: {', '.join(forgotten.roots)}" if forgotten.roots else ""))
 
 
 # -- export / status ----------------------------------------------------------------------------

@@ -16,8 +16,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from api.jobs import Job, JobProgress, JobRunner
 from indexer.errors import IndexBusyError
 from indexer.store import IndexStore, StoreConfig
@@ -182,16 +180,12 @@ class Service:
 
     def delete_image(self, file_id: int) -> bool:
         """Forget one file (not the file on disk); its vectors go when no other file shares them."""
+        from indexer.forget import forget
+
         row = self.store.catalog.file(file_id)
         if row is None:
             return False
-        with self.store.writer_lock():
-            identity = self.store.catalog.model()
-            orphaned = self.store.catalog.remove_paths([row.path])
-            if identity is not None and orphaned:
-                vectors = self.store.load_vectors(identity)
-                vectors.remove(np.asarray(orphaned, dtype=np.int64))
-                self.store.save_vectors(vectors)
+        forget(self.store, [row.path])
         self.reload()
         return True
 

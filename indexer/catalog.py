@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Iterable, Sequence
 
 import numpy as np
-from sqlalchemy import and_, create_engine, delete, event, exists, func, insert, select, update
+from sqlalchemy import and_, create_engine, delete, event, exists, func, insert, or_, select, update
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import ArgumentError, DatabaseError, IntegrityError, OperationalError
 
@@ -189,6 +189,19 @@ class Catalog:
                 if attempt == WRITE_ATTEMPTS - 1:
                     raise
 
+    def remove_roots(self, paths: Iterable[str]) -> list[str]:
+        """Forget the roots that are one of `paths` or lie under one; returns them. Locked like
+        `add_roots`."""
+        m, paths = schema.meta, list(paths)
+        with self.engine.begin() as conn:
+            value = conn.execute(select(m.c.value).where(m.c.key == "roots").with_for_update()).scalar()
+            roots = json.loads(value) if value else []
+            gone = [r for r in roots if any(r == p or r.startswith(p.rstrip("/") + "/") for p in paths)]
+            if gone:
+                kept = json.dumps(sorted(set(roots) - set(gone)))
+                conn.execute(update(m).where(m.c.key == "roots").values(value=kept))
+        return gone
+
     # -- reads ------------------------------------------------------------------------------------
     def file(self, file_id: int) -> FileRow | None:
         with self.engine.connect() as conn:
@@ -215,8 +228,9 @@ class Catalog:
     def files_under(self, roots: Iterable[str]) -> dict[str, FileRow]:
         rows: dict[str, FileRow] = {}
         with self.engine.connect() as conn:
-            for root in roots:
-                for row in conn.execute(select(schema.files).where(_under(root))):
+            for root in roots:  # a folder's files, or the file itself when a root is one
+                query = select(schema.files).where(or_(schema.files.c.path == root, _under(root)))
+                for row in conn.execute(query):
                     rows[row.path] = FileRow(**row._mapping)
         return rows
 

@@ -143,6 +143,40 @@ def test_an_index_inside_the_folder_does_not_index_itself(folder, tmp_path, tiny
     assert len(rows) == 13 and not any(r["path"].startswith(str(idx)) for r in rows)
 
 
+def test_a_file_given_as_a_root_is_unchanged_the_second_time(tmp_path, tiny_model):
+    photo = make_images(tmp_path / "photos", 1, seed=24)[0]
+    first = index(photo, tmp_path / "idx", tiny_model)
+    again = index(photo, tmp_path / "idx", tiny_model)  # was read, hashed and "reused" every time
+    assert (first["indexed"], again["unchanged"], again["reused"]) == (1, 1, 0)
+
+
+def test_index_without_paths_and_forget(tmp_path, tiny_model):
+    """`index` alone re-indexes the folders it was given, leaving one that is gone (an unplugged drive
+    looks the same) as it is; `forget` removes that one's files whether or not it exists."""
+    kept, gone, idx = tmp_path / "kept", tmp_path / "gone", tmp_path / "idx"
+    make_images(kept, 3, seed=21)
+    make_images(gone, 2, seed=22)
+    refused = run_cli("index", "--index", str(idx), "--model", str(tiny_model))
+    assert refused.returncode == 2 and "no index at" in refused.stderr
+    index(kept, idx, tiny_model, str(gone))
+    make_images(kept / "new", 1, seed=23)
+    shutil.rmtree(gone)
+    again = run_cli("index", "--index", str(idx), "--model", str(tiny_model), "--json", "-q")
+    assert again.returncode == 0, again.stderr
+    assert json.loads(again.stdout)["indexed"] == 1 and json.loads(again.stdout)["removed"] == 0
+    assert f"warning: {gone} is gone" in again.stderr and f"blipsearch forget {gone}" in again.stderr
+    forgotten = run_cli("forget", str(gone), "--index", str(idx), "--json", check=True)
+    assert json.loads(forgotten.stdout) == {"files": 2, "images": 2, "roots": [str(gone)]}
+    rows = [json.loads(line) for line in run_cli("export", "--index", str(idx), check=True).stdout.splitlines()]
+    assert len(rows) == 4 and all(r["path"].startswith(str(kept)) for r in rows)
+    assert_consistent(idx)
+    twice = run_cli("forget", str(gone), "--index", str(idx))
+    assert twice.returncode == 2 and twice.stderr == f"Error: nothing is indexed at {gone}\n"
+    shutil.rmtree(kept)
+    none_left = run_cli("index", "--index", str(idx), "--model", str(tiny_model))
+    assert none_left.returncode == 2 and "every folder this index was given is gone" in none_left.stderr
+
+
 def test_decoding_starts_while_the_model_loads(tmp_path, retriever, monkeypatch):
     """The embedder arrives as a Future; decoded batches wait for it, then land as usual. The model
     runs with the threads the balancer leaves it, and torch gets its own count back at the end."""

@@ -1,0 +1,49 @@
+"""Forget indexed files without touching them on disk: a folder deleted or a drive unplugged since it
+was indexed (`index` refuses a path that is not there, so it cannot remove them), or one image."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from indexer.store import IndexStore
+from retrieval.errors import UsageError
+
+
+@dataclass(frozen=True)
+class Forgotten:
+    files: int
+    images: int  # distinct images whose vectors went with them; others share their content with a file kept
+    roots: list[str]  # folders (or files) given to `index` that it will no longer search or serve
+
+
+def catalog_path(raw: str) -> str:
+    """A path as `index` records it (absolute, the folders' symlinks resolved), whether or not it
+    still exists."""
+    return str(Path(raw).expanduser().resolve())
+
+
+def forget(store: IndexStore, targets: Sequence[str]) -> Forgotten:
+    """Remove the files at or under each of `targets` (catalog paths, which need not exist any more)
+    from the catalog and the FAISS file, and the index roots among them. A target with nothing
+    indexed is an error, and then nothing is removed."""
+    catalog = store.catalog
+    with store.writer_lock():
+        roots = catalog.roots()
+        rows = {}
+        for target in targets:
+            found = catalog.files_under([target])
+            if not found and not any(r == target or r.startswith(target.rstrip("/") + "/") for r in roots):
+                raise UsageError(f"nothing is indexed at {target}")
+            rows.update(found)
+        orphaned = catalog.remove_paths(list(rows))
+        removed_roots = catalog.remove_roots(targets)
+        identity = catalog.model()
+        if identity is not None and orphaned:
+            vectors = store.load_vectors(identity)
+            vectors.remove(np.asarray(orphaned, dtype=np.int64))
+            store.save_vectors(vectors)
+    return Forgotten(len(rows), len(orphaned), removed_roots)
