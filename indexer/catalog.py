@@ -74,6 +74,12 @@ def _under(root: str):
     return and_(schema.files.c.path >= prefix, schema.files.c.path < prefix[:-1] + "0")  # "0" follows "/"
 
 
+def at_or_under(path: str, folder: str) -> bool:
+    """`path` is `folder` or lies under it (a trailing slash on `folder` or not)."""
+    folder = folder.rstrip("/")
+    return path == folder or path.startswith(folder + "/")
+
+
 WRITE_ATTEMPTS = 5
 
 
@@ -196,7 +202,7 @@ class Catalog:
         with self.engine.begin() as conn:
             value = conn.execute(select(m.c.value).where(m.c.key == "roots").with_for_update()).scalar()
             roots = json.loads(value) if value else []
-            gone = [r for r in roots if any(r == p or r.startswith(p.rstrip("/") + "/") for p in paths)]
+            gone = [r for r in roots if any(at_or_under(r, p) for p in paths)]
             if gone:
                 kept = json.dumps(sorted(set(roots) - set(gone)))
                 conn.execute(update(m).where(m.c.key == "roots").values(value=kept))

@@ -9,6 +9,7 @@ from typing import Sequence
 
 import numpy as np
 
+from indexer.catalog import at_or_under
 from indexer.store import IndexStore
 from retrieval.errors import UsageError
 
@@ -36,7 +37,7 @@ def forget(store: IndexStore, targets: Sequence[str]) -> Forgotten:
         rows = {}
         for target in targets:
             found = catalog.files_under([target])
-            if not found and not any(r == target or r.startswith(target.rstrip("/") + "/") for r in roots):
+            if not found and not any(at_or_under(root, target) for root in roots):
                 raise UsageError(f"nothing is indexed at {target}")
             rows.update(found)
         orphaned = catalog.remove_paths(list(rows))

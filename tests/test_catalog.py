@@ -89,6 +89,13 @@ def test_batches_share_content_and_drop_orphans(catalog):
     assert skipped[0].error == "corrupt: broken" and skipped[0].embedding_id is None
 
 
+def test_roots_are_added_and_removed_with_what_lies_under_them(catalog):
+    catalog.add_roots(["/p/a", "/p/a/b", "/p/ab", "/p/c.jpg"])
+    assert catalog.remove_roots(["/p/a/"]) == ["/p/a", "/p/a/b"]  # not its sibling /p/ab
+    assert catalog.remove_roots(["/p/c.jpg", "/p/none"]) == ["/p/c.jpg"]
+    assert catalog.roots() == ["/p/ab"] and catalog.remove_roots(["/p/a"]) == []
+
+
 def test_files_under_a_folder_exclude_its_siblings(catalog):
     """'/p/x&y' sorts between '/p/x/' and '/p/x0' under a locale collation; paths must compare bytewise."""
     paths = ["/p/x/a.jpg", "/p/x/sub/b.jpg", "/p/x&y/c.jpg", "/p/x-1.jpg", "/p/xa/d.jpg", "/p/X/e.jpg"]
