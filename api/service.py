@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from api.jobs import Job, JobProgress, JobRunner
+from indexer.catalog import at_or_under
 from indexer.errors import IndexBusyError
 from indexer.store import IndexStore, StoreConfig
 from retrieval.errors import BlipsearchError, UsageError
@@ -156,7 +157,7 @@ class Service:
             return None
         real = os.path.realpath(row.path)
         roots = [os.path.realpath(r) for r in self.store.catalog.roots()]
-        inside = any(real == root or real.startswith(root.rstrip("/") + "/") for root in roots)
+        inside = any(at_or_under(real, root) for root in roots)
         return Path(real) if inside and os.path.isfile(real) else None
 
     def thumbnail(self, file_id: int) -> Path | None:
