@@ -74,9 +74,9 @@ class MaxSimIndex:
     @classmethod
     def load(cls, path: Path, dim: int, num_queries: int, spec: IndexSpec | str = IndexSpec(),
              mmap: bool = False) -> "MaxSimIndex":
-        """The index saved at `path`, or an empty one when there is none, it cannot be read, or it holds
-        another kind (the catalog holds every vector, so the caller refills it). `mmap` maps the file read-only
-        instead of reading it: for large indexes that are searched, not changed."""
+        """The index saved at `path`, or an empty one when there is none, it cannot be read, or it
+        holds another kind (the catalog holds every vector, so the caller refills it). `mmap` maps the
+        file read-only instead of reading it: for large indexes that are searched, not changed."""
         import faiss
 
         empty = cls(dim, num_queries, spec)
