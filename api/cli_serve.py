@@ -54,7 +54,10 @@ def serve(index_dir, catalog_url, model, device, dtype, caption_model, host, por
                              feature_cache_mb)
         service = Service(config, retriever,
                           lambda: Blip2Captioner.load(ModelConfig.captioning(caption_model, device, dtype)))
-        click.echo(f"blipsearch: serving {location.directory} on http://{host}:{port}/", err=True)
+        images = service.store.catalog.counts().get("distinct_images", 0)
+        hint = " (an empty index: index into it with POST /api/jobs, or check --index)" if not images else ""
+        click.echo(f"blipsearch: serving {location.directory}, {images} images{hint}, on http://{host}:{port}/",
+                   err=True)
         try:
             uvicorn.Server(uvicorn.Config(create_app(service), log_level="warning")).run(sockets=[listening])
         finally:
