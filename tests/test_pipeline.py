@@ -155,18 +155,22 @@ def test_index_without_paths_and_forget(tmp_path, tiny_model):
     looks the same) as it is; `forget` removes that one's files whether or not it exists."""
     kept, gone, idx = tmp_path / "kept", tmp_path / "gone", tmp_path / "idx"
     make_images(kept, 3, seed=21)
-    make_images(gone, 2, seed=22)
+    make_images(gone, 4, seed=22)
     refused = run_cli("index", "--index", str(idx), "--model", str(tiny_model))
     assert refused.returncode == 2 and "no index at" in refused.stderr
     index(kept, idx, tiny_model, str(gone))
     make_images(kept / "new", 1, seed=23)
     shutil.rmtree(gone)
+    searched = run_cli("search", "a red circle", "--index", str(idx), "--model", str(tiny_model), "-k", "10")
+    warnings = [line for line in searched.stderr.splitlines() if line.startswith("warning:")]
+    assert warnings[-1] == "warning: and 1 more gone from disk" and len(warnings) == 4
+    assert "blipsearch forget FOLDER" in searched.stderr
     again = run_cli("index", "--index", str(idx), "--model", str(tiny_model), "--json", "-q")
     assert again.returncode == 0, again.stderr
     assert json.loads(again.stdout)["indexed"] == 1 and json.loads(again.stdout)["removed"] == 0
     assert f"warning: {gone} is gone" in again.stderr and f"blipsearch forget {gone}" in again.stderr
     forgotten = run_cli("forget", str(gone), "--index", str(idx), "--json", check=True)
-    assert json.loads(forgotten.stdout) == {"files": 2, "images": 2, "roots": [str(gone)]}
+    assert json.loads(forgotten.stdout) == {"files": 4, "images": 4, "roots": [str(gone)]}
     rows = [json.loads(line) for line in run_cli("export", "--index", str(idx), check=True).stdout.splitlines()]
     assert len(rows) == 4 and all(r["path"].startswith(str(kept)) for r in rows)
     assert_consistent(idx)
