@@ -163,22 +163,13 @@ def index(paths, index_dir, catalog_url, model, device, dtype, batch_size, worke
 
 
 def _recorded_roots(store) -> list[str]:
-    """`index` without PATHS: every folder (or file) the index was given that is still there. One that
-    is gone is left as it is, since an unplugged drive looks the same as a deleted folder."""
-    import os
+    """`index` without PATHS: every folder (or file) the index was given that is still there."""
+    from indexer.walk import recorded_roots
 
-    from retrieval.errors import UsageError
-
-    roots = store.catalog.roots()
-    if not roots:
-        raise UsageError("give the folders to index: this index has none yet")
-    for root in roots:
-        if not os.path.exists(root):
-            click.echo(f"warning: {root} is gone (deleted, or on a drive not mounted); its files stay in the index; "
-                       f"blipsearch forget {root} removes them", err=True)
-    present = [root for root in roots if os.path.exists(root)]
-    if not present:
-        raise UsageError("every folder this index was given is gone; see the warnings above")
+    present, gone = recorded_roots(store.catalog.roots())
+    for root in gone:
+        click.echo(f"warning: {root} is gone (deleted, or on a drive not mounted); its files stay in the index; "
+                   f"blipsearch forget {root} removes them", err=True)
     return present
 
 

@@ -29,7 +29,7 @@ JobId = Annotated[int, PathParam(ge=0, le=MAX_ID)]
 
 class IndexJob(BaseModel):
     kind: Literal["index"]
-    paths: list[str] = Field(min_length=1, max_length=100)
+    paths: list[str] = Field(default_factory=list, max_length=100)  # none: every folder indexed before
     exclude: list[str] = Field(default_factory=list, max_length=100)
     batch_size: int = Field(16, ge=1, le=1024)
 
@@ -211,9 +211,12 @@ def create_app(service: Service) -> FastAPI:
     @app.post("/api/jobs", status_code=202, dependencies=[Depends(require_token)])
     def start_job(job: IndexJob | CaptionJob) -> dict:
         if isinstance(job, IndexJob):
-            from indexer.walk import resolve_roots
+            from indexer.walk import recorded_roots, resolve_roots
 
-            resolve_roots(job.paths)  # 400 now for a wrong path, not a failed job later
+            if job.paths:
+                resolve_roots(job.paths)  # 400 now for a wrong path, not a failed job later
+            else:
+                recorded_roots(service.store.catalog.roots())  # 400 now when there are none left
         return service.jobs.submit(job.kind, job.model_dump(exclude={"kind"})).as_dict()
 
     @app.get("/api/jobs")

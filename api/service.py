@@ -202,7 +202,7 @@ class Service:
 
     def _index(self, job: Job, progress: JobProgress) -> dict:
         from indexer.pipeline import IndexConfig, Indexer
-        from indexer.walk import WalkOptions
+        from indexer.walk import WalkOptions, recorded_roots
         from indexer.workers import PoolOptions
 
         config = IndexConfig(
@@ -210,7 +210,11 @@ class Service:
             walk=WalkOptions(excludes=tuple(job.params.get("exclude", ()))),
             pool=PoolOptions(workers=os.cpu_count() or 1),
         )
-        return Indexer(self.store, self.retriever, config, progress).run(job.params["paths"]).as_dict()
+        paths, gone = job.params["paths"], []
+        if not paths:  # every folder indexed before; those gone stay in the index, named in the result
+            paths, gone = recorded_roots(self.store.catalog.roots())
+        result = Indexer(self.store, self.retriever, config, progress).run(paths).as_dict()
+        return {**result, "roots_gone": gone}
 
     def _caption(self, job: Job, progress: JobProgress) -> dict:
         from api.options import best_of

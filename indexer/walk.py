@@ -71,6 +71,19 @@ def resolve_roots(paths: list[str]) -> list[str]:
     return roots
 
 
+def recorded_roots(roots: list[str]) -> tuple[list[str], list[str]]:
+    """`index` without paths: (the recorded roots still there, those gone). One that is gone is left
+    in the index, since an unplugged drive looks the same as a deleted folder."""
+    if not roots:
+        raise UsageError("give the folders to index: this index has none yet")
+    present = [root for root in roots if os.path.exists(root)]
+    gone = [root for root in roots if root not in present]
+    if not present:
+        raise UsageError(f"every folder this index was given is gone: {', '.join(gone)}; "
+                         "blipsearch forget FOLDER removes one from the index")
+    return present, gone
+
+
 def _excluded(path: str, name: str, excludes: tuple[str, ...]) -> bool:
     return any(fnmatch.fnmatch(name, pattern) or fnmatch.fnmatch(path, pattern) for pattern in excludes)
 

@@ -167,6 +167,9 @@ def test_jobs_add_images_searches_see_them_and_captions(served, retriever, capti
     assert done["state"] == "done" and done["result"]["indexed"] == 3 and done["done"] == done["total"] == 3
     paths = {r["path"] for r in client.get("/api/search", params={"q": "a red circle", "k": 11, "rerank": "false"}).json()["results"]}
     assert {str(p) for p in (root / "later").iterdir()} <= paths  # no restart needed
+    again = wait(client, client.post("/api/jobs", json={"kind": "index"}, headers=AUTH).json()["id"])
+    assert again["params"]["paths"] == [] and again["state"] == "done"  # every folder indexed before
+    assert (again["result"]["unchanged"], again["result"]["indexed"], again["result"]["roots_gone"]) == (11, 0, [])
     job = client.post("/api/jobs", json={"kind": "caption", "max_new_tokens": 5}, headers=AUTH).json()
     assert wait(client, job["id"])["result"]["captioned"] == 11
     assert client.get("/api/images", params={"has_caption": "false"}).json()["total"] == 0
@@ -275,6 +278,9 @@ def test_searches_see_what_other_processes_index(tmp_path, retriever, tiny_model
         with TestClient(create_app(service)) as client:
             empty = "the index is empty; start an index job first (POST /api/jobs)"
             assert found(empty) == empty
+            no_roots = client.post("/api/jobs", json={"kind": "index"})
+            assert_error(no_roots, 400)
+            assert no_roots.json()["detail"] == "give the folders to index: this index has none yet"
             make_images(tmp_path / "photos", 3, seed=43)
             outside_index()
             assert found({"img0000.jpg", "img0001.jpg", "img0002.jpg"}) == {"img0000.jpg", "img0001.jpg", "img0002.jpg"}
