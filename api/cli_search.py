@@ -182,6 +182,10 @@ def calibrate_command(pairs_file, model, device, dtype, itm_candidates, as_json)
     # the fusion stored with the model, if any, plays no part and is replaced, even when unreadable
     retriever = Blip2Retriever.load(ModelConfig.retrieval(model, device, dtype), fusion=Fusion())
     calibration = calibrate_fusion(retriever, pairs, itm_candidates)
+    if len(set(zip(calibration.text_to_image, calibration.image_to_text))) == 1:  # e.g. a handful of easy pairs
+        raise UsageError(f"every weight ranks these {len(pairs.texts)} texts and {len(pairs.images)} images the same "
+                         f"(R@1 {calibration.text_to_image[0]:.3f} and {calibration.image_to_text[0]:.3f}), so they "
+                         "cannot choose one; nothing was written. Calibrate on more, or harder, held-out pairs")
     path = write_fusion(directory, calibration, str(Path(pairs_file).resolve()))
     if as_json:
         emit_json({"model": model, "file": str(path), "chosen": calibration.best.itc_weight, **asdict(calibration)})

@@ -145,3 +145,18 @@ def test_eval_command(tiny_model, pairs_file, tmp_path):
     (tmp_path / "bad.jsonl").write_text('{"picture": "x.jpg"}\n')
     bad = run_cli("eval", "--pairs", str(tmp_path / "bad.jsonl"), "--model", str(tiny_model))
     assert bad.returncode == 2 and "bad.jsonl:1" in bad.stderr
+
+
+def test_calibrate_keeps_the_stored_weight_when_the_pairs_cannot_choose(model_copy, pairs_file, tmp_path):
+    """One pair ranks every weight the same: storing the smallest weight (ITM alone) would replace a
+    good calibration with the worst guess."""
+    from retrieval.fusion import FUSION_FILE
+
+    first = json.loads(pairs_file.read_text().splitlines()[0])
+    first["image"] = str((pairs_file.parent / first["image"]).resolve())
+    one = tmp_path / "one.jsonl"
+    one.write_text(json.dumps({**first, "captions": first["captions"][:1]}) + "\n")
+    (model_copy / FUSION_FILE).write_text('{"itc_weight": 60.0}')
+    result = run_cli("calibrate", "--pairs", str(one), "--model", str(model_copy))
+    assert result.returncode == 2 and "every weight ranks these 1 texts and 1 images the same" in result.stderr
+    assert (model_copy / FUSION_FILE).read_text() == '{"itc_weight": 60.0}'
