@@ -10,6 +10,7 @@ else ITM positive logit + ITC as LAVIS ranks; `retrieval.fusion`), or ITC alone.
 from __future__ import annotations
 
 import fnmatch
+import math
 import os
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -53,6 +54,8 @@ class SearchOptions:
             raise UsageError(f"--score must be one of {', '.join(SCORES)}")
         if not self.rerank and self.score != "itc":
             raise UsageError("--no-rerank scores by ITC only; drop --score or use --score itc")
+        if self.min_score is not None and not math.isfinite(self.min_score):  # NaN would drop every result
+            raise UsageError(f"--min-score must be a finite number, not {self.min_score}")
 
     @property
     def depth(self) -> int:

@@ -87,6 +87,7 @@ def test_search_matches_the_core_and_takes_every_option(served):
 @pytest.mark.parametrize("params, status", [
     ({}, 422), ({"q": ""}, 400), ({"q": "x" * 1001}, 400), ({"q": "a", "k": 0}, 422),
     ({"q": "a", "k": 10**6}, 422), ({"q": "a", "score": "best"}, 422), ({"q": "a", "rerank": "false", "score": "itm"}, 400),
+    ({"q": "a", "min_score": "nan"}, 400), ({"q": "a", "min_score": "-inf"}, 400),
 ])
 def test_bad_searches_are_4xx_with_the_error_shape(served, params, status):
     client, _, _ = served
