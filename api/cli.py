@@ -336,7 +336,7 @@ def export(index_dir, catalog_url, fmt, output) -> None:
 @index_options
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 def status(index_dir, catalog_url, as_json) -> None:
-    """Summarise an index: model, counts, size on disk."""
+    """Summarise an index: the folders it was given, model, counts, size on disk."""
     from indexer.store import IndexStore
 
     store = IndexStore.open(store_config(index_dir, catalog_url))
@@ -344,6 +344,7 @@ def status(index_dir, catalog_url, as_json) -> None:
         identity = store.catalog.model()
         result = {
             "index": str(store.directory),
+            "roots": store.catalog.roots(),  # what `index` without folders re-indexes
             "model": identity.name if identity else None,
             "model_fingerprint": identity.fingerprint if identity else None,
             "embed_dim": identity.embed_dim if identity else None,
@@ -358,7 +359,7 @@ def status(index_dir, catalog_url, as_json) -> None:
         emit_json(result)
     else:
         for key, value in result.items():
-            click.echo(f"{key}: {value}")
+            click.echo(f"{key}: {', '.join(value) if key == 'roots' else value}")
 
 
 for command in (search, evaluate_command, calibrate_command, serve, demo, train):

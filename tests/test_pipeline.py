@@ -169,8 +169,13 @@ def test_index_without_paths_and_forget(tmp_path, tiny_model):
     assert again.returncode == 0, again.stderr
     assert json.loads(again.stdout)["indexed"] == 1 and json.loads(again.stdout)["removed"] == 0
     assert f"warning: {gone} is gone" in again.stderr and f"blipsearch forget {gone}" in again.stderr
+    def roots():
+        return json.loads(run_cli("status", "--index", str(idx), "--json", check=True).stdout)["roots"]
+
+    assert roots() == sorted([str(gone), str(kept)])
     forgotten = run_cli("forget", str(gone), "--index", str(idx), "--json", check=True)
     assert json.loads(forgotten.stdout) == {"files": 4, "images": 4, "roots": [str(gone)]}
+    assert roots() == [str(kept)]
     rows = [json.loads(line) for line in run_cli("export", "--index", str(idx), check=True).stdout.splitlines()]
     assert len(rows) == 4 and all(r["path"].startswith(str(kept)) for r in rows)
     assert_consistent(idx)
