@@ -179,7 +179,8 @@ def calibrate_command(pairs_file, model, device, dtype, itm_candidates, as_json)
         raise UsageError(f"calibrate stores its result in the model's directory, and {model} is not one: download "
                          "the checkpoint (hf download NAME --local-dir DIR) and pass --model DIR")
     pairs = Pairs.read(Path(pairs_file))
-    # the fusion stored with the model, if any, plays no part and is replaced, even when unreadable
+    # the fusion stored with the model, if any, plays no part and is replaced (even when unreadable),
+    # unless these pairs cannot choose a weight
     retriever = Blip2Retriever.load(ModelConfig.retrieval(model, device, dtype), fusion=Fusion())
     calibration = calibrate_fusion(retriever, pairs, itm_candidates)
     if len(set(zip(calibration.text_to_image, calibration.image_to_text))) == 1:  # e.g. a handful of easy pairs
