@@ -90,7 +90,11 @@ class IndexStore:
     def open(cls, config: StoreConfig, create: bool = False) -> "IndexStore":
         directory = config.directory
         if create:
-            directory.mkdir(parents=True, exist_ok=True)
+            try:
+                directory.mkdir(parents=True, exist_ok=True)
+            except OSError as exc:  # a file in the way, a read-only or missing mount, no permission
+                raise IndexNotFoundError(f"cannot create the index directory {directory}: {exc.strerror or exc}") \
+                    from None
         elif not (directory / CATALOG_FILE).exists() and config.catalog_url is None:
             raise IndexNotFoundError(f"no index at {directory}; build one with: blipsearch index FOLDER --index {directory}")
         return cls(config, Catalog.open(config.catalog_url or sqlite_url(directory / CATALOG_FILE)))

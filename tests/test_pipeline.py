@@ -104,6 +104,10 @@ def test_second_writer_gets_busy_error(folder, tmp_path, tiny_model):
 def test_wrong_path_is_a_clear_error(tmp_path, tiny_model):
     result = index(tmp_path / "nope", tmp_path / "idx", tiny_model, expect=2)
     assert "no such file or directory" in result.stderr and "Traceback" not in result.stderr
+    make_images(tmp_path / "photos", 1)
+    (tmp_path / "a-file").write_text("")
+    blocked = index(tmp_path / "photos", tmp_path / "a-file" / "idx", tiny_model, expect=2)
+    assert blocked.stderr == f"Error: cannot create the index directory {tmp_path}/a-file/idx: Not a directory\n"
 
 
 def test_a_name_that_is_not_utf8_is_skipped_and_named(folder, tmp_path, tiny_model):
