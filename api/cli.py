@@ -14,7 +14,7 @@ from api.cli_train import train
 from api.cli_ray import caption_on_ray, index_on_ray, ray_config, ray_options
 from api.options import (
     best_of, caption_options, emit_json, feature_cache_option, index_model, index_options, index_type_options,
-    model_options, store_config,
+    make_directory, model_options, store_config,
 )
 from retrieval.errors import BlipsearchError
 
@@ -62,7 +62,7 @@ def make_tiny_command(directory: Path, seed: int) -> None:
     """
     from retrieval.tiny import make_tiny
 
-    retrieval_dir, caption_dir = make_tiny(directory, seed=seed)
+    retrieval_dir, caption_dir = make_tiny(make_directory(directory), seed=seed)
     click.echo(f"retrieval model: {retrieval_dir}\ncaption model:   {caption_dir}")
 
 

@@ -6,7 +6,9 @@ from pathlib import Path
 
 import click
 
-from api.options import best_of, feature_cache_option, index_model, index_options, model_options, store_config
+from api.options import (
+    best_of, feature_cache_option, index_model, index_options, make_directory, model_options, store_config,
+)
 
 DEMO_CANDIDATES = 16  # the demo's captions: the best of this many beams by ITC, as `caption --candidates`
 
@@ -108,7 +110,7 @@ def demo(directory, model, caption_model) -> None:
     from retrieval.encoders import Blip2Retriever
     from retrieval.query import TextQuery
 
-    directory = (directory or Path(user_data_dir("blipsearch")) / "demo").expanduser()
+    directory = make_directory((directory or Path(user_data_dir("blipsearch")) / "demo").expanduser())
     images = make_demo_images(directory / "images")
     click.echo(f"demo images: {len(images)} in {directory / 'images'}", err=True)
     model, caption_model = model or str(SHAPES_RETRIEVAL), caption_model or str(SHAPES_CAPTION)

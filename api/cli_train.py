@@ -9,7 +9,7 @@ from pathlib import Path
 
 import click
 
-from api.options import emit_json
+from api.options import emit_json, make_directory
 from retrieval.train.recipe import RECOLOUR_SHARE, WITH_SWAPS, TrainConfig
 
 VALIDATION_SEED = 2  # the validation split is drawn with the training seed + 2, the test split with + 1
@@ -54,10 +54,7 @@ def train(out_dir, images, test_images, seed, itm_negatives, foils, swaps, recol
                      caption_colour_noise=colour_noise)
     if text_steps is not None:
         config = replace(config, text=replace(config.text, steps=text_steps))
-    try:
-        out_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise click.ClickException(f"cannot write to {out_dir}: {exc.strerror or exc}") from None
+    make_directory(out_dir)
     began = time.perf_counter()
     data = training_set(images, seed, foils_per_scene=foils, recolour_share=recolour, with_swaps=swaps)
     _, test_pairs = make_dataset(out_dir / "test-data", 0, test_images, seed=seed + 1)

@@ -7,6 +7,16 @@ from pathlib import Path
 
 import click
 
+def make_directory(directory: Path) -> Path:
+    """`directory`, created if need be; one clear error where it cannot be (a file in its path, a
+    missing mount, no permission)."""
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise click.ClickException(f"cannot write to {directory}: {exc.strerror or exc}") from None
+    return directory
+
+
 def index_options(func):
     func = click.option(
         "--catalog-url", default=None, envvar="BLIPSEARCH_CATALOG_URL",

@@ -122,6 +122,14 @@ def test_make_tiny_command(tmp_path):
     assert len(result.stdout.splitlines()) == 2, result.stdout  # the two paths and nothing else
 
 
+@pytest.mark.parametrize("command", [("models", "make-tiny"), ("demo", "--dir"), ("train", "--smoke", "--out")])
+def test_a_directory_that_cannot_be_made_is_one_clear_error(tmp_path, command):
+    (tmp_path / "a-file").write_text("")
+    result = run_cli(*command, str(tmp_path / "a-file" / "out"))
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert result.stderr == f"Error: cannot write to {tmp_path}/a-file/out: Not a directory\n"
+
+
 def test_tiny_tokenizer_knows_its_words(tiny_model):
     from transformers import AutoTokenizer
 
