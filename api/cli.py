@@ -3,6 +3,7 @@ that need them, so `blipsearch --help` answers at once."""
 
 from __future__ import annotations
 
+import errno
 import sys
 from pathlib import Path
 
@@ -33,11 +34,30 @@ class BlipsearchGroup(click.Group):
             click.echo(f"Error: {exc}", err=True)
             ctx.exit(exc.exit_code)
         except KeyboardInterrupt:
-            command = ctx.invoked_subcommand
-            kept = "; every finished batch is kept, and the same command goes on from there" \
-                if command in RESUMABLE else ""
-            click.echo(f"\nInterrupted{kept}.", err=True)
+            click.echo(f"\nInterrupted{_kept(ctx)}.", err=True)
             ctx.exit(130)
+        except Exception as exc:
+            if not disk_full(exc):
+                raise
+            reason = " ".join(str(getattr(exc, "orig", None) or exc).split())[:200]  # SQLAlchemy's driver error
+            click.echo(f"Error: the disk is full ({reason}); free some space and run the same command again"
+                       f"{_kept(ctx)}.", err=True)
+            ctx.exit(1)
+
+
+def _kept(ctx: click.Context) -> str:
+    if ctx.invoked_subcommand in RESUMABLE:
+        return "; every finished batch is kept, and the same command goes on from there"
+    return ""
+
+
+def disk_full(exc: BaseException) -> bool:
+    """Out of space, whichever layer noticed: the OS, SQLite, PostgreSQL or FAISS (by their messages,
+    so this edge need not import them)."""
+    if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
+        return True
+    text = str(exc)
+    return "database or disk is full" in text or "No space left on device" in text
 
 
 @click.group(cls=BlipsearchGroup, context_settings={"help_option_names": ["-h", "--help"]})

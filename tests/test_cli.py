@@ -1,0 +1,48 @@
+"""The command line's edge: how errors it does not expect from the core reach the user."""
+
+from __future__ import annotations
+
+import errno
+
+import pytest
+from click.testing import CliRunner
+
+from api.cli import BlipsearchGroup
+
+
+class DriverError(Exception):
+    """Like SQLAlchemy's OperationalError: the driver's error as `orig`, noise in its own text."""
+
+    def __init__(self, orig: Exception) -> None:
+        super().__init__(f"({type(orig).__name__}) {orig}\n(Background on this error at: https://sqlalche.me/)")
+        self.orig = orig
+
+
+def run(raised: BaseException, command: str = "index"):
+    group = BlipsearchGroup(name="blipsearch")
+
+    @group.command(name=command)
+    def failing() -> None:
+        raise raised
+
+    return CliRunner().invoke(group, [command])
+
+
+@pytest.mark.parametrize("raised, reason", [
+    (OSError(errno.ENOSPC, "No space left on device"), "[Errno 28] No space left on device"),
+    (DriverError(Exception("database or disk is full")), "database or disk is full"),
+    (RuntimeError("Error in faiss::FileIOWriter: No space left on device"),
+     "Error in faiss::FileIOWriter: No space left on device"),
+])
+def test_a_full_disk_is_one_line_that_says_what_to_do(raised, reason):
+    result = run(raised)
+    assert result.exit_code == 1
+    assert result.output == (f"Error: the disk is full ({reason}); free some space and run the same command again; "
+                             "every finished batch is kept, and the same command goes on from there.\n")
+    assert run(raised, "search").output == f"Error: the disk is full ({reason}); free some space and run the " \
+                                           "same command again.\n"
+
+
+def test_other_errors_are_not_dressed_up():
+    result = run(ValueError("a bug"))
+    assert isinstance(result.exception, ValueError) and result.exit_code == 1
