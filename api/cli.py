@@ -24,8 +24,9 @@ RESUMABLE = ("index", "caption")  # commit batch by batch: a rerun goes on where
 
 
 class BlipsearchGroup(click.Group):
-    """Turns the core's typed errors into `Error: ...` on stderr and the error's exit code, and Ctrl-C
-    into one line and the shell's exit code for it (130) instead of click's bare "Aborted!"."""
+    """Turns the core's typed errors into `Error: ...` on stderr and the error's exit code, Ctrl-C
+    into one line and the shell's exit code for it (130) instead of click's bare "Aborted!", and a
+    full disk into one line saying what to do instead of a driver's traceback."""
 
     def invoke(self, ctx: click.Context):
         try:
