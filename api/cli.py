@@ -301,8 +301,9 @@ def caption(index_dir, catalog_url, caption_model, prompt, max_new_tokens, num_b
 def forget(paths, index_dir, catalog_url, as_json) -> None:
     """Remove the files at or under PATHS from the index, whether or not they still exist on disk (a
     deleted folder, an unplugged drive); the files themselves are not touched."""
-    from indexer.forget import catalog_path, forget as forget_paths
+    from indexer.forget import forget as forget_paths
     from indexer.store import IndexStore
+    from indexer.walk import catalog_path
 
     store = IndexStore.open(store_config(index_dir, catalog_url))
     try:

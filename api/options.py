@@ -7,6 +7,7 @@ from pathlib import Path
 
 import click
 
+
 def make_directory(directory: Path) -> Path:
     """`directory`, created if need be; one clear error where it cannot be (a file in its path, a
     missing mount, no permission)."""

@@ -4,7 +4,6 @@ was indexed (`index` refuses a path that is not there, so it cannot remove them)
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Sequence
 
 import numpy as np
@@ -19,12 +18,6 @@ class Forgotten:
     files: int
     images: int  # distinct images whose vectors went with them; others share their content with a file kept
     roots: list[str]  # folders (or files) given to `index` that it will no longer search or serve
-
-
-def catalog_path(raw: str) -> str:
-    """A path as `index` records it (absolute, the folders' symlinks resolved), whether or not it
-    still exists."""
-    return str(Path(raw).expanduser().resolve())
 
 
 def forget(store: IndexStore, targets: Sequence[str]) -> Forgotten:

@@ -57,13 +57,18 @@ def shown(path: str) -> str:
     return os.fsencode(path).decode("utf-8", "backslashreplace")
 
 
+def catalog_path(raw: str) -> str:
+    """A path as the catalog records it (absolute, symlinked folders resolved), whether or not it
+    still exists."""
+    return str(Path(raw).expanduser().resolve())
+
+
 def resolve_roots(paths: list[str]) -> list[str]:
     roots = []
     for raw in paths:
-        path = Path(raw).expanduser()
-        if not path.exists():
+        if not Path(raw).expanduser().exists():
             raise IndexNotFoundError(f"{shown(raw)}: no such file or directory")
-        root = str(path.resolve())
+        root = catalog_path(raw)
         if not storable(root):
             raise UsageError(f"{shown(root)}: the name is not valid UTF-8, and the catalog keeps names as UTF-8 "
                              "text; rename it (for example with convmv)")
@@ -98,9 +103,15 @@ def walk(roots: list[str], options: WalkOptions, skip_dirs: tuple[str, ...] = ()
             skipped.add((stat.st_dev, stat.st_ino))
         except OSError:
             continue
-    found = [found for root in roots for found in _walk_one(root, options, skipped)]
-    return Walked({f.path: f for f in found if storable(f.path)},
-                  sorted({shown(f.path) for f in found if not storable(f.path)}))
+    files: dict[str, FoundFile] = {}
+    names_not_utf8: set[str] = set()  # a set: overlapping roots find a file twice
+    for root in roots:
+        for found in _walk_one(root, options, skipped):
+            if storable(found.path):
+                files[found.path] = found
+            else:
+                names_not_utf8.add(shown(found.path))
+    return Walked(files, sorted(names_not_utf8))
 
 
 def _walk_one(root: str, options: WalkOptions, skip_dirs: set[tuple[int, int]]) -> Iterator[FoundFile]:
