@@ -37,8 +37,7 @@ class Reranker:
     def score(self, files: dict[str, str], texts: Sequence[str], weights: Sequence[float]) -> dict[str, Match]:
         """`files`: content hash -> a path holding it. Returns a Match per hash whose features could be
         had; a file that can no longer be decoded is left out."""
-        weights = np.asarray(weights, np.float64)
-        weights = weights / weights.sum() if weights.sum() > 0 else np.full(len(weights), 1 / len(weights))
+        weights = np.asarray(weights, np.float64) / sum(weights)  # positive (TextQuery.itm_texts)
         matches: dict[str, Match] = {}
         hashes = list(files)
         for start in range(0, len(hashes), self.batch_size):

@@ -111,7 +111,7 @@ class Searcher:
         candidates = self._candidates(vector, options, exclude_hash=None)
         caption_ranks: dict[int, int] = {}
         if options.hybrid:
-            caption_ranks = self._caption_ranks(" ".join(query.texts), options.depth)
+            caption_ranks = self._caption_ranks(" ".join(query.itm_texts()[0]), options.depth)
             candidates += self._caption_candidates(vector, caption_ranks, candidates, options)
         return self._finish(candidates, options, query, caption_ranks)
 
@@ -176,7 +176,7 @@ class Searcher:
             first_file: dict[str, str] = {}
             for c in candidates:
                 first_file.setdefault(c.row.content_hash, c.row.path)
-            matches = self.reranker.score(first_file, query.texts, query.weights)
+            matches = self.reranker.score(first_file, *query.itm_texts())
         fusion = self.retriever.fusion
         kind = options.score or default_score(fusion)
         results = []

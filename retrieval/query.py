@@ -2,7 +2,9 @@
 
 Like rclip, several texts combine by weighted sum and `--not` texts are subtracted (weight -1 each
 unless given); the sum is L2-normalised and scored by max-sim like a single text, which is exact
-because max-sim is applied to the combined vector. An example image becomes the normalised mean of
+because max-sim is applied to the combined vector. ITM re-ranks by the positively weighted texts
+alone (`TextQuery.itm_texts`): it tells how well an image matches a text, not how far it is from
+one. An example image becomes the normalised mean of
 its 32 query embeddings: the direction its queries share, scored by max-sim against each image.
 """
 
@@ -35,7 +37,19 @@ class TextQuery:
             weights.append(weight)
         for text in list(parsed) + list(negatives):
             validate_text(text)
+        if not any(weight > 0 for weight in weights):
+            # Nothing to look for: the sum would point away from everything named, and ITM can only
+            # tell how well an image matches a text, not how far it is from one.
+            raise UsageError("the query needs a text with a positive weight; give what to avoid with --not")
         return cls(tuple(parsed), tuple(weights), tuple(negatives))
+
+    def itm_texts(self) -> tuple[tuple[str, ...], tuple[float, ...]]:
+        """The texts ITM re-ranks by, those with a positive weight, and their weights summing to 1.
+        Texts weighted zero or below, like `--not` texts, act on the ITC query vector alone."""
+        kept = [(text, weight) for text, weight in zip(self.texts, self.weights) if weight > 0]
+        largest = max(weight for _, weight in kept)
+        scaled = [weight / largest for _, weight in kept]  # first, so that 1e308 + 1e308 stays finite
+        return tuple(text for text, _ in kept), tuple(weight / sum(scaled) for weight in scaled)
 
 
 def _split_weight(raw: str) -> tuple[str, float]:
@@ -61,9 +75,14 @@ def validate_text(text: str) -> None:
 
 def combine(positive: np.ndarray, weights: tuple[float, ...], negative: np.ndarray | None, negative_weight: float):
     """Weighted sum of L2-normalised text vectors, minus the negatives, normalised again."""
-    vector = (np.asarray(weights, np.float32)[:, None] * positive).sum(axis=0)
-    if negative is not None and len(negative):
-        vector = vector - negative_weight * negative.sum(axis=0)
+    weights = np.asarray(weights, np.float64)
+    has_negative = negative is not None and len(negative) > 0
+    # Only the sum's direction counts: dividing by the largest weight keeps weights of 1e300 (whose
+    # float32 products are inf) and 1e-300 (whose products are 0) in range.
+    scale = max(float(np.abs(weights).max()), negative_weight if has_negative else 0.0)
+    vector = ((weights / scale)[:, None] * positive.astype(np.float64)).sum(axis=0)
+    if has_negative:
+        vector = vector - (negative_weight / scale) * negative.astype(np.float64).sum(axis=0)
     norm = float(np.linalg.norm(vector))
     if norm < 1e-8:
         raise UsageError("the query's texts cancel out; change the weights or the --not texts")

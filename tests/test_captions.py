@@ -143,6 +143,17 @@ def test_hybrid_fuses_ranks_as_documented(captioned):
     assert next(r for r in hybrid.results if r.path == last).caption == "a red circle"
 
 
+def test_hybrid_matches_captions_of_the_positive_texts_only(captioned):
+    """A text weighted -1 is one to get away from: captions naming it must not lift an image."""
+    store, searcher = captioned
+    paths = sorted(r.path for r in store.catalog.files())
+    set_captions(store, {paths[0]: "zebra herd", paths[1]: "red circle"})
+    query = TextQuery.parse(["red circle", "-1:zebra"])
+    hybrid = searcher.search_text(query, SearchOptions(k=12, candidates=12, score="itm", hybrid=True))
+    ranked = {r.path: r.caption_rank for r in hybrid.results}
+    assert ranked[paths[1]] == 1 and ranked.get(paths[0]) is None
+
+
 def test_captions_in_search_output_and_every_export_format(tmp_path, tiny_model, caption_model):
     make_images(tmp_path / "photos", 4, seed=35)
     (tmp_path / "photos" / "broken.jpg").write_bytes(b"not an image")

@@ -157,6 +157,41 @@ def test_query_weights_parse():
     assert odd.weights == (1.0, 1.0, 1.0, 0.5)
 
 
+def test_itm_scores_the_positively_weighted_texts():
+    query = TextQuery.parse(["2:a red car", "at night", "-1:rain", "0:fog"])
+    assert query.itm_texts() == (("a red car", "at night"), (2 / 3, 1 / 3))
+    assert TextQuery.parse(["1e308:a", "1e308:b"]).itm_texts() == (("a", "b"), (0.5, 0.5))
+    for texts in (["-1:rain"], ["0:fog", "-2:rain"]):
+        with pytest.raises(UsageError, match="positive weight"):
+            TextQuery.parse(texts)
+
+
+def test_huge_and_tiny_weights_rank_as_their_ratio(indexed):
+    """Weights scale the sum, whose direction alone counts: 1e308 each (inf in float32 products) and
+    1e-300 each (0 in float32) rank as 1 each, instead of no results or "the texts cancel out"."""
+    _, paths, searcher = indexed
+    options = SearchOptions(k=len(paths), candidates=8)
+    plain = searcher.search_text(TextQuery.parse(["a red circle", "a dog"]), options)
+    for weight in ("1e308", "1e-300"):
+        scaled = searcher.search_text(TextQuery.parse([f"{weight}:a red circle", f"{weight}:a dog"]), options)
+        assert [r.path for r in scaled.results] == [r.path for r in plain.results]
+        assert np.allclose([r.score for r in scaled.results], [r.score for r in plain.results], atol=1e-5)
+
+
+def test_negatively_weighted_texts_do_not_steer_itm(indexed):
+    """ITM judges how well an image matches a text; a text weighted -1 pushes the ITC vector away from
+    it but is not scored by ITM, where it would count as a match (or, subtracted, as a negative
+    probability)."""
+    _, paths, searcher = indexed
+    options = SearchOptions(k=8, candidates=8, score="itm")
+    alone = searcher.search_text(TextQuery.parse(["a red circle"]), options)
+    pushed = searcher.search_text(TextQuery.parse(["2:a red circle", "-1:a dog"]), options)
+    itm_alone = {r.path: r.itm_score for r in alone.results}
+    shared = [r for r in pushed.results if r.path in itm_alone]
+    assert shared and all(abs(r.itm_score - itm_alone[r.path]) < 1e-6 for r in shared)
+    assert all(0 <= r.itm_score <= 1 for r in pushed.results)
+
+
 def test_image_query_excludes_itself(indexed):
     _, paths, searcher = indexed
     response = searcher.search_image(str(paths[3]), SearchOptions(k=5, rerank=False, score="itc"))
