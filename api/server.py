@@ -213,6 +213,9 @@ def create_app(service: Service) -> FastAPI:
         if isinstance(job, IndexJob):
             from indexer.walk import recorded_roots, resolve_roots
 
+            relative = [path for path in job.paths if not Path(path).is_absolute()]
+            if relative:  # the client cannot know which folder the server runs in
+                raise HTTPException(400, f"paths must be absolute: {relative[0]!r}")
             if job.paths:
                 resolve_roots(job.paths)  # 400 now for a wrong path, not a failed job later
             else:

@@ -60,13 +60,17 @@ def shown(path: str) -> str:
 def catalog_path(raw: str) -> str:
     """A path as the catalog records it (absolute, symlinked folders resolved), whether or not it
     still exists."""
+    if not raw.strip():
+        # Path("") is the current directory: `blipsearch index "$PHOTOS"` with the variable unset
+        # would index (or `forget` would drop) whatever folder the command happens to run in.
+        raise UsageError("a path is empty (an unset shell variable?); give the folder by name, '.' for this one")
     return str(Path(raw).expanduser().resolve())
 
 
 def resolve_roots(paths: list[str]) -> list[str]:
     roots = []
     for raw in paths:
-        if not Path(raw).expanduser().exists():
+        if raw.strip() and not Path(raw).expanduser().exists():
             raise IndexNotFoundError(f"{shown(raw)}: no such file or directory")
         root = catalog_path(raw)
         if not storable(root):

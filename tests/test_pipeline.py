@@ -108,6 +108,8 @@ def test_wrong_path_is_a_clear_error(tmp_path, tiny_model):
     (tmp_path / "a-file").write_text("")
     blocked = index(tmp_path / "photos", tmp_path / "a-file" / "idx", tiny_model, expect=2)
     assert blocked.stderr == f"Error: cannot create the index directory {tmp_path}/a-file/idx: Not a directory\n"
+    unset = run_cli("index", "", "--index", str(tmp_path / "idx"), "--model", str(tiny_model))  # "$PHOTOS" unset
+    assert unset.returncode == 2 and "a path is empty (an unset shell variable?)" in unset.stderr
 
 
 def test_a_name_that_is_not_utf8_is_skipped_and_named(folder, tmp_path, tiny_model):
@@ -177,6 +179,8 @@ def test_index_without_paths_and_forget(tmp_path, tiny_model):
         return json.loads(run_cli("status", "--index", str(idx), "--json", check=True).stdout)["roots"]
 
     assert roots() == sorted([str(gone), str(kept)])
+    empty = run_cli("forget", "", "--index", str(idx))  # not the folder it runs in
+    assert empty.returncode == 2 and "a path is empty" in empty.stderr and roots() == sorted([str(gone), str(kept)])
     forgotten = run_cli("forget", str(gone), "--index", str(idx), "--json", check=True)
     assert json.loads(forgotten.stdout) == {"files": 4, "images": 4, "roots": [str(gone)]}
     assert roots() == [str(kept)]

@@ -153,6 +153,10 @@ def test_write_endpoints_need_the_token(served):
     assert_error(client.delete("/api/jobs/1"), 401)
     assert_error(client.post("/api/jobs", json={"kind": "index", "paths": [str(root / "nope")]}, headers=AUTH), 400)
     assert_error(client.post("/api/jobs", json={"kind": "reindex"}, headers=AUTH), 422)
+    for path in ("", "photos", "~/photos"):  # the server's working folder means nothing to a client
+        relative = client.post("/api/jobs", json={"kind": "index", "paths": [path]}, headers=AUTH)
+        assert_error(relative, 400)
+        assert relative.json()["detail"] == f"paths must be absolute: {path!r}"
     latin1 = os.fsdecode(bytes(root) + b"/caf\xe9")  # a folder whose name the catalog cannot hold
     os.mkdir(latin1)
     body = json.dumps({"kind": "index", "paths": [latin1]})  # "\udce9": JSON can carry it
