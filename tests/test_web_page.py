@@ -87,3 +87,39 @@ def test_search_and_open_a_result(server):
         driver.save_screenshot(str(ARTIFACTS / "web-results.png"))
     finally:
         driver.quit()
+
+
+def test_the_address_holds_the_search_and_a_gone_image_is_an_error(server):
+    """A search's address can be shared or reloaded, and Back returns to the search before. A result
+    forgotten since it was shown says so when opened, instead of doing nothing."""
+    import json
+    import urllib.request
+
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support import expected_conditions as ready
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    driver = browser()
+    try:
+        driver.get(server + "/?q=a+blue+square&mode=itc")
+        wait = WebDriverWait(driver, 30)
+        wait.until(ready.text_to_be_present_in_element((By.ID, "status"), "12 results for “a blue square”"))
+        assert driver.find_element(By.ID, "query").get_attribute("value") == "a blue square"
+        assert driver.find_element(By.ID, "mode").get_attribute("value") == "itc"
+        query = driver.find_element(By.ID, "query")
+        query.clear()
+        query.send_keys("a green circle")
+        driver.find_element(By.CSS_SELECTOR, "button[type=submit]").click()
+        wait.until(ready.text_to_be_present_in_element((By.ID, "status"), "“a green circle”"))
+        assert driver.current_url == server + "/?q=a+green+circle&mode=itc"
+        driver.back()
+        wait.until(ready.text_to_be_present_in_element((By.ID, "status"), "“a blue square”"))
+        assert driver.find_element(By.ID, "query").get_attribute("value") == "a blue square"
+        card = driver.find_elements(By.CSS_SELECTOR, "#results .card")[0]
+        request = urllib.request.Request(f"{server}/api/images/{card.get_attribute('data-id')}", method="DELETE")
+        assert json.load(urllib.request.urlopen(request))["deleted"] == int(card.get_attribute("data-id"))
+        card.click()
+        wait.until(ready.text_to_be_present_in_element((By.ID, "status"), "Error: no image with id"))
+        assert not driver.find_element(By.ID, "viewer").is_displayed()
+    finally:
+        driver.quit()
