@@ -98,8 +98,13 @@ def _run_search(index_dir, catalog_url, model, device, dtype, query, image_path,
         reranker = Reranker(retriever, feature_cache(store, retriever.identity, feature_cache_mb))
         searcher = Searcher(store, retriever, reranker)
         if query is not None:
-            return searcher.search_text(query, options), " + ".join(query.texts)
-        return searcher.search_image(image_path, options), image_path
+            found = searcher.search_text(query, options), " + ".join(query.texts)
+        else:
+            found = searcher.search_image(image_path, options), image_path
+        if reranker.cache and reranker.cache.write_error:
+            click.echo(f"warning: cannot write the feature cache in {reranker.cache.directory} "
+                       f"({reranker.cache.write_error}); searched without caching", err=True)
+        return found
     finally:
         store.close()
 

@@ -5,6 +5,8 @@ cache they are recomputed from the file (decode + ViT); with it, a repeated cand
 read. Entries are keyed by content hash under a folder named by the model fingerprint, written to a
 temporary file and renamed (readers never see half an entry), and evicted least-recently-used
 (reads refresh the mtime) when the folder grows past its limit. fp16 moves ITM logits by about 1e-3.
+The cache only saves work: where it cannot be written (a full disk, a read-only index) features are
+recomputed as without it, and `write_error` says why.
 """
 
 from __future__ import annotations
@@ -31,7 +33,11 @@ class FeatureCache:
     def __init__(self, directory: Path, max_bytes: int) -> None:
         self.directory = Path(directory)
         self.max_bytes = max_bytes
-        self.directory.mkdir(parents=True, exist_ok=True)
+        self.write_error: str | None = None  # set by the first write that failed; no more are tried
+        try:
+            self.directory.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            self.write_error = exc.strerror or str(exc)
         self._bytes = sum(size for _, size, _ in self._entries())
 
     @classmethod
@@ -47,22 +53,30 @@ class FeatureCache:
         path = self._path(content_hash)
         try:
             features = np.load(path, allow_pickle=False)
-            os.utime(path)  # recently used
         except (OSError, ValueError):  # absent, evicted meanwhile, or unreadable: recompute
             return None
+        try:
+            os.utime(path)  # recently used
+        except OSError:  # a read-only cache still serves what it holds
+            pass
         return features
 
     def put(self, content_hash: str, features: np.ndarray) -> None:
         array = np.ascontiguousarray(features, dtype=np.float16)
-        if array.nbytes > self.max_bytes:
+        if array.nbytes > self.max_bytes or self.write_error:
             return
         path = self._path(content_hash)
-        path.parent.mkdir(exist_ok=True)
         tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        with open(tmp, "wb") as handle:
-            np.save(handle, array, allow_pickle=False)
-        os.replace(tmp, path)
-        self._bytes += path.stat().st_size
+        try:
+            path.parent.mkdir(exist_ok=True)
+            with open(tmp, "wb") as handle:
+                np.save(handle, array, allow_pickle=False)
+            os.replace(tmp, path)
+            self._bytes += path.stat().st_size
+        except OSError as exc:
+            self.write_error = exc.strerror or str(exc)
+            tmp.unlink(missing_ok=True)
+            return
         if self._bytes > self.max_bytes:
             self._evict(target=int(self.max_bytes * 0.9))
 

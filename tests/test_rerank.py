@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+import shutil
+
 import numpy as np
 import pytest
 
@@ -54,6 +57,26 @@ def test_corrupt_entry_is_recomputed(retriever, files, tmp_path):
     assert set(matches) == set(files)
 
 
+def test_a_cache_that_cannot_be_written_only_costs_its_savings(retriever, files, tmp_path, monkeypatch):
+    """A full disk or an unwritable folder must not fail a search: the cache only saves work."""
+    uncached = Reranker(retriever).score(files, [TEXT], [1.0])
+
+    def disk_full(*_args, **_kwargs):
+        raise OSError(28, "No space left on device")
+
+    full = FeatureCache(tmp_path / "full", max_bytes=10**8)
+    monkeypatch.setattr(np, "save", disk_full)
+    matches = Reranker(retriever, full).score(files, [TEXT], [1.0])
+    monkeypatch.undo()
+    assert full.write_error == "No space left on device" and full.bytes == 0
+    assert list((tmp_path / "full").rglob("*")) == [path for path in (tmp_path / "full").iterdir()]  # no .tmp
+    (tmp_path / "a-file").write_text("")
+    blocked = FeatureCache(tmp_path / "a-file" / "features", max_bytes=10**8)
+    assert blocked.write_error == "Not a directory"
+    for scored in (matches, Reranker(retriever, blocked).score(files, [TEXT], [1.0])):
+        assert {h: m.probability for h, m in scored.items()} == {h: m.probability for h, m in uncached.items()}
+
+
 def test_cache_evicts_least_recently_used(tmp_path):
     entry = np.zeros((10, 100), np.float32)  # 2,000 bytes in fp16, plus the .npy header
     cache = FeatureCache(tmp_path, max_bytes=5 * 2128)
@@ -78,3 +101,11 @@ def test_index_fills_the_cache_and_search_runs_with_it(tiny_model, tmp_path):
     assert len(list((tmp_path / "idx" / "features").glob("*/*/*.npy"))) == 5
     result = run_cli("search", "a red circle", "-k", "3", "--json", *common)
     assert result.returncode == 0, result.stderr
+    shutil.rmtree(tmp_path / "idx" / "features")
+    (tmp_path / "idx" / "features").write_text("")  # in the way, as a full disk or a read-only folder would be
+    blocked = run_cli("search", "a red circle", "-k", "3", "--json", *common)
+    assert blocked.returncode == 0, blocked.stderr
+    cached, recomputed = json.loads(result.stdout)["results"], json.loads(blocked.stdout)["results"]
+    assert [r["path"] for r in recomputed] == [r["path"] for r in cached]
+    assert np.allclose([r["score"] for r in recomputed], [r["score"] for r in cached], atol=2e-3)  # fp16 cache
+    assert f"warning: cannot write the feature cache in {tmp_path / 'idx' / 'features'}" in blocked.stderr
