@@ -12,7 +12,7 @@ from typing import Annotated, Literal
 from fastapi import Depends, FastAPI, File, HTTPException, Query, Request, UploadFile
 from fastapi import Path as PathParam
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, PlainTextResponse
+from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, PlainTextResponse, Response
 from pydantic import BaseModel, Field
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -192,14 +192,17 @@ def create_app(service: Service) -> FastAPI:
         return FileResponse(path)
 
     @app.get("/api/images/{file_id}/thumbnail")
-    def thumbnail(file_id: ImageId) -> FileResponse:
+    def thumbnail(file_id: ImageId) -> Response:
         try:
-            path = service.thumbnail(file_id)
+            thumb = service.thumbnail(file_id)
         except OSError as exc:
             raise HTTPException(422, f"cannot make a thumbnail: {exc}") from None
-        if path is None:
+        if thumb is None:
             raise HTTPException(404, f"no servable file for image {file_id}")
-        return FileResponse(path, media_type="image/jpeg", headers={"Cache-Control": "max-age=86400"})
+        headers = {"Cache-Control": "max-age=86400"}
+        if isinstance(thumb, bytes):  # made, but the index directory could not keep it
+            return Response(thumb, media_type="image/jpeg", headers=headers)
+        return FileResponse(thumb, media_type="image/jpeg", headers=headers)
 
     @app.delete("/api/images/{file_id}", dependencies=[Depends(require_token)])
     def delete_image(file_id: ImageId) -> dict:

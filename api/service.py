@@ -8,6 +8,7 @@ the model instead of oversubscribing it; catalog reads run in parallel.
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import os
 import threading
@@ -75,7 +76,10 @@ class Service:
         self._reload_error: BlipsearchError | None = None  # why the last background reload failed
         self.reload()
         self.jobs = JobRunner(self._run_job, lambda job: self.reload())
-        (self.store.directory / "thumbnails").mkdir(exist_ok=True)
+        try:
+            (self.store.directory / "thumbnails").mkdir(exist_ok=True)
+        except OSError:  # a read-only index: thumbnails are made for each request instead
+            pass
 
     def close(self) -> None:
         self.jobs.shutdown()
@@ -160,8 +164,11 @@ class Service:
         inside = any(at_or_under(real, root) for root in roots)
         return Path(real) if inside and os.path.isfile(real) else None
 
-    def thumbnail(self, file_id: int) -> Path | None:
-        """A JPEG thumbnail, made once and kept in the index directory (keyed by content hash)."""
+    def thumbnail(self, file_id: int) -> Path | bytes | None:
+        """A JPEG thumbnail, made once and kept in the index directory (keyed by content hash); its
+        bytes when it cannot be kept (a full disk, a read-only index)."""
+        import io
+
         from PIL import Image, ImageOps
 
         row = self.store.catalog.file(file_id)
@@ -169,14 +176,22 @@ class Service:
         if row is None or path is None or not row.content_hash:
             return None
         thumb = self.store.directory / "thumbnails" / f"{row.content_hash}.jpg"
-        if not thumb.exists():
-            with Image.open(path) as image:
-                image.draft("RGB", (THUMBNAIL_PX * 2, THUMBNAIL_PX * 2))
-                small = ImageOps.exif_transpose(image).convert("RGB")
-                small.thumbnail((THUMBNAIL_PX, THUMBNAIL_PX))
-                tmp = thumb.with_name(f".{thumb.name}.{threading.get_ident()}.tmp")
-                small.save(tmp, "JPEG", quality=85)
-                os.replace(tmp, thumb)
+        if thumb.exists():
+            return thumb
+        with Image.open(path) as image:
+            image.draft("RGB", (THUMBNAIL_PX * 2, THUMBNAIL_PX * 2))
+            small = ImageOps.exif_transpose(image).convert("RGB")
+        small.thumbnail((THUMBNAIL_PX, THUMBNAIL_PX))
+        jpeg = io.BytesIO()
+        small.save(jpeg, "JPEG", quality=85)
+        tmp = thumb.with_name(f".{thumb.name}.{threading.get_ident()}.tmp")
+        try:
+            tmp.write_bytes(jpeg.getvalue())
+            os.replace(tmp, thumb)
+        except OSError:
+            with contextlib.suppress(OSError):  # absent, or its folder is not one
+                tmp.unlink()
+            return jpeg.getvalue()
         return thumb
 
     def delete_image(self, file_id: int) -> bool:

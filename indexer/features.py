@@ -11,6 +11,7 @@ recomputed as without it, and `write_error` says why.
 
 from __future__ import annotations
 
+import contextlib
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -75,7 +76,8 @@ class FeatureCache:
             self._bytes += path.stat().st_size
         except OSError as exc:
             self.write_error = exc.strerror or str(exc)
-            tmp.unlink(missing_ok=True)
+            with contextlib.suppress(OSError):  # absent, or its folder is not one
+                tmp.unlink()
             return
         if self._bytes > self.max_bytes:
             self._evict(target=int(self.max_bytes * 0.9))

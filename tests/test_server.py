@@ -123,7 +123,18 @@ def test_catalog_listing_metadata_file_and_thumbnail(served):
     assert served_file.status_code == 200 and served_file.content == open(meta["path"], "rb").read()
     thumb = client.get(f"/api/images/{image_id}/thumbnail")
     assert thumb.status_code == 200 and thumb.headers["content-type"] == "image/jpeg"
-    assert len(list((root / "idx" / "thumbnails").glob("*.jpg"))) >= 1
+    kept = list((root / "idx" / "thumbnails").glob("*.jpg"))
+    assert len(kept) >= 1
+    other, thumbnails = page["images"][1], root / "idx" / "thumbnails"
+    os.rename(thumbnails, f"{thumbnails}.away")
+    thumbnails.write_text("")  # in the way, as a full disk or a read-only index would be: it cannot be kept
+    try:
+        unkept = client.get(f"/api/images/{other['id']}/thumbnail")
+    finally:
+        os.unlink(thumbnails)
+        os.rename(f"{thumbnails}.away", thumbnails)
+    assert unkept.status_code == 200 and unkept.headers["content-type"] == "image/jpeg", unkept.text
+    assert Image.open(io.BytesIO(unkept.content)).size == (other["width"], other["height"])
     assert_error(client.get("/api/images/999999"), 404)
     assert_error(client.get("/api/images/not-a-number"), 422)
     assert_error(client.get("/api/images/999999/file"), 404)
