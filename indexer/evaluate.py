@@ -33,28 +33,49 @@ class Pairs:
 
     @classmethod
     def read(cls, path: Path) -> "Pairs":
+        """An image on several lines (one caption per line, as COCO's annotations are) gets them all."""
         path = Path(path)
-        images, texts, owner = [], [], []
+        images: dict[str, int] = {}  # resolved path -> its index
+        texts, owner = [], []
         try:
             lines = path.read_text(encoding="utf-8").splitlines()
         except OSError as exc:
             raise UsageError(f"{path}: {exc.strerror or exc}") from None
+        except UnicodeDecodeError:
+            raise UsageError(f"{path}: not UTF-8 text") from None
         for number, line in enumerate(lines, 1):
             if not line.strip():
                 continue
             try:
-                record = json.loads(line)
-                captions = record.get("captions") or [record["caption"]]
-                image = record["image"]
-            except (ValueError, KeyError, TypeError, AttributeError):
-                raise UsageError(f'{path}:{number}: expected {{"image": PATH, "captions": [TEXT, ...]}}') from None
-            images.append(str((path.parent / image).resolve()))
-            for caption in captions:
-                texts.append(str(caption))
-                owner.append(len(images) - 1)
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError as exc:
+                    raise ValueError(f"not JSON ({exc.msg} at column {exc.colno})") from None
+                image, captions = _pair(record)
+            except ValueError as exc:
+                raise UsageError(f'{path}:{number}: {exc}; expected {{"image": PATH, "captions": [TEXT, ...]}}') from None
+            index = images.setdefault(str((path.parent / image).resolve()), len(images))
+            texts.extend(captions)
+            owner.extend([index] * len(captions))
         if not images:
             raise UsageError(f"{path}: no pairs")
-        return cls(images, texts, np.asarray(owner, dtype=np.int64))
+        return cls(list(images), texts, np.asarray(owner, dtype=np.int64))
+
+
+def _pair(record: Any) -> tuple[str, list[str]]:
+    """(image, captions) of one line, or ValueError saying what is wrong with it."""
+    if not isinstance(record, dict):
+        raise ValueError("not a JSON object")
+    image = record.get("image")
+    if not isinstance(image, str) or not image.strip():
+        raise ValueError('"image" is not a path')
+    captions = record["captions"] if "captions" in record else [record.get("caption")]
+    if isinstance(captions, str):  # a string would be read as a list of its characters
+        raise ValueError('"captions" is a string, not a list of them')
+    if not isinstance(captions, list) or not captions or \
+            not all(isinstance(text, str) and text.strip() for text in captions):
+        raise ValueError('"captions" is not a list of texts')
+    return image, captions
 
 
 @dataclass(frozen=True)

@@ -21,6 +21,37 @@ def test_recall_at_counts_the_best_correct_rank():
     assert recall_at(scores, [{2}, {2}, {2}])[1] == pytest.approx(1 / 3)
 
 
+@pytest.mark.parametrize("line, problem", [
+    ('{"image": "a.jpg", "captions": ["x"]', "not JSON (Expecting ',' delimiter at column 37)"),
+    ('[{"image": "a.jpg", "captions": ["x"]}]', "not a JSON object"),
+    ('{"image": 5, "captions": ["x"]}', '"image" is not a path'),
+    ('{"image": "a.jpg", "captions": "a red car"}', '"captions" is a string, not a list of them'),
+    ('{"image": "a.jpg", "captions": []}', '"captions" is not a list of texts'),
+    ('{"image": "a.jpg", "captions": ["x", ""]}', '"captions" is not a list of texts'),
+    ('{"image": "a.jpg", "caption": 5}', '"captions" is not a list of texts'),
+])
+def test_a_malformed_pair_is_named_with_its_line(tmp_path, line, problem):
+    """Before, a string of captions was read as its characters, and a number as the image a traceback."""
+    from retrieval.errors import UsageError
+
+    (tmp_path / "pairs.jsonl").write_text('{"image": "b.jpg", "caption": "fine"}\n\n' + line + "\n")
+    with pytest.raises(UsageError) as raised:
+        Pairs.read(tmp_path / "pairs.jsonl")
+    assert str(raised.value).startswith(f"{tmp_path / 'pairs.jsonl'}:3: {problem}; expected ")
+    (tmp_path / "latin1.jsonl").write_bytes('{"image": "caf\xe9.jpg", "caption": "x"}'.encode("latin-1"))
+    with pytest.raises(UsageError, match="not UTF-8 text"):
+        Pairs.read(tmp_path / "latin1.jsonl")
+
+
+def test_an_image_on_several_lines_gets_all_their_captions(tmp_path):
+    lines = [{"image": "a.jpg", "caption": "one"}, {"image": "b.jpg", "captions": ["two"]},
+             {"image": "./a.jpg", "captions": ["three", "four"]}]
+    (tmp_path / "pairs.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
+    pairs = Pairs.read(tmp_path / "pairs.jsonl")
+    assert pairs.images == [str(tmp_path / "a.jpg"), str(tmp_path / "b.jpg")]
+    assert pairs.texts == ["one", "two", "three", "four"] and pairs.text_image.tolist() == [0, 1, 0, 0]
+
+
 @pytest.fixture(scope="module")
 def pairs_file(tmp_path_factory):
     root = tmp_path_factory.mktemp("eval")
