@@ -72,6 +72,19 @@ class Blip2Captioner:
         ids = torch.tensor([image_ids + prompt_ids] * batch, dtype=torch.long, device=self.device)
         return ids, torch.ones_like(ids)
 
+    def new_tokens(self, options: CaptionOptions) -> int:
+        """`options.max_new_tokens`, or fewer where the language model has no more positions after the
+        image tokens and the prompt: it cannot write past them (a small LM, as the shapes demo's, has 64)."""
+        limit = getattr(self.model.config.text_config, "max_position_embeddings", None)
+        if limit is None:  # an encoder-decoder LM (Flan-T5): relative positions, no such limit
+            return options.max_new_tokens
+        prompt_tokens = len(self.tokenizer(options.prompt)["input_ids"]) if options.prompt else 1  # or BOS
+        room = limit - self.model.config.num_query_tokens - prompt_tokens
+        if room < 1:
+            raise UsageError(f"the prompt is {prompt_tokens} tokens, which with the {self.model.config.num_query_tokens} "
+                             f"image tokens leaves no room in the language model's {limit} positions; shorten it")
+        return min(options.max_new_tokens, room)
+
     def caption(self, pixel_values: np.ndarray, options: CaptionOptions) -> list[str]:
         """(B, 3, H, W) model inputs (float, or uint8 from a decoder) -> B captions (the prompt not repeated)."""
         return [texts[0] for texts in self.caption_candidates(pixel_values, options, 1)]
@@ -82,6 +95,7 @@ class Blip2Captioner:
 
         options.validate()
         check_candidates(count)
+        max_new_tokens = self.new_tokens(options)
         dtype = self.model.vision_model.embeddings.patch_embedding.weight.dtype
         pixels = self.transform.to_tensor(pixel_values, self.device, dtype)
         prompt = {}
@@ -90,7 +104,7 @@ class Blip2Captioner:
             prompt = {"input_ids": input_ids, "attention_mask": attention_mask}
         with torch.inference_mode():
             generated = self.model.generate(
-                pixel_values=pixels, max_new_tokens=options.max_new_tokens, num_beams=max(options.num_beams, count),
+                pixel_values=pixels, max_new_tokens=max_new_tokens, num_beams=max(options.num_beams, count),
                 num_return_sequences=count, do_sample=False, **prompt,
             )
         if prompt and torch.equal(generated[:, : input_ids.shape[1]], input_ids.repeat_interleave(count, dim=0)):

@@ -55,3 +55,21 @@ def test_batched_equals_one_by_one(captioner, images):
 def test_absurd_options_are_usage_errors(captioner, options):
     with pytest.raises(UsageError):
         captioner.caption(np.zeros((1, 3, 224, 224), np.float32), options)
+
+
+def test_captions_stop_where_the_language_model_has_no_more_positions(captioner, reference, images):
+    """The tiny LM has 128 positions, 32 of them the image tokens': 512 new tokens after a prompt ran off
+    its position table (an IndexError). They now stop where it ends, as transformers' generate does when
+    asked for exactly that many; a prompt that leaves no room is a clear error."""
+    model, processor = reference
+    options = CaptionOptions(prompt="a photo of", max_new_tokens=512)
+    room = captioner.new_tokens(options)
+    prompt_tokens = len(processor.tokenizer(options.prompt)["input_ids"])
+    assert room == model.config.text_config.max_position_embeddings - model.config.num_query_tokens - prompt_tokens
+    ours = captioner.caption(captioner.transform(images[0])[None], options)[0]
+    inputs = processor(images=images[0], text=options.prompt, return_tensors="pt")
+    with torch.no_grad():
+        generated = model.generate(**inputs, max_new_tokens=room, do_sample=False)
+    assert ours == processor.batch_decode(generated[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)[0].strip()
+    with pytest.raises(UsageError, match="leaves no room in the language model's 128 positions"):
+        captioner.caption(captioner.transform(images[0])[None], CaptionOptions(prompt="word " * 150))
