@@ -27,6 +27,10 @@ UNREADABLE = "unreadable"
 DECODER_TIMEOUT = "decoder-timeout"
 DECODER_CRASHED = "decoder-crashed"
 OUT_OF_MEMORY = "out-of-memory"
+# Reasons that come from this run's limits or the machine's state, not from the file's bytes: a later
+# run tries such a file again though it is unchanged (after `--max-megapixels` or `--decode-timeout`
+# were raised, a permission fixed, memory freed). The rest stand until the file changes.
+RETRIED = frozenset({TOO_LARGE, UNREADABLE, DECODER_TIMEOUT, DECODER_CRASHED, OUT_OF_MEMORY})
 
 DEFAULT_MAX_PIXELS = 100_000_000  # `index --max-megapixels` 100: the decompression-bomb guard
 

@@ -20,7 +20,7 @@ import numpy as np
 
 from indexer.caption_catalog import NewCaptions
 from indexer.catalog import FileEntry, FileRow
-from indexer.decode import DEFAULT_MAX_PIXELS, Decoded, DecodeOptions, Skipped
+from indexer.decode import DEFAULT_MAX_PIXELS, RETRIED, Decoded, DecodeOptions, Skipped
 from indexer.features import FeatureCache, FeatureCacheConfig
 from indexer.schema import INDEXED, SKIPPED
 from indexer.store import IndexStore, reconcile
@@ -287,7 +287,11 @@ class _Writer:
 
 
 def _unchanged(found: FoundFile, row: FileRow | None) -> bool:
-    return row is not None and row.size == found.size and row.mtime_ns == found.mtime_ns
+    """Nothing to redo for this file: the same size and mtime as its row, and not skipped for a reason
+    worth another try (`decode.RETRIED`)."""
+    if row is None or row.size != found.size or row.mtime_ns != found.mtime_ns:
+        return False
+    return not (row.status == SKIPPED and (row.error or "").partition(":")[0] in RETRIED)
 
 
 def _entry(found: FoundFile, outcome: Decoded | Skipped, status: str, error: str | None = None) -> FileEntry:

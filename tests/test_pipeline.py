@@ -50,6 +50,19 @@ def test_first_run_indexes_and_records_reasons(folder, tmp_path, tiny_model):
     assert status["indexed"] == 9 and status["skipped"] == 4 and status["num_queries"] == 32
 
 
+def test_a_file_skipped_for_the_runs_limits_is_tried_again(folder, tmp_path, tiny_model):
+    """`too-large` says to raise --max-megapixels; the re-run that does must index the file, though it
+    is unchanged. Skips for the file's own bytes (empty, truncated, not an image) stand."""
+    idx = tmp_path / "idx"
+    index(folder, idx, tiny_model, "--max-megapixels", "0.05")
+    still = index(folder, idx, tiny_model, "--max-megapixels", "0.05")
+    assert still["skipped_by_reason"] == {"too-large": 1} and still["unchanged"] == 12
+    raised = index(folder, idx, tiny_model)
+    assert raised["indexed"] == 1 and raised["skipped"] == 0 and raised["unchanged"] == 12
+    assert index(folder, idx, tiny_model)["unchanged"] == 13
+    assert_consistent(idx)
+
+
 def test_incremental_rename_duplicate_change_delete(folder, tmp_path, tiny_model):
     idx = tmp_path / "idx"
     index(folder, idx, tiny_model)
