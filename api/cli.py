@@ -15,7 +15,7 @@ from api.cli_train import train
 from api.cli_ray import caption_on_ray, index_on_ray, ray_config, ray_options
 from api.options import (
     best_of, caption_options, emit_json, feature_cache_option, index_model, index_options, index_type_options,
-    make_directory, model_options, store_config,
+    make_directory, model_options, NumberRange, store_config,
 )
 from retrieval.errors import BlipsearchError
 
@@ -97,9 +97,9 @@ def make_tiny_command(directory: Path, seed: int) -> None:
               help="Decode worker processes [default: the number of CPU cores; the main process mostly waits on them].")
 @click.option("--exclude", multiple=True, help="Glob of file or directory names/paths to skip (repeatable).")
 @click.option("--follow-symlinks", is_flag=True, help="Follow symbolic links to files and directories.")
-@click.option("--max-megapixels", type=click.FloatRange(0.01, 10_000), default=100.0, show_default=True,
+@click.option("--max-megapixels", type=NumberRange(0.01, 10_000), default=100.0, show_default=True,
               help="Skip images larger than this (decompression-bomb guard).")
-@click.option("--decode-timeout", type=click.FloatRange(0.1, 3600), default=60.0, show_default=True,
+@click.option("--decode-timeout", type=NumberRange(0.1, 3600), default=60.0, show_default=True,
               help="Seconds one file may take to decode before it is skipped.")
 @feature_cache_option
 @click.option("--caption", "with_captions", is_flag=True,

@@ -6,11 +6,12 @@ from pathlib import Path
 
 import click
 
+from api.options import NumberRange
 from retrieval.errors import UsageError
 
 
 def ray_options(func):
-    func = click.option("--ray-gpus-per-actor", type=click.FloatRange(0, 64), default=None,
+    func = click.option("--ray-gpus-per-actor", type=NumberRange(0, 64), default=None,
                         help="GPUs per model actor with --ray [default: 1 when the cluster has GPUs, else 0].")(func)
     func = click.option("--ray-model-actors", type=click.IntRange(1, 10_000), default=1, show_default=True,
                         help="Model actors (one model copy each) with --ray.")(func)

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import click
 
-from api.options import emit_json, make_directory
+from api.options import NumberRange, emit_json, make_directory
 from retrieval.train.recipe import RECOLOUR_SHARE, WITH_SWAPS, TrainConfig
 
 VALIDATION_SEED = 2  # the validation split is drawn with the training seed + 2, the test split with + 1
@@ -30,12 +30,12 @@ TRAIN_CANDIDATES = 16  # the held-out captions are also judged as `caption --can
               help="Captions one change away from each image's, as extra negatives: drawn like swaps, or by the bank.")
 @click.option("--swaps/--no-swaps", default=WITH_SWAPS, show_default=True,
               help="Each caption with two things' colours or shapes swapped, or its relation turned, as a negative.")
-@click.option("--recolour", type=click.FloatRange(0, 1), default=RECOLOUR_SHARE, show_default=True,
+@click.option("--recolour", type=NumberRange(0, 1), default=RECOLOUR_SHARE, show_default=True,
               help="Share of training scenes the image encoder sees in random colours (colour labels ignored); later stages never do.")
 @click.option("--text-steps", type=click.IntRange(0, 100_000), default=None,
               help=f"Steps pre-training the Q-Former's text side to read word order before stage 1 (0: none).  "
                    f"[default: {TrainConfig().text.steps}]")
-@click.option("--colour-noise", type=click.FloatRange(0, 1), default=TrainConfig().caption_colour_noise, show_default=True,
+@click.option("--colour-noise", type=NumberRange(0, 1), default=TrainConfig().caption_colour_noise, show_default=True,
               help="How often stage 2's teacher forcing replaces each caption's last colour word by a random colour, "
                    "so the captioner reads that thing's shape from the image, not from the colour word.")
 @click.option("--smoke", is_flag=True, help="A narrow model and a few steps per stage: checks the machinery in seconds.")

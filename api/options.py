@@ -3,9 +3,21 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import click
+
+
+class NumberRange(click.FloatRange):
+    """click.FloatRange, but refusing nan, which passes every range check (its comparisons are all
+    false): `--decode-timeout nan` skipped every file as timed out."""
+
+    def convert(self, value, param, ctx):
+        number = super().convert(value, param, ctx)
+        if math.isnan(number):
+            self.fail(f"{value!r} is not a number", param, ctx)
+        return number
 
 
 def make_directory(directory: Path) -> Path:

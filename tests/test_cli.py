@@ -46,3 +46,15 @@ def test_a_full_disk_is_one_line_that_says_what_to_do(raised, reason):
 def test_other_errors_are_not_dressed_up():
     result = run(ValueError("a bug"))
     assert isinstance(result.exception, ValueError) and result.exit_code == 1
+
+
+@pytest.mark.parametrize("args", [
+    ["index", ".", "--decode-timeout", "nan"],  # passed the range check and skipped every file as timed out
+    ["index", ".", "--max-megapixels", "NaN"],  # a traceback (int(nan))
+    ["train", "--recolour", "nan"],
+])
+def test_nan_is_refused_where_a_number_is_asked_for(args):
+    from api.cli import main
+
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 2 and f"{args[-1]!r} is not a number" in result.output
