@@ -141,6 +141,17 @@ def choose_spec(max_bytes: int, images: int, num_queries: int, dim: int) -> Inde
             return spec
     smallest = candidates[-1].bytes_per_vector(dim) * vectors
     raise UsageError(
-        f"{images} images need at least {smallest / 2**20:.0f} MiB of index memory ({candidates[-1]}); "
-        f"raise --max-index-memory above {max_bytes / 2**20:.0f} MiB"
+        f"{images:,} image{'' if images == 1 else 's'} need{'s' if images == 1 else ''} at least "
+        f"{_size(smallest)} of index memory ({candidates[-1]}); raise --max-index-memory above {_size(max_bytes)}"
     )
+
+
+def _size(nbytes: float) -> str:
+    """1.5 KiB, 12.0 MiB: in whole MiB alone, 1,000 bytes read as 0 MiB."""
+    if nbytes < 1024:
+        return f"{nbytes:,.0f} byte{'' if nbytes == 1 else 's'}"
+    for unit in ("KiB", "MiB", "GiB"):
+        nbytes /= 1024
+        if nbytes < 1024 or unit == "GiB":
+            break
+    return f"{nbytes:,.1f} {unit}"

@@ -168,5 +168,11 @@ def test_auto_picks_the_most_exact_kind_that_fits():
     assert choose_spec(10**6 * per_image("sq8"), 10**6, 32, 256).kind == "sq8"
     pq = choose_spec(4 * 2**10 * 10**6, 10**6, 32, 256)  # the 4 KiB per image
     assert pq == IndexSpec("ivf-pq", m=64) and pq.bytes_per_vector(256) * 32 <= 4 * 2**10
-    with pytest.raises(UsageError, match="max-index-memory"):
+    with pytest.raises(UsageError) as small:
         choose_spec(10**6, 10**6, 32, 256)
+    assert str(small.value) == ("1,000,000 images need at least 488.3 MiB of index memory (ivf-pq:m=8); "
+                                "raise --max-index-memory above 976.6 KiB")
+    with pytest.raises(UsageError) as tiny:  # in whole MiB, both read 0
+        choose_spec(1, 1, 32, 64)
+    assert str(tiny.value) == ("1 image needs at least 320 bytes of index memory (ivf-pq:m=2); "
+                               "raise --max-index-memory above 1 byte")
