@@ -46,6 +46,11 @@ def search(texts, index_dir, catalog_url, model, device, dtype, k, candidates, n
         raise UsageError("--caption-only searches caption text; it takes no --image, --hybrid or --not")
     if hybrid and image_path:
         raise UsageError("--hybrid blends text with captions; it does not apply to --image")
+    if image_path and negatives:  # not silently dropped
+        raise UsageError("--not subtracts texts from a text query; it does not apply to --image")
+    if (image_path or caption_only) and score not in (None, "itc"):  # ITM needs a text to judge
+        raise UsageError(f"--score {score} re-ranks a text query by ITM; "
+                         + ("--image searches by ITC alone" if image_path else "--caption-only ranks by caption text"))
     options = SearchOptions(
         k=k, candidates=candidates, rerank=not no_rerank and not image_path and not caption_only,
         score=score,

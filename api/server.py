@@ -136,6 +136,8 @@ def create_app(service: Service) -> FastAPI:
         from indexer.search import SearchOptions, search_captions
         from retrieval.query import TextQuery
 
+        if caption_only and (hybrid or not_ or score not in (None, "itc")):  # as the CLI: not silently ignored
+            raise HTTPException(400, "caption_only ranks by caption text; it takes no hybrid, not or score")
         options = SearchOptions(k=k, candidates=candidates, rerank=rerank and not caption_only,
                                 score=score,
                                 min_score=min_score, path_glob=path, hybrid=hybrid)

@@ -236,3 +236,17 @@ def test_cli_json_shape(indexed, tiny_model):
     assert set(payload["results"][0]) >= {"path", "score", "itc_score", "itm_score", "query_slot"}
     bad = run_cli("search", "", "--index", str(root / "idx"))
     assert bad.returncode == 2 and "empty" in bad.stderr
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--image", "IMG", "--not", "red"], "--not subtracts texts from a text query; it does not apply to --image"),
+    (["--image", "IMG", "--score", "itm"], "--score itm re-ranks a text query by ITM; --image searches by ITC alone"),
+    (["a", "--caption-only", "--score", "itm+itc"],
+     "--score itm+itc re-ranks a text query by ITM; --caption-only ranks by caption text"),
+])
+def test_options_that_do_not_apply_are_refused(indexed, args, message):
+    """Before, --not was dropped from an image search, and --score itm blamed a --no-rerank never given."""
+    root, paths, _ = indexed
+    args = [str(paths[0]) if arg == "IMG" else arg for arg in args]
+    result = run_cli("search", *args, "--index", str(root / "idx"))
+    assert result.returncode == 2 and result.stderr == f"Error: {message}\n"

@@ -88,6 +88,8 @@ def test_search_matches_the_core_and_takes_every_option(served):
     ({}, 422), ({"q": ""}, 400), ({"q": "x" * 1001}, 400), ({"q": "a", "k": 0}, 422),
     ({"q": "a", "k": 10**6}, 422), ({"q": "a", "score": "best"}, 422), ({"q": "a", "rerank": "false", "score": "itm"}, 400),
     ({"q": "a", "min_score": "nan"}, 400), ({"q": "a", "min_score": "-inf"}, 400),
+    ({"q": "a", "caption_only": "true", "hybrid": "true"}, 400), ({"q": "a", "caption_only": "true", "not": "b"}, 400),
+    ({"q": "a", "caption_only": "true", "score": "itm"}, 400),  # each was silently ignored
 ])
 def test_bad_searches_are_4xx_with_the_error_shape(served, params, status):
     client, _, _ = served
