@@ -4,6 +4,7 @@ that need them, so `blipsearch --help` answers at once."""
 from __future__ import annotations
 
 import errno
+import os
 import sys
 from pathlib import Path
 
@@ -327,7 +328,7 @@ def forget(paths, index_dir, catalog_url, as_json) -> None:
 def export(index_dir, catalog_url, fmt, output) -> None:
     """Write one row per file in the catalog: path, status, error, size, mtime, hash, width, height,
     format, and the caption with its model, prompt and time."""
-    from indexer.export import records, write_parquet, write_text
+    from indexer.export import records, write_text
     from indexer.store import IndexStore
     from retrieval.errors import UsageError
 
@@ -338,20 +339,42 @@ def export(index_dir, catalog_url, fmt, output) -> None:
         if output is None:
             write_text(records(store.catalog), sys.stdout, fmt)
             return
-        tmp = output.with_name(output.name + ".tmp")
-        try:
-            if fmt == "parquet":
-                count = write_parquet(records(store.catalog), tmp)
-            else:
-                with open(tmp, "w", newline="", encoding="utf-8") as handle:
-                    count = write_text(records(store.catalog), handle, fmt)
-            tmp.replace(output)
-        except OSError as exc:  # no such folder, no permission, disk full: the old file stays as it was
-            tmp.unlink(missing_ok=True)
-            raise UsageError(f"cannot write {output}: {exc.strerror or exc}") from None
+        count = _export_to(output, lambda path: _write_export(records(store.catalog), path, fmt))
     finally:
         store.close()
     click.echo(f"wrote {count} rows to {output}", err=True)
+
+
+def _write_export(rows, path: Path, fmt: str) -> int:
+    from indexer.export import write_parquet, write_text
+
+    if fmt == "parquet":
+        return write_parquet(rows, path)
+    with open(path, "w", newline="", encoding="utf-8") as handle:
+        return write_text(rows, handle, fmt)
+
+
+def _export_to(output: Path, write) -> int:
+    """`write(path)` into `output` whole or not at all: into a temporary file beside it, then renamed
+    over it, so a failure (no such folder, no permission, a full disk) leaves the old file as it was.
+    A symbolic link stays and its target is replaced. What is not a regular file (/dev/stdout, a FIFO)
+    is written through: renaming over it would put a file in its place."""
+    from retrieval.errors import UsageError
+
+    try:
+        special = output.exists() and not output.is_file()
+        target = Path(os.path.realpath(output))
+        tmp = target.with_name(target.name + ".tmp")
+        if special:
+            return write(output)
+        try:
+            count = write(tmp)
+            tmp.replace(target)
+        finally:
+            tmp.unlink(missing_ok=True)
+        return count
+    except OSError as exc:
+        raise UsageError(f"cannot write {output}: {exc.strerror or exc}") from None
 
 
 @main.command()

@@ -63,6 +63,30 @@ def test_a_file_skipped_for_the_runs_limits_is_tried_again(folder, tmp_path, tin
     assert_consistent(idx)
 
 
+def test_export_writes_through_links_pipes_and_devices(tmp_path, tiny_model):
+    """-o replaced its target by renaming a temporary file over it: over /dev/stdout or a FIFO that put a
+    regular file in its place (as root, in /dev), and a symbolic link became a file."""
+    import stat
+    import threading
+
+    make_images(tmp_path / "photos", 2, seed=3)
+    idx = tmp_path / "idx"
+    index(tmp_path / "photos", idx, tiny_model)
+    (tmp_path / "real.jsonl").write_text("old\n")
+    os.symlink("real.jsonl", tmp_path / "link.jsonl")
+    run_cli("export", "--index", str(idx), "-o", str(tmp_path / "link.jsonl"), check=True)
+    assert os.readlink(tmp_path / "link.jsonl") == "real.jsonl"
+    assert len((tmp_path / "real.jsonl").read_text().splitlines()) == 2
+    os.mkfifo(tmp_path / "fifo")
+    received = []
+    reader = threading.Thread(target=lambda: received.append((tmp_path / "fifo").read_text()), daemon=True)
+    reader.start()
+    run_cli("export", "--index", str(idx), "--format", "csv", "-o", str(tmp_path / "fifo"), check=True)
+    reader.join(timeout=30)
+    assert stat.S_ISFIFO(os.stat(tmp_path / "fifo").st_mode) and len(received[0].splitlines()) == 3
+    assert sorted(os.listdir(tmp_path)) == ["fifo", "idx", "link.jsonl", "photos", "real.jsonl"]  # no .tmp left
+
+
 def test_incremental_rename_duplicate_change_delete(folder, tmp_path, tiny_model):
     idx = tmp_path / "idx"
     index(folder, idx, tiny_model)
