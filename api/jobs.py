@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 QUEUED, RUNNING, DONE, FAILED, CANCELLED = "queued", "running", "done", "failed", "cancelled"
+KEPT_FINISHED = 1000  # finished jobs the server remembers: a cron job's every run must not grow it forever
 
 
 class JobCancelled(Exception):
@@ -66,9 +67,11 @@ class JobProgress:
 
 
 class JobRunner:
-    def __init__(self, run: Callable[[Job, JobProgress], dict], on_done: Callable[[Job], None]) -> None:
+    def __init__(self, run: Callable[[Job, JobProgress], dict], on_done: Callable[[Job], None],
+                 kept_finished: int = KEPT_FINISHED) -> None:
         self._run = run
         self._on_done = on_done
+        self._kept_finished = kept_finished
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="blipsearch-job")
         self._jobs: dict[int, Job] = {}
         self._ids = itertools.count(1)
@@ -78,14 +81,17 @@ class JobRunner:
         with self._lock:
             job = Job(next(self._ids), kind, params)
             self._jobs[job.id] = job
+            finished = [j.id for j in self._jobs.values() if j.finished_at is not None]
+            for old in finished[: max(0, len(finished) - self._kept_finished)]:  # oldest first: ids ascend
+                del self._jobs[old]
         self._executor.submit(self._execute, job)
         return job
 
     def _execute(self, job: Job) -> None:
-        if job.cancel_requested.is_set():
-            job.state, job.finished_at = CANCELLED, time.time()
-            return
-        job.state = RUNNING
+        with self._lock:  # against `cancel`: a job is either cancelled while queued or started
+            if job.state == CANCELLED:
+                return
+            job.state = RUNNING
         try:
             job.result = self._run(job, JobProgress(job))
             job.state = DONE
@@ -104,9 +110,13 @@ class JobRunner:
         return sorted(self._jobs.values(), key=lambda j: j.id)
 
     def cancel(self, job_id: int) -> Job | None:
-        job = self._jobs.get(job_id)
-        if job is not None and job.state in (QUEUED, RUNNING):
-            job.cancel_requested.set()
+        """A queued job is cancelled at once; a running one after the batch in hand."""
+        with self._lock:
+            job = self._jobs.get(job_id)
+            if job is not None and job.state == QUEUED:
+                job.state, job.finished_at = CANCELLED, time.time()
+            elif job is not None and job.state == RUNNING:
+                job.cancel_requested.set()
         return job
 
     def counts(self) -> dict[str, int]:
@@ -117,7 +127,7 @@ class JobRunner:
 
     def shutdown(self) -> None:
         for job in list(self._jobs.values()):
-            job.cancel_requested.set()
+            self.cancel(job.id)
         self._executor.shutdown(wait=True, cancel_futures=False)
 
 
