@@ -200,8 +200,23 @@ def load(model_cls_name: str, config: ModelConfig) -> Loaded:
     model_cls = getattr(transformers, model_cls_name)
     model = _from_pretrained(model_cls, config.name, option, dtype=dtype)
     processor = _from_pretrained(transformers.AutoProcessor, config.name, option)
+    _require_tokenizer(processor.tokenizer, config.name, option, pads=model_cls_name == "Blip2ForImageTextRetrieval")
     model.to(device).eval()
     return Loaded(model=model, processor=processor, device=device, dtype=dtype)
+
+
+def _require_tokenizer(tokenizer: Any, name: str, option: str, pads: bool) -> None:
+    """transformers loads a checkpoint whose tokenizer files are missing anyway. Without tokenizer.json
+    (and vocab.txt) it builds a BertTokenizer of its special tokens alone, which reads every word as
+    [UNK]: every query embeds alike and searches return noise, silently. Without tokenizer_config.json
+    it may guess another tokenizer class, with no padding token, which batches of texts need."""
+    where = str(Path(name).expanduser().absolute()) if Path(name).expanduser().is_dir() else name
+    if len(tokenizer) - len(set(tokenizer.all_special_ids)) < 2:
+        raise ModelNotFoundError(name, where, "its tokenizer has no vocabulary (tokenizer.json or vocab.txt is "
+                                 "missing); download the model again", option=option, local=True)
+    if pads and tokenizer.pad_token is None:
+        raise ModelNotFoundError(name, where, "its tokenizer has no padding token (tokenizer_config.json is "
+                                 "missing?); download the model again", option=option, local=True)
 
 
 def fingerprint(model: Any) -> str:

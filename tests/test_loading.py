@@ -68,6 +68,22 @@ def test_a_corrupt_checkpoint_is_one_clear_error(tiny_model, tmp_path):
             load("Blip2ForImageTextRetrieval", ModelConfig(name=str(broken), device="cpu"))
 
 
+@pytest.mark.parametrize("missing, says", [
+    # transformers built a BertTokenizer of the special tokens alone: every word [UNK], searches noise
+    ("tokenizer.json", "its tokenizer has no vocabulary (tokenizer.json or vocab.txt is missing)"),
+    # transformers guessed another tokenizer class, without padding: a traceback at the first search
+    ("tokenizer_config.json", "its tokenizer has no padding token (tokenizer_config.json is missing?)"),
+])
+def test_a_checkpoint_missing_tokenizer_files_is_refused(tiny_model, tmp_path, missing, says):
+    import shutil
+
+    broken = shutil.copytree(tiny_model, tmp_path / "partial")
+    (broken / missing).unlink()
+    with pytest.raises(ModelNotFoundError) as raised:
+        load("Blip2ForImageTextRetrieval", ModelConfig(name=str(broken), device="cpu"))
+    assert f"{broken}: {says}; download the model again." in str(raised.value)
+
+
 def test_a_checkpoint_of_the_other_class_is_refused(tiny_models):
     retrieval_dir, caption_dir = tiny_models
     with pytest.raises(ModelNotFoundError, match="is for Blip2ForConditionalGeneration, not Blip2ForImageTextRe"):
