@@ -171,8 +171,13 @@ def local_file(name: str, filename: str) -> Path | None:
 
 
 def _first_line(exc: BaseException) -> str:
+    """The error's first line; its first sentence where the line is long (transformers' advice about the
+    hub, on a local directory, would be cut mid-sentence)."""
     text = str(exc).strip().splitlines()
-    return text[0][:200].rstrip(".") if text else type(exc).__name__
+    if not text:
+        return type(exc).__name__
+    line = text[0].split(". ")[0] if len(text[0]) > 200 else text[0]
+    return line[:200].rstrip(".")
 
 
 def _quiet_hub_logs() -> None:

@@ -84,6 +84,18 @@ def test_a_checkpoint_missing_tokenizer_files_is_refused(tiny_model, tmp_path, m
     assert f"{broken}: {says}; download the model again." in str(raised.value)
 
 
+def test_a_long_loader_error_is_cut_at_its_first_sentence(tiny_model, tmp_path):
+    """transformers' error for a missing processor file goes on about the hub for a local directory; cut
+    at 200 characters it ended mid-word."""
+    import shutil
+
+    broken = shutil.copytree(tiny_model, tmp_path / "partial")
+    (broken / "processor_config.json").unlink()
+    with pytest.raises(ModelNotFoundError) as raised:
+        load("Blip2ForImageTextRetrieval", ModelConfig(name=str(broken), device="cpu"))
+    assert str(raised.value).splitlines()[0].endswith(f"{broken}: Can't load image processor for '{broken}'.")
+
+
 def test_a_checkpoint_of_the_other_class_is_refused(tiny_models):
     retrieval_dir, caption_dir = tiny_models
     with pytest.raises(ModelNotFoundError, match="is for Blip2ForConditionalGeneration, not Blip2ForImageTextRe"):
