@@ -76,7 +76,8 @@ def models() -> None:
 
 @models.command("make-tiny")
 @click.argument("directory", type=click.Path(file_okay=False, path_type=Path))
-@click.option("--seed", default=0, show_default=True, help="Seed of the random weights.")
+@click.option("--seed", type=click.IntRange(0, 2**31 - 1), default=0, show_default=True,
+              help="Seed of the random weights.")
 def make_tiny_command(directory: Path, seed: int) -> None:
     """Write tiny random BLIP-2 checkpoints (retrieval and captioning) to DIRECTORY, to try blipsearch offline.
 

@@ -23,7 +23,8 @@ TRAIN_CANDIDATES = 16  # the held-out captions are also judged as `caption --can
               help="Training images to generate.")
 @click.option("--test-images", type=click.IntRange(8, 100_000), default=500, show_default=True,
               help="Held-out test images (half with unseen colour-shape pairs), and as many for validation.")
-@click.option("--seed", default=0, show_default=True)
+@click.option("--seed", type=click.IntRange(0, 2**31 - 1), default=0, show_default=True,
+              help="Seed of the data, the weights and the held-out splits (seed + 1 test, seed + 2 validation).")
 @click.option("--itm-negatives", type=click.Choice(["batch", "bank"]), default="batch", show_default=True,
               help="Where ITM's hard negatives come from: each batch (as LAVIS), or the whole training set.")
 @click.option("--foils", type=click.IntRange(0, 50), default=0, show_default=True,

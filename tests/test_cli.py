@@ -58,3 +58,12 @@ def test_nan_is_refused_where_a_number_is_asked_for(args):
 
     result = CliRunner().invoke(main, args)
     assert result.exit_code == 2 and f"{args[-1]!r} is not a number" in result.output
+
+
+@pytest.mark.parametrize("args", [["train", "--out", "x", "--seed", str(2**64)], ["models", "make-tiny", "x", "--seed", "-1"]])
+def test_a_seed_torch_cannot_take_is_refused(args):
+    """2**64 was a traceback from torch.manual_seed once the data had been drawn."""
+    from api.cli import main
+
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 2 and "is not in the range 0<=x<=2147483647" in result.output
