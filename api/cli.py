@@ -16,7 +16,7 @@ from api.cli_train import train
 from api.cli_ray import caption_on_ray, index_on_ray, ray_config, ray_options
 from api.options import (
     best_of, caption_options, emit_json, feature_cache_option, index_model, index_options, index_type_options,
-    make_directory, model_options, NumberRange, store_config,
+    make_directory, model_options, NumberRange, store_config, warn_missing,
 )
 from retrieval.errors import BlipsearchError
 
@@ -289,8 +289,7 @@ def caption(index_dir, catalog_url, caption_model, prompt, max_new_tokens, num_b
     if as_json:
         emit_json(result)
         return
-    for path in summary.missing[:20]:
-        click.echo(f"warning: {path} was indexed but is gone from disk; not captioned", err=True)
+    warn_missing(summary.missing, "not captioned")
     failed = ", ".join(f"{n} {reason}" for reason, n in result["failed_by_reason"].items())
     click.echo(f"captioned {result['captioned']}, missing {result['missing']}, failed {result['failed']}"
                + (f" ({failed})" if failed else "") + f" in {result['seconds']['total']:.1f} s")

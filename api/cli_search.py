@@ -6,6 +6,7 @@ import click
 
 from api.options import (
     emit_json, feature_cache, feature_cache_option, index_model, index_options, model_options, store_config,
+    warn_missing,
 )
 
 
@@ -78,18 +79,6 @@ def _caption_search(index_dir, catalog_url, text, options):
         store.close()
 
 
-def _warn_missing(missing: list[str], shown: int = 3) -> None:
-    """A few of the files gone from disk, and how to drop them, rather than a line for each: a
-    deleted folder can make every candidate one."""
-    for path in missing[:shown]:
-        click.echo(f"warning: {path} was indexed but is gone from disk; skipped", err=True)
-    if len(missing) > shown:
-        click.echo(f"warning: and {len(missing) - shown} more gone from disk", err=True)
-    if missing:
-        click.echo("(blipsearch index drops files deleted from the folders it was given; blipsearch forget FOLDER "
-                   "drops a folder that is gone)", err=True)
-
-
 def _run_search(index_dir, catalog_url, model, device, dtype, query, image_path, options, feature_cache_mb):
     from indexer.rerank import Reranker
     from indexer.search import Searcher
@@ -121,7 +110,7 @@ def _print_search(label, response, as_json: bool) -> None:
         results = [{k: v for k, v in asdict(r).items() if k not in ("file_id", "embedding_id")} for r in response.results]
         emit_json({"query": label, "results": results, "missing": response.missing})
         return
-    _warn_missing(response.missing)
+    warn_missing(response.missing, "skipped")
     if not response.results:
         click.echo("no results", err=True)
     for rank, result in enumerate(response.results, 1):

@@ -135,3 +135,15 @@ def index_type_options(func):
 
 def emit_json(payload) -> None:
     click.echo(json.dumps(payload, indent=None, ensure_ascii=False))
+
+
+def warn_missing(missing: list[str], consequence: str, shown: int = 3) -> None:
+    """A few of the files gone from disk, and how to drop them, rather than a line for each: a
+    deleted folder can make every one of them gone."""
+    for path in missing[:shown]:
+        click.echo(f"warning: {path} was indexed but is gone from disk; {consequence}", err=True)
+    if len(missing) > shown:
+        click.echo(f"warning: and {len(missing) - shown} more gone from disk", err=True)
+    if missing:
+        click.echo("(blipsearch index drops files deleted from the folders it was given; blipsearch forget FOLDER "
+                   "drops a folder that is gone)", err=True)

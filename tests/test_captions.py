@@ -58,6 +58,13 @@ def test_caption_command_stores_what_the_captioner_writes(tmp_path, tiny_model, 
     assert caption(tmp_path / "idx", caption_model, "--prompt", "a photo of")["captioned"] == 0
     assert caption(tmp_path / "idx", caption_model, "--prompt", "a photo of", "--overwrite")["captioned"] == 6
     assert {v[1] for v in stored_captions(tmp_path / "idx").values()} == {"a photo of"}
+    for path in paths[:4]:  # many gone: a few named and a count, as search does, not a line each
+        path.unlink()
+    told = run_cli("caption", "--index", str(tmp_path / "idx"), "--caption-model", str(caption_model), "-q",
+                   "--max-new-tokens", "6", "--overwrite", check=True).stderr.splitlines()
+    assert [line for line in told if line.startswith("warning:")][-1] == "warning: and 2 more gone from disk"
+    assert len([line for line in told if line.endswith("is gone from disk; not captioned")]) == 3
+    assert any("blipsearch forget FOLDER" in line for line in told)
 
 
 def test_index_caption_equals_caption_command(tmp_path, tiny_model, caption_model):
