@@ -223,6 +223,9 @@ def _print_index_summary(store, summary, with_captions: bool, as_json: bool) -> 
         click.echo(f"warning: {len(names)} file(s) not indexed, because their names are not valid UTF-8 and the "
                    "catalog keeps names as UTF-8 text; rename them (for example with convmv): "
                    + ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else ""), err=True)
+    if summary.links_not_followed:
+        click.echo(f"note: {summary.links_not_followed} symbolic link(s) to files or folders were not followed; "
+                   "--follow-symlinks indexes what they point to", err=True)
 
 
 def _choose_index_type(store, index_type: str, max_memory: int | None) -> None:

@@ -76,6 +76,7 @@ class IndexSummary:
     seconds: dict[str, float] = field(default_factory=lambda: Counter())
     decoded_before_model: int = 0  # files decoded while the model was still loading
     names_not_utf8: list[str] = field(default_factory=list)  # skipped, with no catalog row (`walk.storable`)
+    links_not_followed: int = 0  # symbolic links the walk left alone (`WalkOptions.follow_symlinks`)
 
     def skip_names_not_utf8(self, names: list[str]) -> None:
         self.names_not_utf8 = names
@@ -93,6 +94,7 @@ class IndexSummary:
             "skipped_by_reason": dict(sorted(self.skipped.items())),
             "seconds": {k: round(v, 3) for k, v in self.seconds.items()},
             "names_not_utf8": self.names_not_utf8,
+            "links_not_followed": self.links_not_followed,
         }
 
 
@@ -133,6 +135,7 @@ class Indexer:
         walked = walk(roots, self.config.walk, skip_dirs=(str(self.store.directory),))
         found = walked.files
         summary.skip_names_not_utf8(walked.names_not_utf8)
+        summary.links_not_followed = walked.links_not_followed
         known = self.store.catalog.files_under(roots)
         todo = [f for path, f in found.items() if not _unchanged(f, known.get(path))]
         summary.unchanged = len(found) - len(todo)

@@ -165,6 +165,7 @@ class RayIndexRun(_RayRun):
         walked = walk(roots, self.config.walk, skip_dirs=(str(self.store.directory),))
         found = walked.files
         summary.skip_names_not_utf8(walked.names_not_utf8)
+        summary.links_not_followed = walked.links_not_followed
         leftover = self._merge(found, catalog.files_under(roots), summary)  # what an interrupted run left
         known = catalog.files_under(roots)
         todo = [f for f in found.values() if not _unchanged(f, known.get(f.path))]

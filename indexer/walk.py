@@ -40,6 +40,7 @@ class FoundFile:
 class Walked:
     files: dict[str, FoundFile]  # absolute path -> file, for every candidate file the catalog can hold
     names_not_utf8: list[str]  # files the catalog cannot name (`storable`), as `shown` prints them
+    links_not_followed: int = 0  # symbolic links to files or folders, left alone without `follow_symlinks`
 
 
 def storable(path: str) -> bool:
@@ -109,16 +110,19 @@ def walk(roots: list[str], options: WalkOptions, skip_dirs: tuple[str, ...] = ()
             continue
     files: dict[str, FoundFile] = {}
     names_not_utf8: set[str] = set()  # a set: overlapping roots find a file twice
+    links: set[str] = set()
     for root in roots:
-        for found in _walk_one(root, options, skipped):
+        for found in _walk_one(root, options, skipped, links):
             if storable(found.path):
                 files[found.path] = found
             else:
                 names_not_utf8.add(shown(found.path))
-    return Walked(files, sorted(names_not_utf8))
+    return Walked(files, sorted(names_not_utf8), len(links))
 
 
-def _walk_one(root: str, options: WalkOptions, skip_dirs: set[tuple[int, int]]) -> Iterator[FoundFile]:
+def _walk_one(root: str, options: WalkOptions, skip_dirs: set[tuple[int, int]],
+              links: set[str]) -> Iterator[FoundFile]:
+    """The candidate files under `root`; symbolic links not followed are added to `links`."""
     if os.path.isfile(root):
         stat = os.stat(root)
         yield FoundFile(root, stat.st_size, stat.st_mtime_ns)
@@ -146,5 +150,7 @@ def _walk_one(root: str, options: WalkOptions, skip_dirs: set[tuple[int, int]]) 
                         continue
                     stat = entry.stat(follow_symlinks=options.follow_symlinks)
                     yield FoundFile(entry.path, stat.st_size, stat.st_mtime_ns)
+                elif entry.is_symlink() and (entry.is_dir() or entry.is_file()):  # not dangling
+                    links.add(entry.path)
             except OSError:
                 continue

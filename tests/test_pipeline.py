@@ -63,6 +63,22 @@ def test_a_file_skipped_for_the_runs_limits_is_tried_again(folder, tmp_path, tin
     assert_consistent(idx)
 
 
+def test_symbolic_links_are_followed_only_when_asked_and_said_when_not(tmp_path, tiny_model):
+    """Before, links to photos or folders were left out without a word."""
+    make_images(tmp_path / "elsewhere", 2, seed=12)
+    make_images(tmp_path / "photos", 1, seed=13)
+    os.symlink(tmp_path / "elsewhere", tmp_path / "photos" / "linked-folder")
+    os.symlink(tmp_path / "elsewhere" / "img0000.jpg", tmp_path / "photos" / "linked.jpg")
+    os.symlink(tmp_path / "nowhere", tmp_path / "photos" / "dangling.jpg")  # not worth a note
+    result = run_cli("index", str(tmp_path / "photos"), "--index", str(tmp_path / "idx"), "--model", str(tiny_model),
+                     "--json", "-q", check=True)
+    assert json.loads(result.stdout)["indexed"] == 1 and json.loads(result.stdout)["links_not_followed"] == 2
+    assert ("note: 2 symbolic link(s) to files or folders were not followed; --follow-symlinks indexes what they "
+            "point to") in result.stderr
+    followed = index(tmp_path / "photos", tmp_path / "idx", tiny_model, "--follow-symlinks")
+    assert followed["indexed"] == 2 and followed["reused"] == 1 and followed["links_not_followed"] == 0
+
+
 def test_export_writes_through_links_pipes_and_devices(tmp_path, tiny_model):
     """-o replaced its target by renaming a temporary file over it: over /dev/stdout or a FIFO that put a
     regular file in its place (as root, in /dev), and a symbolic link became a file."""
