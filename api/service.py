@@ -201,7 +201,11 @@ class Service:
         row = self.store.catalog.file(file_id)
         if row is None:
             return False
-        forget(self.store, [row.path])
+        try:
+            forget(self.store, [row.path])
+        except IndexBusyError:  # the store's message speaks of another run; here it may be our own job
+            raise IndexBusyError("the index is busy: a job of this server, or another blipsearch run, is "
+                                 "writing to it; try again when it ends") from None
         self.reload()
         return True
 

@@ -212,6 +212,10 @@ def test_cancel_a_running_job(served, tmp_path):
     during = client.get("/api/search", params={"q": "a red circle", "k": 3})  # searches go on meanwhile
     assert during.status_code == 200 and len(during.json()["results"]) == 3
     assert client.get(f"/api/jobs/{job['id']}").json()["state"] == "running"
+    image_id = client.get("/api/images", params={"limit": 1}).json()["images"][0]["id"]
+    busy = client.delete(f"/api/images/{image_id}", headers=AUTH)  # the job holds the writer lock
+    assert_error(busy, 409)
+    assert busy.json()["detail"].startswith("the index is busy: a job of this server, or another blipsearch run")
     assert client.delete(f"/api/jobs/{job['id']}", headers=AUTH).status_code == 200
     final = wait(client, job["id"])
     assert final["state"] == "cancelled" and 4 <= final["done"] < 60
