@@ -223,6 +223,11 @@ def _print_index_summary(store, summary, with_captions: bool, as_json: bool) -> 
         click.echo(f"warning: {len(names)} file(s) not indexed, because their names are not valid UTF-8 and the "
                    "catalog keeps names as UTF-8 text; rename them (for example with convmv): "
                    + ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else ""), err=True)
+    if summary.unreadable:
+        places = summary.unreadable
+        click.echo(f"warning: could not read {len(places)} folder(s) or file(s); what was indexed there is kept "
+                   "until they can be read: " + ", ".join(places[:5])
+                   + (f" and {len(places) - 5} more" if len(places) > 5 else ""), err=True)
     if summary.links_not_followed:
         click.echo(f"note: {summary.links_not_followed} symbolic link(s) to files or folders were not followed; "
                    "--follow-symlinks indexes what they point to", err=True)

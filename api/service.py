@@ -18,9 +18,9 @@ from pathlib import Path
 from typing import Any
 
 from api.jobs import Job, JobProgress, JobRunner
-from indexer.catalog import at_or_under
 from indexer.errors import IndexBusyError
 from indexer.store import IndexStore, StoreConfig
+from indexer.walk import at_or_under
 from retrieval.errors import BlipsearchError, UsageError
 
 THUMBNAIL_PX = 256

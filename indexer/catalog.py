@@ -22,6 +22,7 @@ from indexer import schema
 from indexer.schema import chunks
 from indexer.caption_catalog import CaptionCatalog, NewCaptions, delete_captions, write_captions
 from indexer.errors import CatalogUnavailableError, CatalogVersionError
+from indexer.walk import at_or_under
 from retrieval.errors import ModelMismatchError
 from retrieval.loading import ModelIdentity
 
@@ -72,12 +73,6 @@ def _under(root: str):
     """`files.path` strictly under directory `root`, as an index-friendly range (no LIKE escaping)."""
     prefix = root.rstrip("/") + "/"
     return and_(schema.files.c.path >= prefix, schema.files.c.path < prefix[:-1] + "0")  # "0" follows "/"
-
-
-def at_or_under(path: str, folder: str) -> bool:
-    """`path` is `folder` or lies under it (a trailing slash on `folder` or not)."""
-    folder = folder.rstrip("/")
-    return path == folder or path.startswith(folder + "/")
 
 
 WRITE_ATTEMPTS = 5

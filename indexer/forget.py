@@ -8,8 +8,8 @@ from typing import Sequence
 
 import numpy as np
 
-from indexer.catalog import at_or_under
 from indexer.store import IndexStore
+from indexer.walk import at_or_under
 from retrieval.errors import UsageError
 
 

@@ -77,6 +77,7 @@ class IndexSummary:
     decoded_before_model: int = 0  # files decoded while the model was still loading
     names_not_utf8: list[str] = field(default_factory=list)  # skipped, with no catalog row (`walk.storable`)
     links_not_followed: int = 0  # symbolic links the walk left alone (`WalkOptions.follow_symlinks`)
+    unreadable: list[str] = field(default_factory=list)  # not read; what the catalog holds there stays
 
     def skip_names_not_utf8(self, names: list[str]) -> None:
         self.names_not_utf8 = names
@@ -95,6 +96,7 @@ class IndexSummary:
             "seconds": {k: round(v, 3) for k, v in self.seconds.items()},
             "names_not_utf8": self.names_not_utf8,
             "links_not_followed": self.links_not_followed,
+            "unreadable": self.unreadable,
         }
 
 
@@ -136,6 +138,7 @@ class Indexer:
         found = walked.files
         summary.skip_names_not_utf8(walked.names_not_utf8)
         summary.links_not_followed = walked.links_not_followed
+        summary.unreadable = walked.unreadable
         known = self.store.catalog.files_under(roots)
         todo = [f for path, f in found.items() if not _unchanged(f, known.get(path))]
         summary.unchanged = len(found) - len(todo)
@@ -162,7 +165,7 @@ class Indexer:
         finally:
             if writer is not None:
                 writer.finish()
-        gone = sorted(set(known) - set(found))
+        gone = sorted(path for path in set(known) - set(found) if not walked.unread(path))
         writer.vectors.remove(np.asarray(self.store.catalog.remove_paths(gone), dtype=np.int64))
         summary.removed = len(gone)
         # Writers sharing the catalog (PostgreSQL) add images this run's file lacks: take them in.

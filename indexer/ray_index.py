@@ -166,6 +166,7 @@ class RayIndexRun(_RayRun):
         found = walked.files
         summary.skip_names_not_utf8(walked.names_not_utf8)
         summary.links_not_followed = walked.links_not_followed
+        summary.unreadable = walked.unreadable
         leftover = self._merge(found, catalog.files_under(roots), summary)  # what an interrupted run left
         known = catalog.files_under(roots)
         todo = [f for f in found.values() if not _unchanged(f, known.get(f.path))]
@@ -173,7 +174,7 @@ class RayIndexRun(_RayRun):
         if todo:
             self._embed(todo)
             self._merge(found, known, summary)
-        gone = sorted(set(catalog.files_under(roots)) - set(found))
+        gone = sorted(path for path in set(catalog.files_under(roots)) - set(found) if not walked.unread(path))
         orphaned = catalog.remove_paths(gone)
         summary.removed = len(gone)
         identity = catalog.model()

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import fnmatch
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
 
@@ -41,6 +41,24 @@ class Walked:
     files: dict[str, FoundFile]  # absolute path -> file, for every candidate file the catalog can hold
     names_not_utf8: list[str]  # files the catalog cannot name (`storable`), as `shown` prints them
     links_not_followed: int = 0  # symbolic links to files or folders, left alone without `follow_symlinks`
+    unreadable: list[str] = field(default_factory=list)  # folders (or files) there but not readable, `shown`
+
+    def unread(self, path: str) -> bool:
+        """`path` is at or under something the walk could not read: not found, but maybe not gone
+        either (a permission, a network mount's hiccup), so its catalog row must stay."""
+        return any(at_or_under(path, place) for place in self.unreadable)
+
+
+@dataclass
+class _Noticed:
+    """What a walk passes by without yielding."""
+
+    links: set[str] = field(default_factory=set)
+    unreadable: set[str] = field(default_factory=set)
+
+    def failed(self, path: str, exc: OSError) -> None:
+        if not isinstance(exc, FileNotFoundError):  # one that vanished meanwhile is simply gone
+            self.unreadable.add(path)
 
 
 def storable(path: str) -> bool:
@@ -56,6 +74,12 @@ def storable(path: str) -> bool:
 def shown(path: str) -> str:
     """`path` fit to print: bytes that are not UTF-8 as \\xff escapes."""
     return os.fsencode(path).decode("utf-8", "backslashreplace")
+
+
+def at_or_under(path: str, folder: str) -> bool:
+    """`path` is `folder` or lies under it (a trailing slash on `folder` or not)."""
+    folder = folder.rstrip("/")
+    return path == folder or path.startswith(folder + "/")
 
 
 def catalog_path(raw: str) -> str:
@@ -110,21 +134,25 @@ def walk(roots: list[str], options: WalkOptions, skip_dirs: tuple[str, ...] = ()
             continue
     files: dict[str, FoundFile] = {}
     names_not_utf8: set[str] = set()  # a set: overlapping roots find a file twice
-    links: set[str] = set()
+    noticed = _Noticed()
     for root in roots:
-        for found in _walk_one(root, options, skipped, links):
+        for found in _walk_one(root, options, skipped, noticed):
             if storable(found.path):
                 files[found.path] = found
             else:
                 names_not_utf8.add(shown(found.path))
-    return Walked(files, sorted(names_not_utf8), len(links))
+    return Walked(files, sorted(names_not_utf8), len(noticed.links), sorted(map(shown, noticed.unreadable)))
 
 
 def _walk_one(root: str, options: WalkOptions, skip_dirs: set[tuple[int, int]],
-              links: set[str]) -> Iterator[FoundFile]:
-    """The candidate files under `root`; symbolic links not followed are added to `links`."""
+              noticed: _Noticed) -> Iterator[FoundFile]:
+    """The candidate files under `root`; links not followed and what could not be read go to `noticed`."""
     if os.path.isfile(root):
-        stat = os.stat(root)
+        try:
+            stat = os.stat(root)
+        except OSError as exc:
+            noticed.failed(root, exc)
+            return
         yield FoundFile(root, stat.st_size, stat.st_mtime_ns)
         return
     seen_dirs = set(skip_dirs)  # (device, inode): a directory is entered once, a skipped one never
@@ -137,7 +165,8 @@ def _walk_one(root: str, options: WalkOptions, skip_dirs: set[tuple[int, int]],
                 continue
             seen_dirs.add((stat.st_dev, stat.st_ino))
             entries = sorted(os.scandir(directory), key=lambda e: e.name)
-        except OSError:
+        except OSError as exc:
+            noticed.failed(directory, exc)
             continue
         for entry in entries:
             if entry.name.startswith(".") or _excluded(entry.path, entry.name, options.excludes):
@@ -151,6 +180,6 @@ def _walk_one(root: str, options: WalkOptions, skip_dirs: set[tuple[int, int]],
                     stat = entry.stat(follow_symlinks=options.follow_symlinks)
                     yield FoundFile(entry.path, stat.st_size, stat.st_mtime_ns)
                 elif entry.is_symlink() and (entry.is_dir() or entry.is_file()):  # not dangling
-                    links.add(entry.path)
-            except OSError:
-                continue
+                    noticed.links.add(entry.path)
+            except OSError as exc:
+                noticed.failed(entry.path, exc)

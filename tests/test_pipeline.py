@@ -308,3 +308,37 @@ def test_a_model_that_fails_to_load_writes_nothing(tmp_path, retriever):
         Indexer(store, failed, IndexConfig(batch_size=2), transform=retriever.transform).run([str(tmp_path / "photos")])
     assert store.catalog.counts()["files"] == 0 and store.catalog.model() is None
     store.close()
+
+
+def test_a_folder_that_cannot_be_read_keeps_what_was_indexed_there(tmp_path, retriever, monkeypatch, capsys):
+    """A folder whose listing fails (a permission changed, a network mount's hiccup) was walked past
+    silently, so its files looked deleted and were dropped with their vectors, to be embedded again
+    later. As root, permissions cannot be taken away here, so the walk's listing fails by a patch."""
+    from api.cli import _print_index_summary
+    from indexer.pipeline import IndexConfig, Indexer
+    from indexer.store import IndexStore, StoreConfig
+
+    make_images(tmp_path / "photos" / "locked", 3, seed=14)
+    make_images(tmp_path / "photos" / "open", 2, seed=15)
+    locked, listing = str(tmp_path / "photos" / "locked"), os.scandir
+
+    def scandir(path):
+        if str(path) == locked:
+            raise PermissionError(13, "Permission denied", locked)
+        return listing(path)
+
+    store = IndexStore.open(StoreConfig(tmp_path / "idx"), create=True)
+    try:
+        Indexer(store, retriever, IndexConfig()).run([str(tmp_path / "photos")])
+        monkeypatch.setattr(os, "scandir", scandir)
+        summary = Indexer(store, retriever, IndexConfig()).run([str(tmp_path / "photos")])
+        _print_index_summary(store, summary, with_captions=False, as_json=False)
+        assert summary.removed == 0 and summary.unreadable == [locked] and len(store.catalog.files()) == 5
+        monkeypatch.undo()
+        shutil.rmtree(locked)  # truly gone: removed
+        assert Indexer(store, retriever, IndexConfig()).run([str(tmp_path / "photos")]).removed == 3
+    finally:
+        store.close()
+    assert (f"warning: could not read 1 folder(s) or file(s); what was indexed there is kept until they can be "
+            f"read: {locked}") in capsys.readouterr().err
+    assert_consistent(tmp_path / "idx")
