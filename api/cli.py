@@ -228,6 +228,9 @@ def _print_index_summary(store, summary, with_captions: bool, as_json: bool) -> 
         click.echo(f"warning: could not read {len(places)} folder(s) or file(s); what was indexed there is kept "
                    "until they can be read: " + ", ".join(places[:5])
                    + (f" and {len(places) - 5} more" if len(places) > 5 else ""), err=True)
+    for root in summary.roots_found_empty:
+        click.echo(f"warning: {root} is empty, but files were indexed there (an unmounted drive?); they are kept: "
+                   f"blipsearch forget {root} removes them", err=True)
     if summary.links_not_followed:
         click.echo(f"note: {summary.links_not_followed} symbolic link(s) to files or folders were not followed; "
                    "--follow-symlinks indexes what they point to", err=True)

@@ -78,6 +78,7 @@ class IndexSummary:
     names_not_utf8: list[str] = field(default_factory=list)  # skipped, with no catalog row (`walk.storable`)
     links_not_followed: int = 0  # symbolic links the walk left alone (`WalkOptions.follow_symlinks`)
     unreadable: list[str] = field(default_factory=list)  # not read; what the catalog holds there stays
+    roots_found_empty: list[str] = field(default_factory=list)  # no file found, files indexed: kept (`Walked.gone`)
 
     def skip_names_not_utf8(self, names: list[str]) -> None:
         self.names_not_utf8 = names
@@ -97,6 +98,7 @@ class IndexSummary:
             "names_not_utf8": self.names_not_utf8,
             "links_not_followed": self.links_not_followed,
             "unreadable": self.unreadable,
+            "roots_found_empty": self.roots_found_empty,
         }
 
 
@@ -165,7 +167,7 @@ class Indexer:
         finally:
             if writer is not None:
                 writer.finish()
-        gone = sorted(path for path in set(known) - set(found) if not walked.unread(path))
+        gone, summary.roots_found_empty = walked.gone(known)
         writer.vectors.remove(np.asarray(self.store.catalog.remove_paths(gone), dtype=np.int64))
         summary.removed = len(gone)
         # Writers sharing the catalog (PostgreSQL) add images this run's file lacks: take them in.

@@ -174,7 +174,7 @@ class RayIndexRun(_RayRun):
         if todo:
             self._embed(todo)
             self._merge(found, known, summary)
-        gone = sorted(path for path in set(catalog.files_under(roots)) - set(found) if not walked.unread(path))
+        gone, summary.roots_found_empty = walked.gone(catalog.files_under(roots))
         orphaned = catalog.remove_paths(gone)
         summary.removed = len(gone)
         identity = catalog.model()

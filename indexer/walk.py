@@ -10,7 +10,7 @@ import fnmatch
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
+from typing import Iterable, Iterator
 
 from indexer.errors import IndexNotFoundError
 from retrieval.errors import UsageError
@@ -42,11 +42,20 @@ class Walked:
     names_not_utf8: list[str]  # files the catalog cannot name (`storable`), as `shown` prints them
     links_not_followed: int = 0  # symbolic links to files or folders, left alone without `follow_symlinks`
     unreadable: list[str] = field(default_factory=list)  # folders (or files) there but not readable, `shown`
+    empty_roots: list[str] = field(default_factory=list)  # roots in which the walk found no file at all
 
     def unread(self, path: str) -> bool:
         """`path` is at or under something the walk could not read: not found, but maybe not gone
         either (a permission, a network mount's hiccup), so its catalog row must stay."""
         return any(at_or_under(path, place) for place in self.unreadable)
+
+    def gone(self, known: Iterable[str]) -> tuple[list[str], list[str]]:
+        """(the catalog paths `known` that this walk shows gone from disk, the roots held back). A root
+        found empty though the catalog has files there is held back with them: an unmounted drive's
+        mount point looks just so, and dropping its files would cost embedding them all again."""
+        missing = [path for path in known if path not in self.files and not self.unread(path)]
+        held = [root for root in self.empty_roots if any(at_or_under(path, root) for path in missing)]
+        return sorted(path for path in missing if not any(at_or_under(path, root) for root in held)), held
 
 
 @dataclass
@@ -135,13 +144,18 @@ def walk(roots: list[str], options: WalkOptions, skip_dirs: tuple[str, ...] = ()
     files: dict[str, FoundFile] = {}
     names_not_utf8: set[str] = set()  # a set: overlapping roots find a file twice
     noticed = _Noticed()
+    empty_roots = []
     for root in roots:
-        for found in _walk_one(root, options, skipped, noticed):
+        count = 0
+        for count, found in enumerate(_walk_one(root, options, skipped, noticed), 1):
             if storable(found.path):
                 files[found.path] = found
             else:
                 names_not_utf8.add(shown(found.path))
-    return Walked(files, sorted(names_not_utf8), len(noticed.links), sorted(map(shown, noticed.unreadable)))
+        if count == 0:
+            empty_roots.append(root)
+    return Walked(files, sorted(names_not_utf8), len(noticed.links), sorted(map(shown, noticed.unreadable)),
+                  empty_roots)
 
 
 def _walk_one(root: str, options: WalkOptions, skip_dirs: set[tuple[int, int]],

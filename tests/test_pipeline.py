@@ -342,3 +342,26 @@ def test_a_folder_that_cannot_be_read_keeps_what_was_indexed_there(tmp_path, ret
     assert (f"warning: could not read 1 folder(s) or file(s); what was indexed there is kept until they can be "
             f"read: {locked}") in capsys.readouterr().err
     assert_consistent(tmp_path / "idx")
+
+
+def test_a_root_found_empty_keeps_its_files(tmp_path, tiny_model):
+    """An unmounted drive leaves its mount point an empty folder: every file there looked deleted and was
+    dropped with its vectors, to be embedded again once the drive is back."""
+    make_images(tmp_path / "drive", 2, seed=16)
+    make_images(tmp_path / "photos", 1, seed=17)
+    idx = tmp_path / "idx"
+    index(tmp_path / "drive", idx, tiny_model, str(tmp_path / "photos"))
+    saved = tmp_path / "saved"
+    shutil.move(tmp_path / "drive", saved)
+    (tmp_path / "drive").mkdir()  # the mount point, without its drive
+    os.unlink(tmp_path / "photos" / "img0000.jpg")  # deleted from a root that is not empty: removed
+    make_images(tmp_path / "photos" / "new", 1, seed=18)
+    result = run_cli("index", "--index", str(idx), "--model", str(tiny_model), "--json", "-q", check=True)
+    summary = json.loads(result.stdout)
+    assert summary["removed"] == 1 and summary["roots_found_empty"] == [str(tmp_path / "drive")]
+    assert (f"warning: {tmp_path / 'drive'} is empty, but files were indexed there (an unmounted drive?); they "
+            f"are kept: blipsearch forget {tmp_path / 'drive'} removes them") in result.stderr
+    os.rmdir(tmp_path / "drive")
+    shutil.move(saved, tmp_path / "drive")  # back: nothing to embed again
+    assert index(tmp_path / "drive", idx, tiny_model)["unchanged"] == 2
+    assert_consistent(idx)
