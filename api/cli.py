@@ -323,10 +323,14 @@ def forget(paths, index_dir, catalog_url, as_json) -> None:
     finally:
         store.close()
     if as_json:
-        emit_json({"files": forgotten.files, "images": forgotten.images, "roots": forgotten.roots})
+        emit_json({"files": forgotten.files, "images": forgotten.images, "roots": forgotten.roots,
+                   "still_walked": forgotten.still_walked})
     else:
         click.echo(f"forgot {forgotten.files} files ({forgotten.images} images no other file shares)"
                    + (f"; no longer indexed: {', '.join(forgotten.roots)}" if forgotten.roots else ""))
+    for path in forgotten.still_walked:
+        click.echo(f"note: {path} is still on disk, inside a folder blipsearch index walks: its next run adds it "
+                   "again (move it out, or pass --exclude to each run)", err=True)
 
 
 # -- export / status ----------------------------------------------------------------------------

@@ -3,6 +3,7 @@ was indexed (`index` refuses a path that is not there, so it cannot remove them)
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -18,6 +19,7 @@ class Forgotten:
     files: int
     images: int  # distinct images whose vectors went with them; others share their content with a file kept
     roots: list[str]  # folders (or files) given to `index` that it will no longer search or serve
+    still_walked: list[str]  # targets still on disk inside a folder `index` walks: its next run adds them again
 
 
 def forget(store: IndexStore, targets: Sequence[str]) -> Forgotten:
@@ -40,4 +42,6 @@ def forget(store: IndexStore, targets: Sequence[str]) -> Forgotten:
             vectors = store.load_vectors(identity)
             vectors.remove(np.asarray(orphaned, dtype=np.int64))
             store.save_vectors(vectors)
-    return Forgotten(len(rows), len(orphaned), removed_roots)
+        remaining = catalog.roots()
+    still_walked = [t for t in targets if os.path.exists(t) and any(at_or_under(t, root) for root in remaining)]
+    return Forgotten(len(rows), len(orphaned), removed_roots, still_walked)

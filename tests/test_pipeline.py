@@ -235,11 +235,16 @@ def test_index_without_paths_and_forget(tmp_path, tiny_model):
     empty = run_cli("forget", "", "--index", str(idx))  # not the folder it runs in
     assert empty.returncode == 2 and "a path is empty" in empty.stderr and roots() == sorted([str(gone), str(kept)])
     forgotten = run_cli("forget", str(gone), "--index", str(idx), "--json", check=True)
-    assert json.loads(forgotten.stdout) == {"files": 4, "images": 4, "roots": [str(gone)]}
+    assert json.loads(forgotten.stdout) == {"files": 4, "images": 4, "roots": [str(gone)], "still_walked": []}
     assert roots() == [str(kept)]
     rows = [json.loads(line) for line in run_cli("export", "--index", str(idx), check=True).stdout.splitlines()]
     assert len(rows) == 4 and all(r["path"].startswith(str(kept)) for r in rows)
     assert_consistent(idx)
+    inside = run_cli("forget", str(kept / "new"), "--index", str(idx), check=True)  # still there: it comes back
+    assert inside.stdout == "forgot 1 files (1 images no other file shares)\n"
+    assert inside.stderr == (f"note: {kept / 'new'} is still on disk, inside a folder blipsearch index walks: its next "
+                             "run adds it again (move it out, or pass --exclude to each run)\n")
+    assert index(kept, idx, tiny_model)["indexed"] == 1
     twice = run_cli("forget", str(gone), "--index", str(idx))
     assert twice.returncode == 2 and twice.stderr == f"Error: nothing is indexed at {gone}\n"
     shutil.rmtree(kept)
