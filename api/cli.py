@@ -4,12 +4,11 @@ that need them, so `blipsearch --help` answers at once."""
 from __future__ import annotations
 
 import errno
-import os
-import sys
 from pathlib import Path
 
 import click
 
+from api.cli_catalog import export, forget, status
 from api.cli_search import calibrate_command, evaluate_command, search
 from api.cli_serve import demo, serve
 from api.cli_train import train
@@ -306,123 +305,7 @@ def caption(index_dir, catalog_url, caption_model, prompt, max_new_tokens, num_b
                + (f" ({failed})" if failed else "") + f" in {result['seconds']['total']:.1f} s")
 
 
-@main.command()
-@click.argument("paths", nargs=-1, required=True)
-@index_options
-@click.option("--json", "as_json", is_flag=True, help="Print the summary as one JSON object on stdout.")
-def forget(paths, index_dir, catalog_url, as_json) -> None:
-    """Remove the files at or under PATHS from the index, whether or not they still exist on disk (a
-    deleted folder, an unplugged drive); the files themselves are not touched."""
-    from indexer.forget import forget as forget_paths
-    from indexer.store import IndexStore
-    from indexer.walk import catalog_path
-
-    store = IndexStore.open(store_config(index_dir, catalog_url))
-    try:
-        forgotten = forget_paths(store, [catalog_path(p) for p in paths])
-    finally:
-        store.close()
-    if as_json:
-        emit_json({"files": forgotten.files, "images": forgotten.images, "roots": forgotten.roots,
-                   "still_walked": forgotten.still_walked})
-    else:
-        click.echo(f"forgot {forgotten.files} files ({forgotten.images} images no other file shares)"
-                   + (f"; no longer indexed: {', '.join(forgotten.roots)}" if forgotten.roots else ""))
-    for path in forgotten.still_walked:
-        click.echo(f"note: {path} is still on disk, inside a folder blipsearch index walks: its next run adds it "
-                   "again (move it out, or pass --exclude to each run)", err=True)
-
-
-# -- export / status ----------------------------------------------------------------------------
-@main.command()
-@index_options
-@click.option("--format", "fmt", type=click.Choice(["jsonl", "csv", "parquet"]), default="jsonl", show_default=True,
-              help="parquet needs the parquet extra (pyarrow) and -o.")
-@click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), default=None,
-              help="File to write (default stdout).")
-def export(index_dir, catalog_url, fmt, output) -> None:
-    """Write one row per file in the catalog: path, status, error, size, mtime, hash, width, height,
-    format, and the caption with its model, prompt and time."""
-    from indexer.export import records, write_text
-    from indexer.store import IndexStore
-    from retrieval.errors import UsageError
-
-    if fmt == "parquet" and output is None:
-        raise UsageError("Parquet is binary: give a file with -o FILE")
-    store = IndexStore.open(store_config(index_dir, catalog_url))
-    try:
-        if output is None:
-            write_text(records(store.catalog), sys.stdout, fmt)
-            return
-        count = _export_to(output, lambda path: _write_export(records(store.catalog), path, fmt))
-    finally:
-        store.close()
-    click.echo(f"wrote {count} rows to {output}", err=True)
-
-
-def _write_export(rows, path: Path, fmt: str) -> int:
-    from indexer.export import write_parquet, write_text
-
-    if fmt == "parquet":
-        return write_parquet(rows, path)
-    with open(path, "w", newline="", encoding="utf-8") as handle:
-        return write_text(rows, handle, fmt)
-
-
-def _export_to(output: Path, write) -> int:
-    """`write(path)` into `output` whole or not at all: into a temporary file beside it, then renamed
-    over it, so a failure (no such folder, no permission, a full disk) leaves the old file as it was.
-    A symbolic link stays and its target is replaced. What is not a regular file (/dev/stdout, a FIFO)
-    is written through: renaming over it would put a file in its place."""
-    from retrieval.errors import UsageError
-
-    try:
-        special = output.exists() and not output.is_file()
-        target = Path(os.path.realpath(output))
-        tmp = target.with_name(target.name + ".tmp")
-        if special:
-            return write(output)
-        try:
-            count = write(tmp)
-            tmp.replace(target)
-        finally:
-            tmp.unlink(missing_ok=True)
-        return count
-    except OSError as exc:
-        raise UsageError(f"cannot write {output}: {exc.strerror or exc}") from None
-
-
-@main.command()
-@index_options
-@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
-def status(index_dir, catalog_url, as_json) -> None:
-    """Summarise an index: the folders it was given, model, counts, size on disk."""
-    from indexer.store import IndexStore
-
-    store = IndexStore.open(store_config(index_dir, catalog_url))
-    try:
-        identity = store.catalog.model()
-        result = {
-            "index": str(store.directory),
-            "roots": store.catalog.roots(),  # what `index` without folders re-indexes
-            "model": identity.name if identity else None,
-            "model_fingerprint": identity.fingerprint if identity else None,
-            "embed_dim": identity.embed_dim if identity else None,
-            "num_queries": identity.num_queries if identity else None,
-            **store.catalog.counts(),
-            "bytes_on_disk": store.disk_bytes(),
-            **store.vectors_summary(),
-        }
-    finally:
-        store.close()
-    if as_json:
-        emit_json(result)
-    else:
-        for key, value in result.items():
-            click.echo(f"{key}: {', '.join(value) if key == 'roots' else value}")
-
-
-for command in (search, evaluate_command, calibrate_command, serve, demo, train):
+for command in (search, evaluate_command, calibrate_command, forget, export, status, serve, demo, train):
     main.add_command(command)
 
 
