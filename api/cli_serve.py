@@ -58,7 +58,7 @@ def serve(index_dir, catalog_url, model, device, dtype, caption_model, host, por
                           lambda: Blip2Captioner.load(ModelConfig.captioning(caption_model, device, dtype)))
         images = service.store.catalog.counts().get("distinct_images", 0)
         hint = " (an empty index: index into it with POST /api/jobs, or check --index)" if not images else ""
-        click.echo(f"blipsearch: serving {location.directory}, {images} images{hint}, on http://{host}:{port}/",
+        click.echo(f"blipsearch: serving {location.directory}, {images} images{hint}, on {url(host, port)}",
                    err=True)
         try:
             uvicorn.Server(uvicorn.Config(create_app(service), log_level="warning")).run(sockets=[listening])
@@ -66,6 +66,11 @@ def serve(index_dir, catalog_url, model, device, dtype, caption_model, host, por
             service.close()
     finally:
         listening.close()
+
+
+def url(host: str, port: int) -> str:
+    """The server's address as a browser takes it: an IPv6 host in brackets (http://[::1]:8000/)."""
+    return f"http://[{host}]:{port}/" if ":" in host else f"http://{host}:{port}/"
 
 
 def _listen(host: str, port: int):
@@ -87,7 +92,6 @@ def _listen(host: str, port: int):
         raise UsageError(f"cannot listen on {host} port {port}: {exc.strerror or exc}; "
                          "choose another --port (or --host)") from None
     return listening
-
 
 
 @click.command()

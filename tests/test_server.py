@@ -274,6 +274,12 @@ def test_serve_command_answers_over_real_http(tmp_path, tiny_model):
         f"or check --index), on http://127.0.0.1:{port}/")
 
 
+def test_the_start_line_gives_an_address_a_browser_takes():
+    from api.cli_serve import url
+
+    assert url("127.0.0.1", 8000) == "http://127.0.0.1:8000/" and url("::1", 8080) == "http://[::1]:8080/"
+
+
 def test_searches_see_what_other_processes_index(tmp_path, retriever, tiny_model):
     """A `blipsearch index` run by cron beside the server: the next search after it sees its images,
     and stops returning the ones it removed, without a restart."""
