@@ -42,7 +42,7 @@ class Walked:
     names_not_utf8: list[str]  # files the catalog cannot name (`storable`), as `shown` prints them
     links_not_followed: int = 0  # symbolic links to files or folders, left alone without `follow_symlinks`
     unreadable: list[str] = field(default_factory=list)  # folders (or files) there but not readable, `shown`
-    empty_roots: list[str] = field(default_factory=list)  # roots in which the walk found no file at all
+    empty_roots: list[str] = field(default_factory=list)  # root folders with nothing in them (`_empty_folder`)
 
     def unread(self, path: str) -> bool:
         """`path` is at or under something the walk could not read: not found, but maybe not gone
@@ -144,18 +144,26 @@ def walk(roots: list[str], options: WalkOptions, skip_dirs: tuple[str, ...] = ()
     files: dict[str, FoundFile] = {}
     names_not_utf8: set[str] = set()  # a set: overlapping roots find a file twice
     noticed = _Noticed()
-    empty_roots = []
     for root in roots:
-        count = 0
-        for count, found in enumerate(_walk_one(root, options, skipped, noticed), 1):
+        for found in _walk_one(root, options, skipped, noticed):
             if storable(found.path):
                 files[found.path] = found
             else:
                 names_not_utf8.add(shown(found.path))
-        if count == 0:
-            empty_roots.append(root)
     return Walked(files, sorted(names_not_utf8), len(noticed.links), sorted(map(shown, noticed.unreadable)),
-                  empty_roots)
+                  [root for root in roots if _empty_folder(root)])
+
+
+def _empty_folder(path: str) -> bool:
+    """A folder with nothing in it at all, as a mount point without its drive (not one whose files are
+    all hidden, excluded or not images)."""
+    if not os.path.isdir(path):
+        return False
+    try:
+        with os.scandir(path) as entries:
+            return next(entries, None) is None
+    except OSError:  # unreadable: the walk noted it
+        return False
 
 
 def _walk_one(root: str, options: WalkOptions, skip_dirs: set[tuple[int, int]],
