@@ -21,7 +21,9 @@ from api.options import (
               help="Final score: ITM match probability, ITM + ITC (as the model's calibrated fusion weighs them, "
                    "else ITM logit + ITC as LAVIS ranks), or ITC [default: itm+itc for a calibrated model, else itm].")
 @click.option("--min-score", type=float, default=None, help="Drop results scoring below this.")
-@click.option("--path", "path_glob", default=None, help="Only files whose path matches this glob.")
+@click.option("--path", "path_glob", default=None,
+              help="Only files whose full path matches this glob; a relative one is taken from the current "
+                   "folder ('vacation/*'), one starting with * matches anywhere ('*2019*').")
 @click.option("--not", "negatives", multiple=True, help="Push results away from this text (repeatable).")
 @click.option("--image", "image_path", type=click.Path(dir_okay=False), default=None,
               help="Search by an example image instead of text.")
@@ -55,7 +57,7 @@ def search(texts, index_dir, catalog_url, model, device, dtype, k, candidates, n
     options = SearchOptions(
         k=k, candidates=candidates, rerank=not no_rerank and not image_path and not caption_only,
         score=score,
-        min_score=min_score, path_glob=path_glob, hybrid=hybrid,
+        min_score=min_score, path_glob=_absolute_glob(path_glob), hybrid=hybrid,
     )
     options.validate()
     if caption_only:
@@ -66,6 +68,15 @@ def search(texts, index_dir, catalog_url, model, device, dtype, k, candidates, n
         index_dir, catalog_url, model, device, dtype, query, image_path, options, feature_cache_mb
     )
     _print_search(label, response, as_json)
+
+
+def _absolute_glob(glob: str | None) -> str | None:
+    """`--path` as the catalog's absolute paths can match it: `vacation/*` matched nothing, silently."""
+    import os
+
+    if glob is None or glob.startswith(("/", "*", "?", "[")):
+        return glob
+    return os.path.normpath(os.path.join(os.getcwd(), os.path.expanduser(glob)))  # ../photos/* too
 
 
 def _caption_search(index_dir, catalog_url, text, options):

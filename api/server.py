@@ -22,6 +22,7 @@ from indexer.errors import IndexBusyError
 from retrieval.errors import BlipsearchError
 
 WEB_PAGE = Path(__file__).parent / "web" / "index.html"
+GLOB_HELP = "Only files whose full path matches this glob: absolute (/photos/2019/*) or from * (*2019*)"
 MAX_ID = 2**53  # ids beyond any database's integer range are simply unknown
 ImageId = Annotated[int, PathParam(ge=0, le=MAX_ID)]
 JobId = Annotated[int, PathParam(ge=0, le=MAX_ID)]
@@ -130,7 +131,7 @@ def create_app(service: Service) -> FastAPI:
         not_: list[str] = Query([], alias="not", max_length=20, description="Texts to push away from"),
         k: int = Query(10, ge=1, le=10_000), candidates: int | None = Query(None, ge=1, le=10_000),
         rerank: bool = True, score: Literal["itm", "itm+itc", "itc"] | None = None,
-        min_score: float | None = None, path: str | None = Query(None, max_length=1000),
+        min_score: float | None = None, path: str | None = Query(None, max_length=1000, description=GLOB_HELP),
         hybrid: bool = False, caption_only: bool = False,
     ) -> dict:
         from indexer.search import SearchOptions, search_captions
@@ -140,7 +141,7 @@ def create_app(service: Service) -> FastAPI:
             raise HTTPException(400, "caption_only ranks by caption text; it takes no hybrid, not or score")
         options = SearchOptions(k=k, candidates=candidates, rerank=rerank and not caption_only,
                                 score=score,
-                                min_score=min_score, path_glob=path, hybrid=hybrid)
+                                min_score=min_score, path_glob=_absolute_glob(path), hybrid=hybrid)
         options.validate()
         if caption_only:
             return _response(" ".join(q), search_captions(service.store.catalog, " ".join(q), options))
@@ -149,7 +150,7 @@ def create_app(service: Service) -> FastAPI:
 
     @app.post("/api/search/image")
     async def search_image(image: UploadFile = File(...), k: int = Query(10, ge=1, le=10_000),
-                           path: str | None = Query(None, max_length=1000)) -> dict:
+                           path: str | None = Query(None, max_length=1000, description=GLOB_HELP)) -> dict:
         import tempfile
 
         from indexer.search import SearchOptions
@@ -157,7 +158,7 @@ def create_app(service: Service) -> FastAPI:
         data = await image.read(service.config.max_upload_bytes + 1)
         if len(data) > service.config.max_upload_bytes:
             raise HTTPException(413, f"the upload is over {service.config.max_upload_bytes} bytes")
-        options = SearchOptions(k=k, rerank=False, score="itc", path_glob=path)
+        options = SearchOptions(k=k, rerank=False, score="itc", path_glob=_absolute_glob(path))
         name = image.filename or "upload"
 
         def search():  # decoding and the model run off the event loop, as `def` routes do
@@ -172,8 +173,8 @@ def create_app(service: Service) -> FastAPI:
     @app.get("/api/images")
     def list_images(offset: int = Query(0, ge=0, le=MAX_ID), limit: int = Query(50, ge=1, le=1000),
                     status: Literal["indexed", "skipped"] | None = None, has_caption: bool | None = None,
-                    path: str | None = Query(None, max_length=1000)) -> dict:
-        total, rows = service.store.catalog.page(offset, limit, status, has_caption, path)
+                    path: str | None = Query(None, max_length=1000, description=GLOB_HELP)) -> dict:
+        total, rows = service.store.catalog.page(offset, limit, status, has_caption, _absolute_glob(path))
         captions = service.store.catalog.captions.get([r.embedding_id for r in rows if r.embedding_id])
         return {"total": total, "offset": offset, "limit": limit,
                 "images": [_image(row, captions.get(row.embedding_id)) for row in rows]}
@@ -246,6 +247,14 @@ def create_app(service: Service) -> FastAPI:
         return job.as_dict()
 
     return app
+
+
+def _absolute_glob(glob: str | None) -> str | None:
+    """A `path` glob as the catalog's absolute paths can match it; a relative one would be taken from
+    the server's working folder, which means nothing to a client."""
+    if glob is not None and not glob.startswith(("/", "*", "?", "[")):
+        raise HTTPException(400, f"path must be an absolute glob or start with *, not {glob!r}")
+    return glob
 
 
 def _image(row, caption) -> dict:

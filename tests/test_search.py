@@ -198,6 +198,17 @@ def test_image_query_excludes_itself(indexed):
     assert len(response.results) == 5 and str(paths[3]) not in [r.path for r in response.results]
 
 
+def test_a_relative_path_glob_is_taken_from_the_current_folder(indexed):
+    """The catalog holds absolute paths: --path 'photos/*' matched nothing, silently."""
+    from tests.conftest import ROOT
+
+    root, paths, _ = indexed
+    relative = os.path.relpath(paths[0].parent, ROOT)  # ../../tmp/...: commands run in the repository
+    found = run_cli("search", QUERY, "--index", str(root / "idx"), "-k", "3", "--no-rerank", "--json",
+                    "--path", f"{relative}/img000*", check=True)
+    assert [os.path.basename(r["path"])[:6] for r in json.loads(found.stdout)["results"]] == ["img000"] * 3
+
+
 def test_path_filter_and_min_score(indexed):
     _, _, searcher = indexed
     response = searcher.search_text(TextQuery.parse([QUERY]), SearchOptions(k=3, rerank=False, score="itc",

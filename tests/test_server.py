@@ -90,6 +90,7 @@ def test_search_matches_the_core_and_takes_every_option(served):
     ({"q": "a", "min_score": "nan"}, 400), ({"q": "a", "min_score": "-inf"}, 400),
     ({"q": "a", "caption_only": "true", "hybrid": "true"}, 400), ({"q": "a", "caption_only": "true", "not": "b"}, 400),
     ({"q": "a", "caption_only": "true", "score": "itm"}, 400),  # each was silently ignored
+    ({"q": "a", "path": "photos/*"}, 400),  # relative to the server's working folder: matched nothing
 ])
 def test_bad_searches_are_4xx_with_the_error_shape(served, params, status):
     client, _, _ = served
