@@ -11,7 +11,7 @@ import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Iterable, Iterator, Sequence
 
 import numpy as np
 from sqlalchemy import and_, create_engine, delete, event, exists, func, insert, or_, select, update
@@ -246,6 +246,15 @@ class Catalog:
             for chunk in chunks([int(k) for k in embedding_ids]):
                 out.extend(FileRow(**r._mapping) for r in conn.execute(query.where(schema.files.c.embedding_id.in_(chunk))))
         return out
+
+    def iter_files(self, batch: int = 5000) -> Iterator[list[FileRow]]:
+        """Every file in batches, ordered by path, streamed from the database (a server-side cursor on
+        PostgreSQL): an export of a hundred million rows must not hold them all."""
+        query = select(schema.files).order_by(schema.files.c.path)
+        with self.engine.connect() as conn:
+            result = conn.execution_options(stream_results=True, yield_per=batch).execute(query)
+            for part in result.partitions():
+                yield [FileRow(**r._mapping) for r in part]
 
     def embedding_ids_for(self, hashes: Iterable[str]) -> dict[str, int]:
         found: dict[str, int] = {}

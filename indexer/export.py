@@ -5,15 +5,16 @@ from __future__ import annotations
 
 import csv
 import json
+from itertools import islice
 from dataclasses import asdict
 from pathlib import Path
 from typing import IO, Iterator
 
 from indexer.catalog import Catalog
-from indexer.schema import chunks
 from retrieval.errors import UsageError
 
 FORMATS = ("jsonl", "csv", "parquet")
+PARQUET_ROWS = 50_000  # rows per Parquet row group
 COLUMNS = (
     "path", "status", "error", "size", "mtime_ns", "content_hash", "width", "height", "format", "updated_at",
     "caption", "caption_model", "caption_prompt", "captioned_at",
@@ -22,8 +23,7 @@ COLUMNS = (
 
 def records(catalog: Catalog) -> Iterator[dict]:
     """Every file with its caption fields (None where there is no caption)."""
-    rows = catalog.files()
-    for chunk in chunks(rows, 5000):
+    for chunk in catalog.iter_files():
         captions = catalog.captions.get([r.embedding_id for r in chunk if r.embedding_id is not None])
         for row in chunk:
             caption = captions.get(row.embedding_id)
@@ -64,7 +64,9 @@ def write_parquet(rows: Iterator[dict], path: Path) -> int:
         ("format", pa.string()), ("updated_at", pa.float64()), ("caption", pa.string()),
         ("caption_model", pa.string()), ("caption_prompt", pa.string()), ("captioned_at", pa.float64()),
     ])
-    table = pa.Table.from_pylist(list(rows), schema=schema)
-    with open(path, "wb") as handle:  # Python's OSError for a bad path, not pyarrow's longer one
-        pq.write_table(table, handle)
-    return table.num_rows
+    count = 0
+    with open(path, "wb") as handle, pq.ParquetWriter(handle, schema) as writer:  # Python's OSError for a bad path
+        while batch := list(islice(rows, PARQUET_ROWS)):  # a row group at a time, never the whole catalog
+            writer.write_table(pa.Table.from_pylist(batch, schema=schema))
+            count += len(batch)
+    return count
