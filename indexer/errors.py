@@ -13,6 +13,12 @@ class IndexNotFoundError(BlipsearchError):
     exit_code = 2
 
 
+class IndexNotWritableError(BlipsearchError):
+    """The index directory cannot be written (a read-only mount, no permission): it can be searched only."""
+
+    exit_code = 2
+
+
 class CatalogVersionError(BlipsearchError):
     exit_code = 2
 

@@ -19,7 +19,7 @@ from typing import Iterator
 import numpy as np
 
 from indexer.catalog import Catalog, sqlite_url
-from indexer.errors import IndexBusyError, IndexNotFoundError, IndexSettingsError
+from indexer.errors import IndexBusyError, IndexNotFoundError, IndexNotWritableError, IndexSettingsError
 from retrieval.errors import UsageError
 from retrieval.index_types import IndexSpec, auto_candidates, choose_spec
 from retrieval.loading import ModelIdentity
@@ -118,6 +118,9 @@ class IndexStore:
             raise IndexBusyError(
                 f"index {self.directory} is busy: another blipsearch run is writing to it; wait for it to finish"
             ) from None
+        except OSError as exc:  # a read-only mount, no permission: searching works, writing cannot
+            raise IndexNotWritableError(f"cannot write to the index at {self.directory} "
+                                        f"({exc.strerror or exc}); it can be searched, not changed") from None
         try:
             yield
         finally:

@@ -139,3 +139,18 @@ def test_index_settings_unreadable_are_one_clear_error_and_unknown_keys_are_igno
         store.close()
     result = run_cli("status", "--index", str(tmp_path / "idx"))
     assert result.returncode == 2 and result.stderr.startswith("Error: ") and "Traceback" not in result.stderr
+
+
+def test_an_index_that_cannot_be_written_is_searched_but_not_changed(photos, tiny_model, tmp_path):
+    """On a read-only mount, index, caption and forget ended in a FileLock traceback. The lock file is
+    made unopenable here (a folder in its place), as mounting read-only needs privileges tests lack."""
+    idx = tmp_path / "idx"
+    run_cli("index", str(photos), "--index", str(idx), "--model", str(tiny_model), "-q", check=True)
+    (idx / "index.lock").unlink(missing_ok=True)
+    (idx / "index.lock").mkdir()
+    searched = run_cli("search", "a red circle", "--index", str(idx), "-k", "2", check=True)
+    assert len(searched.stdout.splitlines()) == 2
+    for args in (["forget", str(photos)], ["index"], ["caption", "--caption-model", "unused"]):
+        refused = run_cli(*args, "--index", str(idx))
+        assert refused.returncode == 2 and refused.stderr == (
+            f"Error: cannot write to the index at {idx} (Is a directory); it can be searched, not changed\n")
