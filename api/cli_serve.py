@@ -104,6 +104,7 @@ def demo(directory, model, caption_model) -> None:
     with blipsearch, and search them by description; all offline."""
     from platformdirs import user_data_dir
 
+    from indexer.captions import CaptionConfig, CaptionRun
     from indexer.demo import make_demo_images
     from indexer.pipeline import IndexConfig, Indexer
     from indexer.search import Searcher, SearchOptions
@@ -122,10 +123,16 @@ def demo(directory, model, caption_model) -> None:
     try:
         with store.writer_lock():
             retriever = Blip2Retriever.load(ModelConfig.retrieval(model))
-            # each image's caption: the best of 16 beams by ITC (`caption --candidates 16`)
-            captioner = best_of(Blip2Captioner.load(ModelConfig.captioning(caption_model)), retriever, DEMO_CANDIDATES)
+            captioner = Blip2Captioner.load(ModelConfig.captioning(caption_model))
+            if captioner.transform == retriever.transform:  # the best of 16 beams by ITC (`caption --candidates 16`)
+                captioner = best_of(captioner, retriever, DEMO_CANDIDATES)
+            else:  # another --model or --caption-model: ITC cannot judge the captioner's images
+                click.echo("note: captions are the caption model's first choices, since the two models prepare "
+                           "images differently and ITC cannot choose among them", err=True)
             config = IndexConfig(caption=CaptionOptions())
             summary = Indexer(store, retriever, config, captioner=captioner).run([str(directory / "images")])
+            # as `index --caption`: images whose captioner needs other pixels than the retrieval model's
+            summary.captioned += CaptionRun(store, captioner, CaptionConfig(CaptionOptions())).run().captioned
         click.echo(f"indexed {summary.indexed}, captioned {summary.captioned}, unchanged {summary.unchanged}"
                    f" -> {store.directory}\nmodels: {model}, {caption_model}\n"
                    f"ranked: the top 32 by ITC, re-scored {retriever.fusion.describe()}", err=True)

@@ -103,3 +103,12 @@ def test_demo_indexes_captions_and_finds_described_images(tmp_path):
     assert result.stdout.count("caption: '") >= 4  # every printed result shows its stored caption
     again = run_cli("demo", "--dir", str(tmp_path), check=True, timeout=600)  # a re-run reuses the index
     assert "indexed 0, captioned 0, unchanged 40" in again.stderr
+
+
+
+def test_demo_with_a_model_of_other_image_size_captions_first_choices(tmp_path, tiny_model):
+    """The tiny model reads 224 px, the shipped captioner 64 px: ITC cannot choose among the captions,
+    and the demo stopped, telling the user to leave out a --candidates they never gave."""
+    result = run_cli("demo", "--dir", str(tmp_path), "--model", str(tiny_model), check=True, timeout=600)
+    assert "indexed 40, captioned 40" in result.stderr
+    assert "note: captions are the caption model's first choices" in result.stderr
