@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from pathlib import Path
 
 import click
@@ -96,7 +97,10 @@ def feature_cache(store, identity, megabytes: int):
 def store_config(index_dir: Path | None, catalog_url: str | None):
     from indexer.store import StoreConfig, default_index_dir
 
-    return StoreConfig(directory=(index_dir or default_index_dir()).expanduser(), catalog_url=catalog_url)
+    # Absolute (not resolved: a symlinked folder keeps the user's name), so that --json, status and the
+    # serve line name the index wherever they are read, not relative to where the command ran.
+    directory = Path(os.path.abspath((index_dir or default_index_dir()).expanduser()))
+    return StoreConfig(directory=directory, catalog_url=catalog_url)
 
 
 SIZE_UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "kib": 2**10, "m": 10**6, "mb": 10**6, "mib": 2**20,

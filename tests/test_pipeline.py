@@ -232,6 +232,10 @@ def test_index_without_paths_and_forget(tmp_path, tiny_model):
         return json.loads(run_cli("status", "--index", str(idx), "--json", check=True).stdout)["roots"]
 
     assert roots() == sorted([str(gone), str(kept)])
+    from tests.conftest import ROOT  # commands run there: a relative --index is named in full, not as given
+
+    relative = run_cli("status", "--index", os.path.relpath(idx, ROOT), "--json", check=True)
+    assert json.loads(relative.stdout)["index"] == str(idx)
     empty = run_cli("forget", "", "--index", str(idx))  # not the folder it runs in
     assert empty.returncode == 2 and "a path is empty" in empty.stderr and roots() == sorted([str(gone), str(kept)])
     forgotten = run_cli("forget", str(gone), "--index", str(idx), "--json", check=True)
