@@ -96,8 +96,11 @@ def make_tiny_command(directory: Path, seed: int) -> None:
 @click.option("--batch-size", type=click.IntRange(1, 4096), default=16, show_default=True)
 @click.option("--workers", type=click.IntRange(1, 256), default=None,
               help="Decode worker processes [default: the number of CPU cores; the main process mostly waits on them].")
-@click.option("--exclude", multiple=True, help="Glob of file or directory names/paths to skip (repeatable).")
-@click.option("--follow-symlinks", is_flag=True, help="Follow symbolic links to files and directories.")
+@click.option("--exclude", multiple=True,
+              help="Glob of file or directory names/paths to skip (repeatable); kept for later runs.")
+@click.option("--no-exclude", is_flag=True, help="Drop the --exclude globs kept from earlier runs.")
+@click.option("--follow-symlinks/--no-follow-symlinks", default=None,
+              help="Follow symbolic links to files and directories (kept for later runs; default: not).")
 @click.option("--max-megapixels", type=NumberRange(0.01, 10_000), default=100.0, show_default=True,
               help="Skip images larger than this (decompression-bomb guard).")
 @click.option("--decode-timeout", type=NumberRange(0.1, 3600), default=60.0, show_default=True,
@@ -110,8 +113,8 @@ def make_tiny_command(directory: Path, seed: int) -> None:
 @ray_options
 @click.option("--quiet", "-q", is_flag=True, help="No progress output.")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as one JSON object on stdout.")
-def index(paths, index_dir, catalog_url, model, device, dtype, batch_size, workers, exclude, follow_symlinks,
-          max_megapixels, decode_timeout, feature_cache_mb, with_captions, caption_model, prompt, max_new_tokens,
+def index(paths, index_dir, catalog_url, model, device, dtype, batch_size, workers, exclude, no_exclude,
+          follow_symlinks, max_megapixels, decode_timeout, feature_cache_mb, with_captions, caption_model, prompt, max_new_tokens,
           num_beams, candidates, index_type, max_index_memory, ray_address, shards_url, ray_model_actors,
           ray_gpus_per_actor, quiet, as_json) -> None:
     """Index the images under PATHS (folders or files): new and changed files are embedded, renamed and
@@ -119,12 +122,13 @@ def index(paths, index_dir, catalog_url, model, device, dtype, batch_size, worke
     folder the index was given before."""
     import os
     from concurrent.futures import ThreadPoolExecutor
+    from dataclasses import replace
 
     from api.progress import make_progress
     from indexer.features import FeatureCacheConfig
     from indexer.pipeline import IndexConfig, Indexer
     from indexer.store import IndexStore
-    from indexer.walk import WalkOptions, resolve_roots
+    from indexer.walk import resolve_roots
     from indexer.workers import PoolOptions
     from retrieval.config import ModelConfig
     from retrieval.encoders import Blip2Retriever
@@ -142,7 +146,6 @@ def index(paths, index_dir, catalog_url, model, device, dtype, batch_size, worke
     max_pixels = int(max_megapixels * 1e6)
     config = IndexConfig(
         batch_size=batch_size,
-        walk=WalkOptions(excludes=tuple(exclude), follow_symlinks=follow_symlinks),
         pool=PoolOptions(
             workers=workers or os.cpu_count() or 1,
             timeout_s=decode_timeout,
@@ -157,6 +160,7 @@ def index(paths, index_dir, catalog_url, model, device, dtype, batch_size, worke
     try:
         paths = paths or _recorded_roots(store)
         with store.writer_lock(), ThreadPoolExecutor(max_workers=1) as loader:
+            config = replace(config, walk=store.choose_walk(tuple(exclude), no_exclude, follow_symlinks))
             if index_type is not None or max_index_memory is not None:
                 _choose_index_type(store, index_type or "auto", max_index_memory)
             if ray_address is not None:

@@ -35,7 +35,7 @@ def forget(paths, index_dir, catalog_url, as_json) -> None:
                    + (f"; no longer indexed: {', '.join(forgotten.roots)}" if forgotten.roots else ""))
     for path in forgotten.still_walked:
         click.echo(f"note: {path} is still on disk, inside a folder blipsearch index walks: its next run adds it "
-                   "again (move it out, or pass --exclude to each run)", err=True)
+                   "again (move it out, or exclude it: blipsearch index --exclude GLOB, kept for later runs)", err=True)
 
 
 @click.command()

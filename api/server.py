@@ -31,7 +31,7 @@ JobId = Annotated[int, PathParam(ge=0, le=MAX_ID)]
 class IndexJob(BaseModel):
     kind: Literal["index"]
     paths: list[str] = Field(default_factory=list, max_length=100)  # none: every folder indexed before
-    exclude: list[str] = Field(default_factory=list, max_length=100)
+    exclude: list[str] | None = Field(None, max_length=100)  # none: those the index was last given
     batch_size: int = Field(16, ge=1, le=1024)
 
 

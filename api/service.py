@@ -221,12 +221,12 @@ class Service:
 
     def _index(self, job: Job, progress: JobProgress) -> dict:
         from indexer.pipeline import IndexConfig, Indexer
-        from indexer.walk import WalkOptions, recorded_roots
+        from indexer.walk import recorded_roots
         from indexer.workers import PoolOptions
 
         config = IndexConfig(
             batch_size=job.params.get("batch_size", 16),
-            walk=WalkOptions(excludes=tuple(job.params.get("exclude", ()))),
+            walk=self.store.choose_walk(tuple(job.params.get("exclude") or ())),  # as `index` does
             pool=PoolOptions(workers=os.cpu_count() or 1),
         )
         paths, gone = job.params["paths"], []

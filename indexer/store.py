@@ -20,6 +20,7 @@ import numpy as np
 
 from indexer.catalog import Catalog, sqlite_url
 from indexer.errors import IndexBusyError, IndexNotFoundError, IndexNotWritableError, IndexSettingsError
+from indexer.walk import WalkOptions
 from retrieval.errors import UsageError
 from retrieval.index_types import IndexSpec, auto_candidates, choose_spec
 from retrieval.loading import ModelIdentity
@@ -28,6 +29,7 @@ CATALOG_FILE = "catalog.sqlite"
 VECTORS_FILE = "vectors.faiss"
 LOCK_FILE = "index.lock"
 SETTINGS_FILE = "index.json"
+WALK_FILE = "walk.json"  # the --exclude and --follow-symlinks `index` was last given, kept for later runs
 HEADROOM = 1.25  # `auto` picks a type that still fits when the collection has grown by a quarter
 ENV_INDEX = "BLIPSEARCH_INDEX"
 
@@ -146,6 +148,28 @@ class IndexStore:
         tmp = self.directory / f"{SETTINGS_FILE}.tmp{os.getpid()}"
         tmp.write_text(json.dumps(asdict(settings)))
         os.replace(tmp, self.directory / SETTINGS_FILE)
+
+    def choose_walk(self, excludes: tuple[str, ...] = (), clear_excludes: bool = False,
+                    follow_symlinks: bool | None = None) -> WalkOptions:
+        """The walk options for a run: those given, else those an earlier run was given, as `index`
+        without folders re-indexes as before. Given ones are kept for later runs. Call it holding the
+        writer lock."""
+        path = self.directory / WALK_FILE
+        kept = WalkOptions()
+        if path.exists():
+            try:
+                saved = json.loads(path.read_text())
+                kept = WalkOptions(tuple(str(glob) for glob in saved["excludes"]), bool(saved["follow_symlinks"]))
+            except (ValueError, KeyError, TypeError) as exc:
+                raise IndexSettingsError(f"{path} cannot be read ({exc}); delete it and give --exclude and "
+                                          "--follow-symlinks again") from None
+        chosen = WalkOptions(() if clear_excludes else (excludes or kept.excludes),
+                             kept.follow_symlinks if follow_symlinks is None else follow_symlinks)
+        if chosen != kept:
+            tmp = self.directory / f"{WALK_FILE}.tmp{os.getpid()}"
+            tmp.write_text(json.dumps({"excludes": list(chosen.excludes), "follow_symlinks": chosen.follow_symlinks}))
+            os.replace(tmp, path)
+        return chosen
 
     # -- vectors ----------------------------------------------------------------------------------
     def load_vectors(self, identity: ModelIdentity, read_only: bool = False):

@@ -77,6 +77,22 @@ def test_symbolic_links_are_followed_only_when_asked_and_said_when_not(tmp_path,
             "point to") in result.stderr
     followed = index(tmp_path / "photos", tmp_path / "idx", tiny_model, "--follow-symlinks")
     assert followed["indexed"] == 2 and followed["reused"] == 1 and followed["links_not_followed"] == 0
+    again = index(tmp_path / "photos", tmp_path / "idx", tiny_model)  # kept: a cron run without the flag
+    assert again["removed"] == 0 and again["unchanged"] == 4
+    unfollowed = index(tmp_path / "photos", tmp_path / "idx", tiny_model, "--no-follow-symlinks")
+    assert unfollowed["removed"] == 3 and unfollowed["links_not_followed"] == 2
+
+
+def test_excludes_are_kept_for_later_runs(tmp_path, tiny_model):
+    """`index` without folders re-indexes as before: files excluded once stay out of a cron run that
+    does not repeat --exclude, until --no-exclude drops the globs."""
+    make_images(tmp_path / "photos" / "keep", 2, seed=24)
+    make_images(tmp_path / "photos" / "cache", 3, seed=25)
+    idx = tmp_path / "idx"
+    assert index(tmp_path / "photos", idx, tiny_model, "--exclude", "cache")["indexed"] == 2
+    again = run_cli("index", "--index", str(idx), "--model", str(tiny_model), "--json", "-q", check=True)
+    assert json.loads(again.stdout)["indexed"] == 0 and json.loads(again.stdout)["unchanged"] == 2
+    assert index(tmp_path / "photos", idx, tiny_model, "--no-exclude")["indexed"] == 3
 
 
 def test_export_writes_through_links_pipes_and_devices(tmp_path, tiny_model):
@@ -247,7 +263,8 @@ def test_index_without_paths_and_forget(tmp_path, tiny_model):
     inside = run_cli("forget", str(kept / "new"), "--index", str(idx), check=True)  # still there: it comes back
     assert inside.stdout == "forgot 1 files (1 images no other file shares)\n"
     assert inside.stderr == (f"note: {kept / 'new'} is still on disk, inside a folder blipsearch index walks: its next "
-                             "run adds it again (move it out, or pass --exclude to each run)\n")
+                             "run adds it again (move it out, or exclude it: blipsearch index --exclude GLOB, kept "
+                             "for later runs)\n")
     assert index(kept, idx, tiny_model)["indexed"] == 1
     twice = run_cli("forget", str(gone), "--index", str(idx))
     assert twice.returncode == 2 and twice.stderr == f"Error: nothing is indexed at {gone}\n"

@@ -341,3 +341,21 @@ def test_an_index_another_model_claimed_meanwhile_is_a_clear_error(tmp_path, ret
             assert_error(client.get("/api/search", params={"q": "x"}), 400)
     finally:
         service.close()
+
+
+def test_an_index_job_keeps_the_excludes_the_index_was_given(tmp_path, retriever, tiny_model):
+    from tests.conftest import run_cli
+
+    make_images(tmp_path / "photos" / "keep", 2, seed=44)
+    make_images(tmp_path / "photos" / "cache", 2, seed=45)
+    run_cli("index", str(tmp_path / "photos"), "--index", str(tmp_path / "idx"), "--model", str(tiny_model),
+            "--exclude", "cache", "-q", check=True)
+    service = Service(ServeConfig(StoreConfig(tmp_path / "idx")), retriever)
+    try:
+        with TestClient(create_app(service)) as client:
+            job = client.post("/api/jobs", json={"kind": "index"}).json()
+            assert job["params"]["exclude"] is None
+            result = wait(client, job["id"])["result"]
+    finally:
+        service.close()
+    assert result["indexed"] == 0 and result["unchanged"] == 2
