@@ -109,6 +109,8 @@ def status(index_dir, catalog_url, as_json) -> None:
         result = {
             "index": str(store.directory),
             "roots": store.catalog.roots(),  # what `index` without folders re-indexes
+            "excludes": list(store.kept_walk().excludes),  # and how it walks them
+            "follow_symlinks": store.kept_walk().follow_symlinks,
             "model": identity.name if identity else None,
             "model_fingerprint": identity.fingerprint if identity else None,
             "embed_dim": identity.embed_dim if identity else None,
@@ -123,4 +125,4 @@ def status(index_dir, catalog_url, as_json) -> None:
         emit_json(result)
     else:
         for key, value in result.items():
-            click.echo(f"{key}: {', '.join(value) if key == 'roots' else value}")
+            click.echo(f"{key}: {', '.join(value) if isinstance(value, list) else value}")

@@ -149,20 +149,24 @@ class IndexStore:
         tmp.write_text(json.dumps(asdict(settings)))
         os.replace(tmp, self.directory / SETTINGS_FILE)
 
+    def kept_walk(self) -> WalkOptions:
+        """The --exclude and --follow-symlinks kept from earlier runs (`choose_walk`)."""
+        path = self.directory / WALK_FILE
+        if not path.exists():
+            return WalkOptions()
+        try:
+            saved = json.loads(path.read_text())
+            return WalkOptions(tuple(str(glob) for glob in saved["excludes"]), bool(saved["follow_symlinks"]))
+        except (ValueError, KeyError, TypeError) as exc:
+            raise IndexSettingsError(f"{path} cannot be read ({exc}); delete it and give --exclude and "
+                                      "--follow-symlinks again") from None
+
     def choose_walk(self, excludes: tuple[str, ...] = (), clear_excludes: bool = False,
                     follow_symlinks: bool | None = None) -> WalkOptions:
         """The walk options for a run: those given, else those an earlier run was given, as `index`
         without folders re-indexes as before. Given ones are kept for later runs. Call it holding the
         writer lock."""
-        path = self.directory / WALK_FILE
-        kept = WalkOptions()
-        if path.exists():
-            try:
-                saved = json.loads(path.read_text())
-                kept = WalkOptions(tuple(str(glob) for glob in saved["excludes"]), bool(saved["follow_symlinks"]))
-            except (ValueError, KeyError, TypeError) as exc:
-                raise IndexSettingsError(f"{path} cannot be read ({exc}); delete it and give --exclude and "
-                                          "--follow-symlinks again") from None
+        kept, path = self.kept_walk(), self.directory / WALK_FILE
         chosen = WalkOptions(() if clear_excludes else (excludes or kept.excludes),
                              kept.follow_symlinks if follow_symlinks is None else follow_symlinks)
         if chosen != kept:

@@ -92,6 +92,8 @@ def test_excludes_are_kept_for_later_runs(tmp_path, tiny_model):
     assert index(tmp_path / "photos", idx, tiny_model, "--exclude", "cache")["indexed"] == 2
     again = run_cli("index", "--index", str(idx), "--model", str(tiny_model), "--json", "-q", check=True)
     assert json.loads(again.stdout)["indexed"] == 0 and json.loads(again.stdout)["unchanged"] == 2
+    status = json.loads(run_cli("status", "--index", str(idx), "--json", check=True).stdout)
+    assert status["excludes"] == ["cache"] and status["follow_symlinks"] is False
     assert index(tmp_path / "photos", idx, tiny_model, "--no-exclude")["indexed"] == 3
 
 
