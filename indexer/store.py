@@ -130,49 +130,54 @@ class IndexStore:
 
     # -- settings ---------------------------------------------------------------------------------
     def settings(self) -> IndexSettings:
-        path = self.directory / SETTINGS_FILE
+        saved = self._read_json(SETTINGS_FILE, "set the index type again with blipsearch index --index-type TYPE "
+                                               "after deleting it")
+        known = {f.name for f in fields(IndexSettings)}  # keys a newer blipsearch may add are left alone
+        return IndexSettings(**{key: value for key, value in (saved or {}).items() if key in known})
+
+    def save_settings(self, settings: IndexSettings) -> None:
+        settings.validate()
+        self._write_json(SETTINGS_FILE, asdict(settings))
+
+    def kept_walk(self) -> WalkOptions:
+        """The --exclude and --follow-symlinks kept from earlier runs (`choose_walk`)."""
+        advice = "delete it and give --exclude and --follow-symlinks again"
+        saved = self._read_json(WALK_FILE, advice)
+        if saved is None:
+            return WalkOptions()
+        try:
+            return WalkOptions(tuple(str(glob) for glob in saved["excludes"]), bool(saved["follow_symlinks"]))
+        except (KeyError, TypeError) as exc:
+            raise IndexSettingsError(f"{self.directory / WALK_FILE} cannot be read ({exc!r}); {advice}") from None
+
+    def _read_json(self, name: str, advice: str) -> dict | None:
+        """A settings file of the index directory as a dict; None where there is none."""
+        path = self.directory / name
         if not path.exists():
-            return IndexSettings()
+            return None
         try:
             saved = json.loads(path.read_text())
             if not isinstance(saved, dict):
                 raise ValueError("not a JSON object")
         except ValueError as exc:  # JSONDecodeError and UnicodeDecodeError too
-            raise IndexSettingsError(f"{path} cannot be read ({exc}); set the index type again with "
-                                      "blipsearch index --index-type TYPE after deleting it") from None
-        known = {f.name for f in fields(IndexSettings)}  # keys a newer blipsearch may add are left alone
-        return IndexSettings(**{key: value for key, value in saved.items() if key in known})
+            raise IndexSettingsError(f"{path} cannot be read ({exc}); {advice}") from None
+        return saved
 
-    def save_settings(self, settings: IndexSettings) -> None:
-        settings.validate()
-        tmp = self.directory / f"{SETTINGS_FILE}.tmp{os.getpid()}"
-        tmp.write_text(json.dumps(asdict(settings)))
-        os.replace(tmp, self.directory / SETTINGS_FILE)
-
-    def kept_walk(self) -> WalkOptions:
-        """The --exclude and --follow-symlinks kept from earlier runs (`choose_walk`)."""
-        path = self.directory / WALK_FILE
-        if not path.exists():
-            return WalkOptions()
-        try:
-            saved = json.loads(path.read_text())
-            return WalkOptions(tuple(str(glob) for glob in saved["excludes"]), bool(saved["follow_symlinks"]))
-        except (ValueError, KeyError, TypeError) as exc:
-            raise IndexSettingsError(f"{path} cannot be read ({exc}); delete it and give --exclude and "
-                                      "--follow-symlinks again") from None
+    def _write_json(self, name: str, payload: dict) -> None:
+        tmp = self.directory / f"{name}.tmp{os.getpid()}"  # written whole, then renamed over the old one
+        tmp.write_text(json.dumps(payload))
+        os.replace(tmp, self.directory / name)
 
     def choose_walk(self, excludes: tuple[str, ...] = (), clear_excludes: bool = False,
                     follow_symlinks: bool | None = None) -> WalkOptions:
         """The walk options for a run: those given, else those an earlier run was given, as `index`
         without folders re-indexes as before. Given ones are kept for later runs. Call it holding the
         writer lock."""
-        kept, path = self.kept_walk(), self.directory / WALK_FILE
+        kept = self.kept_walk()
         chosen = WalkOptions(() if clear_excludes else (excludes or kept.excludes),
                              kept.follow_symlinks if follow_symlinks is None else follow_symlinks)
         if chosen != kept:
-            tmp = self.directory / f"{WALK_FILE}.tmp{os.getpid()}"
-            tmp.write_text(json.dumps({"excludes": list(chosen.excludes), "follow_symlinks": chosen.follow_symlinks}))
-            os.replace(tmp, path)
+            self._write_json(WALK_FILE, {"excludes": list(chosen.excludes), "follow_symlinks": chosen.follow_symlinks})
         return chosen
 
     # -- vectors ----------------------------------------------------------------------------------

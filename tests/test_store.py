@@ -141,6 +141,26 @@ def test_index_settings_unreadable_are_one_clear_error_and_unknown_keys_are_igno
     assert result.returncode == 2 and result.stderr.startswith("Error: ") and "Traceback" not in result.stderr
 
 
+def test_walk_options_are_kept_and_an_unreadable_walk_file_is_one_clear_error(tmp_path):
+    from indexer.errors import IndexSettingsError
+    from indexer.store import IndexStore, StoreConfig
+    from indexer.walk import WalkOptions
+
+    store = IndexStore.open(StoreConfig(tmp_path / "idx"), create=True)
+    try:
+        assert store.choose_walk(("cache",), follow_symlinks=True) == WalkOptions(("cache",), True)
+        assert store.choose_walk() == store.kept_walk() == WalkOptions(("cache",), True)
+        assert store.choose_walk(clear_excludes=True) == WalkOptions((), True)
+        walk = tmp_path / "idx" / "walk.json"
+        for broken, reason in (("garbage", "Expecting value"), ("[1]", "not a JSON object"),
+                               ('{"excludes": []}', "KeyError")):
+            walk.write_text(broken)
+            with pytest.raises(IndexSettingsError, match=f"walk.json cannot be read \\({reason}"):
+                store.kept_walk()
+    finally:
+        store.close()
+
+
 def test_an_index_that_cannot_be_written_is_searched_but_not_changed(photos, tiny_model, tmp_path):
     """On a read-only mount, index, caption and forget ended in a FileLock traceback. The lock file is
     made unopenable here (a folder in its place), as mounting read-only needs privileges tests lack."""
