@@ -114,8 +114,8 @@ def make_tiny_command(directory: Path, seed: int) -> None:
 @click.option("--quiet", "-q", is_flag=True, help="No progress output.")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as one JSON object on stdout.")
 def index(paths, index_dir, catalog_url, model, device, dtype, batch_size, workers, exclude, no_exclude,
-          follow_symlinks, max_megapixels, decode_timeout, feature_cache_mb, with_captions, caption_model, prompt, max_new_tokens,
-          num_beams, candidates, index_type, max_index_memory, ray_address, shards_url, ray_model_actors,
+          follow_symlinks, max_megapixels, decode_timeout, feature_cache_mb, with_captions, caption_model, prompt,
+          max_new_tokens, num_beams, candidates, index_type, max_index_memory, ray_address, shards_url, ray_model_actors,
           ray_gpus_per_actor, quiet, as_json) -> None:
     """Index the images under PATHS (folders or files): new and changed files are embedded, renamed and
     duplicate files reuse their vectors, files gone from disk are removed. Without PATHS: every
@@ -222,21 +222,22 @@ def _print_index_summary(store, summary, with_captions: bool, as_json: bool) -> 
             + f" in {result['seconds']['total']:.1f} s"
         )
     if summary.names_not_utf8:
-        names = summary.names_not_utf8
-        click.echo(f"warning: {len(names)} file(s) not indexed, because their names are not valid UTF-8 and the "
-                   "catalog keeps names as UTF-8 text; rename them (for example with convmv): "
-                   + ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else ""), err=True)
+        click.echo(f"warning: {len(summary.names_not_utf8)} file(s) not indexed, because their names are not valid "
+                   "UTF-8 and the catalog keeps names as UTF-8 text; rename them (for example with convmv): "
+                   + _first_few(summary.names_not_utf8), err=True)
     if summary.unreadable:
-        places = summary.unreadable
-        click.echo(f"warning: could not read {len(places)} folder(s) or file(s); what was indexed there is kept "
-                   "until they can be read: " + ", ".join(places[:5])
-                   + (f" and {len(places) - 5} more" if len(places) > 5 else ""), err=True)
+        click.echo(f"warning: could not read {len(summary.unreadable)} folder(s) or file(s); what was indexed there "
+                   "is kept until they can be read: " + _first_few(summary.unreadable), err=True)
     for root in summary.roots_found_empty:
         click.echo(f"warning: {root} is empty, but files were indexed there (an unmounted drive?); they are kept: "
                    f"blipsearch forget {root} removes them", err=True)
     if summary.links_not_followed:
         click.echo(f"note: {summary.links_not_followed} symbolic link(s) to files or folders were not followed; "
                    "--follow-symlinks indexes what they point to", err=True)
+
+
+def _first_few(names: list[str], shown: int = 5) -> str:
+    return ", ".join(names[:shown]) + (f" and {len(names) - shown} more" if len(names) > shown else "")
 
 
 def _choose_index_type(store, index_type: str, max_memory: int | None) -> None:

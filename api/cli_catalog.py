@@ -81,11 +81,10 @@ def _export_to(output: Path, write) -> int:
     from retrieval.errors import UsageError
 
     try:
-        special = output.exists() and not output.is_file()
+        if output.exists() and not output.is_file():
+            return write(output)
         target = Path(os.path.realpath(output))
         tmp = target.with_name(target.name + ".tmp")
-        if special:
-            return write(output)
         try:
             count = write(tmp)
             tmp.replace(target)
@@ -105,12 +104,12 @@ def status(index_dir, catalog_url, as_json) -> None:
 
     store = IndexStore.open(store_config(index_dir, catalog_url))
     try:
-        identity = store.catalog.model()
+        identity, walk = store.catalog.model(), store.kept_walk()
         result = {
             "index": str(store.directory),
             "roots": store.catalog.roots(),  # what `index` without folders re-indexes
-            "excludes": list(store.kept_walk().excludes),  # and how it walks them
-            "follow_symlinks": store.kept_walk().follow_symlinks,
+            "excludes": list(walk.excludes),  # and how it walks them
+            "follow_symlinks": walk.follow_symlinks,
             "model": identity.name if identity else None,
             "model_fingerprint": identity.fingerprint if identity else None,
             "embed_dim": identity.embed_dim if identity else None,

@@ -74,7 +74,9 @@ def _absolute_glob(glob: str | None) -> str | None:
     """`--path` as the catalog's absolute paths can match it: `vacation/*` matched nothing, silently."""
     import os
 
-    if glob is None or glob.startswith(("/", "*", "?", "[")):
+    from indexer.search import anchored
+
+    if glob is None or anchored(glob):
         return glob
     return os.path.normpath(os.path.join(os.getcwd(), os.path.expanduser(glob)))  # ../photos/* too
 

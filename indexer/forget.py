@@ -42,6 +42,6 @@ def forget(store: IndexStore, targets: Sequence[str]) -> Forgotten:
             vectors = store.load_vectors(identity)
             vectors.remove(np.asarray(orphaned, dtype=np.int64))
             store.save_vectors(vectors)
-        remaining = catalog.roots()
+        remaining = [root for root in roots if root not in removed_roots]
     still_walked = [t for t in targets if os.path.exists(t) and any(at_or_under(t, root) for root in remaining)]
     return Forgotten(len(rows), len(orphaned), removed_roots, still_walked)

@@ -35,9 +35,9 @@ class Reranker:
         self.decode_options = DecodeOptions.for_indexed(retriever.transform)
 
     def score(self, files: dict[str, str], texts: Sequence[str], weights: Sequence[float]) -> dict[str, Match]:
-        """`files`: content hash -> a path holding it. Returns a Match per hash whose features could be
-        had; a file that can no longer be decoded is left out."""
-        weights = np.asarray(weights, np.float64) / sum(weights)  # positive (TextQuery.itm_texts)
+        """`files`: content hash -> a path holding it; `weights` positive and summing to 1, as
+        `TextQuery.itm_texts` gives them. Returns a Match per hash whose features could be had; a file
+        that can no longer be decoded is left out."""
         matches: dict[str, Match] = {}
         hashes = list(files)
         for start in range(0, len(hashes), self.batch_size):

@@ -38,7 +38,7 @@ class SearchOptions:
     rerank: bool = True
     score: str | None = None  # None: "itc" without re-ranking, else the model's default (`default_score`)
     min_score: float | None = None
-    path_glob: str | None = None
+    path_glob: str | None = None  # over full paths: `anchored`
     hybrid: bool = False  # fuse the visual ranking with a full-text ranking of captions
 
     def __post_init__(self) -> None:
@@ -234,6 +234,11 @@ def with_captions(catalog: Catalog, results: list[SearchResult]) -> list[SearchR
     captions = catalog.captions.get([r.embedding_id for r in results])
     return [replace(r, caption=captions[r.embedding_id].caption if r.embedding_id in captions else None)
             for r in results]
+
+
+def anchored(glob: str) -> bool:
+    """Whether `glob` can match the catalog's absolute paths as it is: absolute, or from a wildcard."""
+    return glob.startswith(("/", "*", "?", "["))
 
 
 def _passes(row: FileRow, options: SearchOptions, exclude_hash: str | None) -> bool:
