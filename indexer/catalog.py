@@ -7,6 +7,7 @@ which is what makes `kill -9` at any moment safe.
 
 from __future__ import annotations
 
+import heapq
 import json
 import time
 from dataclasses import dataclass
@@ -235,6 +236,29 @@ class Catalog:
                     rows[row.path] = FileRow(**row._mapping)
         return rows
 
+    def iter_under(self, roots: Iterable[str], page: int = 5000) -> Iterator[FileRow]:
+        """The files at or under `roots`, each once, in path order (byte order, as `walk_sorted` yields
+        paths). Read a page at a time by key, each page its own short read: no transaction stays open
+        through a long run (SQLite's WAL could not be checkpointed), and the run's own writes go on
+        between pages. A path written meanwhile sorts before the key the next page starts after
+        (`compare.Comparison` writes only paths the catalog's stream has passed), so none comes twice."""
+        outermost = [root for root in sorted(set(roots))
+                     if not any(root != other and at_or_under(root, other) for other in roots)]
+        return heapq.merge(*(self._pages(root, page) for root in outermost), key=lambda row: row.path)
+
+    def _pages(self, root: str, page: int) -> Iterator[FileRow]:
+        f = schema.files
+        query = select(f).where(or_(f.c.path == root, _under(root))).order_by(f.c.path).limit(page)
+        after = None
+        while True:
+            with self.engine.connect() as conn:
+                rows = [FileRow(**r._mapping)
+                        for r in conn.execute(query if after is None else query.where(f.c.path > after))]
+            yield from rows
+            if len(rows) < page:
+                return
+            after = rows[-1].path
+
     def files(self, embedding_ids: Sequence[int] | None = None) -> list[FileRow]:
         """Every file, or only those pointing at `embedding_ids`; ordered by path."""
         query = select(schema.files).order_by(schema.files.c.path)
@@ -338,7 +362,7 @@ class Catalog:
             for chunk in chunks(sorted(wanted)):
                 known.update(conn.execute(select(e.c.content_hash, e.c.id).where(e.c.content_hash.in_(chunk))).all())
             paths = [x.path for x in entries]
-            previous = self._embedding_ids_of_paths(conn, paths)
+            previous = self._embedding_ids_of(conn, f.c.path, paths)
             for chunk in chunks(paths):
                 conn.execute(delete(f).where(f.c.path.in_(chunk)))
             rows = [
@@ -356,21 +380,28 @@ class Catalog:
 
     def remove_paths(self, paths: Sequence[str]) -> list[int]:
         """Forget files; returns the embedding ids this left without any file (deleted too)."""
+        return self._remove(schema.files.c.path, paths)
+
+    def remove_files(self, file_ids: Sequence[int]) -> list[int]:
+        """`remove_paths` by the files' ids."""
+        return self._remove(schema.files.c.id, [int(i) for i in file_ids])
+
+    def _remove(self, column, values: Sequence) -> list[int]:
         f = schema.files
         with self.engine.begin() as conn:
-            previous = self._embedding_ids_of_paths(conn, paths)
-            for chunk in chunks(list(paths)):
-                conn.execute(delete(f).where(f.c.path.in_(chunk)))
+            previous = self._embedding_ids_of(conn, column, values)
+            for chunk in chunks(list(values)):
+                conn.execute(delete(f).where(column.in_(chunk)))
             return self._delete_orphans(conn, previous)
 
     @staticmethod
-    def _embedding_ids_of_paths(conn, paths: Sequence[str]) -> set[int]:
+    def _embedding_ids_of(conn, column, values: Sequence) -> set[int]:
+        """The embedding ids of the files whose `column` (path or id) is among `values`."""
         f = schema.files
         ids: set[int] = set()
-        for chunk in chunks(list(paths)):
-            ids.update(
-                conn.execute(select(f.c.embedding_id).where(f.c.path.in_(chunk), f.c.embedding_id.is_not(None))).scalars()
-            )
+        for chunk in chunks(list(values)):
+            query = select(f.c.embedding_id).where(column.in_(chunk), f.c.embedding_id.is_not(None))
+            ids.update(conn.execute(query).scalars())
         return ids
 
     @staticmethod

@@ -1,4 +1,8 @@
-"""The bulk indexing pipeline: walk -> decode (worker processes) -> embed (model) -> write (catalog + FAISS).
+"""The bulk indexing pipeline: walk and compare with the catalog -> decode (worker processes) -> embed
+(model) -> write (catalog + FAISS).
+
+The walk and the catalog are compared as two sorted streams (`compare.Comparison`), so a run holds
+neither in memory, only the files it is decoding and embedding.
 
 Decoding overlaps with the model because workers run ahead of it by a bounded window; it even starts
 while the model is still loading (the embedder may be a Future), holding up to `prefetch_images`
@@ -14,18 +18,19 @@ import time
 from collections import Counter
 from concurrent.futures import Future
 from dataclasses import dataclass, field
-from typing import Any, Protocol, Sequence
+from typing import Any, Iterable, Protocol, Sequence
 
 import numpy as np
 
 from indexer.caption_catalog import NewCaptions
-from indexer.catalog import FileEntry, FileRow
-from indexer.decode import DEFAULT_MAX_PIXELS, RETRIED, Decoded, DecodeOptions, Skipped
+from indexer.catalog import FileEntry
+from indexer.compare import Comparison, Todo, files_to_do
+from indexer.decode import DEFAULT_MAX_PIXELS, Decoded, DecodeOptions, Skipped
 from indexer.features import FeatureCache, FeatureCacheConfig
 from indexer.schema import INDEXED, SKIPPED
 from indexer.store import IndexStore, reconcile
 from indexer.threads import ThreadBalancer
-from indexer.walk import FoundFile, WalkOptions, resolve_roots, walk
+from indexer.walk import FoundFile, WalkOptions, resolve_roots
 from indexer.workers import DecodePool, PoolOptions
 from retrieval.errors import BlipsearchError
 
@@ -104,8 +109,12 @@ class IndexSummary:
 
 @dataclass(frozen=True)
 class _Result:
-    found: FoundFile
+    todo: Todo
     outcome: Decoded | Skipped
+
+    @property
+    def found(self) -> FoundFile:
+        return self.todo.found
 
 
 class Indexer:
@@ -136,15 +145,8 @@ class Indexer:
         summary = IndexSummary()
         roots = resolve_roots(list(paths))
         self.store.catalog.add_roots(roots)
-        walked = walk(roots, self.config.walk, skip_dirs=(str(self.store.directory),))
-        found = walked.files
-        summary.skip_names_not_utf8(walked.names_not_utf8)
-        summary.links_not_followed = walked.links_not_followed
-        summary.unreadable = walked.unreadable
-        known = self.store.catalog.files_under(roots)
-        todo = [f for path, f in found.items() if not _unchanged(f, known.get(path))]
-        summary.unchanged = len(found) - len(todo)
-        self.progress.start(len(todo))
+        comparison, todo, total = self._compare(roots)
+        self.progress.start(total)
         transform = self.transform or self.embedder.transform
         options = DecodeOptions(transform, self.config.max_pixels, self.config.use_draft)
         writer: _Writer | None = None
@@ -160,16 +162,15 @@ class Indexer:
                         batch = []
                         if self._model_ready() or len(held) * self.config.batch_size >= self.config.prefetch_images:
                             writer = writer or self._start_writing(transform, summary)
-                            writer.write_all(held, known, summary)
+                            writer.write_all(held, summary)
                             held = []
                 writer = writer or self._start_writing(transform, summary)
-                writer.write_all(held + [batch], known, summary)
+                writer.write_all(held + [batch], summary)
         finally:
             if writer is not None:
                 writer.finish()
-        gone, summary.roots_found_empty = walked.gone(known)
-        writer.vectors.remove(np.asarray(self.store.catalog.remove_paths(gone), dtype=np.int64))
-        summary.removed = len(gone)
+        writer.vectors.remove(np.asarray(self.store.catalog.remove_files(comparison.gone), dtype=np.int64))
+        self._walked(comparison, summary)
         # Writers sharing the catalog (PostgreSQL) add images this run's file lacks: take them in.
         reconcile(writer.vectors, self.store.catalog, writer.embedder.identity)
         self.store.save_vectors(writer.vectors)
@@ -195,9 +196,30 @@ class Indexer:
             captioner = None  # it needs other pixels: `CaptionRun` captions these images afterwards
         return _Writer(self, self.store.load_vectors(identity), cache, captioner)
 
-    def _decoded(self, pool: DecodePool, todo: list[FoundFile], summary: IndexSummary):
-        by_path = {f.path: f for f in todo}
-        iterator = pool.imap([f.path for f in todo])
+    def _compare(self, roots: list[str]) -> tuple[Comparison, Iterable[Todo], int]:
+        skip_dirs = (str(self.store.directory),)  # the index's own, which may lie inside a root
+        return files_to_do(lambda: Comparison(self.store.catalog, roots, self.config.walk, skip_dirs))
+
+    @staticmethod
+    def _walked(comparison: Comparison, summary: IndexSummary) -> None:
+        """What the walk found besides the files to do, into the summary."""
+        summary.unchanged += comparison.unchanged
+        summary.removed = len(comparison.gone)
+        summary.roots_found_empty = comparison.missing.held_roots()
+        noticed = comparison.noticed
+        summary.skip_names_not_utf8(sorted(noticed.names_not_utf8))
+        summary.links_not_followed = len(noticed.links)
+        summary.unreadable = noticed.unreadable_shown()
+
+    def _decoded(self, pool: DecodePool, todo: Iterable[Todo], summary: IndexSummary):
+        decoding: dict[str, Todo] = {}  # the files the pool has taken and not yet given back
+
+        def paths():
+            for item in todo:
+                decoding[item.found.path] = item
+                yield item.found.path
+
+        iterator = pool.imap(paths())
         while True:
             waited = time.perf_counter()
             item = next(iterator, None)
@@ -205,7 +227,7 @@ class Indexer:
             if item is None:
                 return
             path, outcome = item
-            yield _Result(by_path[path], outcome)
+            yield _Result(decoding.pop(path), outcome)
 
 
 class _Writer:
@@ -228,12 +250,12 @@ class _Writer:
         if self.threads is not None:
             self.threads.restore()
 
-    def write_all(self, batches: list[list[_Result]], known: dict[str, FileRow], summary: IndexSummary) -> None:
+    def write_all(self, batches: list[list[_Result]], summary: IndexSummary) -> None:
         if self._seen is None:  # waits while the model loaded say nothing about the balance
             self._seen = (summary.seconds["decode_wait"], summary.seconds["model"])
         for batch in batches:
             if batch:
-                self.write(batch, known, summary)
+                self.write(batch, summary)
             if time.monotonic() - self.saved_at > self.config.save_every_s:
                 self.store.save_vectors(self.vectors)
                 self.saved_at = time.monotonic()
@@ -242,7 +264,7 @@ class _Writer:
             self.threads.observe(len(batches), now[0] - self._seen[0], now[1] - self._seen[1])
             self._seen = now
 
-    def write(self, batch: list[_Result], known: dict[str, FileRow], summary: IndexSummary) -> None:
+    def write(self, batch: list[_Result], summary: IndexSummary) -> None:
         catalog = self.store.catalog
         decoded = [r for r in batch if isinstance(r.outcome, Decoded)]
         existing = catalog.embedding_ids_for(r.outcome.content_hash for r in decoded)
@@ -255,7 +277,7 @@ class _Writer:
                 entries.append(_entry(found, outcome, SKIPPED, outcome.error))
                 continue
             entries.append(_entry(found, outcome, INDEXED))
-            previous = known.get(found.path)
+            previous = result.todo.row
             if outcome.content_hash in existing or outcome.content_hash in fresh:
                 same_file = previous is not None and previous.content_hash == outcome.content_hash
                 if same_file:
@@ -292,14 +314,6 @@ class _Writer:
         summary.seconds["caption"] += time.perf_counter() - began
         summary.captioned += len(texts)
         return NewCaptions(dict(zip(fresh, texts)), self.captioner.name, options.prompt)
-
-
-def _unchanged(found: FoundFile, row: FileRow | None) -> bool:
-    """Nothing to redo for this file: the same size and mtime as its row, and not skipped for a reason
-    worth another try (`decode.RETRIED`)."""
-    if row is None or row.size != found.size or row.mtime_ns != found.mtime_ns:
-        return False
-    return not (row.status == SKIPPED and (row.error or "").partition(":")[0] in RETRIED)
 
 
 def _entry(found: FoundFile, outcome: Decoded | Skipped, status: str, error: str | None = None) -> FileEntry:

@@ -23,7 +23,8 @@ import numpy as np
 from indexer.captions import CaptionConfig, CaptionSummary
 from indexer.catalog import FileEntry, FileRow
 from indexer.decode import DecodeOptions
-from indexer.pipeline import IndexConfig, IndexSummary, NoProgress, Progress, _unchanged
+from indexer.compare import unchanged
+from indexer.pipeline import IndexConfig, IndexSummary, NoProgress, Progress
 from indexer.ray_stages import MODEL_KEY, SHARD_PREFIX, CaptionStage, DecodeStage, EmbedStage
 from indexer.schema import INDEXED, SKIPPED
 from indexer.store import IndexStore, reconcile
@@ -169,7 +170,7 @@ class RayIndexRun(_RayRun):
         summary.unreadable = walked.unreadable
         leftover = self._merge(found, catalog.files_under(roots), summary)  # what an interrupted run left
         known = catalog.files_under(roots)
-        todo = [f for f in found.values() if not _unchanged(f, known.get(f.path))]
+        todo = [f for f in found.values() if not unchanged(f, known.get(f.path))]
         summary.unchanged += len(found) - len(todo) - leftover
         if todo:
             self._embed(todo)

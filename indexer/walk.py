@@ -7,6 +7,7 @@ every regular file except ones whose extension says they certainly are not image
 from __future__ import annotations
 
 import fnmatch
+import heapq
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -42,28 +43,47 @@ class Walked:
     names_not_utf8: list[str]  # files the catalog cannot name (`storable`), as `shown` prints them
     links_not_followed: int = 0  # symbolic links to files or folders, left alone without `follow_symlinks`
     unreadable: list[str] = field(default_factory=list)  # folders (or files) there but not readable, `shown`
-    empty_roots: list[str] = field(default_factory=list)  # root folders with nothing in them (`_empty_folder`)
-
-    def unread(self, path: str) -> bool:
-        """`path` is at or under something the walk could not read: not found, but maybe not gone
-        either (a permission, a network mount's hiccup), so its catalog row must stay."""
-        return any(at_or_under(path, place) for place in self.unreadable)
+    empty_roots: list[str] = field(default_factory=list)  # root folders with nothing in them (`empty_folder`)
 
     def gone(self, known: Iterable[str]) -> tuple[list[str], list[str]]:
-        """(the catalog paths `known` that this walk shows gone from disk, the roots held back). A root
-        found empty though the catalog has files there is held back with them: an unmounted drive's
-        mount point looks just so, and dropping its files would cost embedding them all again."""
-        missing = [path for path in known if path not in self.files and not self.unread(path)]
-        held = [root for root in self.empty_roots if any(at_or_under(path, root) for path in missing)]
-        return sorted(path for path in missing if not any(at_or_under(path, root) for root in held)), held
+        """(the catalog paths `known` that this walk shows gone from disk, the roots held back: `Missing`)."""
+        missing = Missing(set(self.unreadable), self.empty_roots)
+        return sorted(path for path in known if path not in self.files and missing.gone(path)), missing.held_roots()
 
 
 @dataclass
-class _Noticed:
+class Missing:
+    """Sorts the catalog's paths a walk did not find into gone and kept. Kept: those at or under what
+    could not be read (a permission, a network mount's hiccup: not found, but maybe not gone), and
+    those under a root found empty, which is held back with them: an unmounted drive's mount point
+    looks just so, and dropping its files would cost embedding them all again."""
+
+    unreadable: set[str]  # as the walk noticed them
+    empty_roots: list[str]  # `empty_folder` before the walk
+    held: set[str] = field(default_factory=set)  # empty roots with catalog paths under them
+
+    def gone(self, path: str) -> bool:
+        if any(at_or_under(path, place) for place in self.unreadable):
+            return False
+        root = next((root for root in self.empty_roots if at_or_under(path, root)), None)
+        if root is not None:
+            self.held.add(root)
+        return root is None
+
+    def held_roots(self) -> list[str]:
+        return sorted(self.held)
+
+
+@dataclass
+class Noticed:
     """What a walk passes by without yielding."""
 
     links: set[str] = field(default_factory=set)
     unreadable: set[str] = field(default_factory=set)
+    names_not_utf8: set[str] = field(default_factory=set)  # as `shown` prints them
+
+    def unreadable_shown(self) -> list[str]:
+        return sorted(map(shown, self.unreadable))
 
     def failed(self, path: str, exc: OSError) -> None:
         if not isinstance(exc, FileNotFoundError):  # one that vanished meanwhile is simply gone
@@ -131,9 +151,12 @@ def _excluded(path: str, name: str, excludes: tuple[str, ...]) -> bool:
     return any(fnmatch.fnmatch(name, pattern) or fnmatch.fnmatch(path, pattern) for pattern in excludes)
 
 
-def walk(roots: list[str], options: WalkOptions, skip_dirs: tuple[str, ...] = ()) -> Walked:
-    """Every candidate file under `roots`, those the catalog cannot name set apart. `skip_dirs` are
-    never entered: the index's own directory, which may lie inside a root (`index . --index idx`)."""
+def walk_sorted(roots: list[str], options: WalkOptions, noticed: "Noticed",
+                skip_dirs: tuple[str, ...] = ()) -> Iterator[FoundFile]:
+    """Every candidate file under `roots` that the catalog can name, once each, in path order: Python's
+    str order, which is UTF-8 byte order, the order the catalog lists paths in (`Catalog.iter_under`).
+    What the walk passes by goes to `noticed`, each folder before any path that sorts after it.
+    `skip_dirs` are never entered: the index's own directory, which may lie inside a root."""
     skipped = set()
     for directory in skip_dirs:
         try:
@@ -141,20 +164,27 @@ def walk(roots: list[str], options: WalkOptions, skip_dirs: tuple[str, ...] = ()
             skipped.add((stat.st_dev, stat.st_ino))
         except OSError:
             continue
-    files: dict[str, FoundFile] = {}
-    names_not_utf8: set[str] = set()  # a set: overlapping roots find a file twice
-    noticed = _Noticed()
-    for root in roots:
-        for found in _walk_one(root, options, skipped, noticed):
-            if storable(found.path):
-                files[found.path] = found
-            else:
-                names_not_utf8.add(shown(found.path))
-    return Walked(files, sorted(names_not_utf8), len(noticed.links), sorted(map(shown, noticed.unreadable)),
-                  [root for root in roots if _empty_folder(root)])
+    previous = None
+    streams = [_walk_one(root, options, skipped, noticed) for root in roots]
+    for found in heapq.merge(*streams, key=lambda f: f.path):
+        if found.path == previous:  # overlapping roots find a file twice
+            continue
+        previous = found.path
+        if storable(found.path):
+            yield found
+        else:
+            noticed.names_not_utf8.add(shown(found.path))
 
 
-def _empty_folder(path: str) -> bool:
+def walk(roots: list[str], options: WalkOptions, skip_dirs: tuple[str, ...] = ()) -> Walked:
+    """`walk_sorted`, held in memory (the Ray run ships every file to its actors as a list)."""
+    noticed = Noticed()
+    files = {found.path: found for found in walk_sorted(roots, options, noticed, skip_dirs)}
+    return Walked(files, sorted(noticed.names_not_utf8), len(noticed.links), noticed.unreadable_shown(),
+                  [root for root in roots if empty_folder(root)])
+
+
+def empty_folder(path: str) -> bool:
     """A folder with nothing in it at all, as a mount point without its drive (not one whose files are
     all hidden, excluded or not images)."""
     if not os.path.isdir(path):
@@ -167,8 +197,9 @@ def _empty_folder(path: str) -> bool:
 
 
 def _walk_one(root: str, options: WalkOptions, skip_dirs: set[tuple[int, int]],
-              noticed: _Noticed) -> Iterator[FoundFile]:
-    """The candidate files under `root`; links not followed and what could not be read go to `noticed`."""
+              noticed: Noticed) -> Iterator[FoundFile]:
+    """The candidate files under `root` in path order: each folder's entries sorted as their paths
+    sort, a folder's name with its '/' (so 'a.jpg' comes before the folder 'a' and its 'a/b.jpg')."""
     if os.path.isfile(root):
         try:
             stat = os.stat(root)
@@ -178,30 +209,52 @@ def _walk_one(root: str, options: WalkOptions, skip_dirs: set[tuple[int, int]],
         yield FoundFile(root, stat.st_size, stat.st_mtime_ns)
         return
     seen_dirs = set(skip_dirs)  # (device, inode): a directory is entered once, a skipped one never
-    stack = [root]
+    stack = [iter(_listing(root, options, seen_dirs, noticed))]
     while stack:
-        directory = stack.pop()
-        try:
-            stat = os.stat(directory)
-            if (stat.st_dev, stat.st_ino) in seen_dirs:  # symlink loops
-                continue
-            seen_dirs.add((stat.st_dev, stat.st_ino))
-            entries = sorted(os.scandir(directory), key=lambda e: e.name)
-        except OSError as exc:
-            noticed.failed(directory, exc)
-            continue
-        for entry in entries:
-            if entry.name.startswith(".") or _excluded(entry.path, entry.name, options.excludes):
-                continue
+        entry = next(stack[-1], None)
+        if entry is None:
+            stack.pop()
+        elif entry.name.endswith("/"):
+            stack.append(iter(_listing(entry.path, options, seen_dirs, noticed)))
+        else:
             try:
-                if entry.is_dir(follow_symlinks=options.follow_symlinks):
-                    stack.append(entry.path)
-                elif entry.is_file(follow_symlinks=options.follow_symlinks):
-                    if os.path.splitext(entry.name)[1].lower() in _NOT_IMAGES:
-                        continue
-                    stat = entry.stat(follow_symlinks=options.follow_symlinks)
-                    yield FoundFile(entry.path, stat.st_size, stat.st_mtime_ns)
-                elif entry.is_symlink() and (entry.is_dir() or entry.is_file()):  # not dangling
-                    noticed.links.add(entry.path)
+                stat = os.stat(entry.path, follow_symlinks=options.follow_symlinks)
             except OSError as exc:
                 noticed.failed(entry.path, exc)
+                continue
+            yield FoundFile(entry.path, stat.st_size, stat.st_mtime_ns)
+
+
+@dataclass(frozen=True)
+class _Entry:
+    name: str  # a folder's with a trailing '/', so that entries sort as the paths under them
+    path: str
+
+
+def _listing(directory: str, options: WalkOptions, seen_dirs: set[tuple[int, int]],
+             noticed: Noticed) -> list[_Entry]:
+    """The folders and candidate files in `directory`, sorted; nothing for one entered already."""
+    try:
+        stat = os.stat(directory)
+        if (stat.st_dev, stat.st_ino) in seen_dirs:  # symlink loops
+            return []
+        seen_dirs.add((stat.st_dev, stat.st_ino))
+        entries = list(os.scandir(directory))
+    except OSError as exc:
+        noticed.failed(directory, exc)
+        return []
+    kept = []
+    for entry in entries:
+        if entry.name.startswith(".") or _excluded(entry.path, entry.name, options.excludes):
+            continue
+        try:
+            if entry.is_dir(follow_symlinks=options.follow_symlinks):
+                kept.append(_Entry(entry.name + "/", entry.path))
+            elif entry.is_file(follow_symlinks=options.follow_symlinks):
+                if os.path.splitext(entry.name)[1].lower() not in _NOT_IMAGES:
+                    kept.append(_Entry(entry.name, entry.path))
+            elif entry.is_symlink() and (entry.is_dir() or entry.is_file()):  # not dangling
+                noticed.links.add(entry.path)
+        except OSError as exc:
+            noticed.failed(entry.path, exc)
+    return sorted(kept, key=lambda e: e.name)

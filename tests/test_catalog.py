@@ -169,3 +169,29 @@ def test_indexers_and_searchers_share_one_postgres_catalog(tiny_model, tmp_path,
         found = run_cli("search", "a red circle", "-k", "100", "--no-rerank", "--json", "--index",
                         str(tmp_path / f"idx-{name}"), *catalog, check=True)
         assert found.stdout.count('"path"') == 25  # both folders, every file
+
+
+TRICKY = ["/p/a", "/p/a b.jpg", "/p/a-1.jpg", "/p/a.jpg", "/p/a/b.jpg", "/p/a/sub/c.jpg", "/p/a0.jpg",
+          "/p/B.jpg", "/p/b.jpg", "/p/é.jpg", "/p/z.jpg", "/p/\u00ff/x.jpg", "/p/\u4e2d.jpg", "/p/\U0001f600.jpg",
+          "/p/x&y/c.jpg", "/p/x/a.jpg", "/q/d.jpg"]
+
+
+@pytest.mark.parametrize("page", [1, 2, 100])
+def test_iter_under_lists_each_file_once_in_pythons_path_order(catalog, page):
+    """`compare.Comparison` merges this with the walk's order, Python's str order: the catalog must sort
+    paths the same way (bytewise, not by a locale), a page at a time, nested roots once."""
+    catalog.write_batch([entry(p, None, SKIPPED) for p in reversed(TRICKY)], {})
+    listed = [row.path for row in catalog.iter_under(["/p/x", "/p/a", "/p", "/r"], page)]
+    assert listed == sorted(p for p in TRICKY if p.startswith("/p/"))
+    assert [row.path for row in catalog.iter_under(["/p/a", "/p/a.jpg"], page)] == \
+           ["/p/a", "/p/a.jpg", "/p/a/b.jpg", "/p/a/sub/c.jpg"]
+
+
+def test_remove_files_by_id_deletes_the_vectors_only_they_used(catalog):
+    catalog.claim_model(IDENTITY)
+    catalog.write_batch([entry("/p/a.jpg", "h1"), entry("/p/b.jpg", "h1"), entry("/p/c.jpg", "h2")],
+                        {"h1": vectors(1), "h2": vectors(2)})
+    ids = {row.path: row.id for row in catalog.files()}
+    assert catalog.remove_files([ids["/p/a.jpg"]]) == []  # b.jpg still shows h1
+    assert catalog.remove_files([ids["/p/b.jpg"], ids["/p/c.jpg"]]) != []
+    assert catalog.counts()["files"] == 0 and catalog.counts()["distinct_images"] == 0

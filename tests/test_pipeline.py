@@ -393,3 +393,55 @@ def test_a_root_found_empty_keeps_its_files(tmp_path, tiny_model):
     shutil.move(saved, tmp_path / "drive")  # back: nothing to embed again
     assert index(tmp_path / "drive", idx, tiny_model)["unchanged"] == 2
     assert_consistent(idx)
+
+
+def test_a_run_with_more_files_to_do_than_it_holds_streams_them_in_a_second_pass(tmp_path, retriever, monkeypatch):
+    """Past `TODO_HELD` files to do, the first pass only counts them and a second streams them, the
+    catalog read a few rows at a time while the run writes: the outcome must be a single pass's."""
+    from indexer import compare, pipeline
+    from indexer.pipeline import IndexConfig, Indexer
+    from indexer.store import IndexStore, StoreConfig
+
+    photos = tmp_path / "photos"
+    make_images(photos / "a", 5, seed=20)
+    make_images(photos / "b", 4, seed=21)
+    (photos / "b" / "broken.jpg").write_bytes(b"not an image")
+    stores = {name: IndexStore.open(StoreConfig(tmp_path / name), create=True) for name in ("held", "streamed")}
+    passes, totals = [], []
+
+    class Counted(compare.Comparison):
+        def __iter__(self):
+            passes.append(self)
+            return super().__iter__()
+
+    class Totals(pipeline.NoProgress):
+        def start(self, total: int) -> None:
+            totals.append(total)
+
+    def run(name):
+        with monkeypatch.context() as patch:
+            if name == "streamed":
+                patch.setattr(compare, "TODO_HELD", 2)
+                patch.setattr(compare, "PAGE_ROWS", 2)
+            patch.setattr(pipeline, "Comparison", Counted)
+            passes.clear()
+            summary = Indexer(stores[name], retriever, IndexConfig(batch_size=3), Totals()).run([str(photos)])
+        return {k: v for k, v in summary.as_dict().items() if k != "seconds"}, len(passes)
+
+    try:
+        assert run("held") == (run("streamed")[0], 1)
+        make_images(photos / "c", 3, seed=22)  # new
+        shutil.rmtree(photos / "b")  # gone, with its broken file
+        (photos / "a" / "img0000.jpg").rename(photos / "moved.jpg")  # moved: reuses its vectors
+        os.utime(photos / "a" / "img0001.jpg", ns=(1, 1))  # touched, same bytes
+        held, streamed = run("held"), run("streamed")
+        assert held == (streamed[0], 1) and streamed[1] == 2
+        # removed: b's 5 files and the moved file's old path
+        assert held[0]["indexed"] == 3 and held[0]["reused"] == 1 and held[0]["removed"] == 6
+        assert totals[-2:] == [5, 5]
+        catalogs = [{(r.path, r.content_hash, r.status) for r in store.catalog.files()} for store in stores.values()]
+        assert catalogs[0] == catalogs[1] and len(catalogs[0]) == 8
+    finally:
+        for store in stores.values():
+            store.close()
+    assert_consistent(tmp_path / "held") and assert_consistent(tmp_path / "streamed")

@@ -1,0 +1,119 @@
+"""Re-walk benchmark, project vs baseline in one run: memory and time of comparing a folder of N files
+with an index's catalog, the step every `blipsearch index` run begins with.
+
+- project: `compare.Comparison`, the walk and the catalog as two sorted streams;
+- baseline: what `index` did before, and what a plain implementation does: every walked file in a
+  dict, every catalog row under the roots in a dict, then the files to do and the gone ones.
+
+Two cases: a re-run with nothing changed (a nightly cron over a large library), and a first run where
+all N files are new (the project's counting pass and its second, streaming pass, against the baseline's
+one list). Each side runs in its own process; the memory is its peak resident size above what it held
+once imports were done. The files are empty, the catalog rows made directly: no model is involved.
+
+Run: python -m benchmarks.bench_rewalk [--files 200000]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def make_folder(root: Path, files: int, per_folder: int = 1000) -> None:
+    for start in range(0, files, per_folder):
+        folder = root / f"f{start // per_folder:05d}"
+        folder.mkdir(parents=True)
+        for i in range(start, min(start + per_folder, files)):
+            (folder / f"img{i:08d}.jpg").touch()
+
+
+def fill_catalog(url: str, root: Path) -> None:
+    from indexer.catalog import Catalog, FileEntry
+    from indexer.walk import Noticed, WalkOptions, walk_sorted
+
+    catalog = Catalog.open(url)
+    batch = []
+    for found in walk_sorted([str(root)], WalkOptions(), Noticed()):
+        batch.append(FileEntry(path=found.path, size=found.size, mtime_ns=found.mtime_ns, content_hash=None,
+                               status="skipped", error="corrupt: not an image", width=None, height=None, format=None))
+        if len(batch) == 20_000:
+            catalog.write_batch(batch, {})
+            batch = []
+    catalog.write_batch(batch, {})
+    catalog.close()
+
+
+def status_kb(field: str) -> int:
+    with open("/proc/self/status") as status:
+        return next(int(line.split()[1]) for line in status if line.startswith(field + ":"))
+
+
+def reset_peak() -> None:
+    """Linux: make the peak resident size (VmHWM) the current one, so imports' peak does not count."""
+    with open("/proc/self/clear_refs", "w") as clear:
+        clear.write("5")
+
+
+def side(name: str, url: str, root: str) -> dict:
+    """One side, in this process: (files to do, gone, seconds, peak MB above the start)."""
+    from indexer.catalog import Catalog
+    from indexer.compare import Comparison, files_to_do, unchanged
+    from indexer.walk import WalkOptions, walk
+
+    catalog = Catalog.open(url)
+    reset_peak()
+    before = status_kb("VmRSS")
+    began = time.perf_counter()
+    if name == "project":  # as `Indexer.run`: the files to do are streamed to the decoders, not kept
+        comparison, todo, total = files_to_do(lambda: Comparison(catalog, [root], WalkOptions()))
+        todo_count = sum(1 for _ in todo)
+        assert todo_count == total
+        gone_count = len(comparison.gone)
+    else:
+        found = walk([root], WalkOptions()).files
+        known = catalog.files_under([root])
+        todo = [f for path, f in found.items() if not unchanged(f, known.get(path))]
+        gone = [path for path in known if path not in found]
+        todo_count, gone_count = len(todo), len(gone)
+    seconds = time.perf_counter() - began
+    peak_mb = (status_kb("VmHWM") - before) / 1024
+    catalog.close()
+    return {"todo": todo_count, "gone": gone_count, "seconds": seconds, "peak_mb": peak_mb}
+
+
+def measure(name: str, url: str, root: Path) -> dict:
+    code = f"import json, benchmarks.bench_rewalk as b; print(json.dumps(b.side({name!r}, {url!r}, {str(root)!r})))"
+    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
+    return json.loads(done.stdout)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--files", type=int, default=200_000)
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory() as work:
+        root = Path(work) / "photos"
+        make_folder(root, args.files)
+        cases = {"first run (all new)": f"sqlite:///{work}/empty.sqlite",
+                 "re-run (nothing changed)": f"sqlite:///{work}/full.sqlite"}
+        fill_catalog(cases["re-run (nothing changed)"], root)
+        print(f"{args.files} files; each side in its own process")
+        for case, url in cases.items():
+            baseline, project = measure("baseline", url, root), measure("project", url, root)
+            assert (project["todo"], project["gone"]) == (baseline["todo"], baseline["gone"]), (project, baseline)
+            print(f"{case}: {project['todo']} to do")
+            for label, result in (("baseline", baseline), ("project", project)):
+                print(f"  {label:8s} {result['seconds']:7.2f} s  peak {result['peak_mb']:7.1f} MB")
+            print(f"  memory: baseline / project = {baseline['peak_mb'] / max(project['peak_mb'], 0.1):.1f}x; "
+                  f"time: project / baseline = {project['seconds'] / baseline['seconds']:.2f}x")
+
+
+if __name__ == "__main__":
+    main()
