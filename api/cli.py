@@ -17,6 +17,7 @@ from api.options import (
     best_of, caption_options, emit_json, feature_cache_option, index_model, index_options, index_type_options,
     make_directory, model_options, NumberRange, store_config, warn_missing,
 )
+from indexer.errors import CatalogConnectionError
 from retrieval.errors import BlipsearchError
 
 
@@ -32,7 +33,7 @@ class BlipsearchGroup(click.Group):
         try:
             return super().invoke(ctx)
         except BlipsearchError as exc:
-            click.echo(f"Error: {exc}", err=True)
+            click.echo(f"Error: {exc}{_kept(ctx) if isinstance(exc, CatalogConnectionError) else ''}", err=True)
             ctx.exit(exc.exit_code)
         except KeyboardInterrupt:
             click.echo(f"\nInterrupted{_kept(ctx)}.", err=True)

@@ -18,7 +18,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from api.service import Service
-from indexer.errors import IndexBusyError
+from indexer.errors import CatalogConnectionError, IndexBusyError
 from retrieval.errors import BlipsearchError
 
 WEB_PAGE = Path(__file__).parent / "web" / "index.html"
@@ -82,7 +82,9 @@ def create_app(service: Service) -> FastAPI:
     @app.exception_handler(BlipsearchError)
     async def core_error(_request, exc: BlipsearchError):
         # Exit code 2 marks the caller's mistakes (bad value, missing path or model): a 400.
-        status = 409 if isinstance(exc, IndexBusyError) else 400 if exc.exit_code == 2 else 500
+        # A catalog server gone away is the service's trouble, for a while: a 503 says try again.
+        status = (409 if isinstance(exc, IndexBusyError) else 503 if isinstance(exc, CatalogConnectionError)
+                  else 400 if exc.exit_code == 2 else 500)
         return error_body(status, type(exc).__name__, str(exc))
 
     @app.exception_handler(Exception)

@@ -22,7 +22,7 @@ from sqlalchemy.exc import ArgumentError, DatabaseError, IntegrityError, Operati
 from indexer import schema
 from indexer.schema import chunks
 from indexer.caption_catalog import CaptionCatalog, NewCaptions, delete_captions, write_captions
-from indexer.errors import CatalogUnavailableError, CatalogVersionError
+from indexer.errors import CatalogConnectionError, CatalogUnavailableError, CatalogVersionError
 from indexer.walk import at_or_under
 from retrieval.errors import ModelMismatchError
 from retrieval.loading import ModelIdentity
@@ -87,7 +87,9 @@ class Catalog:
     @classmethod
     def open(cls, url: str) -> "Catalog":
         try:
-            engine = create_engine(url, future=True)
+            # Pre-ping: a pooled connection the server dropped while idle (a restart, a failover, an
+            # idle timeout) is replaced at checkout, so a long-lived server goes on without a 500.
+            engine = create_engine(url, future=True, pool_pre_ping=True)
         except ArgumentError:
             raise CatalogUnavailableError(
                 "the catalog URL is not a database URL; give e.g. postgresql+psycopg://host/db") from None
@@ -105,6 +107,8 @@ class Catalog:
             reason = " ".join(str(exc.orig or exc).split())
             where = engine.url.render_as_string(hide_password=True)
             raise CatalogUnavailableError(f"cannot open the catalog at {where}: {reason}") from None
+        if engine.dialect.name != "sqlite":  # a file has no connection to lose
+            event.listen(engine, "handle_error", _connection_lost)
         return catalog
 
     def close(self) -> None:
@@ -415,6 +419,18 @@ class Catalog:
         for chunk in chunks(orphans):
             conn.execute(delete(e).where(e.c.id.in_(chunk)))
         return orphans
+
+
+def _connection_lost(context) -> None:
+    """SQLAlchemy's handle_error hook, once the catalog is open: a connection lost mid-statement, or a
+    server that cannot be reached for a new one, becomes one clear error instead of the driver's
+    traceback. (A connection lost while idle in the pool is replaced by the pre-ping, unseen.)"""
+    connecting = context.connection is None  # no connection yet: a new one could not be made
+    if (context.is_disconnect or connecting) and not context.is_pre_ping:
+        where = context.engine.url.render_as_string(hide_password=True)
+        reason = " ".join(str(context.original_exception).split())[:200]
+        raise CatalogConnectionError(f"lost the connection to the catalog at {where} ({reason}); "
+                                     "run the same command again once it is back") from None
 
 
 def _transient(exc: OperationalError) -> bool:

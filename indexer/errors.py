@@ -29,6 +29,13 @@ class CatalogUnavailableError(BlipsearchError):
     exit_code = 2
 
 
+class CatalogConnectionError(BlipsearchError):
+    """The catalog's server went away mid-run (a restart, a failover, a dropped network): nothing the
+    caller did, and the same command works again once it is back."""
+
+    exit_code = 1
+
+
 class IndexSettingsError(BlipsearchError):
     """The index directory's settings file (index type, memory budget) cannot be read."""
 

@@ -2,14 +2,20 @@
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
+import time
+
 import numpy as np
 import pytest
 
 from indexer.catalog import Catalog, FileEntry
+from indexer.errors import CatalogConnectionError
 from indexer.schema import INDEXED, SKIPPED
 from retrieval.errors import ModelMismatchError
 from retrieval.loading import ModelIdentity
-from tests.conftest import assert_consistent, make_images, run_cli
+from tests.conftest import ROOT, Cuttable, assert_consistent, make_images, run_cli
 
 Q, D = 4, 8
 IDENTITY = ModelIdentity(name="m", fingerprint="abc", embed_dim=D, num_queries=Q)
@@ -195,3 +201,54 @@ def test_remove_files_by_id_deletes_the_vectors_only_they_used(catalog):
     assert catalog.remove_files([ids["/p/a.jpg"]]) == []  # b.jpg still shows h1
     assert catalog.remove_files([ids["/p/b.jpg"], ids["/p/c.jpg"]]) != []
     assert catalog.counts()["files"] == 0 and catalog.counts()["distinct_images"] == 0
+
+
+def test_a_catalog_server_that_goes_away_and_comes_back(postgres_url):
+    """Pooled connections the server dropped while idle are replaced unseen (a long-lived `serve` goes on
+    after a database restart); while it is away, one clear error says to run the command again."""
+    link = Cuttable(postgres_url)
+    catalog = Catalog.open(link.url)
+    try:
+        catalog.write_batch([entry("/p/a.jpg", None, SKIPPED)], {})
+        link.cut()
+        link.restore()
+        assert catalog.counts()["files"] == 1  # the pooled connection was cut: replaced
+        link.cut()
+        with pytest.raises(CatalogConnectionError, match="lost the connection to the catalog at postgresql"
+                                                         r"\+psycopg://postgres@127.0.0.1:\d+/blipsearch_test_"):
+            catalog.counts()
+        link.restore()
+        catalog.write_batch([entry("/p/b.jpg", None, SKIPPED)], {})
+        assert catalog.counts()["files"] == 2
+    finally:
+        catalog.close()
+        link.cut()
+
+
+def test_a_connection_lost_mid_run_is_one_clear_error_and_the_rerun_finishes(tiny_model, tmp_path, postgres_url):
+    make_images(tmp_path / "photos", 40, seed=6)
+    link = Cuttable(postgres_url)
+    command = ["index", str(tmp_path / "photos"), "--index", str(tmp_path / "idx"), "--model", str(tiny_model),
+               "--catalog-url", link.url, "--batch-size", "2", "-q"]
+    running = subprocess.Popen([sys.executable, "-m", "api.cli", *command], cwd=ROOT, stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True)
+    direct = Catalog.open(postgres_url)
+    try:
+        while direct.counts()["files"] == 0 and running.poll() is None:
+            time.sleep(0.05)
+        link.cut()
+        _, stderr = running.communicate(timeout=120)
+        assert running.returncode == 1 and "Traceback" not in stderr
+        assert stderr.startswith("Error: lost the connection to the catalog at postgresql+psycopg://postgres@")
+        assert stderr.endswith("; run the same command again once it is back; every finished batch is kept, "
+                               "and the same command goes on from there\n")
+        kept = direct.counts()["files"]
+        assert 0 < kept < 40
+    finally:
+        direct.close()
+        running.kill()
+    link.restore()
+    rerun = run_cli(*command, "--json", check=True)
+    assert json.loads(rerun.stdout)["indexed"] == 40 - kept
+    assert_consistent(tmp_path / "idx", postgres_url)
+    link.cut()

@@ -14,7 +14,7 @@ from PIL import Image
 from api.server import create_app
 from api.service import ServeConfig, Service
 from indexer.store import StoreConfig
-from tests.conftest import make_images
+from tests.conftest import Cuttable, make_images
 
 TOKEN = "s3cret"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
@@ -359,3 +359,24 @@ def test_an_index_job_keeps_the_excludes_the_index_was_given(tmp_path, retriever
     finally:
         service.close()
     assert result["indexed"] == 0 and result["unchanged"] == 2
+
+
+def test_a_catalog_server_away_is_a_503_and_its_return_needs_no_restart(tmp_path, retriever, postgres_url):
+    """Before, a database restart left `serve` answering 500 once for each pooled connection."""
+    make_images(tmp_path / "photos", 3, seed=43)
+    link = Cuttable(postgres_url)
+    service = Service(ServeConfig(StoreConfig(tmp_path / "idx", catalog_url=link.url)), retriever, lambda: None)
+    try:
+        with TestClient(create_app(service)) as client:
+            job = client.post("/api/jobs", json={"kind": "index", "paths": [str(tmp_path / "photos")]})
+            assert wait(client, job.json()["id"])["state"] == "done"
+            assert len(client.get("/api/search", params={"q": "a red circle"}).json()["results"]) == 3
+            link.cut()
+            away = client.get("/api/search", params={"q": "a red circle"})
+            assert_error(away, 503)
+            assert away.json()["detail"].startswith("lost the connection to the catalog at postgresql+psycopg://")
+            link.restore()
+            assert len(client.get("/api/search", params={"q": "a red circle"}).json()["results"]) == 3
+    finally:
+        service.close()
+        link.cut()
