@@ -302,9 +302,12 @@ class Catalog:
             return conn.execute(select(func.max(schema.embeddings.c.id))).scalar()
 
     def embedding_ids(self) -> np.ndarray:
+        """Every embedding id, sorted: streamed into the array (8 bytes each), not listed as Python ints
+        (about 36 each), since every index run reads them all (`store.reconcile`)."""
+        query = select(schema.embeddings.c.id).order_by(schema.embeddings.c.id)
         with self.engine.connect() as conn:
-            ids = conn.execute(select(schema.embeddings.c.id).order_by(schema.embeddings.c.id)).scalars().all()
-        return np.asarray(ids, dtype=np.int64)
+            result = conn.execution_options(stream_results=True, yield_per=50_000).execute(query)
+            return np.fromiter(result.scalars(), dtype=np.int64)
 
     def vectors(self, ids: Sequence[int], num_queries: int, dim: int) -> tuple[np.ndarray, np.ndarray]:
         """(ids found, vectors (n, Q, D) float32) for the given embedding ids."""
