@@ -170,7 +170,7 @@ class Indexer:
             if writer is not None:
                 writer.finish()
         writer.vectors.remove(np.asarray(self.store.catalog.remove_files(comparison.gone), dtype=np.int64))
-        self._walked(comparison, summary)
+        walk_summary(comparison, summary)
         # Writers sharing the catalog (PostgreSQL) add images this run's file lacks: take them in.
         reconcile(writer.vectors, self.store.catalog, writer.embedder.identity)
         self.store.save_vectors(writer.vectors)
@@ -199,17 +199,6 @@ class Indexer:
     def _compare(self, roots: list[str]) -> tuple[Comparison, Iterable[Todo], int]:
         skip_dirs = (str(self.store.directory),)  # the index's own, which may lie inside a root
         return files_to_do(lambda: Comparison(self.store.catalog, roots, self.config.walk, skip_dirs))
-
-    @staticmethod
-    def _walked(comparison: Comparison, summary: IndexSummary) -> None:
-        """What the walk found besides the files to do, into the summary."""
-        summary.unchanged += comparison.unchanged
-        summary.removed = len(comparison.gone)
-        summary.roots_found_empty = comparison.missing.held_roots()
-        noticed = comparison.noticed
-        summary.skip_names_not_utf8(sorted(noticed.names_not_utf8))
-        summary.links_not_followed = len(noticed.links)
-        summary.unreadable = noticed.unreadable_shown()
 
     def _decoded(self, pool: DecodePool, todo: Iterable[Todo], summary: IndexSummary):
         decoding: dict[str, Todo] = {}  # the files the pool has taken and not yet given back
@@ -314,6 +303,17 @@ class _Writer:
         summary.seconds["caption"] += time.perf_counter() - began
         summary.captioned += len(texts)
         return NewCaptions(dict(zip(fresh, texts)), self.captioner.name, options.prompt)
+
+
+def walk_summary(comparison: Comparison, summary: IndexSummary) -> None:
+    """What the walk found besides the files to do, into the summary."""
+    summary.unchanged += comparison.unchanged
+    summary.removed = len(comparison.gone)
+    summary.roots_found_empty = comparison.missing.held_roots()
+    noticed = comparison.noticed
+    summary.skip_names_not_utf8(sorted(noticed.names_not_utf8))
+    summary.links_not_followed = len(noticed.links)
+    summary.unreadable = noticed.unreadable_shown()
 
 
 def _entry(found: FoundFile, outcome: Decoded | Skipped, status: str, error: str | None = None) -> FileEntry:

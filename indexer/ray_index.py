@@ -14,21 +14,23 @@ changes nothing: files are upserted by path and contents reused by hash.
 from __future__ import annotations
 
 import json
+import os
 import time
 from dataclasses import dataclass, replace
-from typing import Any, Iterator, Sequence
+from itertools import islice
+from typing import Any, Iterable, Iterator, Sequence
 
 import numpy as np
 
 from indexer.captions import CaptionConfig, CaptionSummary
-from indexer.catalog import FileEntry, FileRow
+from indexer.catalog import FileEntry
+from indexer.compare import Comparison, files_to_do
 from indexer.decode import DecodeOptions
-from indexer.compare import unchanged
-from indexer.pipeline import IndexConfig, IndexSummary, NoProgress, Progress
-from indexer.ray_stages import MODEL_KEY, SHARD_PREFIX, CaptionStage, DecodeStage, EmbedStage
+from indexer.pipeline import IndexConfig, IndexSummary, NoProgress, Progress, walk_summary
+from indexer.ray_stages import MODEL_KEY, SHARD_PREFIX, CaptionStage, DecodeStage, EmbedStage, read_todo
 from indexer.schema import INDEXED, SKIPPED
 from indexer.store import IndexStore, reconcile
-from indexer.walk import FoundFile, resolve_roots, walk
+from indexer.walk import FoundFile, at_or_under, resolve_roots
 from retrieval.errors import BlipsearchError
 from retrieval.loading import ModelIdentity
 
@@ -81,6 +83,9 @@ def _pool(actors: int) -> dict:
 
 
 
+TODO_FOLDER = "todo"  # under the shards URL: the files to do, for Ray Data to read
+
+
 class Shards:
     """The shard files under one URL: listed, read, deleted by the driver."""
 
@@ -106,12 +111,34 @@ class Shards:
     def delete(self, name: str) -> None:
         self.fs.rm(f"{self.root}/{name}")
 
+    def write_todo(self, rows: Iterator[dict], per_file: int) -> list[str]:
+        """The files to do, written `per_file` rows to a Parquet file under todo/ for Ray Data to read
+        (each file one block, so the decode actors share the work): the driver lists none of them.
+        Returns the files' paths on `self.fs`; what an interrupted run left there is replaced."""
+        import pyarrow as pa
+        import pyarrow.parquet as pq
 
-def _stream(rows: list[dict], stages: list[tuple[Any, dict]], batch_size: int) -> Iterator[int]:
-    """Run the Ray Data pipeline over `rows`; yields how many rows each finished batch held."""
+        folder = f"{self.root}/{TODO_FOLDER}"
+        if self.fs.exists(folder):
+            self.fs.rm(folder, recursive=True)
+        self.fs.makedirs(folder, exist_ok=True)
+        written = []
+        for chunk in iter(lambda: list(islice(rows, per_file)), []):
+            written.append(f"{folder}/{len(written):06d}.parquet")
+            with self.fs.open(written[-1], "wb") as handle:
+                pq.write_table(pa.Table.from_pylist(chunk), handle)
+        return written
+
+    def clear_todo(self) -> None:
+        folder = f"{self.root}/{TODO_FOLDER}"
+        if self.fs.exists(folder):
+            self.fs.rm(folder, recursive=True)
+
+
+def _stream(dataset, stages: list[tuple[Any, dict]], batch_size: int) -> Iterator[int]:
+    """Run the Ray Data pipeline over `dataset`; yields how many rows each finished batch held."""
     import ray
 
-    dataset = ray.data.from_items(rows, override_num_blocks=max(1, min(len(rows) // batch_size, 1000)))
     for stage, options in stages:
         dataset = dataset.map_batches(stage, batch_size=batch_size, batch_format="numpy", **options)
     try:
@@ -121,6 +148,12 @@ def _stream(rows: list[dict], stages: list[tuple[Any, dict]], batch_size: int) -
         cause = str(exc).strip().splitlines()[-1][:300]
         raise RayRunError(f"the Ray run failed ({cause}); the shards written so far are kept, "
                           "so running the same command again resumes") from None
+
+
+def _from_items(rows: list[dict], batch_size: int):
+    import ray
+
+    return ray.data.from_items(rows, override_num_blocks=max(1, min(len(rows) // batch_size, 1000)))
 
 
 class RayRunError(BlipsearchError):
@@ -137,9 +170,10 @@ class _RayRun:
         self.progress = progress or NoProgress()
         self.shards = Shards(ray_config.shards_url)
 
-    def _process(self, rows: list[dict], decode: DecodeOptions, model_stage: type, model_args: tuple,
+    def _process(self, dataset, count: int, decode: DecodeOptions, model_stage: type, model_args: tuple,
                  batch_size: int) -> None:
-        """Decode actors then model actors over `rows`, each model batch written as a shard."""
+        """Decode actors then model actors over the `count` rows of `dataset`, each model batch written
+        as a shard."""
         start_ray(self.ray)
         decode_actors, gpus = _actors(self.ray)
         stages = [
@@ -148,9 +182,9 @@ class _RayRun:
             (model_stage, {"fn_constructor_args": model_args,
                            **_pool(self.ray.model_actors), "num_gpus": gpus, "num_cpus": 1}),
         ]
-        self.progress.start(len(rows))
-        for count in _stream(rows, stages, batch_size):
-            self.progress.advance(count)
+        self.progress.start(count)
+        for done in _stream(dataset, stages, batch_size):
+            self.progress.advance(done)
 
 
 class RayIndexRun(_RayRun):
@@ -163,21 +197,15 @@ class RayIndexRun(_RayRun):
         catalog = self.store.catalog
         roots = resolve_roots(list(paths))
         catalog.add_roots(roots)
-        walked = walk(roots, self.config.walk, skip_dirs=(str(self.store.directory),))
-        found = walked.files
-        summary.skip_names_not_utf8(walked.names_not_utf8)
-        summary.links_not_followed = walked.links_not_followed
-        summary.unreadable = walked.unreadable
-        leftover = self._merge(found, catalog.files_under(roots), summary)  # what an interrupted run left
-        known = catalog.files_under(roots)
-        todo = [f for f in found.values() if not unchanged(f, known.get(f.path))]
-        summary.unchanged += len(found) - len(todo) - leftover
-        if todo:
-            self._embed(todo)
-            self._merge(found, known, summary)
-        gone, summary.roots_found_empty = walked.gone(catalog.files_under(roots))
-        orphaned = catalog.remove_paths(gone)
-        summary.removed = len(gone)
+        leftover = self._merge(roots, summary)  # what an interrupted run left
+        skip_dirs = (str(self.store.directory),)  # as `Indexer.run`: walk and catalog compared as streams
+        comparison, todo, total = files_to_do(lambda: Comparison(catalog, roots, self.config.walk, skip_dirs))
+        if total:
+            self._embed((item.found for item in todo), total)
+            self._merge(roots, summary)
+        orphaned = catalog.remove_files(comparison.gone)
+        walk_summary(comparison, summary)
+        summary.unchanged -= leftover  # merged from the shards above, so found unchanged since
         identity = catalog.model()
         if identity is not None:
             vectors = self._vectors(identity)
@@ -188,22 +216,29 @@ class RayIndexRun(_RayRun):
         self.progress.close()
         return summary
 
-    def _embed(self, todo: list[FoundFile]) -> None:
+    def _embed(self, todo: Iterable[FoundFile], count: int) -> None:
         import ray
 
         start_ray(self.ray)
-        known = ray.put(frozenset(self.store.catalog.content_hashes()))  # put once, read by every model actor
-        rows = [{"path": f.path, "size": f.size, "mtime_ns": f.mtime_ns} for f in todo]
+        known = ray.put(self.store.catalog.content_hashes())  # put once, read by every model actor
+        rows = ({"path": f.path, "size": f.size, "mtime_ns": f.mtime_ns} for f in todo)
+        per_file = max(self.ray.batch_size, -(-count // 1000))  # as many blocks as before: up to 1,000
+        files = self.shards.write_todo(rows, per_file)
+        dataset = ray.data.from_items([{"file": name} for name in files], override_num_blocks=len(files))
+        dataset = dataset.map_batches(read_todo, batch_size=1, batch_format="numpy",
+                                      fn_kwargs={"shards_url": self.ray.shards_url})
         decode = DecodeOptions(self.transform, self.config.max_pixels, self.config.use_draft)
-        self._process(rows, decode, EmbedStage, (self.model_config, self.ray.shards_url, known), self.ray.batch_size)
+        self._process(dataset, count, decode, EmbedStage, (self.model_config, self.ray.shards_url, known),
+                      self.ray.batch_size)
+        self.shards.clear_todo()
 
     def _vectors(self, identity: ModelIdentity):
         if self.vectors is None:
             self.vectors = self.store.load_vectors(identity)
         return self.vectors
 
-    def _merge(self, found: dict[str, FoundFile], known: dict[str, FileRow], summary: IndexSummary) -> int:
-        """Merge every shard; returns how many files they held (of those still as they were)."""
+    def _merge(self, roots: list[str], summary: IndexSummary) -> int:
+        """Merge every shard; returns how many files they held (of those under `roots` still as they were)."""
         catalog = self.store.catalog
         saved_at, merged = time.monotonic(), 0
         for name in self.shards.names():
@@ -211,7 +246,8 @@ class RayIndexRun(_RayRun):
             identity = ModelIdentity(**model)
             catalog.claim_model(identity)  # refuses a shard made by another model
             vectors = self._vectors(identity)
-            entries, fresh = self._entries(rows, found, known, summary, (identity.num_queries, identity.embed_dim))
+            entries, fresh = self._entries(self._still_there(rows, roots), summary,
+                                           (identity.num_queries, identity.embed_dim))
             merged += len(entries)
             written = catalog.write_batch(entries, fresh)
             vectors.remove(np.asarray(written.orphaned, dtype=np.int64))
@@ -224,16 +260,29 @@ class RayIndexRun(_RayRun):
                 saved_at = time.monotonic()
         return merged
 
-    def _entries(self, rows: list[dict], found: dict[str, FoundFile], known: dict[str, FileRow],
-                 summary: IndexSummary, shape: tuple[int, int]) -> tuple[list[FileEntry], dict[str, np.ndarray]]:
-        """A shard's rows -> catalog entries and new vectors; rows of files changed since are dropped
-        (they are still to do), and the summary counts what each row is, as a single run would."""
+    def _still_there(self, rows: list[dict], roots: list[str]) -> list[dict]:
+        """A shard's rows of files under `roots` that are on disk as they were when decoded; the others
+        changed since (they are still to do) or left the run's folders."""
+        kept = []
+        for row in rows:
+            if not any(at_or_under(row["path"], root) for root in roots):
+                continue
+            try:
+                stat = os.stat(row["path"], follow_symlinks=self.config.walk.follow_symlinks)
+            except OSError:
+                continue
+            if (stat.st_size, stat.st_mtime_ns) == (row["size"], row["mtime_ns"]):
+                kept.append(row)
+        return kept
+
+    def _entries(self, rows: list[dict], summary: IndexSummary,
+                 shape: tuple[int, int]) -> tuple[list[FileEntry], dict[str, np.ndarray]]:
+        """A shard's rows -> catalog entries and new vectors, the summary counting what each row is, as
+        a single run would."""
         existing = self.store.catalog.embedding_ids_for(r["content_hash"] for r in rows if r["decoded"])
+        known = self.store.catalog.files_at([r["path"] for r in rows])
         entries, fresh = [], {}
         for row in rows:
-            now = found.get(row["path"])
-            if now is None or (now.size, now.mtime_ns) != (row["size"], row["mtime_ns"]):
-                continue
             digest = row["content_hash"]
             facts = {k: row[k] for k in ("path", "size", "mtime_ns", "width", "height", "format")}
             if not row["decoded"]:
@@ -279,8 +328,8 @@ class RayCaptionRun(_RayRun):
                     summary.missing.append(task.path)
         if rows:
             model_args = (self.model_config, self.config.options, self.ray.shards_url)
-            self._process(rows, DecodeOptions.for_indexed(self.transform), CaptionStage, model_args,
-                          self.config.batch_size)
+            self._process(_from_items(rows, self.config.batch_size), len(rows),
+                          DecodeOptions.for_indexed(self.transform), CaptionStage, model_args, self.config.batch_size)
             self._merge(summary)
         summary.seconds["total"] = time.perf_counter() - started
         self.progress.close()

@@ -20,6 +20,21 @@ SHARD_PREFIX = "part-"
 MODEL_KEY = b"blipsearch.model"  # Parquet metadata: the identity of the model that made the vectors
 
 
+def read_todo(batch: dict[str, np.ndarray], shards_url: str) -> dict[str, np.ndarray]:
+    """Ray Data function: the todo files named in `batch` (`Shards.write_todo`) -> their rows."""
+    import fsspec
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    fs, _ = fsspec.core.url_to_fs(shards_url)
+    tables = []
+    for name in batch["file"]:
+        with fs.open(name, "rb") as handle:
+            tables.append(pq.read_table(handle))
+    table = pa.concat_tables(tables)
+    return {name: table.column(name).to_numpy(zero_copy_only=False) for name in table.column_names}
+
+
 class DecodeStage:
     """Ray Data callable class: a batch of paths -> pixels and file facts (other columns pass through).
 
@@ -73,7 +88,8 @@ class EmbedStage:
     one shard file per batch. Contents the catalog already has (`known`) are not embedded again."""
 
     def __init__(self, model_config: Any, shards_url: str, known: Any) -> None:
-        """`known`: a Ray object reference to the catalog's content hashes (a frozenset)."""
+        """`known`: a Ray object reference to the catalog's content hashes (`Catalog.content_hashes`:
+        one sorted array, which the actors of a node share from Ray's object store without a copy)."""
         import ray
 
         from retrieval.encoders import Blip2Retriever
@@ -89,7 +105,7 @@ class EmbedStage:
         fresh: dict[str, int] = {}  # content hash -> row, the first of each new content
         for i in range(n):
             digest = batch["content_hash"][i]
-            if batch["decoded"][i] and digest not in self.known and digest not in fresh:
+            if batch["decoded"][i] and not _among(self.known, digest) and digest not in fresh:
                 fresh[digest] = i
         vectors: list[bytes | None] = [None] * n
         if fresh:
@@ -124,6 +140,12 @@ class CaptionStage:
                    "reason": [_plain(v) for v in batch["reason"]], "caption": texts}
         name = self.writer.write(columns, self.metadata)
         return {"path": batch["path"], "shard": np.asarray([name] * len(decoded), dtype=object)}
+
+
+def _among(sorted_hashes: np.ndarray, digest: str) -> bool:
+    key = digest.encode()
+    at = int(np.searchsorted(sorted_hashes, key))
+    return at < len(sorted_hashes) and sorted_hashes[at] == key
 
 
 def _plain(value):

@@ -70,6 +70,7 @@ def test_ray_run_equals_the_single_process_run(both, tiny_model):
         np.testing.assert_allclose(vectors_ray[digest], vectors, atol=1e-5)
     assert_consistent(root / "ray")
     assert not list((root / "shards" / "index").glob("part-*")), "merged shards are deleted"
+    assert not (root / "shards" / "index" / "todo").exists(), "so are the files to do"
 
     def search(index_dir):
         found = run_cli("search", "a red circle", "-k", "5", "--index", str(index_dir), "--model", str(tiny_model),
@@ -103,7 +104,7 @@ def test_interrupted_ray_run_resumes_from_its_shards(folder, tiny_model, tmp_pat
     try:
         run = RayIndexRun(store, model, IndexConfig(), config, peek_transform(str(tiny_model)))
         first_half = sorted(walk([str(folder)], IndexConfig().walk).files.values(), key=lambda f: f.path)[:10]
-        run._embed(first_half)  # then the run "dies": nothing merged
+        run._embed(first_half, len(first_half))  # then the run "dies": nothing merged
         import pyarrow.parquet as pq
 
         written = [pq.read_table(p).num_rows for p in shards.glob("part-*.parquet")]
@@ -141,3 +142,23 @@ def test_a_missing_model_is_one_clear_error_before_ray_starts(folder, tmp_path):
                      "--ray")
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert len(result.stderr.strip().splitlines()) <= 3, result.stderr
+
+
+def test_model_actors_find_the_catalogs_contents_in_its_sorted_hash_array(tmp_path):
+    """The actors skip contents the catalog has by a binary search in one array (not a set of str, a copy
+    per actor); hashes of other lengths (an index from before SHA-256) are found too."""
+    from indexer.catalog import Catalog, FileEntry, sqlite_url
+    from indexer.ray_stages import _among
+    from retrieval.loading import ModelIdentity
+
+    catalog = Catalog.open(sqlite_url(tmp_path / "catalog.sqlite"))
+    catalog.claim_model(ModelIdentity(name="m", fingerprint="f", embed_dim=2, num_queries=1))
+    digests = [f"{i * 7919:064x}" for i in range(50)] + ["ab" * 16]
+    catalog.write_batch([FileEntry(path=f"/p/{i}.jpg", size=1, mtime_ns=1, content_hash=d, status="indexed", error=None,
+                                   width=1, height=1, format="PNG") for i, d in enumerate(digests)],
+                        {d: np.ones((1, 2), np.float32) for d in digests})
+    hashes = catalog.content_hashes()
+    catalog.close()
+    assert list(hashes) == sorted(d.encode() for d in digests)
+    assert all(_among(hashes, d) for d in digests)
+    assert not any(_among(hashes, d) for d in [f"{i * 7919 + 1:064x}" for i in range(50)] + ["ab" * 15, "f" * 64])
