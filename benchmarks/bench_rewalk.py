@@ -63,7 +63,10 @@ def reset_peak() -> None:
 
 def side(name: str, url: str, root: str) -> dict:
     """One side, in this process: (files to do, gone, seconds, peak MB above the start)."""
-    from indexer.catalog import Catalog
+    from sqlalchemy import or_, select
+
+    from indexer import schema
+    from indexer.catalog import Catalog, FileRow, _under
     from indexer.compare import Comparison, files_to_do, unchanged
     from indexer.walk import WalkOptions, walk
 
@@ -78,7 +81,9 @@ def side(name: str, url: str, root: str) -> dict:
         gone_count = len(comparison.gone)
     else:
         found = walk([root], WalkOptions()).files
-        known = catalog.files_under([root])
+        with catalog.engine.connect() as conn:  # what Catalog.files_under did: every row under the root
+            query = select(schema.files).where(or_(schema.files.c.path == root, _under(root)))
+            known = {row.path: FileRow(**row._mapping) for row in conn.execute(query)}
         todo = [f for path, f in found.items() if not unchanged(f, known.get(path))]
         gone = [path for path in known if path not in found]
         todo_count, gone_count = len(todo), len(gone)

@@ -70,6 +70,11 @@ def sqlite_url(path: Path) -> str:
     return f"sqlite:///{path}"
 
 
+def _at_or_under(root: str):
+    """`files.path` is `root` (a file given as a root) or lies under it."""
+    return or_(schema.files.c.path == root, _under(root))
+
+
 def _under(root: str):
     """`files.path` strictly under directory `root`, as an index-friendly range (no LIKE escaping)."""
     prefix = root.rstrip("/") + "/"
@@ -231,14 +236,11 @@ class Catalog:
             rows = conn.execute(select(f).where(*conditions).order_by(f.c.path).offset(offset).limit(limit))
             return total, [FileRow(**r._mapping) for r in rows]
 
-    def files_under(self, roots: Iterable[str]) -> dict[str, FileRow]:
-        rows: dict[str, FileRow] = {}
+    def has_under(self, root: str) -> bool:
+        """Whether any file is at or under `root`."""
+        f = schema.files
         with self.engine.connect() as conn:
-            for root in roots:  # a folder's files, or the file itself when a root is one
-                query = select(schema.files).where(or_(schema.files.c.path == root, _under(root)))
-                for row in conn.execute(query):
-                    rows[row.path] = FileRow(**row._mapping)
-        return rows
+            return conn.execute(select(f.c.id).where(_at_or_under(root)).limit(1)).first() is not None
 
     def iter_under(self, roots: Iterable[str], page: int = 5000) -> Iterator[FileRow]:
         """The files at or under `roots`, each once, in path order (byte order, as `walk_sorted` yields
@@ -252,7 +254,7 @@ class Catalog:
 
     def _pages(self, root: str, page: int) -> Iterator[FileRow]:
         f = schema.files
-        query = select(f).where(or_(f.c.path == root, _under(root))).order_by(f.c.path).limit(page)
+        query = select(f).where(_at_or_under(root)).order_by(f.c.path).limit(page)
         after = None
         while True:
             with self.engine.connect() as conn:
@@ -406,6 +408,17 @@ class Catalog:
     def remove_paths(self, paths: Sequence[str]) -> list[int]:
         """Forget files; returns the embedding ids this left without any file (deleted too)."""
         return self._remove(schema.files.c.path, paths)
+
+    def remove_under(self, roots: Sequence[str]) -> tuple[int, list[int]]:
+        """Forget the files at or under `roots` in one transaction, by range, listing none of them;
+        returns (how many, the embedding ids this left without any file, deleted too)."""
+        f = schema.files
+        where = or_(*(_at_or_under(root) for root in roots))
+        with self.engine.begin() as conn:
+            previous = set(conn.execute(
+                select(f.c.embedding_id).where(where, f.c.embedding_id.is_not(None)).distinct()).scalars())
+            removed = conn.execute(delete(f).where(where)).rowcount
+            return removed, self._delete_orphans(conn, previous)
 
     def remove_files(self, file_ids: Sequence[int]) -> list[int]:
         """`remove_paths` by the files' ids."""

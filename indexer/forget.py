@@ -29,13 +29,10 @@ def forget(store: IndexStore, targets: Sequence[str]) -> Forgotten:
     catalog = store.catalog
     with store.writer_lock():
         roots = catalog.roots()
-        rows = {}
         for target in targets:
-            found = catalog.files_under([target])
-            if not found and not any(at_or_under(root, target) for root in roots):
+            if not catalog.has_under(target) and not any(at_or_under(root, target) for root in roots):
                 raise UsageError(f"nothing is indexed at {target}")
-            rows.update(found)
-        orphaned = catalog.remove_paths(list(rows))
+        files, orphaned = catalog.remove_under(targets)
         removed_roots = catalog.remove_roots(targets)
         identity = catalog.model()
         if identity is not None and orphaned:
@@ -44,4 +41,4 @@ def forget(store: IndexStore, targets: Sequence[str]) -> Forgotten:
             store.save_vectors(vectors)
         remaining = [root for root in roots if root not in removed_roots]
     still_walked = [t for t in targets if os.path.exists(t) and any(at_or_under(t, root) for root in remaining)]
-    return Forgotten(len(rows), len(orphaned), removed_roots, still_walked)
+    return Forgotten(files, len(orphaned), removed_roots, still_walked)

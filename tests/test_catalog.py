@@ -106,7 +106,10 @@ def test_files_under_a_folder_exclude_its_siblings(catalog):
     """'/p/x&y' sorts between '/p/x/' and '/p/x0' under a locale collation; paths must compare bytewise."""
     paths = ["/p/x/a.jpg", "/p/x/sub/b.jpg", "/p/x&y/c.jpg", "/p/x-1.jpg", "/p/xa/d.jpg", "/p/X/e.jpg"]
     catalog.write_batch([entry(p, None, SKIPPED) for p in paths], {})
-    assert sorted(catalog.files_under(["/p/x"])) == ["/p/x/a.jpg", "/p/x/sub/b.jpg"]
+    assert [row.path for row in catalog.iter_under(["/p/x"])] == ["/p/x/a.jpg", "/p/x/sub/b.jpg"]
+    assert catalog.has_under("/p/x") and not catalog.has_under("/p/x/s")
+    assert catalog.remove_under(["/p/x", "/p/x/sub"]) == (2, [])
+    assert sorted(row.path for row in catalog.files()) == sorted(paths[2:])
 
 
 def test_index_search_and_reindex_with_catalog_url(tiny_model, tmp_path, postgres_url):

@@ -1,6 +1,6 @@
 """Byte-order collation for files.path on PostgreSQL.
 
-`Catalog.files_under` selects a folder's files with a range on `path` (path >= 'dir/' and < 'dir0'),
+The catalog selects a folder's files with a range on `path` (path >= 'dir/' and < 'dir0'),
 which the unique index on `path` serves. That needs paths compared byte by byte, as SQLite does; a
 locale collation such as en_US.UTF-8 ignores punctuation like '/' at first and breaks the range.
 
