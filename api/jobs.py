@@ -29,6 +29,7 @@ class Job:
     kind: str
     params: dict
     state: str = QUEUED
+    walked: int = 0  # files an index job's walk found so far, before `total` is known
     total: int | None = None
     done: int = 0
     result: dict | None = None
@@ -39,7 +40,8 @@ class Job:
 
     def as_dict(self) -> dict:
         return {
-            "id": self.id, "kind": self.kind, "params": self.params, "state": self.state, "total": self.total,
+            "id": self.id, "kind": self.kind, "params": self.params, "state": self.state, "walked": self.walked,
+            "total": self.total,
             "done": self.done, "result": self.result, "error": self.error, "created_at": self.created_at,
             "finished_at": self.finished_at,
         }
@@ -50,6 +52,10 @@ class JobProgress:
 
     def __init__(self, job: Job) -> None:
         self.job = job
+
+    def walked(self, count: int) -> None:
+        self.job.walked = count  # a long walk shows, and can be cancelled
+        self._check()
 
     def start(self, total: int) -> None:
         self.job.total = total

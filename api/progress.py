@@ -11,9 +11,19 @@ class BarProgress:
         self.label = label
         self.bar = None
 
+    def walked(self, count: int) -> None:
+        """A counter without a total while the folders are walked; `start` replaces it."""
+        from tqdm import tqdm
+
+        if self.bar is None:
+            self.bar = tqdm(desc=f"{self.label}: walking", unit="file", file=sys.stderr, dynamic_ncols=True)
+        self.bar.update(count - self.bar.n)
+
     def start(self, total: int) -> None:
         from tqdm import tqdm
 
+        if self.bar is not None:
+            self.bar.close()
         self.bar = tqdm(total=total, desc=self.label, unit="file", file=sys.stderr, dynamic_ncols=True)
 
     def advance(self, count: int) -> None:
@@ -33,6 +43,12 @@ class LineProgress:
         self.every_s = every_s
         self.total = self.done = 0
         self.started = self.last = time.monotonic()
+
+    def walked(self, count: int) -> None:
+        now = time.monotonic()
+        if now - self.last >= self.every_s:
+            self.last = now
+            print(f"{self.label}: walking, {count} files found so far", file=sys.stderr, flush=True)
 
     def start(self, total: int) -> None:
         self.total, self.started = total, time.monotonic()

@@ -75,7 +75,8 @@ def side(name: str, url: str, root: str) -> dict:
     before = status_kb("VmRSS")
     began = time.perf_counter()
     if name == "project":  # as `Indexer.run`: the files to do are streamed to the decoders, not kept
-        comparison, todo, total = files_to_do(lambda: Comparison(catalog, [root], WalkOptions()))
+        comparison, todo, total = files_to_do(Comparison(catalog, [root], WalkOptions()),
+                                              lambda: Comparison(catalog, [root], WalkOptions()))
         todo_count = sum(1 for _ in todo)
         assert todo_count == total
         gone_count = len(comparison.gone)

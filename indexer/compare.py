@@ -24,6 +24,7 @@ PAGE_ROWS = 5000  # catalog rows read at a time
 # Files to do that one pass keeps; beyond them a second pass streams them (`files_to_do`). About 1 KB
 # each, so tens of MB at most.
 TODO_HELD = 50_000
+WALK_REPORT = 1000  # files between two calls of `Comparison.on_walked`
 
 
 @dataclass(frozen=True)
@@ -35,8 +36,13 @@ class Todo:
 class Comparison:
     """Iterate to walk: yields the files to (re)index; once done, the other fields say the rest."""
 
-    def __init__(self, catalog: Catalog, roots: list[str], options: WalkOptions, skip_dirs: tuple[str, ...] = ()):
+    def __init__(self, catalog: Catalog, roots: list[str], options: WalkOptions, skip_dirs: tuple[str, ...] = (),
+                 on_walked: Callable[[int], None] | None = None):
+        """`on_walked(count)` hears how many files the walk found so far, every `WALK_REPORT` of them:
+        a walk of millions of files takes minutes, which a progress display should show."""
         self.catalog, self.roots, self.options, self.skip_dirs = catalog, roots, options, skip_dirs
+        self.on_walked = on_walked
+        self.walked = 0
         self.noticed = Noticed()
         self.unchanged = 0
         self.gone = array("q")  # ids of the catalog's files gone from disk
@@ -46,6 +52,9 @@ class Comparison:
         rows = self.catalog.iter_under(self.roots, PAGE_ROWS)
         row = next(rows, None)
         for found in walk_sorted(self.roots, self.options, self.noticed, self.skip_dirs):
+            self.walked += 1
+            if self.on_walked is not None and self.walked % WALK_REPORT == 0:
+                self.on_walked(self.walked)
             while row is not None and row.path < found.path:
                 self._not_found(row)
                 row = next(rows, None)
@@ -66,19 +75,18 @@ class Comparison:
             self.gone.append(row.id)
 
 
-def files_to_do(comparison: Callable[[], Comparison]) -> tuple[Comparison, Iterable[Todo], int]:
+def files_to_do(first: Comparison, again: Callable[[], Comparison]) -> tuple[Comparison, Iterable[Todo], int]:
     """(the comparison whose counts the summary reports, the files to do, how many). A pass holds up to
     `TODO_HELD` files to do; when there are more, it only counts them (for the progress bar) and a
     second pass streams them while they are decoded. So a first run over a hundred million files walks
     twice (stat only, quick beside decoding them) and holds no list of them, and a re-run with a few
     changes walks once."""
-    first = comparison()
     stream = iter(first)
     held = list(islice(stream, TODO_HELD))
     more = sum(1 for _ in stream)
     if not more:
         return first, held, len(held)
-    second = comparison()  # its counts are those of the files it yields, so the summary takes them
+    second = again()  # its counts are those of the files it yields, so the summary takes them
     return second, second, len(held) + more
 
 

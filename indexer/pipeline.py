@@ -18,7 +18,7 @@ import time
 from collections import Counter
 from concurrent.futures import Future
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Protocol, Sequence
+from typing import Any, Callable, Iterable, Protocol, Sequence
 
 import numpy as np
 
@@ -43,12 +43,14 @@ class Embedder(Protocol):
 
 
 class Progress(Protocol):
+    def walked(self, count: int) -> None: ...  # before `start`: files walked so far, now and then
     def start(self, total: int) -> None: ...
     def advance(self, count: int) -> None: ...
     def close(self) -> None: ...
 
 
 class NoProgress:
+    def walked(self, count: int) -> None: ...
     def start(self, total: int) -> None: ...
     def advance(self, count: int) -> None: ...
     def close(self) -> None: ...
@@ -197,8 +199,7 @@ class Indexer:
         return _Writer(self, self.store.load_vectors(identity), cache, captioner)
 
     def _compare(self, roots: list[str]) -> tuple[Comparison, Iterable[Todo], int]:
-        skip_dirs = (str(self.store.directory),)  # the index's own, which may lie inside a root
-        return files_to_do(lambda: Comparison(self.store.catalog, roots, self.config.walk, skip_dirs))
+        return files_to_do(*comparisons(self.store, roots, self.config.walk, self.progress))
 
     def _decoded(self, pool: DecodePool, todo: Iterable[Todo], summary: IndexSummary):
         decoding: dict[str, Todo] = {}  # the files the pool has taken and not yet given back
@@ -303,6 +304,17 @@ class _Writer:
         summary.seconds["caption"] += time.perf_counter() - began
         summary.captioned += len(texts)
         return NewCaptions(dict(zip(fresh, texts)), self.captioner.name, options.prompt)
+
+
+def comparisons(store: IndexStore, roots: list[str], options: WalkOptions,
+                progress: Progress) -> tuple[Comparison, Callable[[], Comparison]]:
+    """For `files_to_do`: the first pass, which reports the walk to `progress`, and a maker of another."""
+    skip_dirs = (str(store.directory),)  # the index's own, which may lie inside a root
+
+    def compare(on_walked=None) -> Comparison:
+        return Comparison(store.catalog, roots, options, skip_dirs, on_walked)
+
+    return compare(progress.walked), compare
 
 
 def walk_summary(comparison: Comparison, summary: IndexSummary) -> None:

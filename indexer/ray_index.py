@@ -24,9 +24,9 @@ import numpy as np
 
 from indexer.captions import CaptionConfig, CaptionSummary
 from indexer.catalog import FileEntry
-from indexer.compare import Comparison, files_to_do
+from indexer.compare import files_to_do
 from indexer.decode import DecodeOptions
-from indexer.pipeline import IndexConfig, IndexSummary, NoProgress, Progress, walk_summary
+from indexer.pipeline import IndexConfig, IndexSummary, NoProgress, Progress, comparisons, walk_summary
 from indexer.ray_stages import MODEL_KEY, SHARD_PREFIX, CaptionStage, DecodeStage, EmbedStage, read_todo
 from indexer.schema import INDEXED, SKIPPED
 from indexer.store import IndexStore, reconcile
@@ -198,8 +198,8 @@ class RayIndexRun(_RayRun):
         roots = resolve_roots(list(paths))
         catalog.add_roots(roots)
         leftover = self._merge(roots, summary)  # what an interrupted run left
-        skip_dirs = (str(self.store.directory),)  # as `Indexer.run`: walk and catalog compared as streams
-        comparison, todo, total = files_to_do(lambda: Comparison(catalog, roots, self.config.walk, skip_dirs))
+        # As `Indexer.run`: the walk and the catalog compared as streams.
+        comparison, todo, total = files_to_do(*comparisons(self.store, roots, self.config.walk, self.progress))
         if total:
             self._embed((item.found for item in todo), total)
             self._merge(roots, summary)

@@ -98,3 +98,13 @@ def test_unreadable_folders_keep_their_rows_even_when_the_walk_sorts_them_last(t
     comparison = Comparison(catalog, [str(root)], WalkOptions())
     assert list(comparison) == [] and len(comparison.gone) == 0
     assert comparison.noticed.unreadable_shown() == [locked]
+
+
+def test_the_walk_is_reported_as_it_goes(tmp_path, catalog, monkeypatch):
+    """A walk of millions of files takes minutes: the progress display hears of it along the way."""
+    monkeypatch.setattr(compare, "WALK_REPORT", 4)
+    paths = tree(tmp_path / "photos")
+    heard = []
+    comparison = Comparison(catalog, [str(tmp_path / "photos")], WalkOptions(), on_walked=heard.append)
+    assert len(list(comparison)) == len(paths) == comparison.walked == 16
+    assert heard == [4, 8, 12, 16]

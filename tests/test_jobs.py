@@ -43,3 +43,37 @@ def test_only_the_latest_finished_jobs_are_kept():
     runner.shutdown()
     assert [job.id for job in runner.all()] == [3, 4, 5, latest.id]
     assert runner.get(1) is None and runner.get(5).result == {"n": 5}
+
+
+def test_an_index_job_shows_its_walk_and_can_be_cancelled_while_walking(tmp_path):
+    """The walk of a large folder comes before `total` is known; it took minutes that showed nothing and
+    that cancelling could not stop."""
+    from indexer.compare import Comparison
+    from indexer.catalog import Catalog, sqlite_url
+    from indexer.walk import WalkOptions
+
+    for i in range(5000):
+        (tmp_path / "photos").mkdir(exist_ok=True)
+        (tmp_path / "photos" / f"{i:05d}.jpg").touch()
+    catalog = Catalog.open(sqlite_url(tmp_path / "catalog.sqlite"))
+    walked_far, seen = threading.Event(), []
+
+    def run(job, progress):
+        def on_walked(count):
+            progress.walked(count)
+            seen.append(job.as_dict()["walked"])
+            if count == 2000:
+                walked_far.set()
+                wait_for(job.cancel_requested.is_set)
+        list(Comparison(catalog, [str(tmp_path / "photos")], WalkOptions(), on_walked=on_walked))
+        return {}
+
+    runner = JobRunner(run, on_done=lambda job: None)
+    job = runner.submit("index", {})
+    walked_far.wait(10)
+    runner.cancel(job.id)
+    wait_for(lambda: job.state == CANCELLED)
+    runner.shutdown()
+    catalog.close()
+    # stopped at the next report after the cancel, not at the end of the walk
+    assert seen == [1000, 2000] and job.walked == 3000 and job.total is None
