@@ -157,7 +157,9 @@ def index(paths, index_dir, catalog_url, model, device, dtype, batch_size, worke
         caption=caption if with_captions else None,
     )
     store = IndexStore.open(store_config(index_dir, catalog_url), create=bool(paths))
-    model_config = ModelConfig.retrieval(model, device, dtype)
+    # The index's own model unless --model names one, as search and serve do: a cron run without
+    # --model on an index built with another model asked for the default one.
+    model_config = ModelConfig.retrieval(index_model(store, model), device, dtype)
     try:
         paths = paths or _recorded_roots(store)
         with store.writer_lock(), ThreadPoolExecutor(max_workers=1) as loader:

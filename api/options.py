@@ -48,8 +48,8 @@ def model_options(func):
     func = click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default=None,
                         help="Where the model runs; auto: CUDA when present. Env: BLIPSEARCH_DEVICE.")(func)
     return click.option("--model", default=None,
-                        help="Retrieval model: hub id or local directory (default Salesforce/blip2-itm-vit-g). "
-                             "Env: BLIPSEARCH_MODEL.")(func)
+                        help="Retrieval model: hub id or local directory (default: the one the index was built "
+                             "with; for a new index Salesforce/blip2-itm-vit-g). Env: BLIPSEARCH_MODEL.")(func)
 
 
 def caption_options(func):

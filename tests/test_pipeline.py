@@ -242,7 +242,7 @@ def test_index_without_paths_and_forget(tmp_path, tiny_model):
     warnings = [line for line in searched.stderr.splitlines() if line.startswith("warning:")]
     assert warnings[-1] == "warning: and 1 more gone from disk" and len(warnings) == 4
     assert "blipsearch forget FOLDER" in searched.stderr
-    again = run_cli("index", "--index", str(idx), "--model", str(tiny_model), "--json", "-q")
+    again = run_cli("index", "--index", str(idx), "--json", "-q")  # a cron line: the index's own model
     assert again.returncode == 0, again.stderr
     assert json.loads(again.stdout)["indexed"] == 1 and json.loads(again.stdout)["removed"] == 0
     assert f"warning: {gone} is gone" in again.stderr and f"blipsearch forget {gone}" in again.stderr
