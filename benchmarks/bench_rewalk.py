@@ -68,7 +68,7 @@ def side(name: str, url: str, root: str) -> dict:
     from indexer import schema
     from indexer.catalog import Catalog, FileRow, _under
     from indexer.compare import Comparison, files_to_do, unchanged
-    from indexer.walk import WalkOptions, walk
+    from indexer.walk import Noticed, WalkOptions, walk_sorted
 
     catalog = Catalog.open(url)
     reset_peak()
@@ -81,7 +81,7 @@ def side(name: str, url: str, root: str) -> dict:
         assert todo_count == total
         gone_count = len(comparison.gone)
     else:
-        found = walk([root], WalkOptions()).files
+        found = {f.path: f for f in walk_sorted([root], WalkOptions(), Noticed())}
         with catalog.engine.connect() as conn:  # what Catalog.files_under did: every row under the root
             query = select(schema.files).where(or_(schema.files.c.path == root, _under(root)))
             known = {row.path: FileRow(**row._mapping) for row in conn.execute(query)}

@@ -85,7 +85,7 @@ class IndexSummary:
     names_not_utf8: list[str] = field(default_factory=list)  # skipped, with no catalog row (`walk.storable`)
     links_not_followed: int = 0  # symbolic links the walk left alone (`WalkOptions.follow_symlinks`)
     unreadable: list[str] = field(default_factory=list)  # not read; what the catalog holds there stays
-    roots_found_empty: list[str] = field(default_factory=list)  # no file found, files indexed: kept (`Walked.gone`)
+    roots_found_empty: list[str] = field(default_factory=list)  # no file found, files indexed: kept (`walk.Missing`)
 
     def skip_names_not_utf8(self, names: list[str]) -> None:
         self.names_not_utf8 = names

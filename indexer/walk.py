@@ -11,7 +11,7 @@ import heapq
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import Iterator
 
 from indexer.errors import IndexNotFoundError
 from retrieval.errors import UsageError
@@ -35,20 +35,6 @@ class FoundFile:
     path: str  # absolute, normalised
     size: int
     mtime_ns: int
-
-
-@dataclass(frozen=True)
-class Walked:
-    files: dict[str, FoundFile]  # absolute path -> file, for every candidate file the catalog can hold
-    names_not_utf8: list[str]  # files the catalog cannot name (`storable`), as `shown` prints them
-    links_not_followed: int = 0  # symbolic links to files or folders, left alone without `follow_symlinks`
-    unreadable: list[str] = field(default_factory=list)  # folders (or files) there but not readable, `shown`
-    empty_roots: list[str] = field(default_factory=list)  # root folders with nothing in them (`empty_folder`)
-
-    def gone(self, known: Iterable[str]) -> tuple[list[str], list[str]]:
-        """(the catalog paths `known` that this walk shows gone from disk, the roots held back: `Missing`)."""
-        missing = Missing(set(self.unreadable), self.empty_roots)
-        return sorted(path for path in known if path not in self.files and missing.gone(path)), missing.held_roots()
 
 
 @dataclass
@@ -174,14 +160,6 @@ def walk_sorted(roots: list[str], options: WalkOptions, noticed: "Noticed",
             yield found
         else:
             noticed.names_not_utf8.add(shown(found.path))
-
-
-def walk(roots: list[str], options: WalkOptions, skip_dirs: tuple[str, ...] = ()) -> Walked:
-    """`walk_sorted`, held in memory (the Ray run ships every file to its actors as a list)."""
-    noticed = Noticed()
-    files = {found.path: found for found in walk_sorted(roots, options, noticed, skip_dirs)}
-    return Walked(files, sorted(noticed.names_not_utf8), len(noticed.links), noticed.unreadable_shown(),
-                  [root for root in roots if empty_folder(root)])
 
 
 def empty_folder(path: str) -> bool:

@@ -93,7 +93,7 @@ def test_interrupted_ray_run_resumes_from_its_shards(folder, tiny_model, tmp_pat
     from indexer.pipeline import IndexConfig
     from indexer.ray_index import RayConfig, RayIndexRun
     from indexer.store import IndexStore, StoreConfig
-    from indexer.walk import walk
+    from indexer.walk import Noticed, walk_sorted
     from retrieval.config import ModelConfig
     from retrieval.preprocess import peek_transform
 
@@ -103,7 +103,7 @@ def test_interrupted_ray_run_resumes_from_its_shards(folder, tiny_model, tmp_pat
     config = RayConfig(num_cpus=2, shards_url=str(shards), batch_size=4)
     try:
         run = RayIndexRun(store, model, IndexConfig(), config, peek_transform(str(tiny_model)))
-        first_half = sorted(walk([str(folder)], IndexConfig().walk).files.values(), key=lambda f: f.path)[:10]
+        first_half = list(walk_sorted([str(folder)], IndexConfig().walk, Noticed()))[:10]
         run._embed(first_half, len(first_half))  # then the run "dies": nothing merged
         import pyarrow.parquet as pq
 
