@@ -254,7 +254,13 @@ class Catalog:
 
     def _pages(self, root: str, page: int) -> Iterator[FileRow]:
         f = schema.files
-        query = select(f).where(_at_or_under(root)).order_by(f.c.path).limit(page)
+        with self.engine.connect() as conn:  # a file given as a root: its row sorts before any 'root/...'
+            own = [FileRow(**r._mapping) for r in conn.execute(select(f).where(f.c.path == root))]
+        yield from own
+        # One plain range, so that the index on path both finds the page and orders it. With the
+        # root's own row in an OR, SQLite gathered every row after the key and sorted them for each
+        # page (quadratic in the folder's size), and PostgreSQL filtered rows past the folder's end.
+        query = select(f).where(_under(root)).order_by(f.c.path).limit(page)
         after = None
         while True:
             with self.engine.connect() as conn:

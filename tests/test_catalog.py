@@ -255,3 +255,23 @@ def test_a_connection_lost_mid_run_is_one_clear_error_and_the_rerun_finishes(tin
     assert json.loads(rerun.stdout)["indexed"] == 40 - kept
     assert_consistent(tmp_path / "idx", postgres_url)
     link.cut()
+
+
+def test_iter_under_pages_are_index_range_scans(tmp_path):
+    """Each page must be a range scan of the path index that stops after a page: a plan that gathers
+    and sorts every row after the key is quadratic over a folder of millions (it was, on SQLite)."""
+    from sqlalchemy import event
+
+    catalog = Catalog.open(f"sqlite:///{tmp_path / 'catalog.sqlite'}")
+    catalog.write_batch([entry(f"/p/{i:03d}.jpg", None, SKIPPED) for i in range(7)], {})
+    statements = []
+    event.listen(catalog.engine, "before_cursor_execute",
+                 lambda conn, cursor, statement, params, *_: statements.append((statement, params)))
+    assert len(list(catalog.iter_under(["/p"], page=3))) == 7
+    plans = []
+    with catalog.engine.connect() as conn:
+        for statement, params in list(statements):
+            plans.append(" ".join(row[-1] for row in conn.exec_driver_sql("EXPLAIN QUERY PLAN " + statement, params)))
+    catalog.close()
+    assert len(plans) == 1 + 3  # the root's own row, then pages of 3, 3 and 1
+    assert not any("TEMP B-TREE" in plan or "SCAN" in plan for plan in plans), plans
