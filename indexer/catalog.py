@@ -257,15 +257,17 @@ class Catalog:
         with self.engine.connect() as conn:  # a file given as a root: its row sorts before any 'root/...'
             own = [FileRow(**r._mapping) for r in conn.execute(select(f).where(f.c.path == root))]
         yield from own
-        # One plain range, so that the index on path both finds the page and orders it. With the
-        # root's own row in an OR, SQLite gathered every row after the key and sorted them for each
-        # page (quadratic in the folder's size), and PostgreSQL filtered rows past the folder's end.
-        query = select(f).where(_under(root)).order_by(f.c.path).limit(page)
+        # One range with one lower bound, so that the index on path finds the page's first row and
+        # orders the page: given both 'path >= root/' and 'path > key', SQLite seeks to the first and
+        # reads past every row before the key, and with the root's own row in an OR it gathered and
+        # sorted every row after the key; either is quadratic in the folder's size.
+        prefix = root.rstrip("/") + "/"
         after = None
         while True:
+            lower = f.c.path >= prefix if after is None else f.c.path > after
+            query = select(f).where(lower, f.c.path < prefix[:-1] + "0").order_by(f.c.path).limit(page)
             with self.engine.connect() as conn:
-                rows = [FileRow(**r._mapping)
-                        for r in conn.execute(query if after is None else query.where(f.c.path > after))]
+                rows = [FileRow(**r._mapping) for r in conn.execute(query)]
             yield from rows
             if len(rows) < page:
                 return
