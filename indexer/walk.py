@@ -11,6 +11,7 @@ import heapq
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
+from stat import S_ISBLK, S_ISCHR, S_ISFIFO, S_ISSOCK
 from typing import Iterator
 
 from indexer.errors import IndexNotFoundError
@@ -113,11 +114,23 @@ def resolve_roots(paths: list[str]) -> list[str]:
         if raw.strip() and not Path(raw).expanduser().exists():
             raise IndexNotFoundError(f"{shown(raw)}: no such file or directory")
         root = catalog_path(raw)
+        if os.path.exists(root) and not (os.path.isdir(root) or os.path.isfile(root)):
+            # A pipe, socket or device has nothing to walk; walked, it read as an unreadable folder.
+            raise UsageError(f"{shown(raw)}: not a folder or a regular file ({_kind(root)}); give folders or "
+                             "image files")
         if not storable(root):
             raise UsageError(f"{shown(root)}: the name is not valid UTF-8, and the catalog keeps names as UTF-8 "
                              "text; rename it (for example with convmv)")
         roots.append(root)
     return roots
+
+
+def _kind(path: str) -> str:
+    mode = os.stat(path).st_mode
+    for test, name in ((S_ISFIFO, "a named pipe"), (S_ISSOCK, "a socket"), (S_ISCHR, "a device"), (S_ISBLK, "a device")):
+        if test(mode):
+            return name
+    return "a special file"
 
 
 def recorded_roots(roots: list[str]) -> tuple[list[str], list[str]]:

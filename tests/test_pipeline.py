@@ -175,6 +175,12 @@ def test_second_writer_gets_busy_error(folder, tmp_path, tiny_model):
 def test_wrong_path_is_a_clear_error(tmp_path, tiny_model):
     result = index(tmp_path / "nope", tmp_path / "idx", tiny_model, expect=2)
     assert "no such file or directory" in result.stderr and "Traceback" not in result.stderr
+    os.mkfifo(tmp_path / "pipe.jpg")  # before: walked as a folder that could not be read, and kept as a root
+    for special, kind in ((tmp_path / "pipe.jpg", "a named pipe"), ("/dev/null", "a device")):
+        refused = index(special, tmp_path / "idx", tiny_model, expect=2)
+        assert refused.stderr == f"Error: {special}: not a folder or a regular file ({kind}); give folders or " \
+                                 "image files\n"
+    assert not (tmp_path / "idx").exists()
     make_images(tmp_path / "photos", 1)
     (tmp_path / "a-file").write_text("")
     blocked = index(tmp_path / "photos", tmp_path / "a-file" / "idx", tiny_model, expect=2)
