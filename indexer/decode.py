@@ -33,6 +33,7 @@ OUT_OF_MEMORY = "out-of-memory"
 RETRIED = frozenset({TOO_LARGE, UNREADABLE, DECODER_TIMEOUT, DECODER_CRASHED, OUT_OF_MEMORY})
 
 DEFAULT_MAX_PIXELS = 100_000_000  # `index --max-megapixels` 100: the decompression-bomb guard
+QUERY_MAX_BYTES = 512 << 20  # an example image's file: 100 megapixels of uncompressed 16-bit RGB is 600 MB
 
 _ORIENTATION = 0x0112
 _TRANSPOSED_ORIENTATIONS = {5, 6, 7, 8}
@@ -43,6 +44,7 @@ class DecodeOptions:
     transform: ImageTransform
     max_pixels: int
     use_draft: bool = True
+    max_bytes: int | None = None  # read no more of a file: one read in the searching process itself
 
     @classmethod
     def for_indexed(cls, transform: ImageTransform) -> "DecodeOptions":
@@ -53,8 +55,9 @@ class DecodeOptions:
     @classmethod
     def for_query(cls, transform: ImageTransform) -> "DecodeOptions":
         """For an example image (`search --image`, an HTTP upload), decoded in the searching process
-        itself: indexing's default limit, so a small crafted PNG cannot make it allocate gigabytes."""
-        return cls(transform, max_pixels=DEFAULT_MAX_PIXELS)
+        itself: indexing's default limit, so a small crafted PNG cannot make it allocate gigabytes, and
+        a byte limit, so a large file or an endless one (`--image /dev/zero`) cannot either."""
+        return cls(transform, max_pixels=DEFAULT_MAX_PIXELS, max_bytes=QUERY_MAX_BYTES)
 
 
 @dataclass(frozen=True)
@@ -89,11 +92,14 @@ def content_hash(data: bytes) -> str:
 
 
 def decode_file(path: str, options: DecodeOptions) -> Decoded | Skipped:
+    limit = options.max_bytes
     try:
         with open(path, "rb") as handle:
-            data = handle.read()
+            data = handle.read() if limit is None else handle.read(limit + 1)
     except OSError as exc:
         return Skipped(UNREADABLE, exc.strerror or str(exc))
+    if limit is not None and len(data) > limit:
+        return Skipped(TOO_LARGE, f"the file is over {limit >> 20} MB")
     return decode_bytes(data, options)
 
 

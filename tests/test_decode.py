@@ -170,3 +170,22 @@ def test_pool_survives_hangs_crashes_and_bombs(tmp_path):
     assert outcome["crash.jpg"].reason == "decoder-crashed"
     assert outcome["bomb.jpg"].reason == "out-of-memory"
     assert all(isinstance(outcome[p.name], Decoded) for p in good)
+
+
+def test_a_query_image_is_read_up_to_a_limit(tmp_path):
+    """`search --image` decodes in the searching process: `/dev/zero` (or a 20 GB file named .jpg) was
+    read until memory ran out. A pipe (`--image <(curl ...)`) still works."""
+    import os
+    import threading
+
+    from indexer.decode import decode_file
+
+    options = DecodeOptions(TRANSFORM, max_pixels=10**8, max_bytes=1 << 20)
+    endless = decode_file("/dev/zero", options)
+    assert isinstance(endless, Skipped) and (endless.reason, endless.detail) == ("too-large", "the file is over 1 MB")
+    make_images(tmp_path, 1)
+    os.mkfifo(tmp_path / "pipe")
+    writer = threading.Thread(target=lambda: (tmp_path / "pipe").write_bytes((tmp_path / "img0000.jpg").read_bytes()))
+    writer.start()
+    assert isinstance(decode_file(str(tmp_path / "pipe"), options), Decoded)
+    writer.join()
