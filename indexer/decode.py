@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import io
+import os
 import warnings
 from dataclasses import dataclass
 
@@ -95,12 +96,24 @@ def decode_file(path: str, options: DecodeOptions) -> Decoded | Skipped:
     limit = options.max_bytes
     try:
         with open(path, "rb") as handle:
+            size = os.fstat(handle.fileno()).st_size  # 0 for a pipe
+            if limit is None and size > _bytes_for(options.max_pixels):
+                # A disk image or an archive under a name that might be an image's: read, it would run
+                # into the worker's memory cap on every run; its size says enough.
+                return Skipped(TOO_LARGE, f"the file is {size / 2**30:.1f} GB, more than an image of "
+                                          f"{options.max_pixels / 1e6:g} megapixels takes (--max-megapixels)")
             data = handle.read() if limit is None else handle.read(limit + 1)
     except OSError as exc:
         return Skipped(UNREADABLE, exc.strerror or str(exc))
     if limit is not None and len(data) > limit:
         return Skipped(TOO_LARGE, f"the file is over {limit >> 20} MB")
     return decode_bytes(data, options)
+
+
+def _bytes_for(max_pixels: int) -> int:
+    """The largest file an image within `max_pixels` plausibly needs: uncompressed RGBA in 32-bit
+    floats (16 bytes a pixel), with room for metadata and previews."""
+    return 16 * max_pixels + (64 << 20)
 
 
 @functools.cache

@@ -189,3 +189,16 @@ def test_a_query_image_is_read_up_to_a_limit(tmp_path):
     writer.start()
     assert isinstance(decode_file(str(tmp_path / "pipe"), options), Decoded)
     writer.join()
+
+
+def test_a_file_larger_than_any_image_within_the_limit_is_skipped_unread(tmp_path):
+    """A disk image named .img or an archive without its extension was read whole, into the worker's
+    memory cap, on every run (out-of-memory is retried); its size says enough."""
+    from indexer.decode import decode_file
+
+    big = tmp_path / "disk.img"
+    with open(big, "wb") as handle:
+        handle.truncate(2 << 30)  # sparse: reading it would take seconds and 2 GB
+    skipped = decode_file(str(big), OPTIONS)
+    assert isinstance(skipped, Skipped) and skipped.reason == "too-large"
+    assert skipped.detail == "the file is 2.0 GB, more than an image of 50 megapixels takes (--max-megapixels)"
