@@ -413,10 +413,6 @@ class Catalog:
                 write_captions(conn, by_id, captions.model, captions.prompt, now)
         return BatchWritten(created, orphaned)
 
-    def remove_paths(self, paths: Sequence[str]) -> list[int]:
-        """Forget files; returns the embedding ids this left without any file (deleted too)."""
-        return self._remove(schema.files.c.path, paths)
-
     def remove_under(self, roots: Sequence[str]) -> tuple[int, list[int]]:
         """Forget the files at or under `roots` in one transaction, by range, listing none of them;
         returns (how many, the embedding ids this left without any file, deleted too)."""
@@ -429,15 +425,13 @@ class Catalog:
             return removed, self._delete_orphans(conn, previous)
 
     def remove_files(self, file_ids: Sequence[int]) -> list[int]:
-        """`remove_paths` by the files' ids."""
-        return self._remove(schema.files.c.id, [int(i) for i in file_ids])
-
-    def _remove(self, column, values: Sequence) -> list[int]:
+        """Forget files by id; returns the embedding ids this left without any file (deleted too)."""
         f = schema.files
+        ids = [int(i) for i in file_ids]
         with self.engine.begin() as conn:
-            previous = self._embedding_ids_of(conn, column, values)
-            for chunk in chunks(list(values)):
-                conn.execute(delete(f).where(column.in_(chunk)))
+            previous = self._embedding_ids_of(conn, f.c.id, ids)
+            for chunk in chunks(ids):
+                conn.execute(delete(f).where(f.c.id.in_(chunk)))
             return self._delete_orphans(conn, previous)
 
     @staticmethod

@@ -88,8 +88,8 @@ def test_batches_share_content_and_drop_orphans(catalog):
     # b.jpg's content changes: its old embedding has no file left and goes in the same transaction.
     changed = catalog.write_batch([entry("/p/b.jpg", "hc")], {"hc": vectors(3)})
     assert changed.orphaned == [written.created["hb"]]
-    assert catalog.remove_paths(["/p/a.jpg"]) == []  # copy.jpg still holds "ha"
-    assert catalog.remove_paths(["/p/copy.jpg"]) == [written.created["ha"]]
+    assert catalog.remove_under(["/p/a.jpg"]) == (1, [])  # copy.jpg still holds "ha"
+    assert catalog.remove_under(["/p/copy.jpg"]) == (1, [written.created["ha"]])
     assert catalog.counts() == {"files": 2, "indexed": 1, "skipped": 1, "distinct_images": 1, "captioned_images": 0}
     skipped = [row for row in catalog.files() if row.status == SKIPPED]
     assert skipped[0].error == "corrupt: broken" and skipped[0].embedding_id is None
@@ -145,7 +145,7 @@ def test_captions_todo_write_and_full_text_search(catalog):
     assert [eid for eid, _ in found] == [ids["hb"], ids["ha"]]  # stemming: "zebras" matches too
     assert found[0][1] > found[1][1] > 0
     assert catalog.captions.search("!!! ''", 10) == []
-    catalog.remove_paths(["/p/b.jpg"])  # its content is gone: so is its caption
+    catalog.remove_under(["/p/b.jpg"])  # its content is gone: so is its caption
     assert [eid for eid, _ in catalog.captions.search("giraffe", 10)] == []
 
 
