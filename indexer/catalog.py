@@ -236,6 +236,17 @@ class Catalog:
             rows = conn.execute(select(f).where(*conditions).order_by(f.c.path).offset(offset).limit(limit))
             return total, [FileRow(**r._mapping) for r in rows]
 
+    def files_with_prefix(self, prefix: str, limit: int) -> list[FileRow] | None:
+        """Up to `limit` files whose path begins with `prefix`, by one range of the path index; None
+        for a prefix that is not absolute (it would be every file)."""
+        if not prefix.startswith("/") or prefix[-1] == chr(0x10FFFF):
+            return None
+        f = schema.files
+        upper = prefix[:-1] + chr(ord(prefix[-1]) + 1)  # the first string after every one beginning with prefix
+        query = select(f).where(f.c.path >= prefix, f.c.path < upper).order_by(f.c.path).limit(limit)
+        with self.engine.connect() as conn:
+            return [FileRow(**r._mapping) for r in conn.execute(query)]
+
     def has_under(self, root: str) -> bool:
         """Whether any file is at or under `root`."""
         f = schema.files

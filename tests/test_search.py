@@ -261,3 +261,30 @@ def test_options_that_do_not_apply_are_refused(indexed, args, message):
     args = [str(paths[0]) if arg == "IMG" else arg for arg in args]
     result = run_cli("search", *args, "--index", str(root / "idx"))
     assert result.returncode == 2 and result.stderr == f"Error: {message}\n"
+
+
+@pytest.mark.parametrize("glob", ["{photos}/img001?.jpg", "{photos}/img00[0-2]*", "{photos}/*", "*img003*"])
+def test_a_narrow_path_filter_is_scored_exactly_as_faiss_finds_it(indexed, glob, monkeypatch):
+    """A --path whose literal start holds few files is served by scoring them exactly; FAISS widening
+    its search until enough pass (forced here) must give the same files, scores and slots, and both
+    what brute force over the matching files' stored vectors gives."""
+    import fnmatch
+
+    from indexer import search
+
+    root, paths, searcher = indexed
+    glob = glob.format(photos=paths[0].parent)
+    options = SearchOptions(k=7, rerank=False, score="itc", path_glob=glob)
+    query = TextQuery.parse([QUERY])
+
+    def found(prefilter_files):
+        monkeypatch.setattr(search, "PREFILTER_FILES", prefilter_files)
+        return [(r.path, round(r.itc_score, 5), r.query_slot) for r in searcher.search_text(query, options).results]
+
+    exact, widened = found(2000), found(0)
+    assert exact == widened and len(exact) == min(7, sum(fnmatch.fnmatch(str(p), glob) for p in paths))
+    vector = searcher.retriever.encode_texts([QUERY])[0]
+    rows = [r for r in searcher.store.catalog.files() if fnmatch.fnmatch(r.path, glob)]
+    _, stored = searcher.store.catalog.vectors([r.embedding_id for r in rows], 32, vector.shape[-1])
+    brute = sorted(((float((v @ vector).max()), r.path) for r, v in zip(rows, stored)), reverse=True)[:7]
+    assert [path for _, path in brute] == [path for path, _, _ in exact]
