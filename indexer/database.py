@@ -1,0 +1,85 @@
+"""Opening the catalog's database: the engine, how it handles lost connections, and the schema's
+migrations (alembic, `indexer/migrations`)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from sqlalchemy import create_engine, event
+from sqlalchemy.engine import Engine
+from sqlalchemy.exc import ArgumentError, DatabaseError
+
+from indexer.errors import CatalogConnectionError, CatalogUnavailableError, CatalogVersionError
+
+
+def open_engine(url: str) -> Engine:
+    """An engine for `url` with the catalog's schema at its newest version; one clear error for a URL
+    that is not one, a driver not installed, or a database that cannot be reached or read."""
+    try:
+        # Pre-ping: a pooled connection the server dropped while idle (a restart, a failover, an
+        # idle timeout) is replaced at checkout, so a long-lived server goes on without a 500.
+        engine = create_engine(url, future=True, pool_pre_ping=True)
+    except ArgumentError:
+        raise CatalogUnavailableError(
+            "the catalog URL is not a database URL; give e.g. postgresql+psycopg://host/db") from None
+    except ImportError as exc:  # a database whose driver is not installed
+        raise CatalogUnavailableError(
+            f"the catalog URL needs a driver that is not installed ({exc}); blipsearch's catalogs are "
+            "SQLite and PostgreSQL (postgresql+psycopg://host/db)") from None
+    if engine.dialect.name == "sqlite":
+        event.listen(engine, "connect", _sqlite_pragmas)
+    try:
+        _migrate(engine)
+    except DatabaseError as exc:  # no server there, no such database, refused, not a database file
+        engine.dispose()
+        reason = " ".join(str(exc.orig or exc).split())
+        where = engine.url.render_as_string(hide_password=True)
+        raise CatalogUnavailableError(f"cannot open the catalog at {where}: {reason}") from None
+    if engine.dialect.name != "sqlite":  # a file has no connection to lose
+        event.listen(engine, "handle_error", _connection_lost)
+    return engine
+
+
+def _migrate(engine: Engine) -> None:
+    from alembic import command
+    from alembic.config import Config
+    from alembic.script import ScriptDirectory
+    from alembic.runtime.migration import MigrationContext
+
+    config = Config()
+    config.set_main_option("script_location", str(Path(__file__).parent / "migrations"))
+    scripts = ScriptDirectory.from_config(config)
+    head = scripts.get_current_head()
+    with engine.begin() as conn:
+        if conn.dialect.name == "postgresql":  # several indexers/servers may open a new catalog at once
+            conn.exec_driver_sql("SELECT pg_advisory_xact_lock(4242000001)")
+        current = MigrationContext.configure(conn).get_current_revision()
+        if current == head:
+            return
+        if current is not None and current not in {s.revision for s in scripts.walk_revisions()}:
+            raise CatalogVersionError(
+                f"the catalog has schema version {current}, newer than this blipsearch knows; upgrade blipsearch"
+            )
+        config.attributes["connection"] = conn
+        command.upgrade(config, "head")
+
+
+def _connection_lost(context) -> None:
+    """SQLAlchemy's handle_error hook, once the catalog is open: a connection lost mid-statement, or a
+    server that cannot be reached for a new one, becomes one clear error instead of the driver's
+    traceback. (A connection lost while idle in the pool is replaced by the pre-ping, unseen.)"""
+    connecting = context.connection is None  # no connection yet: a new one could not be made
+    if (context.is_disconnect or connecting) and not context.is_pre_ping:
+        where = context.engine.url.render_as_string(hide_password=True)
+        reason = " ".join(str(context.original_exception).split())[:200]
+        raise CatalogConnectionError(f"lost the connection to the catalog at {where} ({reason}); "
+                                     "run the same command again once it is back") from None
+
+
+def _sqlite_pragmas(dbapi_connection, _record) -> None:
+    cursor = dbapi_connection.cursor()
+    cursor.execute("PRAGMA journal_mode=WAL")
+    cursor.execute("PRAGMA synchronous=NORMAL")  # durable across process crashes in WAL mode
+    cursor.execute("PRAGMA busy_timeout=30000")
+    cursor.execute("PRAGMA foreign_keys=ON")
+    cursor.close()
