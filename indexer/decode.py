@@ -34,7 +34,8 @@ OUT_OF_MEMORY = "out-of-memory"
 RETRIED = frozenset({TOO_LARGE, UNREADABLE, DECODER_TIMEOUT, DECODER_CRASHED, OUT_OF_MEMORY})
 
 DEFAULT_MAX_PIXELS = 100_000_000  # `index --max-megapixels` 100: the decompression-bomb guard
-QUERY_MAX_BYTES = 512 << 20  # an example image's file: 100 megapixels of uncompressed 16-bit RGB is 600 MB
+# An example image's file: uncompressed 8-bit RGB at 100 megapixels (300 MB) fits, 16-bit (600 MB) not.
+QUERY_MAX_BYTES = 512 << 20
 
 _ORIENTATION = 0x0112
 _TRANSPOSED_ORIENTATIONS = {5, 6, 7, 8}
