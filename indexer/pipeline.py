@@ -147,7 +147,7 @@ class Indexer:
         summary = IndexSummary()
         roots = resolve_roots(list(paths))
         self.store.catalog.add_roots(roots)
-        comparison, todo, total = self._compare(roots)
+        comparison, todo, total = files_to_do(*comparisons(self.store, roots, self.config.walk, self.progress))
         self.progress.start(total)
         transform = self.transform or self.embedder.transform
         options = DecodeOptions(transform, self.config.max_pixels, self.config.use_draft)
@@ -197,9 +197,6 @@ class Indexer:
         if captioner is not None and captioner.transform != transform:
             captioner = None  # it needs other pixels: `CaptionRun` captions these images afterwards
         return _Writer(self, self.store.load_vectors(identity), cache, captioner)
-
-    def _compare(self, roots: list[str]) -> tuple[Comparison, Iterable[Todo], int]:
-        return files_to_do(*comparisons(self.store, roots, self.config.walk, self.progress))
 
     def _decoded(self, pool: DecodePool, todo: Iterable[Todo], summary: IndexSummary):
         decoding: dict[str, Todo] = {}  # the files the pool has taken and not yet given back

@@ -118,9 +118,8 @@ class Shards:
         import pyarrow as pa
         import pyarrow.parquet as pq
 
+        self.clear_todo()
         folder = f"{self.root}/{TODO_FOLDER}"
-        if self.fs.exists(folder):
-            self.fs.rm(folder, recursive=True)
         self.fs.makedirs(folder, exist_ok=True)
         written = []
         for chunk in iter(lambda: list(islice(rows, per_file)), []):
