@@ -74,7 +74,7 @@ def _absolute_glob(glob: str | None) -> str | None:
     """`--path` as the catalog's absolute paths can match it: `vacation/*` matched nothing, silently."""
     import os
 
-    from indexer.search import anchored
+    from indexer.path_glob import anchored
 
     if glob is None or anchored(glob):
         return glob

@@ -254,7 +254,7 @@ def create_app(service: Service) -> FastAPI:
 def _absolute_glob(glob: str | None) -> str | None:
     """A `path` glob as the catalog's absolute paths can match it; a relative one would be taken from
     the server's working folder, which means nothing to a client."""
-    from indexer.search import anchored
+    from indexer.path_glob import anchored
 
     if glob is not None and not anchored(glob):
         raise HTTPException(400, f"path must be an absolute glob or start with *, not {glob!r}")

@@ -23,6 +23,7 @@ from indexer import schema
 from indexer.schema import chunks
 from indexer.caption_catalog import CaptionCatalog, NewCaptions, delete_captions, write_captions
 from indexer.database import open_engine
+from indexer.path_glob import literal_start, sql_condition as path_glob_condition
 from indexer.walk import at_or_under
 from retrieval.errors import ModelMismatchError
 from retrieval.loading import ModelIdentity
@@ -176,7 +177,8 @@ class Catalog:
 
     def page(self, offset: int, limit: int, status: str | None = None, has_caption: bool | None = None,
              path_glob: str | None = None) -> tuple[int, list[FileRow]]:
-        """(total matching, one page of) files ordered by path, filtered by status and caption."""
+        """(total matching, one page of) files ordered by path, filtered by status, caption and a
+        `--path` glob (`indexer.path_glob`)."""
         f, c = schema.files, schema.captions
         conditions = []
         if status is not None:
@@ -185,22 +187,36 @@ class Catalog:
             captioned = exists().where(c.c.embedding_id == f.c.embedding_id)
             conditions.append(captioned if has_caption else ~captioned)
         if path_glob:
-            conditions.append(_glob(f.c.path, path_glob))
+            conditions += self._glob_conditions(path_glob)
         with self.engine.connect() as conn:
             total = conn.execute(select(func.count()).select_from(f).where(*conditions)).scalar_one()
             rows = conn.execute(select(f).where(*conditions).order_by(f.c.path).offset(offset).limit(limit))
             return total, [FileRow(**r._mapping) for r in rows]
 
-    def files_with_prefix(self, prefix: str, limit: int) -> list[FileRow] | None:
-        """Up to `limit` files whose path begins with `prefix`, by one range of the path index; None
-        for a prefix that is not absolute (it would be every file)."""
-        if not prefix.startswith("/") or prefix[-1] == chr(0x10FFFF):
-            return None
+    def indexed_matching(self, glob: str, most: int) -> list[FileRow] | None:
+        """The indexed files whose path `glob` matches, in no particular order; None when they are
+        more than `most` (found by their ids first, so that many matches cost no rows)."""
         f = schema.files
-        upper = prefix[:-1] + chr(ord(prefix[-1]) + 1)  # the first string after every one beginning with prefix
-        query = select(f).where(f.c.path >= prefix, f.c.path < upper).order_by(f.c.path).limit(limit)
+        query = select(f.c.id).where(f.c.status == schema.INDEXED, *self._glob_conditions(glob)).limit(most + 1)
+        out: list[FileRow] = []
         with self.engine.connect() as conn:
-            return [FileRow(**r._mapping) for r in conn.execute(query)]
+            ids = conn.execute(query).scalars().all()
+            if len(ids) > most:
+                return None
+            for chunk in chunks(ids):
+                out.extend(FileRow(**r._mapping) for r in conn.execute(select(f).where(f.c.id.in_(chunk))))
+        return out
+
+    def _glob_conditions(self, glob: str) -> list:
+        """Paths `glob` matches: within the range of the path index that its literal start spans,
+        where that is a folder or file (else every path is read)."""
+        f = schema.files
+        conditions = [path_glob_condition(f.c.path, glob, self.engine.dialect.name)]
+        start = literal_start(glob)
+        if start.startswith("/") and start[-1] != chr(0x10FFFF):
+            upper = start[:-1] + chr(ord(start[-1]) + 1)  # the first string after all that begin with start
+            conditions += [f.c.path >= start, f.c.path < upper]
+        return conditions
 
     def has_under(self, root: str) -> bool:
         """Whether any file is at or under `root`."""
@@ -427,12 +443,6 @@ def _transient(exc: OperationalError) -> bool:
     """A deadlock or serialization failure (PostgreSQL), or a locked database (SQLite): worth a retry."""
     code = getattr(exc.orig, "sqlstate", None)
     return code in ("40P01", "40001") or "database is locked" in str(exc.orig)
-
-
-def _glob(column, pattern: str):
-    """fnmatch-style glob (* ? only) as a portable LIKE."""
-    escaped = pattern.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
-    return column.like(escaped.replace("*", "%").replace("?", "_"), escape="\\")
 
 
 def check_same_model(recorded: ModelIdentity, identity: ModelIdentity) -> None:

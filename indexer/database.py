@@ -9,6 +9,7 @@ from sqlalchemy import create_engine, event
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import ArgumentError, DatabaseError
 
+from indexer import path_glob
 from indexer.errors import CatalogConnectionError, CatalogUnavailableError, CatalogVersionError
 
 
@@ -27,7 +28,7 @@ def open_engine(url: str) -> Engine:
             f"the catalog URL needs a driver that is not installed ({exc}); blipsearch's catalogs are "
             "SQLite and PostgreSQL (postgresql+psycopg://host/db)") from None
     if engine.dialect.name == "sqlite":
-        event.listen(engine, "connect", _sqlite_pragmas)
+        event.listen(engine, "connect", _sqlite_connected)
     try:
         _migrate(engine)
     except DatabaseError as exc:  # no server there, no such database, refused, not a database file
@@ -76,7 +77,9 @@ def _connection_lost(context) -> None:
                                      "run the same command again once it is back") from None
 
 
-def _sqlite_pragmas(dbapi_connection, _record) -> None:
+def _sqlite_connected(dbapi_connection, _record) -> None:
+    """Each new SQLite connection: its pragmas, and fnmatch as a SQL function for `path_glob`."""
+    dbapi_connection.create_function(path_glob.SQLITE_FUNCTION, 2, path_glob.sqlite_fnmatch, deterministic=True)
     cursor = dbapi_connection.cursor()
     cursor.execute("PRAGMA journal_mode=WAL")
     cursor.execute("PRAGMA synchronous=NORMAL")  # durable across process crashes in WAL mode

@@ -9,7 +9,6 @@ else ITM positive logit + ITC as LAVIS ranks; `retrieval.fusion`), or ITC alone.
 
 from __future__ import annotations
 
-import fnmatch
 import math
 import os
 from dataclasses import dataclass, field, replace
@@ -17,6 +16,7 @@ from typing import Any
 
 import numpy as np
 
+from indexer import path_glob
 from indexer.catalog import Catalog, FileRow, check_same_model
 from indexer.decode import Decoded, DecodeOptions, decode_file
 from indexer.rerank import Reranker
@@ -43,7 +43,7 @@ class SearchOptions:
     rerank: bool = True
     score: str | None = None  # None: "itc" without re-ranking, else the model's default (`default_score`)
     min_score: float | None = None
-    path_glob: str | None = None  # over full paths: `anchored`
+    path_glob: str | None = None  # over full paths: `path_glob.anchored`
     hybrid: bool = False  # fuse the visual ranking with a full-text ranking of captions
 
     def __post_init__(self) -> None:
@@ -158,12 +158,12 @@ class Searcher:
             n_images *= 2
 
     def _few_matching(self, options: SearchOptions, exclude_hash: str | None) -> list[FileRow] | None:
-        """The indexed files `--path` matches, when the files under its literal start are at most
-        `PREFILTER_FILES`; None when they are more (FAISS then finds matches soon enough)."""
-        rows = self.store.catalog.files_with_prefix(_literal_start(options.path_glob), PREFILTER_FILES + 1)
-        if rows is None or len(rows) > PREFILTER_FILES:
-            return None
-        return [row for row in rows if row.status == INDEXED and _passes(row, options, exclude_hash)]
+        """The indexed files `--path` matches, when they are at most `PREFILTER_FILES`; None when they
+        are more (FAISS then finds matches soon enough). The database finds them: within the glob's
+        literal start by the path index, else by reading every path, which costs one pass over the
+        paths (the search it saves, widening until a few matches turn up, would read them all too)."""
+        rows = self.store.catalog.indexed_matching(options.path_glob, PREFILTER_FILES)
+        return None if rows is None else [row for row in rows if _passes(row, options, exclude_hash)]
 
     def _scored(self, vector: np.ndarray, rows: list[FileRow]) -> list[_Candidate]:
         """`rows` by their images' exact ITC max-sim, best first: the scores FAISS's path returns."""
@@ -264,21 +264,10 @@ def with_captions(catalog: Catalog, results: list[SearchResult]) -> list[SearchR
             for r in results]
 
 
-def anchored(glob: str) -> bool:
-    """Whether `glob` can match the catalog's absolute paths as it is: absolute, or from a wildcard."""
-    return glob.startswith(("/", "*", "?", "["))
-
-
-def _literal_start(glob: str) -> str:
-    """What every path `glob` matches begins with: the glob up to its first wildcard."""
-    wildcards = [at for at in (glob.find(c) for c in "*?[") if at >= 0]
-    return glob[: min(wildcards)] if wildcards else glob
-
-
 def _passes(row: FileRow, options: SearchOptions, exclude_hash: str | None) -> bool:
     if exclude_hash is not None and row.content_hash == exclude_hash:
         return False
-    if options.path_glob and not fnmatch.fnmatch(row.path, options.path_glob):
+    if options.path_glob and not path_glob.matches(row.path, options.path_glob):
         return False
     return True
 

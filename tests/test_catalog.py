@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import fnmatch
 import json
+import random
 import subprocess
 import sys
 import time
@@ -194,6 +196,35 @@ def test_iter_under_lists_each_file_once_in_pythons_path_order(catalog, page):
     assert listed == sorted(p for p in TRICKY if p.startswith("/p/"))
     assert [row.path for row in catalog.iter_under(["/p/a", "/p/a.jpg"], page)] == \
            ["/p/a", "/p/a.jpg", "/p/a/b.jpg", "/p/a/sub/c.jpg"]
+
+
+GLOB_PATHS = ["/p/a.jpg", "/p/A.JPG", "/p/b.jpg", "/p/img1.jpg", "/p/img9.JPG", "/p/x_1%.jpg", "/p/x\\y.jpg",
+              "/p/é/ü.png", "/p/😀.gif", "/p/new\nline.jpg", "/p/[a].jpg", "/p/a-b.jpg", "/p/^.jpg", "/p/.j",
+              "/q/2019/a.jpg", "/q/2019-x/b.png", "/q/img2.jpg", "/r.jpg"]
+
+
+def test_path_globs_match_as_the_search_does(catalog):
+    """`page` (GET /api/images) and `indexed_matching` (search --path's exact path) select in SQL what
+    fnmatch selects: case-sensitively (SQLite's LIKE is not), with classes (LIKE has none), and LIKE's
+    and regular expressions' own special characters taken literally; random globs built from the
+    paths' characters too."""
+    catalog.claim_model(IDENTITY)
+    indexed = GLOB_PATHS[::2]
+    catalog.write_batch([entry(p, f"h{i}") for i, p in enumerate(indexed)], {f"h{i}": vectors(i) for i in range(len(indexed))})
+    catalog.write_batch([entry(p, None, SKIPPED) for p in GLOB_PATHS[1::2]], {})
+    rng = random.Random(0)
+    alphabet = sorted(set("".join(GLOB_PATHS)) - {"\n"}) + ["*"] * 6 + ["?", "[", "]", "!", "-"] * 2
+    globs = ["*.jpg", "*.JPG", "/p/img[0-9].*", "*[!a-z].jpg", "/p/x_1%.jpg", "/p/x?1?.jpg", "/p/x\\y.jpg",
+             "*/é/*", "/p/?.gif", "*\n*", "/p/[[]a].jpg", "/p/a[-]b.jpg", "/p/[^].jpg", "/p/.*", "/q/2019*",
+             "/q/2019/*", "/p/[z-a]*", "/p/[!]*", "*", "/p/[\\]*", "/p/x[\\]y.jpg", "[]/]*"]
+    globs += ["".join(rng.choice(alphabet) for _ in range(rng.randint(1, 9))) for _ in range(150)]
+    for glob in globs:
+        want = sorted(p for p in GLOB_PATHS if fnmatch.fnmatchcase(p, glob))
+        total, rows = catalog.page(0, 100, path_glob=glob)
+        assert (total, [row.path for row in rows]) == (len(want), want), glob
+        assert sorted(row.path for row in catalog.indexed_matching(glob, 100)) == \
+            [p for p in want if p in indexed], glob
+    assert catalog.indexed_matching("*.jpg", 6) is None and len(catalog.indexed_matching("*.jpg", 7)) == 7
 
 
 def test_remove_files_by_id_deletes_the_vectors_only_they_used(catalog):
