@@ -228,6 +228,10 @@ def create_app(service: Service) -> FastAPI:
                 resolve_roots(job.paths)  # 400 now for a wrong path, not a failed job later
             else:
                 recorded_roots(service.store.catalog.roots())  # 400 now when there are none left
+        else:
+            from retrieval.captioner import CaptionOptions
+
+            CaptionOptions(prompt=job.prompt, max_new_tokens=job.max_new_tokens).validate()  # 400 now, not a failed job
         return service.jobs.submit(job.kind, job.model_dump(exclude={"kind"})).as_dict()
 
     @app.get("/api/jobs")

@@ -24,7 +24,7 @@ from indexer.schema import chunks
 from indexer.caption_catalog import CaptionCatalog, NewCaptions, delete_captions, write_captions
 from indexer.database import open_engine
 from indexer.path_glob import literal_start, sql_condition as path_glob_condition
-from indexer.walk import at_or_under
+from indexer.walk import at_or_under, storable
 from retrieval.errors import ModelMismatchError
 from retrieval.loading import ModelIdentity
 
@@ -213,7 +213,7 @@ class Catalog:
         f = schema.files
         conditions = [path_glob_condition(f.c.path, glob, self.engine.dialect.name)]
         start = literal_start(glob)
-        if start.startswith("/") and start[-1] != chr(0x10FFFF):
+        if storable(glob) and start.startswith("/") and start[-1] != chr(0x10FFFF):
             upper = start[:-1] + chr(ord(start[-1]) + 1)  # the first string after all that begin with start
             conditions += [f.c.path >= start, f.c.path < upper]
         return conditions

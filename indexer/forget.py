@@ -10,7 +10,7 @@ from typing import Sequence
 import numpy as np
 
 from indexer.store import IndexStore
-from indexer.walk import at_or_under
+from indexer.walk import at_or_under, shown, storable
 from retrieval.errors import UsageError
 
 
@@ -30,8 +30,9 @@ def forget(store: IndexStore, targets: Sequence[str]) -> Forgotten:
     with store.writer_lock():
         roots = catalog.roots()
         for target in targets:
-            if not catalog.has_under(target) and not any(at_or_under(root, target) for root in roots):
-                raise UsageError(f"nothing is indexed at {target}")
+            if not storable(target) or (not catalog.has_under(target)
+                                        and not any(at_or_under(root, target) for root in roots)):
+                raise UsageError(f"nothing is indexed at {shown(target)}")
         files, orphaned = catalog.remove_under(targets)
         removed_roots = catalog.remove_roots(targets)
         identity = catalog.model()

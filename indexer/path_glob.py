@@ -16,6 +16,8 @@ from dataclasses import dataclass
 
 from sqlalchemy import and_, false, func
 
+from indexer.walk import storable
+
 SQLITE_FUNCTION = "blipsearch_fnmatch"
 
 
@@ -41,9 +43,7 @@ def literal_start(glob: str) -> str:
 
 def sql_condition(column, glob: str, dialect: str):
     """A SQL condition true exactly where `matches(column's value, glob)` is."""
-    try:
-        glob.encode("utf-8")
-    except UnicodeEncodeError:  # a name that is not UTF-8: the catalog holds none (they are skipped)
+    if not storable(glob):  # it matches no path the catalog holds, and the database would refuse it
         return false()
     tokens = _tokens(glob)
     if NEVER in tokens:  # an empty class such as [z-a]

@@ -16,6 +16,7 @@ from typing import Iterator
 
 from indexer.errors import IndexNotFoundError
 from retrieval.errors import UsageError
+from retrieval.query import is_utf8, printable
 
 # Extensions that are never images; everything else is offered to the decoder to sniff.
 _NOT_IMAGES = frozenset(
@@ -79,17 +80,14 @@ class Noticed:
 
 def storable(path: str) -> bool:
     """Whether the catalog can hold `path`. A Linux name is bytes; one that is not valid UTF-8 reaches
-    Python with lone surrogates in place of its bad bytes, which no SQL text column accepts."""
-    try:
-        path.encode("utf-8")
-    except UnicodeEncodeError:
-        return False
-    return True
+    Python with lone surrogates in place of its bad bytes, which no SQL text column accepts. (A name
+    never holds NUL; text from elsewhere, such as a glob sent over HTTP, may, and PostgreSQL refuses it.)"""
+    return is_utf8(path) and "\x00" not in path
 
 
 def shown(path: str) -> str:
     """`path` fit to print: bytes that are not UTF-8 as \\xff escapes."""
-    return os.fsencode(path).decode("utf-8", "backslashreplace")
+    return printable(path)
 
 
 def at_or_under(path: str, folder: str) -> bool:

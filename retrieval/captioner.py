@@ -18,6 +18,7 @@ from retrieval.config import ModelConfig
 from retrieval.errors import UsageError
 from retrieval.loading import load
 from retrieval.preprocess import ImageTransform
+from retrieval.query import is_utf8, printable
 
 MAX_NEW_TOKENS = 512
 MAX_BEAMS = 16
@@ -36,6 +37,8 @@ class CaptionOptions:
             raise UsageError(f"--num-beams must be between 1 and {MAX_BEAMS}, not {self.num_beams}")
         if len(self.prompt) > 1000:
             raise UsageError("--prompt is longer than 1000 characters")
+        if not is_utf8(self.prompt) or "\x00" in self.prompt:  # the catalog stores it beside each caption
+            raise UsageError(f"--prompt '{printable(self.prompt)}' is not valid UTF-8 text without NUL characters")
 
 
 def check_candidates(count: int) -> None:

@@ -71,6 +71,26 @@ def validate_text(text: str) -> None:
         raise UsageError("the query text is empty")
     if len(text) > MAX_QUERY_CHARS:
         raise UsageError(f"the query text is longer than {MAX_QUERY_CHARS} characters")
+    if not is_utf8(text):
+        raise UsageError(f"the query text '{printable(text)}' is not valid UTF-8 (is the terminal's encoding UTF-8?)")
+
+
+def printable(text: str) -> str:
+    """`text` fit to print: bytes that were not UTF-8 as \\xff escapes (other lone surrogates as \\udxxx)."""
+    try:
+        return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    except UnicodeEncodeError:
+        return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+def is_utf8(text: str) -> bool:
+    """False for text holding lone surrogates: bytes that were not UTF-8 (in a command's arguments, say),
+    which the tokenizer refuses with a TypeError and no database can store."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def combine(positive: np.ndarray, weights: tuple[float, ...], negative: np.ndarray | None, negative_weight: float):

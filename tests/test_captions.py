@@ -43,6 +43,16 @@ def stored_captions(idx) -> dict[str, tuple[str, str, float]]:
     return {path: (text, prompt, created) for path, text, prompt, created in rows}
 
 
+def test_a_prompt_that_is_not_utf8_is_one_clear_error(tmp_path, tiny_model, caption_model):
+    """A Latin-1 prompt from a UTF-8 terminal: the tokenizer raised a TypeError."""
+    make_images(tmp_path / "photos", 1, seed=30)
+    index(tmp_path / "photos", tmp_path / "idx", tiny_model)
+    result = run_cli("caption", "--index", str(tmp_path / "idx"), "--caption-model", str(caption_model),
+                     "--prompt", "caf\udce9")
+    assert (result.returncode, result.stderr) == \
+        (2, "Error: --prompt 'caf\\xe9' is not valid UTF-8 text without NUL characters\n")
+
+
 def test_caption_command_stores_what_the_captioner_writes(tmp_path, tiny_model, caption_model, captioner):
     paths = make_images(tmp_path / "photos", 7, seed=31)
     index(tmp_path / "photos", tmp_path / "idx", tiny_model)

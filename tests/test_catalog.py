@@ -225,6 +225,8 @@ def test_path_globs_match_as_the_search_does(catalog):
         assert sorted(row.path for row in catalog.indexed_matching(glob, 100)) == \
             [p for p in want if p in indexed], glob
     assert catalog.indexed_matching("*.jpg", 6) is None and len(catalog.indexed_matching("*.jpg", 7)) == 7
+    for never in ["/p/\x00*", "*\x00", "/p/\udce9*"]:  # PostgreSQL refused NUL: a 500 from GET /api/images
+        assert catalog.page(0, 10, path_glob=never) == (0, []) and catalog.indexed_matching(never, 10) == []
 
 
 def test_remove_files_by_id_deletes_the_vectors_only_they_used(catalog):

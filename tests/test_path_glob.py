@@ -56,5 +56,6 @@ def test_literal_start(glob, start):
     assert path_glob.literal_start(glob) == start
 
 
-def test_a_glob_that_is_not_utf8_matches_nothing_in_sql():
-    assert str(path_glob.sql_condition(column("path"), "/p/\udce9*", "sqlite")) == "false"
+def test_a_glob_no_catalog_path_can_match_is_false_in_sql():
+    for glob in ["/p/\udce9*", "/p/\x00*"]:
+        assert str(path_glob.sql_condition(column("path"), glob, "postgresql")) == "false"

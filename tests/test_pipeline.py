@@ -211,6 +211,8 @@ def test_a_name_that_is_not_utf8_is_skipped_and_named(folder, tmp_path, tiny_mod
     refused = run_cli("index", root, "--index", str(idx), "--model", str(tiny_model))
     assert refused.returncode == 2 and f"{tmp_path}/\\xff: the name is not valid UTF-8" in refused.stderr
     assert "Traceback" not in refused.stderr
+    refused = run_cli("forget", root, "--index", str(idx))  # was a UnicodeEncodeError from the database driver
+    assert (refused.returncode, refused.stderr) == (2, f"Error: nothing is indexed at {tmp_path}/\\xff\n")
 
 
 def test_an_index_inside_the_folder_does_not_index_itself(folder, tmp_path, tiny_model):

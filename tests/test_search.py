@@ -263,6 +263,14 @@ def test_options_that_do_not_apply_are_refused(indexed, args, message):
     assert result.returncode == 2 and result.stderr == f"Error: {message}\n"
 
 
+@pytest.mark.parametrize("args", [["caf\udce9"], [QUERY, "--not", "caf\udce9"], ["caf\udce9", "--caption-only"]])
+def test_a_query_that_is_not_utf8_is_one_clear_error(indexed, args):
+    """A Latin-1 "café" typed into a UTF-8 terminal: the tokenizer raised a TypeError."""
+    result = run_cli("search", *args, "--index", str(indexed[0] / "idx"))
+    assert (result.returncode, result.stderr) == \
+        (2, "Error: the query text 'caf\\xe9' is not valid UTF-8 (is the terminal's encoding UTF-8?)\n")
+
+
 @pytest.mark.parametrize("glob", ["{photos}/img001?.jpg", "{photos}/img00[0-2]*", "{photos}/*", "*img003*"])
 def test_a_narrow_path_filter_is_scored_exactly_as_faiss_finds_it(indexed, glob, monkeypatch):
     """A --path whose literal start holds few files is served by scoring them exactly; FAISS widening

@@ -177,6 +177,9 @@ def test_write_endpoints_need_the_token(served):
     refused = client.post("/api/jobs", content=body, headers={**AUTH, "Content-Type": "application/json"})
     assert_error(refused, 400)
     assert "caf\\xe9: the name is not valid UTF-8" in refused.json()["detail"]
+    nul = client.post("/api/jobs", json={"kind": "caption", "prompt": "a\x00b"}, headers=AUTH)  # PostgreSQL refuses NUL
+    assert_error(nul, 400)
+    assert "--prompt 'a\x00b' is not valid UTF-8 text without NUL characters" == nul.json()["detail"]
 
 
 def test_jobs_add_images_searches_see_them_and_captions(served, retriever, captioner):
