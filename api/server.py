@@ -23,7 +23,7 @@ from retrieval.errors import BlipsearchError
 
 WEB_PAGE = Path(__file__).parent / "web" / "index.html"
 GLOB_HELP = "Only files whose full path matches this glob: absolute (/photos/2019/*) or from * (*2019*)"
-MAX_ID = 2**53  # ids beyond any database's integer range are simply unknown
+MAX_ID = 2**53  # a number JSON carries exactly; ids beyond the catalog's range are simply unknown (404)
 ImageId = Annotated[int, PathParam(ge=0, le=MAX_ID)]
 JobId = Annotated[int, PathParam(ge=0, le=MAX_ID)]
 

@@ -171,6 +171,8 @@ class Catalog:
 
     # -- reads ------------------------------------------------------------------------------------
     def file(self, file_id: int) -> FileRow | None:
+        if not 0 <= file_id <= MAX_ROW_ID:  # PostgreSQL refuses to compare an integer column with it
+            return None
         with self.engine.connect() as conn:
             row = conn.execute(select(schema.files).where(schema.files.c.id == int(file_id))).first()
         return FileRow(**row._mapping) if row else None
@@ -443,6 +445,9 @@ def _transient(exc: OperationalError) -> bool:
     """A deadlock or serialization failure (PostgreSQL), or a locked database (SQLite): worth a retry."""
     code = getattr(exc.orig, "sqlstate", None)
     return code in ("40P01", "40001") or "database is locked" in str(exc.orig)
+
+
+MAX_ROW_ID = 2**31 - 1  # ids are SQL INTEGER columns: 32 bits on PostgreSQL
 
 
 def check_same_model(recorded: ModelIdentity, identity: ModelIdentity) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import subprocess
@@ -148,9 +149,9 @@ def _postgres_admin():
         pytest.skip(f"no PostgreSQL server at {POSTGRES_URL} ({type(exc).__name__})")
 
 
-@pytest.fixture
-def postgres_url():
-    """A new, empty database for one test, with a locale (ICU en-US) collation like a typical server's."""
+@contextlib.contextmanager
+def postgres_database():
+    """The URL of a new, empty database, with a locale (ICU en-US) collation like a typical server's."""
     import uuid
 
     admin = _postgres_admin()
@@ -161,6 +162,13 @@ def postgres_url():
     finally:
         admin.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
         admin.close()
+
+
+@pytest.fixture
+def postgres_url():
+    """A new, empty database for one test."""
+    with postgres_database() as url:
+        yield url
 
 
 class Cuttable:

@@ -229,6 +229,14 @@ def test_path_globs_match_as_the_search_does(catalog):
         assert catalog.page(0, 10, path_glob=never) == (0, []) and catalog.indexed_matching(never, 10) == []
 
 
+def test_an_id_beyond_the_columns_range_is_no_file(catalog):
+    """GET /api/images/2147483648 was a 500 on PostgreSQL, whose INTEGER is 32 bits (found by the fuzz)."""
+    catalog.write_batch([entry("/p/a.jpg", None, SKIPPED)], {})
+    first = catalog.files()[0].id
+    assert catalog.file(first).path == "/p/a.jpg"
+    assert catalog.file(2**31) is None and catalog.file(2**53) is None and catalog.file(-1) is None
+
+
 def test_remove_files_by_id_deletes_the_vectors_only_they_used(catalog):
     catalog.claim_model(IDENTITY)
     catalog.write_batch([entry("/p/a.jpg", "h1"), entry("/p/b.jpg", "h1"), entry("/p/c.jpg", "h2")],

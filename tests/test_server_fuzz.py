@@ -6,6 +6,8 @@ read endpoints get every generated input.
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import schemathesis
 from hypothesis import HealthCheck, given, settings
@@ -15,19 +17,23 @@ from api.server import create_app
 from api.service import ServeConfig, Service
 from indexer.pipeline import IndexConfig, Indexer
 from indexer.store import IndexStore, StoreConfig
-from tests.conftest import make_images
+from tests.conftest import make_images, postgres_database
 
 
-@pytest.fixture(scope="module")
-def app(tmp_path_factory, retriever):
-    root = tmp_path_factory.mktemp("fuzz")
-    make_images(root / "photos", 6, seed=51)
-    store = IndexStore.open(StoreConfig(root / "idx"), create=True)
-    Indexer(store, retriever, IndexConfig(batch_size=4)).run([str(root / "photos")])
-    store.close()
-    service = Service(ServeConfig(StoreConfig(root / "idx"), token="not-given-to-the-fuzzer"), retriever)
-    yield create_app(service)
-    service.close()
+@pytest.fixture(scope="module", params=["sqlite", "postgresql"])
+def app(request, tmp_path_factory, retriever):
+    """On both catalogs: PostgreSQL refuses text that SQLite takes (NUL), and that was a 500."""
+    with contextlib.ExitStack() as stack:
+        url = stack.enter_context(postgres_database()) if request.param == "postgresql" else None
+        root = tmp_path_factory.mktemp("fuzz")
+        make_images(root / "photos", 6, seed=51)
+        store = IndexStore.open(StoreConfig(root / "idx", catalog_url=url), create=True)
+        Indexer(store, retriever, IndexConfig(batch_size=4)).run([str(root / "photos")])
+        store.close()
+        service = Service(ServeConfig(StoreConfig(root / "idx", catalog_url=url), token="not-given-to-the-fuzzer"),
+                          retriever)
+        yield create_app(service)
+        service.close()
 
 
 def test_no_server_errors(app):
