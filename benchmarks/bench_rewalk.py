@@ -10,13 +10,19 @@ all N files are new (the project's counting pass and its second, streaming pass,
 one list). Each side runs in its own process; the memory is its peak resident size above what it held
 once imports were done. The files are empty, the catalog rows made directly: no model is involved.
 
-Run: python -m benchmarks.bench_rewalk [--files 200000]
+With `--postgres URL` (a server's URL; two databases are made there for the run and dropped after),
+both sides read a PostgreSQL catalog instead of SQLite, one that PostgreSQL has not analysed: as just
+after a first large run, before autovacuum comes round, when the planner knows least.
+
+Run: python -m benchmarks.bench_rewalk [--files 200000] [--postgres postgresql+psycopg://postgres@127.0.0.1/test]
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import os
 import subprocess
 import sys
 import tempfile
@@ -47,6 +53,15 @@ def fill_catalog(url: str, root: Path) -> None:
             catalog.write_batch(batch, {})
             batch = []
     catalog.write_batch(batch, {})
+    catalog.close()
+
+
+def without_autovacuum(url: str) -> None:
+    from indexer.catalog import Catalog
+
+    catalog = Catalog.open(url)  # the schema
+    with catalog.engine.begin() as conn:
+        conn.exec_driver_sql("ALTER TABLE files SET (autovacuum_enabled = false)")
     catalog.close()
 
 
@@ -100,17 +115,42 @@ def measure(name: str, url: str, root: Path) -> dict:
     return json.loads(done.stdout)
 
 
+@contextlib.contextmanager
+def postgres_databases(server_url: str, names: list[str]):
+    """URLs of new databases `names` on the server at `server_url`, dropped afterwards."""
+    import psycopg
+
+    admin = psycopg.connect(server_url.replace("postgresql+psycopg://", "postgresql://"), autocommit=True)
+    base = server_url.rsplit("/", 1)[0]
+    try:
+        for name in names:
+            admin.execute(f"CREATE DATABASE {name} TEMPLATE template0 ENCODING 'UTF8'")
+        yield [f"{base}/{name}" for name in names]
+    finally:
+        for name in names:
+            admin.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+        admin.close()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--files", type=int, default=200_000)
+    parser.add_argument("--postgres", default=None, help="a PostgreSQL server's URL: the catalogs go there")
     args = parser.parse_args()
-    with tempfile.TemporaryDirectory() as work:
+    with tempfile.TemporaryDirectory() as work, contextlib.ExitStack() as stack:
         root = Path(work) / "photos"
         make_folder(root, args.files)
-        cases = {"first run (all new)": f"sqlite:///{work}/empty.sqlite",
-                 "re-run (nothing changed)": f"sqlite:///{work}/full.sqlite"}
-        fill_catalog(cases["re-run (nothing changed)"], root)
-        print(f"{args.files} files; each side in its own process")
+        if args.postgres:
+            names = [f"bench_rewalk_{kind}_{os.getpid()}" for kind in ("empty", "full")]
+            empty, full = stack.enter_context(postgres_databases(args.postgres, names))
+        else:
+            empty, full = f"sqlite:///{work}/empty.sqlite", f"sqlite:///{work}/full.sqlite"
+        cases = {"first run (all new)": empty, "re-run (nothing changed)": full}
+        if args.postgres:  # no statistics, as in a catalog just filled (the planner's worst case), and
+            for url in (empty, full):  # no autovacuum starting during a side, at random
+                without_autovacuum(url)
+        fill_catalog(full, root)
+        print(f"{args.files} files, catalog on {'PostgreSQL' if args.postgres else 'SQLite'}; each side in its own process")
         for case, url in cases.items():
             baseline, project = measure("baseline", url, root), measure("project", url, root)
             assert (project["todo"], project["gone"]) == (baseline["todo"], baseline["gone"]), (project, baseline)

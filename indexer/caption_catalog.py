@@ -51,10 +51,15 @@ class CaptionCatalog:
         self.engine = engine
 
     @staticmethod
-    def _not_done(model: str, prompt: str, overwrite: bool):
-        """Contents lacking a caption (with `overwrite`: lacking one by this model and prompt)."""
+    def _not_done(model: str, prompt: str, overwrite: bool, after_id: int | None = None):
+        """Contents lacking a caption (with `overwrite`: lacking one by this model and prompt). With
+        `after_id`, the caller reads contents after it, and so does this: said outright, the bound lets
+        PostgreSQL's merge anti-join start the captions at the page, where it read them all from the
+        first each page (quadratic in a catalog with many captions)."""
         e, c = schema.embeddings, schema.captions
         done = select(c.c.embedding_id).where(c.c.embedding_id == e.c.id)
+        if after_id is not None:
+            done = done.where(c.c.embedding_id > after_id)
         if overwrite:
             done = done.where(c.c.model == model, c.c.prompt == prompt)
         return ~done.exists()
@@ -73,7 +78,7 @@ class CaptionCatalog:
         )
         query = (
             select(e.c.id, e.c.content_hash, first_path.label("path"))
-            .where(e.c.id > after_id, self._not_done(model, prompt, overwrite))
+            .where(e.c.id > after_id, self._not_done(model, prompt, overwrite, after_id))
             .order_by(e.c.id)
             .limit(limit)
         )

@@ -244,13 +244,17 @@ class Catalog:
         # One range with one lower bound, so that the index on path finds the page's first row and
         # orders the page: given both 'path >= root/' and 'path > key', SQLite seeks to the first and
         # reads past every row before the key, and with the root's own row in an OR it gathered and
-        # sorted every row after the key; either is quadratic in the folder's size.
+        # sorted every row after the key; either is quadratic in the folder's size. PostgreSQL did
+        # the latter too where it had no statistics yet (a catalog just filled): with sorting ruled
+        # out for the page, only the walk of the index remains.
         prefix = root.rstrip("/") + "/"
         after = None
         while True:
             lower = f.c.path >= prefix if after is None else f.c.path > after
             query = select(f).where(lower, f.c.path < prefix[:-1] + "0").order_by(f.c.path).limit(page)
             with self.engine.connect() as conn:
+                if conn.dialect.name == "postgresql":
+                    conn.exec_driver_sql("SET LOCAL enable_sort = off")  # until this read's end
                 rows = [FileRow(**r._mapping) for r in conn.execute(query)]
             yield from rows
             if len(rows) < page:
