@@ -56,7 +56,7 @@ def serve(index_dir, catalog_url, model, device, dtype, caption_model, host, por
                              feature_cache_mb)
         service = Service(config, retriever,
                           lambda: Blip2Captioner.load(ModelConfig.captioning(caption_model, device, dtype)))
-        images = service.store.catalog.counts().get("distinct_images", 0)
+        images = service.counts.get().get("distinct_images", 0)
         hint = " (an empty index: index into it with POST /api/jobs, or check --index)" if not images else ""
         click.echo(f"blipsearch: serving {location.directory}, {images} images{hint}, on {url(host, port)}",
                    err=True)

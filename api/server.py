@@ -108,18 +108,18 @@ def create_app(service: Service) -> FastAPI:
     def healthz() -> dict:
         identity = service.retriever.identity
         return {"status": "ok", "model": identity.name, "device": service.retriever.device,
-                "rerank": service.retriever.fusion.describe(), "counts": service.store.catalog.counts()}
+                "rerank": service.retriever.fusion.describe(), "counts": service.counts.get()}
 
     @app.get("/api/status")
     def status() -> dict:
         recorded = service.store.catalog.model()
         return {"index": str(service.store.directory), "model": recorded.name if recorded else None,
-                "counts": service.store.catalog.counts(), "bytes_on_disk": service.store.disk_bytes(),
+                "counts": service.counts.get(), "bytes_on_disk": service.store.disk_bytes(),
                 "jobs": service.jobs.counts()}
 
     @app.get("/metrics", response_class=PlainTextResponse)
     def metrics() -> str:
-        counts = service.store.catalog.counts()
+        counts = service.counts.get()
         images.set(counts.get("distinct_images", 0))
         files.set(counts.get("files", 0))
         for state, n in service.jobs.counts().items():

@@ -15,7 +15,7 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from api.jobs import Job, JobProgress, JobRunner
 from indexer.errors import IndexBusyError
@@ -57,6 +57,53 @@ class LockedModel:
         return locked
 
 
+class CachedCounts:
+    """The catalog's counts for /healthz, /api/status and /metrics. Counting reads every row (0.1-0.3 s
+    a million files), and probes and scrapers ask every few seconds; so requests get the last counts,
+    and one that finds them stale starts a count in the background: at most every `min_age_s`, and
+    ten times the last count's duration apart. `refresh` counts at once (after this server's own
+    writes). While counting fails (the database away), requests get that error, as without a cache."""
+
+    def __init__(self, count: Callable[[], dict], min_age_s: float = 1.0) -> None:
+        self._count = count
+        self._min_age_s = min_age_s
+        self._lock = threading.Lock()
+        self._counting = threading.Lock()  # one count at a time
+        self._next = 0.0
+        self._value: dict = {}
+        self._error: Exception | None = None
+        self.refresh()
+        if self._error is not None:
+            raise self._error
+
+    def get(self) -> dict:
+        with self._lock:
+            value, error, stale = self._value, self._error, time.monotonic() >= self._next
+        if stale and self._counting.acquire(blocking=False):
+            threading.Thread(target=self._count_holding_lock, name="blipsearch-counts", daemon=True).start()
+        if error is not None:
+            raise error
+        return value
+
+    def refresh(self) -> None:
+        with self._counting:
+            self._count_holding_lock(release=False)
+
+    def _count_holding_lock(self, release: bool = True) -> None:
+        began = time.monotonic()
+        try:
+            try:
+                value, error = self._count(), None
+            except Exception as exc:  # noqa: BLE001 - raised to the requests that ask
+                value, error = self._value, exc
+            with self._lock:
+                self._value, self._error = value, error
+                self._next = time.monotonic() + max(self._min_age_s, 10 * (time.monotonic() - began))
+        finally:
+            if release:
+                self._counting.release()
+
+
 class Service:
     def __init__(self, config: ServeConfig, retriever: Any, captioner_loader=None) -> None:
         from api.options import feature_cache
@@ -75,6 +122,7 @@ class Service:
         self._next_check = 0.0
         self._reload_error: BlipsearchError | None = None  # why the last background reload failed
         self.reload()
+        self.counts = CachedCounts(self.store.catalog.counts)
         self.jobs = JobRunner(self._run_job, lambda job: self.reload())
         try:
             (self.store.directory / "thumbnails").mkdir(exist_ok=True)
@@ -207,6 +255,7 @@ class Service:
             raise IndexBusyError("the index is busy: a job of this server, or another blipsearch run, is "
                                  "writing to it; try again when it ends") from None
         self.reload()
+        self.counts.refresh()
         return True
 
     # -- jobs -------------------------------------------------------------------------------------
@@ -218,6 +267,8 @@ class Service:
                 return self._caption(job, progress)
         except IndexBusyError as exc:
             raise RuntimeError(str(exc)) from None
+        finally:  # before the job shows as finished, so that what it wrote is counted by then
+            self.counts.refresh()
 
     def _index(self, job: Job, progress: JobProgress) -> dict:
         from indexer.pipeline import IndexConfig, Indexer
