@@ -21,8 +21,11 @@ DEMO_CANDIDATES = 16  # the demo's captions: the best of this many beams by ITC,
 @click.option("--port", type=click.IntRange(1, 65535), default=8000, show_default=True)
 @feature_cache_option
 @click.option("--max-upload-mb", type=click.IntRange(1, 1000), default=20, show_default=True)
+@click.option("--max-rerank", type=click.IntRange(1, 10_000), default=256, show_default=True,
+              help="Most images one search may have the ITM head re-rank (each is decoded and run through "
+                   "the ViT), so that one request cannot hold the model for minutes.")
 def serve(index_dir, catalog_url, model, device, dtype, caption_model, host, port, feature_cache_mb,
-          max_upload_mb) -> None:
+          max_upload_mb, max_rerank) -> None:
     """Serve the index over HTTP: a JSON API (OpenAPI at /openapi.json) and a search page at /.
 
     Write endpoints (jobs, deletions) require `Authorization: Bearer $BLIPSEARCH_API_TOKEN` when that
@@ -53,7 +56,7 @@ def serve(index_dir, catalog_url, model, device, dtype, caption_model, host, por
     try:
         retriever = Blip2Retriever.load(ModelConfig.retrieval(name, device, dtype))
         config = ServeConfig(location, model, caption_model, device, token, max_upload_mb * 1024 * 1024,
-                             feature_cache_mb)
+                             feature_cache_mb, max_rerank=max_rerank)
         service = Service(config, retriever,
                           lambda: Blip2Captioner.load(ModelConfig.captioning(caption_model, device, dtype)))
         images = service.counts.get().get("distinct_images", 0)

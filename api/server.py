@@ -145,6 +145,11 @@ def create_app(service: Service) -> FastAPI:
                                 score=score,
                                 min_score=min_score, path_glob=_absolute_glob(path), hybrid=hybrid)
         options.validate()
+        reranked = options.depth * (2 if hybrid else 1) if options.rerank else 0  # hybrid adds caption matches
+        if reranked > service.config.max_rerank:
+            raise HTTPException(400, f"this search would re-rank {reranked} images by ITM, and this server re-ranks "
+                                     f"at most {service.config.max_rerank} (serve --max-rerank); ask for fewer "
+                                     "(k, candidates), or rerank=false")
         if caption_only:
             return _response(" ".join(q), search_captions(service.store.catalog, " ".join(q), options))
         query = TextQuery.parse(q, not_)

@@ -36,6 +36,7 @@ class ServeConfig:
     max_upload_bytes: int = 20 * 1024 * 1024
     feature_cache_mb: int = 0
     reload_check_s: float = 1.0  # how often a search looks whether another process changed the index
+    max_rerank: int = 256  # images one search may have ITM re-rank: each costs a decode and a ViT pass
 
 
 class LockedModel:

@@ -247,6 +247,18 @@ def test_cancel_a_running_job(served, tmp_path):
     assert final["state"] == "cancelled" and 4 <= final["done"] < 60
 
 
+def test_one_search_cannot_rerank_more_than_the_server_allows(served):
+    """k and candidates go to 10,000, and each re-ranked image is decoded and run through the ViT: one
+    request could hold the model for many minutes (serve --max-rerank, 256 by default)."""
+    client, _, _ = served
+    for params in ({"k": 257}, {"candidates": 300}, {"k": 200, "hybrid": "true"}):
+        refused = client.get("/api/search", params={"q": "a red circle", **params})
+        assert_error(refused, 400)
+        assert "and this server re-ranks at most 256 (serve --max-rerank)" in refused.json()["detail"]
+    for params in ({"k": 256}, {"k": 10_000, "rerank": "false"}, {"k": 128, "hybrid": "true"}):
+        assert client.get("/api/search", params={"q": "a red circle", **params}).status_code == 200
+
+
 def test_delete_an_image(served):
     client, _, _ = served
     page = client.get("/api/images", params={"path": "*img0007*"}).json()
