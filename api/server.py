@@ -203,12 +203,13 @@ def create_app(service: Service) -> FastAPI:
 
     @app.get("/api/images/{file_id}/thumbnail")
     def thumbnail(file_id: ImageId) -> Response:
-        try:
-            thumb = service.thumbnail(file_id)
-        except OSError as exc:
-            raise HTTPException(422, f"cannot make a thumbnail: {exc}") from None
+        from indexer.decode import Skipped
+
+        thumb = service.thumbnail(file_id)
         if thumb is None:
             raise HTTPException(404, f"no servable file for image {file_id}")
+        if isinstance(thumb, Skipped):
+            raise HTTPException(422, f"cannot make a thumbnail: {thumb.detail}")
         headers = {"Cache-Control": "max-age=86400"}
         if isinstance(thumb, bytes):  # made, but the index directory could not keep it
             return Response(thumb, media_type="image/jpeg", headers=headers)

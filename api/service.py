@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from api.jobs import Job, JobProgress, JobRunner
+from indexer.decode import Skipped
 from indexer.errors import IndexBusyError
 from indexer.store import IndexStore, StoreConfig
 from indexer.walk import at_or_under
@@ -213,12 +214,11 @@ class Service:
         inside = any(at_or_under(real, root) for root in roots)
         return Path(real) if inside and os.path.isfile(real) else None
 
-    def thumbnail(self, file_id: int) -> Path | bytes | None:
+    def thumbnail(self, file_id: int) -> Path | bytes | Skipped | None:
         """A JPEG thumbnail, made once and kept in the index directory (keyed by content hash); its
-        bytes when it cannot be kept (a full disk, a read-only index)."""
-        import io
-
-        from PIL import Image, ImageOps
+        bytes when it cannot be kept (a full disk, a read-only index); why not, for a file that can no
+        longer be read as an image."""
+        from indexer.decode import thumbnail_jpeg
 
         row = self.store.catalog.file(file_id)
         path = self.file_path(file_id)
@@ -227,20 +227,17 @@ class Service:
         thumb = self.store.directory / "thumbnails" / f"{row.content_hash}.jpg"
         if thumb.exists():
             return thumb
-        with Image.open(path) as image:
-            image.draft("RGB", (THUMBNAIL_PX * 2, THUMBNAIL_PX * 2))
-            small = ImageOps.exif_transpose(image).convert("RGB")
-        small.thumbnail((THUMBNAIL_PX, THUMBNAIL_PX))
-        jpeg = io.BytesIO()
-        small.save(jpeg, "JPEG", quality=85)
+        jpeg = thumbnail_jpeg(str(path), THUMBNAIL_PX)
+        if isinstance(jpeg, Skipped):
+            return jpeg
         tmp = thumb.with_name(f".{thumb.name}.{threading.get_ident()}.tmp")
         try:
-            tmp.write_bytes(jpeg.getvalue())
+            tmp.write_bytes(jpeg)
             os.replace(tmp, thumb)
         except OSError:
             with contextlib.suppress(OSError):  # absent, or its folder is not one
                 tmp.unlink()
-            return jpeg.getvalue()
+            return jpeg
         return thumb
 
     def delete_image(self, file_id: int) -> bool:

@@ -170,14 +170,19 @@ def decode_bytes(data: bytes, options: DecodeOptions) -> Decoded | Skipped:
 
 def load_rgb(image, options: DecodeOptions):
     """First frame, reduced-scale JPEG decode when far larger than needed, EXIF orientation, RGB."""
+    return read_rgb(image, (options.transform.width, options.transform.height) if options.use_draft else None)
+
+
+def read_rgb(image, draft: tuple[int, int] | None):
+    """`load_rgb`, drafting JPEGs down towards `draft` (width, height) when given."""
     from PIL import ImageOps
 
-    if options.use_draft and image.format == "JPEG":
+    if draft and image.format == "JPEG":
         # Draft picks the smallest 1/2, 1/4 or 1/8 scale still >= the size asked. At 1/8 libjpeg keeps
         # only each block's mean, an exact 8x8 box filter, so drafting down to the model's input size
         # stays close to a full decode's resize (tested) while skipping the inverse DCT and most of the
         # resize; entropy decoding, the rest of the cost, cannot be skipped.
-        image.draft("RGB", (options.transform.width, options.transform.height))
+        image.draft("RGB", draft)
     image.seek(0)
     image.load()
     image = ImageOps.exif_transpose(image)
@@ -223,6 +228,32 @@ def _has_image_signature(data: bytes) -> bool:
     riff_webp = data[:4] == b"RIFF" and data[8:12] == b"WEBP"
     iso_media = data[4:8] == b"ftyp" and data[8:12] in (b"heic", b"heix", b"mif1", b"msf1", b"avif", b"avis")
     return data.startswith(_SIGNATURES) or riff_webp or iso_media
+
+
+def thumbnail_jpeg(path: str, size: int, max_pixels: int = DEFAULT_MAX_PIXELS) -> bytes | Skipped:
+    """A JPEG at most `size` px on a side of the image at `path`, read as the index reads images (first
+    frame, EXIF orientation, alpha over white, 16-bit scaled): a thumbnail shows what the model saw.
+    Made in the caller's process, so within the decompression-bomb limit only."""
+    from PIL import Image, UnidentifiedImageError
+
+    register_optional_formats()
+    Image.MAX_IMAGE_PIXELS = None  # as decode_bytes: our own limit, below
+    try:
+        with warnings.catch_warnings(), Image.open(path) as image:
+            warnings.simplefilter("ignore")
+            width, height = _oriented_size(image)
+            if width * height > max_pixels:
+                return Skipped(TOO_LARGE, f"{width}x{height} is over the {max_pixels / 1e6:.0f} MP a thumbnail is "
+                                          "made of", None, width, height, image.format)
+            rgb = read_rgb(image, (2 * size, 2 * size))
+            rgb.thumbnail((size, size))
+    except UnidentifiedImageError:
+        return Skipped(NOT_AN_IMAGE, "not a format Pillow can read")
+    except Exception as exc:  # noqa: BLE001 - as decode_bytes: the file's problem, not the caller's
+        return Skipped(TRUNCATED if "truncated" in str(exc).lower() else CORRUPT, _describe(exc))
+    jpeg = io.BytesIO()
+    rgb.save(jpeg, "JPEG", quality=85)
+    return jpeg.getvalue()
 
 
 def _describe(exc: BaseException) -> str:

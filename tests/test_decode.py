@@ -152,6 +152,32 @@ def test_truncated_and_too_large():
     assert skipped.reason == "too-large" and "--max-megapixels" in skipped.detail
 
 
+def test_thumbnails_show_what_the_model_saw(tmp_path):
+    """serve's thumbnails used Pillow's convert('RGB'): a 16-bit PNG came out white (it clips, where the
+    index scales), and transparent pixels showed whatever colour they hid (the index sees white)."""
+    from indexer.decode import thumbnail_jpeg
+
+    def thumbnail_of(image, name="x.png", **kwargs):
+        image.save(tmp_path / name)
+        made = thumbnail_jpeg(str(tmp_path / name), 256, **kwargs)
+        return made if isinstance(made, Skipped) else Image.open(io.BytesIO(made))
+
+    gradient = Image.fromarray(np.linspace(0, 65535, 300 * 200).reshape(200, 300).astype(np.uint16))
+    assert gradient.mode == "I;16" and np.asarray(gradient.convert("RGB")).mean() > 250
+    thumb = thumbnail_of(gradient)
+    assert thumb.size == (256, 171) and abs(np.asarray(thumb).mean() - 127.5) < 3
+    hidden_red = thumbnail_of(Image.new("RGBA", (40, 30), (255, 0, 0, 0)))
+    assert np.asarray(hidden_red).min() > 250  # white, not red
+    photo = thumbnail_of(Image.effect_noise((2000, 1500), 60).convert("RGB"), "big.jpg")
+    assert photo.size == (256, 192)
+    assert thumbnail_of(Image.new("RGB", (200, 100)), max_pixels=10_000).reason == "too-large"
+    (tmp_path / "text.png").write_bytes(b"just some text")
+    assert thumbnail_jpeg(str(tmp_path / "text.png"), 256).reason == "not-an-image"
+    data = (tmp_path / "big.jpg").read_bytes()
+    (tmp_path / "cut.jpg").write_bytes(data[: len(data) // 2])
+    assert thumbnail_jpeg(str(tmp_path / "cut.jpg"), 256).reason == "truncated"
+
+
 def test_pool_survives_hangs_crashes_and_bombs(tmp_path):
     from tests.hostile import hang_or_crash
 
