@@ -31,6 +31,14 @@ class ModelConfig:
     dtype: str = "auto"
     max_text_tokens: int = DEFAULT_MAX_TEXT_TOKENS
 
+    def __post_init__(self) -> None:
+        # An index records its model's name for later runs, and the catalog each caption's model: a
+        # directory given relative to this folder ('models/blip2') would name nothing to a run from
+        # another one (cron's). Symbolic links are kept, so a link moved to a new model is followed.
+        directory = os.path.expanduser(self.name)
+        if os.path.isdir(directory):
+            object.__setattr__(self, "name", os.path.abspath(directory))
+
     @classmethod
     def retrieval(cls, name: str | None = None, device: str | None = None, dtype: str | None = None) -> "ModelConfig":
         return cls(

@@ -12,7 +12,7 @@ import pytest
 from retrieval.config import ModelConfig
 from retrieval.errors import ModelNotFoundError
 from retrieval.loading import load
-from tests.conftest import ROOT, run_cli
+from tests.conftest import ROOT, make_images, run_cli
 
 
 def test_tiny_checkpoints_have_the_real_layout(tiny_models):
@@ -102,6 +102,27 @@ def test_a_checkpoint_of_the_other_class_is_refused(tiny_models):
         load("Blip2ForImageTextRetrieval", ModelConfig(name=str(caption_dir), device="cpu"))
     with pytest.raises(ModelNotFoundError, match="--caption-model DIR"):
         load("Blip2ForConditionalGeneration", ModelConfig(name=str(retrieval_dir), device="cpu"))
+
+
+def test_a_model_directory_is_named_by_its_absolute_path(tmp_path, monkeypatch):
+    """An index records its model, and later runs without --model load it: recorded as given
+    ('models/blip2'), it named nothing to a run from another folder (a cron job's)."""
+    (tmp_path / "models" / "blip2").mkdir(parents=True)
+    (tmp_path / "link").symlink_to(tmp_path / "models" / "blip2")
+    monkeypatch.chdir(tmp_path / "models")
+    assert ModelConfig.retrieval("blip2").name == str(tmp_path / "models" / "blip2")
+    assert ModelConfig.captioning("../link").name == str(tmp_path / "link")  # the link, not where it points
+    assert ModelConfig(name="Salesforce/blip2-itm-vit-g").name == "Salesforce/blip2-itm-vit-g"  # a hub id
+    monkeypatch.setenv("HOME", str(tmp_path))
+    assert ModelConfig(name="~/models/blip2").name == str(tmp_path / "models" / "blip2")
+
+
+def test_an_index_remembers_a_relative_model_directory_absolutely(tmp_path):
+    result = run_cli("index", str(make_images(tmp_path / "photos", 2, seed=3)[0].parent), "--index",
+                     str(tmp_path / "idx"), "--model", "retrieval/checkpoints/blip2-itm-shapes", "-q")  # from ROOT
+    assert result.returncode == 0, result.stderr
+    status = json.loads(run_cli("status", "--index", str(tmp_path / "idx"), "--json", check=True).stdout)
+    assert status["model"] == str(ROOT / "retrieval" / "checkpoints" / "blip2-itm-shapes")
 
 
 def test_a_missing_model_is_refused_before_torch_and_transformers_load(tmp_path):
