@@ -178,9 +178,11 @@ class Catalog:
         return FileRow(**row._mapping) if row else None
 
     def page(self, offset: int, limit: int, status: str | None = None, has_caption: bool | None = None,
-             path_glob: str | None = None) -> tuple[int, list[FileRow]]:
+             path_glob: str | None = None, after: str | None = None,
+             count: bool = True) -> tuple[int | None, list[FileRow]]:
         """(total matching, one page of) files ordered by path, filtered by status, caption and a
-        `--path` glob (`indexer.path_glob`)."""
+        `--path` glob (`indexer.path_glob`); the page from `offset` among those after the path `after`.
+        The total (None without `count`) ignores `after`: it is how many the filters match."""
         f, c = schema.files, schema.captions
         conditions = []
         if status is not None:
@@ -190,9 +192,10 @@ class Catalog:
             conditions.append(captioned if has_caption else ~captioned)
         if path_glob:
             conditions += self._glob_conditions(path_glob)
+        on_page = conditions + ([f.c.path > after] if after is not None else [])
         with self.engine.connect() as conn:
-            total = conn.execute(select(func.count()).select_from(f).where(*conditions)).scalar_one()
-            rows = conn.execute(select(f).where(*conditions).order_by(f.c.path).offset(offset).limit(limit))
+            total = conn.execute(select(func.count()).select_from(f).where(*conditions)).scalar_one() if count else None
+            rows = conn.execute(select(f).where(*on_page).order_by(f.c.path).offset(offset).limit(limit))
             return total, [FileRow(**r._mapping) for r in rows]
 
     def indexed_matching(self, glob: str, most: int) -> list[FileRow] | None:

@@ -227,6 +227,9 @@ def test_path_globs_match_as_the_search_does(catalog):
         assert sorted(row.path for row in catalog.indexed_matching(glob, 100)) == \
             [p for p in want if p in indexed], glob
     assert catalog.indexed_matching("*.jpg", 6) is None and len(catalog.indexed_matching("*.jpg", 7)) == 7
+    for after in ("/p/b.jpg", "/p/é", "/q"):  # GET /api/images?after=: byte order, as the path index's
+        total, rows = catalog.page(0, 4, after=after, count=False)
+        assert total is None and [row.path for row in rows] == sorted(p for p in GLOB_PATHS if p > after)[:4]
     for never in ["/p/\x00*", "*\x00", "/p/\udce9*"]:  # PostgreSQL refused NUL: a 500 from GET /api/images
         assert catalog.page(0, 10, path_glob=never) == (0, []) and catalog.indexed_matching(never, 10) == []
 
