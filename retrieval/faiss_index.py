@@ -14,6 +14,10 @@ from retrieval.index_types import IndexSpec
 
 log = logging.getLogger(__name__)
 GPU_KINDS = ("flat-fp32", "ivf-flat", "ivf-pq")  # what FAISS's GPU cloner supports among ours
+# FAISS's GPU k-selection returns at most 2048 results and visits at most 2048 IVF lists a search (more
+# is an error, facebookresearch/faiss#2103); our searches ask for up to 32 vectors an image, and 16
+# times that where approximate kinds re-score, so larger ones search on the CPU.
+GPU_MAX_K = 2048
 
 
 def new_index(spec: IndexSpec, dim: int, vectors: int):

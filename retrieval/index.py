@@ -273,7 +273,8 @@ class MaxSimIndex:
         if self._gpu is not None:
             ivf = self.kind in ("ivf-flat", "ivf-pq")
             nprobe = self.spec.probes(faiss_index.ivf_nlist(self.index)) if ivf else None
-            return faiss_index.gpu_search(self._gpu, nprobe, queries, depth)
+            if max(depth, nprobe or 0) <= faiss_index.GPU_MAX_K:
+                return faiss_index.gpu_search(self._gpu, nprobe, queries, depth)
         params, self._selector = faiss_index.search_params(self.index, self.spec, depth, self.deleted)
         return self.index.search(queries, depth, params=params)
 

@@ -101,3 +101,31 @@ def test_vanished_keys_are_dropped_from_rescoring():
 
     hits = index.search(query, 2, exact=without_best)[0]
     assert best not in hits.keys.tolist() and len(hits.keys) >= 1
+
+
+def test_searches_beyond_the_gpus_k_selection_run_on_the_cpu(monkeypatch):
+    """FAISS's GPU search returns at most 2048 results (facebookresearch/faiss#2103), and ours ask for
+    32(n-1)+1 vectors for n images (ivf-pq: 32 x n x 16): searched there, k = 100 raised. A stand-in
+    for the GPU copy here, which FAISS's limit guards; tests/test_gpu.py searches a real one."""
+    from retrieval import faiss_index
+
+    class StandIn:
+        def __init__(self, index):
+            self.index, self.asked = index, []
+
+        def search(self, queries, k):
+            assert k <= faiss_index.GPU_MAX_K, "FAISS's GPU code raises here"
+            self.asked.append(k)
+            return self.index.search(queries, k)
+
+    monkeypatch.setattr(faiss_index, "to_gpu", StandIn)
+    rng = np.random.default_rng(3)
+    keys, vectors = np.arange(200, dtype=np.int64), unit(rng.standard_normal((200, Q, D)))
+    index = MaxSimIndex(D, Q, "flat-fp32")
+    index.add(keys, vectors)
+    assert index.use_gpu()
+    query = unit(rng.standard_normal(D))
+    for n in (10, 100):
+        hits = index.search(query, n)[0]
+        assert hits.keys.tolist() == brute_force(vectors, keys, query, n)[0].tolist()
+    assert index._gpu.asked == [32 * 9 + 1]  # n = 10 on the GPU; n = 100 (3,169 vectors) on the CPU
