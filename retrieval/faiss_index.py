@@ -150,7 +150,10 @@ def to_gpu(index):
         return None
     try:
         options = faiss.GpuMultipleClonerOptions()
-        options.useFloat16 = True  # PQ lookup tables in fp16: needed for codes of 56 bytes and over
+        # For IVF-PQ, fp16 lookup tables: needed for codes of 56 bytes and over. For a flat index the
+        # same option stores the vectors in fp16, which would make flat-fp32 (exact, never re-scored)
+        # return fp16 scores and orders.
+        options.useFloat16 = kind_of(index) == "ivf-pq"
         return faiss.index_cpu_to_all_gpus(index, options)
     except RuntimeError as exc:  # an index FAISS's GPU code does not implement: search on the CPU
         log.warning("searching on the CPU: FAISS could not move the index to the GPU (%s)", exc)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import types
+
 import numpy as np
 import pytest
 
@@ -129,3 +131,23 @@ def test_searches_beyond_the_gpus_k_selection_run_on_the_cpu(monkeypatch):
         hits = index.search(query, n)[0]
         assert hits.keys.tolist() == brute_force(vectors, keys, query, n)[0].tolist()
     assert index._gpu.asked == [32 * 9 + 1]  # n = 10 on the GPU; n = 100 (3,169 vectors) on the CPU
+
+
+@pytest.mark.parametrize("kind, fp16", [("flat-fp32", False), ("ivf-pq:m=8", True)])
+def test_the_gpu_copy_keeps_flat_vectors_in_fp32(kind, fp16, monkeypatch):
+    """FAISS's cloner option for fp16 PQ lookup tables also stores a flat index's vectors in fp16: on
+    a GPU, flat-fp32, which is never re-scored, would have returned fp16 scores. The cloner is stood
+    in for here (no GPU); tests/test_gpu.py compares real searches."""
+    import faiss
+
+    from retrieval import faiss_index
+    from retrieval.index_types import IndexSpec
+
+    asked = []
+    monkeypatch.setattr(faiss_index, "gpu_count", lambda: 1)
+    monkeypatch.setattr(faiss, "GpuMultipleClonerOptions", types.SimpleNamespace, raising=False)  # CPU FAISS has none
+    monkeypatch.setattr(faiss, "index_cpu_to_all_gpus", lambda index, options: asked.append(options.useFloat16),
+                        raising=False)
+    index = faiss_index.new_index(IndexSpec.parse(kind), D, 10_000)
+    faiss_index.to_gpu(index)
+    assert asked == [fp16]
