@@ -87,8 +87,10 @@ class Blip2Retriever:
                 query_embeds=query_tokens, encoder_hidden_states=vit_features, encoder_attention_mask=mask
             ).last_hidden_state
             out = out.to(model.vision_projection.weight.dtype)
-            embeds = torch.nn.functional.normalize(model.vision_projection(out), dim=-1)
-            return embeds.float().cpu().numpy()
+            # Normalised in fp32: in fp16 (the GPU default) the norms came out up to 6e-4 off one, near
+            # the index's 1e-3 refusal, and its exactness bounds assume unit vectors.
+            embeds = torch.nn.functional.normalize(model.vision_projection(out).float(), dim=-1)
+            return embeds.cpu().numpy()
 
     def encode_images(self, pixel_values: Any, keep_vit: bool = False) -> ImageEncoding:
         vit = self.vit_features(pixel_values)
@@ -113,8 +115,8 @@ class Blip2Retriever:
             embeds = model.embeddings(input_ids=input_ids)
             out = model.qformer(query_embeds=embeds, query_length=0, attention_mask=attention_mask).last_hidden_state
             out = out.to(model.text_projection.weight.dtype)
-            cls = torch.nn.functional.normalize(model.text_projection(out[:, 0, :]), dim=-1)
-            return cls.float().cpu().numpy()
+            cls = torch.nn.functional.normalize(model.text_projection(out[:, 0, :]).float(), dim=-1)  # as above
+            return cls.cpu().numpy()
 
     # -- ITM ----------------------------------------------------------------------------------
     def itm_logits(self, vit_features: Any, texts: Sequence[str]) -> np.ndarray:

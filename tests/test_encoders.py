@@ -46,6 +46,18 @@ def test_shapes_and_normalisation(retriever, images):
     assert encoding.query_embeds.std(axis=1).mean() > 0.01
 
 
+def test_half_precision_vectors_are_unit_vectors(tiny_model, images):
+    """On a GPU the model runs in fp16; normalised in fp16, vectors came out up to 6e-4 off unit length
+    (the index refuses 1e-3, and its exact-search bounds assume unit vectors). fp16 on the CPU here."""
+    from retrieval.config import ModelConfig
+    from retrieval.encoders import Blip2Retriever
+
+    half = Blip2Retriever.load(ModelConfig(name=str(tiny_model), device="cpu", dtype="float16"))
+    pixels = np.stack([half.transform(im) for im in images] * 4)
+    vectors = np.concatenate([half.encode_images(pixels).query_embeds.reshape(-1, 16), half.encode_texts(TEXTS)])
+    assert vectors.dtype == np.float32 and np.abs(np.linalg.norm(vectors, axis=-1) - 1).max() < 1e-6
+
+
 def test_itc_max_sim_equals_transformers(retriever, reference, images):
     model, processor = reference
     pixels = np.stack([retriever.transform(im) for im in images])
