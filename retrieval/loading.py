@@ -197,12 +197,19 @@ def load(model_cls_name: str, config: ModelConfig) -> Loaded:
     """Load `transformers.<model_cls_name>` and its processor on the configured device and dtype."""
     option = OPTION_OF.get(model_cls_name, "--model")
     require_findable(config.name, option, model_cls_name)
+    import torch
     import transformers
 
     _quiet_hub_logs()
     device = resolve_device(config.device)
     dtype = resolve_dtype(config.dtype, device)
     model_cls = getattr(transformers, model_cls_name)
+    if dtype == torch.bfloat16 and model_cls._keep_in_fp32_modules:
+        # transformers keeps the query tokens and the Q-Former in fp32 for fp16 loads only. Kept for
+        # bf16 too, the Q-Former computes as in fp16 runs, and the fingerprint (which reads them)
+        # stays the model's: an index built in fp32 or fp16 refused --dtype bfloat16 as another model.
+        model_cls = type(model_cls.__name__, (model_cls,),
+                         {"_keep_in_fp32_modules_strict": set(model_cls._keep_in_fp32_modules)})
     model = _from_pretrained(model_cls, config.name, option, dtype=dtype)
     processor = _from_pretrained(transformers.AutoProcessor, config.name, option)
     _require_tokenizer(processor.tokenizer, config.name, option, pads=model_cls_name == "Blip2ForImageTextRetrieval")

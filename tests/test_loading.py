@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 from retrieval.config import ModelConfig
@@ -123,6 +124,23 @@ def test_an_index_remembers_a_relative_model_directory_absolutely(tmp_path):
     assert result.returncode == 0, result.stderr
     status = json.loads(run_cli("status", "--index", str(tmp_path / "idx"), "--json", check=True).stdout)
     assert status["model"] == str(ROOT / "retrieval" / "checkpoints" / "blip2-itm-shapes")
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_half_precision_loads_are_the_same_model(tiny_models, dtype):
+    """The fingerprint an index checks reads the query tokens and the Q-Former's layernorm, which
+    transformers keeps in fp32 for fp16 loads but not for bf16: an index built in fp32 refused
+    `--dtype bfloat16` as another model ("built with model M (fingerprint a), not M (fingerprint b)")."""
+    from retrieval.captioner import Blip2Captioner, CaptionOptions
+    from retrieval.encoders import Blip2Retriever
+
+    retrieval, caption = (str(path) for path in tiny_models)
+    full = Blip2Retriever.load(ModelConfig(name=retrieval, device="cpu", dtype="float32"))
+    half = Blip2Retriever.load(ModelConfig(name=retrieval, device="cpu", dtype=dtype))
+    assert half.identity == full.identity and str(half.model.vision_model.embeddings.patch_embedding.weight.dtype) == f"torch.{dtype}"
+    pixels = np.zeros((2, 3, half.transform.height, half.transform.width), np.uint8)
+    assert np.allclose(half.encode_images(pixels).query_embeds, full.encode_images(pixels).query_embeds, atol=0.05)
+    assert Blip2Captioner.load(ModelConfig(name=caption, device="cpu", dtype=dtype)).caption(pixels, CaptionOptions(max_new_tokens=4))
 
 
 def test_a_missing_model_is_refused_before_torch_and_transformers_load(tmp_path):
