@@ -461,6 +461,11 @@ def check_same_model(recorded: ModelIdentity, identity: ModelIdentity) -> None:
     if (recorded.fingerprint, recorded.embed_dim, recorded.num_queries) != (
         identity.fingerprint, identity.embed_dim, identity.num_queries,
     ):
+        if recorded.name == identity.name:  # "built with model M, not M" said nothing
+            raise ModelMismatchError(
+                f"the model {identity.name!r} is not the one this index was built with: its weights changed "
+                f"(fingerprint {recorded.fingerprint}, now {identity.fingerprint}; another download or "
+                "revision?); restore that model, or index into another --index")
         raise ModelMismatchError(
             f"this index was built with model {recorded.name!r} (fingerprint {recorded.fingerprint}), "
             f"not {identity.name!r} (fingerprint {identity.fingerprint}); pass --model {recorded.name} "

@@ -74,6 +74,9 @@ def test_model_is_claimed_once(catalog):
     catalog.claim_model(IDENTITY)
     catalog.claim_model(IDENTITY)
     assert catalog.model() == IDENTITY
+    with pytest.raises(ModelMismatchError, match="the model 'm' is not the one this index was built with: its weights "
+                                                 r"changed \(fingerprint abc, now zzz"):
+        catalog.claim_model(ModelIdentity(name="m", fingerprint="zzz", embed_dim=D, num_queries=Q))
     with pytest.raises(ModelMismatchError, match="built with model 'm'"):
         catalog.claim_model(ModelIdentity(name="other", fingerprint="zzz", embed_dim=D, num_queries=Q))
 
