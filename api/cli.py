@@ -39,6 +39,10 @@ class BlipsearchGroup(click.Group):
             click.echo(f"\nInterrupted{_kept(ctx)}.", err=True)
             ctx.exit(130)
         except Exception as exc:
+            if gpu_out_of_memory(exc):
+                click.echo(f"Error: the GPU ran out of memory ({str(exc).splitlines()[0][:200]}); lower --batch-size "
+                           f"(for search, --candidates), or run on --device cpu{_kept(ctx)}.", err=True)
+                ctx.exit(1)
             if not disk_full(exc):
                 raise
             reason = " ".join(str(getattr(exc, "orig", None) or exc).split())[:200]  # SQLAlchemy's driver error
@@ -51,6 +55,12 @@ def _kept(ctx: click.Context) -> str:
     if ctx.invoked_subcommand in RESUMABLE:
         return "; every finished batch is kept, and the same command goes on from there"
     return ""
+
+
+def gpu_out_of_memory(exc: BaseException) -> bool:
+    """torch's CUDA out-of-memory error (a RuntimeError subclass; recognised without importing torch)."""
+    return type(exc).__name__ == "OutOfMemoryError" or (isinstance(exc, RuntimeError)
+                                                        and "CUDA out of memory" in str(exc))
 
 
 def disk_full(exc: BaseException) -> bool:

@@ -91,6 +91,11 @@ def create_app(service: Service) -> FastAPI:
 
     @app.exception_handler(Exception)
     async def unexpected(_request, exc: Exception):  # a bug: still the one error shape
+        from api.cli import gpu_out_of_memory
+
+        if gpu_out_of_memory(exc):  # the model's device, for a while (other requests hold memory): try again
+            return error_body(503, "service unavailable", "the GPU ran out of memory; try again, or ask for fewer "
+                                                          "candidates")
         return error_body(500, "internal error", type(exc).__name__)
 
     def require_token(request: Request) -> None:

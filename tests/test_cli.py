@@ -43,6 +43,17 @@ def test_a_full_disk_is_one_line_that_says_what_to_do(raised, reason):
                                            "same command again.\n"
 
 
+def test_a_gpu_out_of_memory_is_one_line_that_says_what_to_do():
+    import torch
+
+    raised = torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB (GPU 0; 3.81 GiB total)")
+    result = run(raised)
+    assert (result.exit_code, result.output) == (1, "Error: the GPU ran out of memory (CUDA out of memory. Tried to "
+                                                    "allocate 2.00 GiB (GPU 0; 3.81 GiB total)); lower --batch-size "
+                                                    "(for search, --candidates), or run on --device cpu; every "
+                                                    "finished batch is kept, and the same command goes on from there.\n")
+
+
 def test_other_errors_are_not_dressed_up():
     result = run(ValueError("a bug"))
     assert isinstance(result.exception, ValueError) and result.exit_code == 1

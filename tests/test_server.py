@@ -279,6 +279,21 @@ def test_one_search_cannot_rerank_more_than_the_server_allows(served):
         assert client.get("/api/search", params={"q": "a red circle", **params}).status_code == 200
 
 
+def test_a_gpu_out_of_memory_is_a_503(served, monkeypatch):
+    import torch
+
+    client, _, service = served
+
+    class OutOfMemory:
+        def search_text(self, *_):
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(service, "require_searcher", OutOfMemory)
+    failed = TestClient(client.app, raise_server_exceptions=False).get("/api/search", params={"q": "a red circle"})
+    assert_error(failed, 503)
+    assert failed.json()["detail"] == "the GPU ran out of memory; try again, or ask for fewer candidates"
+
+
 def test_delete_an_image(served):
     client, _, _ = served
     page = client.get("/api/images", params={"path": "*img0007*"}).json()
