@@ -125,6 +125,9 @@ class Service:
         self._reload_error: BlipsearchError | None = None  # why the last background reload failed
         self.reload()
         self.counts = CachedCounts(self.store.catalog.counts)
+        # Thumbnails decode in request threads (40), the whole image where it is no JPEG (300 MB for a
+        # 100 MP PNG): a page of 24 new ones at once could take gigabytes, for no more speed than cores.
+        self.thumbnail_slots = threading.BoundedSemaphore(os.cpu_count() or 1)
         self.jobs = JobRunner(self._run_job, lambda job: self.reload())
         try:
             (self.store.directory / "thumbnails").mkdir(exist_ok=True)
@@ -227,7 +230,8 @@ class Service:
         thumb = self.store.directory / "thumbnails" / f"{row.content_hash}.jpg"
         if thumb.exists():
             return thumb
-        jpeg = thumbnail_jpeg(str(path), THUMBNAIL_PX)
+        with self.thumbnail_slots:
+            jpeg = thumbnail_jpeg(str(path), THUMBNAIL_PX)
         if isinstance(jpeg, Skipped):
             return jpeg
         tmp = thumb.with_name(f".{thumb.name}.{threading.get_ident()}.tmp")

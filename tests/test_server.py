@@ -294,6 +294,35 @@ def test_a_gpu_out_of_memory_is_a_503(served, monkeypatch):
     assert failed.json()["detail"] == "the GPU ran out of memory; try again, or ask for fewer candidates"
 
 
+def test_thumbnails_are_made_a_few_at_a_time(served, monkeypatch):
+    """Made in request threads, each decoding a whole image where it is no JPEG: at most one per core."""
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    from indexer import decode
+
+    client, _, service = served
+    running, most, lock = [0], [0], threading.Lock()
+
+    def slow_thumbnail(path, size):
+        with lock:
+            running[0] += 1
+            most[0] = max(most[0], running[0])
+        time.sleep(0.05)
+        with lock:
+            running[0] -= 1
+        return decode.Skipped("corrupt", "stand-in")
+
+    for kept in (service.store.directory / "thumbnails").glob("*.jpg"):  # made by earlier tests
+        kept.unlink()
+    monkeypatch.setattr(decode, "thumbnail_jpeg", slow_thumbnail)
+    monkeypatch.setattr(service, "thumbnail_slots", threading.BoundedSemaphore(2))
+    ids = [image["id"] for image in client.get("/api/images", params={"status": "indexed"}).json()["images"]]
+    with ThreadPoolExecutor(8) as pool:
+        statuses = list(pool.map(lambda i: client.get(f"/api/images/{i}/thumbnail").status_code, ids * 2))
+    assert set(statuses) == {422} and most[0] == 2
+
+
 def test_delete_an_image(served):
     client, _, _ = served
     page = client.get("/api/images", params={"path": "*img0007*"}).json()
