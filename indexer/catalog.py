@@ -19,12 +19,11 @@ from sqlalchemy import and_, delete, exists, func, insert, or_, select, update
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import IntegrityError, OperationalError
 
-from indexer import schema
+from indexer import path_glob, schema
 from indexer.schema import chunks
 from indexer.caption_catalog import CaptionCatalog, NewCaptions, delete_captions, write_captions
 from indexer.database import open_engine
-from indexer.path_glob import literal_start, sql_condition as path_glob_condition
-from indexer.walk import at_or_under, storable
+from indexer.walk import at_or_under
 from retrieval.errors import ModelMismatchError
 from retrieval.loading import ModelIdentity
 
@@ -213,15 +212,7 @@ class Catalog:
         return out
 
     def _glob_conditions(self, glob: str) -> list:
-        """Paths `glob` matches: within the range of the path index that its literal start spans,
-        where that is a folder or file (else every path is read)."""
-        f = schema.files
-        conditions = [path_glob_condition(f.c.path, glob, self.engine.dialect.name)]
-        start = literal_start(glob)
-        if storable(glob) and start.startswith("/") and start[-1] != chr(0x10FFFF):
-            upper = start[:-1] + chr(ord(start[-1]) + 1)  # the first string after all that begin with start
-            conditions += [f.c.path >= start, f.c.path < upper]
-        return conditions
+        return path_glob.conditions(schema.files.c.path, glob, self.engine.dialect.name)
 
     def has_under(self, root: str) -> bool:
         """Whether any file is at or under `root`."""

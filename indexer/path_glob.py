@@ -41,6 +41,18 @@ def literal_start(glob: str) -> str:
     return glob[: min(wildcards)] if wildcards else glob
 
 
+def conditions(column, glob: str, dialect: str) -> list:
+    """SQL conditions on the path `column` true exactly where `glob` matches: `sql_condition`, and the
+    range of the path index that the glob's literal start spans, where that is absolute (else every
+    path is read)."""
+    found = [sql_condition(column, glob, dialect)]
+    start = literal_start(glob)
+    if storable(glob) and start.startswith("/") and start[-1] != chr(0x10FFFF):
+        upper = start[:-1] + chr(ord(start[-1]) + 1)  # the first string after all that begin with start
+        found += [column >= start, column < upper]
+    return found
+
+
 def sql_condition(column, glob: str, dialect: str):
     """A SQL condition true exactly where `matches(column's value, glob)` is."""
     if not storable(glob):  # it matches no path the catalog holds, and the database would refuse it
