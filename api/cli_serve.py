@@ -151,8 +151,9 @@ def demo(directory, model, caption_model) -> None:
                    f"{len(images)} ({sum(unseen)} of {len(unseen)} with a colour-shape pair never seen in training)")
     finally:
         store.close()
-    click.echo(f"try: blipsearch search \"a purple triangle\" --index {directory / 'index'} --model {model}\n"
-               f"     blipsearch serve --index {directory / 'index'} --model {model}", err=True)
+    # The index remembers its model, so neither command needs --model.
+    click.echo(f"try: blipsearch search \"a purple triangle\" --index {directory / 'index'}\n"
+               f"     blipsearch serve --index {directory / 'index'}", err=True)
 
 
 def _print_demo_search(image, results) -> None:
