@@ -121,7 +121,7 @@ def create_app(service: Service) -> FastAPI:
     def status() -> dict:
         recorded = service.store.catalog.model()
         return {"index": str(service.store.directory), "model": recorded.name if recorded else None,
-                "counts": service.counts.get(), "bytes_on_disk": service.store.disk_bytes(),
+                "counts": service.counts.get(), "bytes_on_disk": service.disk_bytes.get()["bytes"],
                 "jobs": service.jobs.counts()}
 
     @app.get("/metrics", response_class=PlainTextResponse)

@@ -232,7 +232,18 @@ class IndexStore:
         index.save(self.vectors_path)
 
     def disk_bytes(self) -> int:
-        return sum(p.stat().st_size for p in self.directory.rglob("*") if p.is_file())
+        """What the index directory holds: one stat per file (thumbnails too, one per image viewed)."""
+        def under(folder: str) -> int:
+            total = 0
+            with os.scandir(folder) as entries:
+                for entry in entries:
+                    if entry.is_dir(follow_symlinks=False):
+                        total += under(entry.path)
+                    elif entry.is_file(follow_symlinks=False):
+                        total += entry.stat(follow_symlinks=False).st_size
+            return total
+
+        return under(str(self.directory))
 
     def vectors_summary(self) -> dict:
         """The index settings and what the FAISS file holds (read memory-mapped: cheap at any size)."""

@@ -174,3 +174,15 @@ def test_an_index_that_cannot_be_written_is_searched_but_not_changed(photos, tin
         refused = run_cli(*args, "--index", str(idx))
         assert refused.returncode == 2 and refused.stderr == (
             f"Error: cannot write to the index at {idx} (Is a directory); it can be searched, not changed\n")
+
+
+def test_disk_bytes_is_every_file_under_the_index(tmp_path):
+    from indexer.store import IndexStore, StoreConfig
+
+    store = IndexStore.open(StoreConfig(tmp_path / "idx"), create=True)
+    (tmp_path / "idx" / "thumbnails" / "deep").mkdir(parents=True)
+    for i, name in enumerate(["thumbnails/a.jpg", "thumbnails/deep/b.jpg", "c.bin"]):
+        (tmp_path / "idx" / name).write_bytes(b"x" * (1000 * (i + 1)))
+    expected = sum(path.stat().st_size for path in (tmp_path / "idx").rglob("*") if path.is_file())
+    assert store.disk_bytes() == expected and expected >= 6000
+    store.close()
