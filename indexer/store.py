@@ -9,6 +9,7 @@ has enough vectors to train on, and when the collection outgrows what it was tra
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from contextlib import contextmanager
@@ -232,15 +233,17 @@ class IndexStore:
         index.save(self.vectors_path)
 
     def disk_bytes(self) -> int:
-        """What the index directory holds: one stat per file (thumbnails too, one per image viewed)."""
+        """What the index directory holds: one stat per file (thumbnails too, one per image viewed). A
+        file or folder removed meanwhile (a thumbnail's temporary file renamed, a shard merged) counts 0."""
         def under(folder: str) -> int:
             total = 0
-            with os.scandir(folder) as entries:
+            with contextlib.suppress(FileNotFoundError), os.scandir(folder) as entries:
                 for entry in entries:
                     if entry.is_dir(follow_symlinks=False):
                         total += under(entry.path)
                     elif entry.is_file(follow_symlinks=False):
-                        total += entry.stat(follow_symlinks=False).st_size
+                        with contextlib.suppress(FileNotFoundError):
+                            total += entry.stat(follow_symlinks=False).st_size
             return total
 
         return under(str(self.directory))
