@@ -9,10 +9,9 @@ has enough vectors to train on, and when the collection outgrows what it was tra
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Iterator
@@ -237,12 +236,12 @@ class IndexStore:
         file or folder removed meanwhile (a thumbnail's temporary file renamed, a shard merged) counts 0."""
         def under(folder: str) -> int:
             total = 0
-            with contextlib.suppress(FileNotFoundError), os.scandir(folder) as entries:
+            with suppress(FileNotFoundError), os.scandir(folder) as entries:
                 for entry in entries:
                     if entry.is_dir(follow_symlinks=False):
                         total += under(entry.path)
                     elif entry.is_file(follow_symlinks=False):
-                        with contextlib.suppress(FileNotFoundError):
+                        with suppress(FileNotFoundError):
                             total += entry.stat(follow_symlinks=False).st_size
             return total
 
