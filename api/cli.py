@@ -238,6 +238,12 @@ def _print_index_summary(store, summary, with_captions: bool, as_json: bool) -> 
         click.echo(f"warning: {len(summary.names_not_utf8)} file(s) not indexed, because their names are not valid "
                    "UTF-8 and the catalog keeps names as UTF-8 text; rename them (for example with convmv): "
                    + _first_few(summary.names_not_utf8), err=True)
+    if summary.paths_too_long:
+        from indexer.walk import MAX_PATH_BYTES
+
+        click.echo(f"warning: {len(summary.paths_too_long)} file(s) not indexed, because their paths are longer than "
+                   f"the {MAX_PATH_BYTES} bytes a PostgreSQL catalog keeps; move them higher up: "
+                   + _first_few([path[:120] + "..." for path in summary.paths_too_long]), err=True)
     if summary.unreadable:
         click.echo(f"warning: could not read {len(summary.unreadable)} folder(s) or file(s); what was indexed there "
                    "is kept until they can be read: " + _first_few(summary.unreadable), err=True)

@@ -23,7 +23,7 @@ from indexer import path_glob, schema
 from indexer.schema import chunks
 from indexer.caption_catalog import CaptionCatalog, NewCaptions, delete_captions, write_captions
 from indexer.database import open_engine
-from indexer.walk import at_or_under
+from indexer.walk import MAX_PATH_BYTES, at_or_under
 from retrieval.errors import ModelMismatchError
 from retrieval.loading import ModelIdentity
 
@@ -167,6 +167,11 @@ class Catalog:
                 kept = json.dumps(sorted(set(roots) - set(gone)))
                 conn.execute(update(m).where(m.c.key == "roots").values(value=kept))
         return gone
+
+    @property
+    def max_path_bytes(self) -> int | None:
+        """The longest path this catalog can hold (`walk.MAX_PATH_BYTES`); None: no limit (SQLite)."""
+        return MAX_PATH_BYTES if self.engine.dialect.name == "postgresql" else None
 
     # -- reads ------------------------------------------------------------------------------------
     def file(self, file_id: int) -> FileRow | None:

@@ -51,7 +51,7 @@ class Comparison:
     def __iter__(self) -> Iterator[Todo]:
         rows = self.catalog.iter_under(self.roots, PAGE_ROWS)
         row = next(rows, None)
-        for found in walk_sorted(self.roots, self.options, self.noticed, self.skip_dirs):
+        for found in walk_sorted(self.roots, self.options, self.noticed, self.skip_dirs, self.catalog.max_path_bytes):
             self.walked += 1
             if self.on_walked is not None and self.walked % WALK_REPORT == 0:
                 self.on_walked(self.walked)

@@ -70,6 +70,7 @@ class IndexConfig:
 
 
 NAME_NOT_UTF8 = "name-not-utf8"  # a skip reason with no catalog row: the catalog cannot hold the name
+PATH_TOO_LONG = "path-too-long"  # the same: over `walk.MAX_PATH_BYTES`
 
 
 @dataclass
@@ -83,14 +84,17 @@ class IndexSummary:
     seconds: dict[str, float] = field(default_factory=lambda: Counter())
     decoded_before_model: int = 0  # files decoded while the model was still loading
     names_not_utf8: list[str] = field(default_factory=list)  # skipped, with no catalog row (`walk.storable`)
+    paths_too_long: list[str] = field(default_factory=list)  # the same (`walk.MAX_PATH_BYTES`)
     links_not_followed: int = 0  # symbolic links the walk left alone (`WalkOptions.follow_symlinks`)
     unreadable: list[str] = field(default_factory=list)  # not read; what the catalog holds there stays
     roots_found_empty: list[str] = field(default_factory=list)  # no file found, files indexed: kept (`walk.Missing`)
 
-    def skip_names_not_utf8(self, names: list[str]) -> None:
-        self.names_not_utf8 = names
-        if names:
-            self.skipped[NAME_NOT_UTF8] += len(names)
+    def skip_unstorable(self, names_not_utf8: list[str], paths_too_long: list[str]) -> None:
+        """Files the catalog cannot name: counted as skipped, with no catalog row."""
+        self.names_not_utf8, self.paths_too_long = names_not_utf8, paths_too_long
+        for reason, found in ((NAME_NOT_UTF8, names_not_utf8), (PATH_TOO_LONG, paths_too_long)):
+            if found:
+                self.skipped[reason] += len(found)
 
     def as_dict(self) -> dict:
         return {
@@ -103,6 +107,7 @@ class IndexSummary:
             "skipped_by_reason": dict(sorted(self.skipped.items())),
             "seconds": {k: round(v, 3) for k, v in self.seconds.items()},
             "names_not_utf8": self.names_not_utf8,
+            "paths_too_long": self.paths_too_long,
             "links_not_followed": self.links_not_followed,
             "unreadable": self.unreadable,
             "roots_found_empty": self.roots_found_empty,
@@ -320,7 +325,7 @@ def walk_summary(comparison: Comparison, summary: IndexSummary) -> None:
     summary.removed = len(comparison.gone)
     summary.roots_found_empty = comparison.missing.held_roots()
     noticed = comparison.noticed
-    summary.skip_names_not_utf8(sorted(noticed.names_not_utf8))
+    summary.skip_unstorable(sorted(noticed.names_not_utf8), sorted(noticed.paths_too_long))
     summary.links_not_followed = len(noticed.links)
     summary.unreadable = noticed.unreadable_shown()
 

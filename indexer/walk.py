@@ -69,6 +69,7 @@ class Noticed:
     links: set[str] = field(default_factory=set)
     unreadable: set[str] = field(default_factory=set)
     names_not_utf8: set[str] = field(default_factory=set)  # as `shown` prints them
+    paths_too_long: set[str] = field(default_factory=set)  # over MAX_PATH_BYTES
 
     def unreadable_shown(self) -> list[str]:
         return sorted(map(shown, self.unreadable))
@@ -76,6 +77,17 @@ class Noticed:
     def failed(self, path: str, exc: OSError) -> None:
         if not isinstance(exc, FileNotFoundError):  # one that vanished meanwhile is simply gone
             self.unreadable.add(path)
+
+
+# PostgreSQL's btree index on files.path holds values of up to about 2,700 bytes: a longer path failed
+# its whole batch, on every run. A PostgreSQL catalog keeps paths of up to 2,600 bytes (Linux allows
+# 4,095); SQLite has no such limit, and an index there keeps what it holds. Roots, few and given by
+# hand, are held to it everywhere.
+MAX_PATH_BYTES = 2600
+
+
+def too_long(path: str, limit: int | None = MAX_PATH_BYTES) -> bool:
+    return limit is not None and len(path.encode("utf-8", "surrogateescape")) > limit
 
 
 def storable(path: str) -> bool:
@@ -119,6 +131,9 @@ def resolve_roots(paths: list[str]) -> list[str]:
         if not storable(root):
             raise UsageError(f"{shown(root)}: the name is not valid UTF-8, and the catalog keeps names as UTF-8 "
                              "text; rename it (for example with convmv)")
+        if too_long(root):
+            raise UsageError(f"{shown(root)[:200]}...: the path is longer than the {MAX_PATH_BYTES} bytes the "
+                             "catalog keeps; move the folder higher up")
         roots.append(root)
     return roots
 
@@ -148,12 +163,13 @@ def _excluded(path: str, name: str, excludes: tuple[str, ...]) -> bool:
     return any(fnmatch.fnmatch(name, pattern) or fnmatch.fnmatch(path, pattern) for pattern in excludes)
 
 
-def walk_sorted(roots: list[str], options: WalkOptions, noticed: "Noticed",
-                skip_dirs: tuple[str, ...] = ()) -> Iterator[FoundFile]:
+def walk_sorted(roots: list[str], options: WalkOptions, noticed: "Noticed", skip_dirs: tuple[str, ...] = (),
+                max_path_bytes: int | None = None) -> Iterator[FoundFile]:
     """Every candidate file under `roots` that the catalog can name, once each, in path order: Python's
     str order, which is UTF-8 byte order, the order the catalog lists paths in (`Catalog.iter_under`).
     What the walk passes by goes to `noticed`, each folder before any path that sorts after it.
-    `skip_dirs` are never entered: the index's own directory, which may lie inside a root."""
+    `skip_dirs` are never entered: the index's own directory, which may lie inside a root. Paths
+    longer than `max_path_bytes` (the catalog's `max_path_bytes`) are noticed, not yielded."""
     skipped = set()
     for directory in skip_dirs:
         try:
@@ -167,10 +183,12 @@ def walk_sorted(roots: list[str], options: WalkOptions, noticed: "Noticed",
         if found.path == previous:  # overlapping roots find a file twice
             continue
         previous = found.path
-        if storable(found.path):
-            yield found
-        else:
+        if not storable(found.path):
             noticed.names_not_utf8.add(shown(found.path))
+        elif too_long(found.path, max_path_bytes):
+            noticed.paths_too_long.add(found.path)
+        else:
+            yield found
 
 
 def empty_folder(path: str) -> bool:
