@@ -14,12 +14,17 @@ until the nineteenth session).
 Synthetic vectors (no model): `--images` images in one folder and `--small` in another, written to a
 real catalog and FAISS file; random unit queries. Both sides must return the same files and scores.
 
-Run: python -m benchmarks.bench_path_filter [--images 50000] [--small 50]
+With `--postgres URL` (a server's URL; a database is made there for the run and dropped after), the
+catalog is on PostgreSQL instead of SQLite.
+
+Run: python -m benchmarks.bench_path_filter [--images 50000] [--small 50] [--postgres URL]
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import os
 import tempfile
 import time
 from pathlib import Path
@@ -30,13 +35,13 @@ import numpy as np
 Q, D = 32, 32
 
 
-def build(directory: Path, images: int, small: int):
+def build(directory: Path, images: int, small: int, catalog_url: str | None = None):
     from indexer.catalog import FileEntry
     from indexer.store import IndexStore, StoreConfig
     from retrieval.loading import ModelIdentity
 
     identity = ModelIdentity(name="synthetic", fingerprint="bench", embed_dim=D, num_queries=Q)
-    store = IndexStore.open(StoreConfig(directory), create=True)
+    store = IndexStore.open(StoreConfig(directory, catalog_url), create=True)
     store.catalog.claim_model(identity)
     vectors = store.load_vectors(identity)
     rng = np.random.default_rng(0)
@@ -61,15 +66,23 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--images", type=int, default=50_000)
     parser.add_argument("--small", type=int, default=50)
+    parser.add_argument("--postgres", default=None, help="a PostgreSQL server's URL: the catalog goes there")
     args = parser.parse_args()
-    with tempfile.TemporaryDirectory() as work:
-        store, identity = build(Path(work) / "idx", args.images, args.small)
+    with tempfile.TemporaryDirectory() as work, contextlib.ExitStack() as stack:
+        url = None
+        if args.postgres:
+            from benchmarks.bench_rewalk import postgres_databases
+
+            [url] = stack.enter_context(postgres_databases(args.postgres, [f"bench_path_filter_{os.getpid()}"]))
+        store, identity = build(Path(work) / "idx", args.images, args.small, url)
+        stack.callback(store.close)  # before its database is dropped
         searcher = Searcher(store, SimpleNamespace(identity=identity), reranker=object())
         rng = np.random.default_rng(1)
         queries = rng.standard_normal((20, D), dtype=np.float32)
         queries /= np.linalg.norm(queries, axis=-1, keepdims=True)
         shipped = search.PREFILTER_FILES
-        print(f"{args.images + args.small} images ({Q} x {D}), top 10, 20 queries each; "
+        print(f"{args.images + args.small} images ({Q} x {D}), catalog on {'PostgreSQL' if url else 'SQLite'}, "
+              "top 10, 20 queries each; "
               "baseline: FAISS widened until enough pass")
         for glob in ["/bench/small/*", "*/small/*", "*[0-4]7.jpg"]:
             options = SearchOptions(k=10, rerank=False, score="itc", path_glob=glob)  # depth 10
@@ -88,7 +101,6 @@ def main() -> None:
             matching = len(store.catalog.indexed_matching(glob, args.images + args.small) or [])
             print(f"  --path {glob!r:16} matching {matching:6}: baseline {t_base * 1e3:8.1f} ms/query, "
                   f"project {t_ours * 1e3:8.1f} ms/query, baseline / project = {t_base / t_ours:.2f}x; same results")
-        store.close()
 
 
 if __name__ == "__main__":
