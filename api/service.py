@@ -118,7 +118,11 @@ class Service:
         self.retriever = LockedModel(retriever, self.model_lock)
         self._captioner_loader = captioner_loader
         self._captioner = None
-        self.reranker = Reranker(self.retriever, feature_cache(self.store, retriever.identity, config.feature_cache_mb))
+        # Decodes in request threads (40 of them), of whole images where they are no JPEG (300 MB for
+        # a 100 MP PNG): re-ranking's and thumbnails' together, at most one per core at a time.
+        self.decode_slots = threading.BoundedSemaphore(os.cpu_count() or 1)
+        self.reranker = Reranker(self.retriever, feature_cache(self.store, retriever.identity, config.feature_cache_mb),
+                                 decode_slots=self.decode_slots)
         self.searcher = None
         self._reload_lock = threading.Lock()
         self._loaded_state = None  # `_index_state()` when the searcher was built
@@ -127,9 +131,6 @@ class Service:
         self.reload()
         self.counts = CachedCounts(self.store.catalog.counts)
         self.disk_bytes = CachedCounts(lambda: {"bytes": self.store.disk_bytes()})
-        # Thumbnails decode in request threads (40), the whole image where it is no JPEG (300 MB for a
-        # 100 MP PNG): a page of 24 new ones at once could take gigabytes, for no more speed than cores.
-        self.thumbnail_slots = threading.BoundedSemaphore(os.cpu_count() or 1)
         self.jobs = JobRunner(self._run_job, lambda job: self.reload())
         try:
             (self.store.directory / "thumbnails").mkdir(exist_ok=True)
@@ -232,7 +233,7 @@ class Service:
         thumb = self.store.directory / "thumbnails" / f"{row.content_hash}.jpg"
         if thumb.exists():
             return thumb
-        with self.thumbnail_slots:
+        with self.decode_slots:
             jpeg = thumbnail_jpeg(str(path), THUMBNAIL_PX)
         if isinstance(jpeg, Skipped):
             return jpeg

@@ -8,6 +8,7 @@ hash, so duplicates are scored once.
 
 from __future__ import annotations
 
+import contextlib
 import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -28,10 +29,14 @@ class Match:
 
 
 class Reranker:
-    def __init__(self, retriever: Any, cache: FeatureCache | None = None, batch_size: int = 32) -> None:
+    def __init__(self, retriever: Any, cache: FeatureCache | None = None, batch_size: int = 32,
+                 decode_slots: Any = None) -> None:
+        """`decode_slots`: a semaphore that every decode holds, where several searches run at once (a
+        server's), so that their decodes together stay within the cores (and their memory)."""
         self.retriever = retriever
         self.cache = cache
         self.batch_size = batch_size
+        self.decode_slots = decode_slots or contextlib.nullcontext()
         self.decode_options = DecodeOptions.for_indexed(retriever.transform)
 
     def score(self, files: dict[str, str], texts: Sequence[str], weights: Sequence[float]) -> dict[str, Match]:
@@ -56,13 +61,17 @@ class Reranker:
                 matches[content_hash] = Match(float(probability[i]), float(logit[i]), float(log_odds[i]))
         return matches
 
+    def _decode(self, path: str):
+        with self.decode_slots:
+            return decode_file(path, self.decode_options)
+
     def _features(self, hashes: list[str], files: dict[str, str]):
         """(hashes with features, their ViT features stacked as one tensor on the model's device)."""
         cached = {h: f for h in hashes if (f := self.cache.get(h) if self.cache else None) is not None}
         todo = [h for h in hashes if h not in cached]
         # Pillow decodes and resizes with the GIL released, so threads decode files in parallel.
         with ThreadPoolExecutor(max_workers=min(len(todo), os.cpu_count() or 1) or 1) as pool:
-            outcomes = pool.map(lambda h: decode_file(files[h], self.decode_options), todo)
+            outcomes = pool.map(self._decode, [files[h] for h in todo])
             decoded = {h: o.pixels for h, o in zip(todo, outcomes) if isinstance(o, Decoded)}
         features: dict[str, Any] = dict(cached)
         if decoded:
