@@ -175,7 +175,8 @@ class Catalog:
 
     # -- reads ------------------------------------------------------------------------------------
     def file(self, file_id: int) -> FileRow | None:
-        if not 0 <= file_id <= MAX_ROW_ID:  # PostgreSQL refuses to compare an integer column with it
+        largest = MAX_ROW_ID if self.engine.dialect.name == "postgresql" else 2**63 - 1
+        if not 0 <= file_id <= largest:  # a database refuses to compare its integer column with it
             return None
         with self.engine.connect() as conn:
             row = conn.execute(select(schema.files).where(schema.files.c.id == int(file_id))).first()
@@ -450,7 +451,7 @@ def _transient(exc: OperationalError) -> bool:
     return code in ("40P01", "40001") or "database is locked" in str(exc.orig)
 
 
-MAX_ROW_ID = 2**31 - 1  # ids are SQL INTEGER columns: 32 bits on PostgreSQL
+MAX_ROW_ID = 2**31 - 1  # ids are SQL INTEGER columns: 32 bits on PostgreSQL (64 on SQLite)
 
 
 def check_same_model(recorded: ModelIdentity, identity: ModelIdentity) -> None:
