@@ -9,6 +9,7 @@ import subprocess
 import sys
 import tempfile
 import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -169,6 +170,24 @@ def postgres_url():
     """A new, empty database for one test."""
     with postgres_database() as url:
         yield url
+
+
+class MostAtOnce:
+    """A stand-in that takes a while and returns `result`; `most` is how many calls ran at once."""
+
+    def __init__(self, result, seconds: float = 0.02) -> None:
+        self.result, self.seconds = result, seconds
+        self.running = self.most = 0
+        self.lock = threading.Lock()
+
+    def __call__(self, *_):
+        with self.lock:
+            self.running += 1
+            self.most = max(self.most, self.running)
+        time.sleep(self.seconds)
+        with self.lock:
+            self.running -= 1
+        return self.result
 
 
 class Cuttable:

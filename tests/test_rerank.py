@@ -115,25 +115,15 @@ def test_decodes_share_the_slots_they_are_given(retriever, monkeypatch):
     """Each search decodes its candidates on a thread per core; a server runs many searches at once
     (and thumbnails), so their decodes take turns on one semaphore, at most one per slot."""
     import threading
-    import time
     from concurrent.futures import ThreadPoolExecutor
 
     from indexer.decode import Skipped
+    from tests.conftest import MostAtOnce
 
-    running, most, lock = [0], [0], threading.Lock()
-
-    def slow_decode(path, options):
-        with lock:
-            running[0] += 1
-            most[0] = max(most[0], running[0])
-        time.sleep(0.02)
-        with lock:
-            running[0] -= 1
-        return Skipped("corrupt", "stand-in")
-
+    slow_decode = MostAtOnce(Skipped("corrupt", "stand-in"))
     monkeypatch.setattr(indexer.rerank, "decode_file", slow_decode)
     reranker = Reranker(retriever, decode_slots=threading.BoundedSemaphore(2))
     files = {f"h{i}": f"/nowhere/{i}.jpg" for i in range(6)}
     with ThreadPoolExecutor(4) as pool:  # four searches at once, each decoding six candidates
         assert list(pool.map(lambda _: reranker.score(files, ["a red circle"], [1.0]), range(4))) == [{}] * 4
-    assert most[0] == 2
+    assert slow_decode.most == 2

@@ -304,18 +304,10 @@ def test_thumbnails_are_made_a_few_at_a_time(served, monkeypatch):
     from concurrent.futures import ThreadPoolExecutor
 
     from indexer import decode
+    from tests.conftest import MostAtOnce
 
     client, _, service = served
-    running, most, lock = [0], [0], threading.Lock()
-
-    def slow_thumbnail(path, size):
-        with lock:
-            running[0] += 1
-            most[0] = max(most[0], running[0])
-        time.sleep(0.05)
-        with lock:
-            running[0] -= 1
-        return decode.Skipped("corrupt", "stand-in")
+    slow_thumbnail = MostAtOnce(decode.Skipped("corrupt", "stand-in"), seconds=0.05)
 
     for kept in (service.store.directory / "thumbnails").glob("*.jpg"):  # made by earlier tests
         kept.unlink()
@@ -324,7 +316,7 @@ def test_thumbnails_are_made_a_few_at_a_time(served, monkeypatch):
     ids = [image["id"] for image in client.get("/api/images", params={"status": "indexed"}).json()["images"]]
     with ThreadPoolExecutor(8) as pool:
         statuses = list(pool.map(lambda i: client.get(f"/api/images/{i}/thumbnail").status_code, ids * 2))
-    assert set(statuses) == {422} and most[0] == 2
+    assert set(statuses) == {422} and slow_thumbnail.most == 2
 
 
 def test_delete_an_image(served):
