@@ -16,7 +16,8 @@ log = logging.getLogger(__name__)
 GPU_KINDS = ("flat-fp32", "ivf-flat", "ivf-pq")  # what FAISS's GPU cloner supports among ours
 # FAISS's GPU k-selection returns at most 2048 results and visits at most 2048 IVF lists a search (more
 # is an error, facebookresearch/faiss#2103); our searches ask for up to 32 vectors an image, and 16
-# times that where approximate kinds re-score, so larger ones search on the CPU.
+# times that where approximate kinds re-score: `MaxSimIndex` asks the GPU for 2048 and goes to the CPU
+# only when those do not hold the images it needs.
 GPU_MAX_K = 2048
 
 

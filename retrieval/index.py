@@ -249,7 +249,8 @@ class MaxSimIndex:
             depth = min(self.num_queries * n_images * self.spec.rescore_factor(), self.ntotal)
         else:
             depth = min(self.num_queries * (n_images - 1) + 1, self.ntotal)
-        scores, ids = self._search_vectors(queries, depth)
+        needed = n_images * self.spec.rescore_factor() if approximate else n_images
+        scores, ids = self._search_vectors(queries, depth, needed)
         hits = []
         for query, row_scores, row_ids in zip(queries, scores, ids):
             keys, best, slots = self._collapse(row_scores, row_ids)
@@ -267,16 +268,24 @@ class MaxSimIndex:
             hits.append(ImageHits(keys[:n_images], best[:n_images], slots[:n_images], n_images >= total_images))
         return hits
 
-    def _search_vectors(self, queries: np.ndarray, depth: int) -> tuple[np.ndarray, np.ndarray]:
+    def _search_vectors(self, queries: np.ndarray, depth: int, needed: int) -> tuple[np.ndarray, np.ndarray]:
+        """The top `depth` vectors for each query; fewer from the GPU where they already hold the
+        `needed` first images (an image ranks by its best vector, so any prefix of the ranking that
+        holds n images names the first n, as the whole ranking would)."""
         if self._want_gpu and self._gpu is None:
             self._gpu = faiss_index.to_gpu(self.index)
         if self._gpu is not None:
             ivf = self.kind in ("ivf-flat", "ivf-pq")
             nprobe = self.spec.probes(faiss_index.ivf_nlist(self.index)) if ivf else None
-            if max(depth, nprobe or 0) <= faiss_index.GPU_MAX_K:
-                return faiss_index.gpu_search(self._gpu, nprobe, queries, depth)
+            if (nprobe or 0) <= faiss_index.GPU_MAX_K:
+                scores, ids = faiss_index.gpu_search(self._gpu, nprobe, queries, min(depth, faiss_index.GPU_MAX_K))
+                if depth <= faiss_index.GPU_MAX_K or all(self._images_in(row) >= needed for row in ids):
+                    return scores, ids
         params, self._selector = faiss_index.search_params(self.index, self.spec, depth, self.deleted)
         return self.index.search(queries, depth, params=params)
+
+    def _images_in(self, ids: np.ndarray) -> int:
+        return len(np.unique(ids[ids >= 0] // self.num_queries))
 
     @staticmethod
     def _ranked(keys: np.ndarray, best: np.ndarray, slots: np.ndarray):

@@ -105,10 +105,13 @@ def test_vanished_keys_are_dropped_from_rescoring():
     assert best not in hits.keys.tolist() and len(hits.keys) >= 1
 
 
-def test_searches_beyond_the_gpus_k_selection_run_on_the_cpu(monkeypatch):
+@pytest.mark.parametrize("alike", [False, True])
+def test_searches_beyond_the_gpus_k_selection(monkeypatch, alike):
     """FAISS's GPU search returns at most 2048 results (facebookresearch/faiss#2103), and ours ask for
-    32(n-1)+1 vectors for n images (ivf-pq: 32 x n x 16): searched there, k = 100 raised. A stand-in
-    for the GPU copy here, which FAISS's limit guards; tests/test_gpu.py searches a real one."""
+    32(n-1)+1 vectors for n images (ivf-pq: 32 x n x 16): searched there, k = 100 raised. The GPU's
+    first 2048 now answer when they hold the n images, as any prefix of the ranking that holds them
+    does; else the CPU searches (`alike`: each image's 32 vectors one, so 2048 hold 64 images). A
+    stand-in for the GPU copy here, which FAISS's limit guards; tests/test_gpu.py searches a real one."""
     from retrieval import faiss_index
 
     class StandIn:
@@ -121,8 +124,12 @@ def test_searches_beyond_the_gpus_k_selection_run_on_the_cpu(monkeypatch):
             return self.index.search(queries, k)
 
     monkeypatch.setattr(faiss_index, "to_gpu", StandIn)
+    on_cpu = []
+    search_params = faiss_index.search_params  # the CPU path's first step
+    monkeypatch.setattr(faiss_index, "search_params", lambda *args: on_cpu.append(1) or search_params(*args))
     rng = np.random.default_rng(3)
-    keys, vectors = np.arange(200, dtype=np.int64), unit(rng.standard_normal((200, Q, D)))
+    keys = np.arange(200, dtype=np.int64)
+    vectors = unit(np.repeat(rng.standard_normal((200, 1, D)), Q, axis=1) if alike else rng.standard_normal((200, Q, D)))
     index = MaxSimIndex(D, Q, "flat-fp32")
     index.add(keys, vectors)
     assert index.use_gpu()
@@ -130,7 +137,8 @@ def test_searches_beyond_the_gpus_k_selection_run_on_the_cpu(monkeypatch):
     for n in (10, 100):
         hits = index.search(query, n)[0]
         assert hits.keys.tolist() == brute_force(vectors, keys, query, n)[0].tolist()
-    assert index._gpu.asked == [32 * 9 + 1]  # n = 10 on the GPU; n = 100 (3,169 vectors) on the CPU
+    assert index._gpu.asked == [32 * 9 + 1, 2048]  # n = 100 (3,169 vectors): the GPU's first 2048 first,
+    assert len(on_cpu) == (1 if alike else 0)  # which held 100 images, or (alike) 64: then the CPU searched
 
 
 @pytest.mark.parametrize("kind, fp16", [("flat-fp32", False), ("ivf-pq:m=8", True)])
