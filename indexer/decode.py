@@ -163,8 +163,7 @@ def decode_bytes(data: bytes, options: DecodeOptions) -> Decoded | Skipped:
     except MemoryError:
         return Skipped(OUT_OF_MEMORY, "decoding needed more memory than a worker may use", digest, width, height, fmt)
     except Exception as exc:  # noqa: BLE001
-        reason = TRUNCATED if "truncated" in str(exc).lower() else CORRUPT
-        return Skipped(reason, _describe(exc), digest, width, height, fmt)
+        return Skipped(_reason(exc), _describe(exc), digest, width, height, fmt)
     return Decoded(digest, pixels, width, height, fmt)
 
 
@@ -250,10 +249,15 @@ def thumbnail_jpeg(path: str, size: int, max_pixels: int = DEFAULT_MAX_PIXELS) -
     except UnidentifiedImageError:
         return Skipped(NOT_AN_IMAGE, "not a format Pillow can read")
     except Exception as exc:  # noqa: BLE001 - as decode_bytes: the file's problem, not the caller's
-        return Skipped(TRUNCATED if "truncated" in str(exc).lower() else CORRUPT, _describe(exc))
+        return Skipped(_reason(exc), _describe(exc))
     jpeg = io.BytesIO()
     rgb.save(jpeg, "JPEG", quality=85)
     return jpeg.getvalue()
+
+
+def _reason(exc: BaseException) -> str:
+    """The skip reason for a decoder's failure once the image was opened."""
+    return TRUNCATED if "truncated" in str(exc).lower() else CORRUPT
 
 
 def _describe(exc: BaseException) -> str:
