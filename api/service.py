@@ -65,21 +65,28 @@ class CachedCounts:
     thumbnails). Probes, scrapers and the search page ask often; so requests get the last count, and
     one that finds it stale starts a count in the background: at most every `min_age_s`, and ten
     times the last count's duration apart. `refresh` counts at once (after this server's own writes).
-    While counting fails (the database away), requests get that error, as without a cache."""
+    While counting fails (the database away), requests get that error, as without a cache. Counted
+    at once (`at_start`: a catalog that cannot be read stops the server there), or by the first
+    request that asks."""
 
-    def __init__(self, count: Callable[[], dict], min_age_s: float = 1.0) -> None:
+    def __init__(self, count: Callable[[], dict], min_age_s: float = 1.0, at_start: bool = True) -> None:
         self._count = count
         self._min_age_s = min_age_s
         self._lock = threading.Lock()
         self._counting = threading.Lock()  # one count at a time
         self._next = 0.0
-        self._value: dict = {}
+        self._value: dict | None = None  # None: not counted yet
         self._error: Exception | None = None
-        self.refresh()
-        if self._error is not None:
-            raise self._error
+        if at_start:
+            self.refresh()
+            if self._error is not None:
+                raise self._error
 
     def get(self) -> dict:
+        if self._value is None:  # not counted yet: this request counts, and any others wait for it
+            with self._counting:
+                if self._value is None:
+                    self._count_holding_lock(release=False)
         with self._lock:
             value, error, stale = self._value, self._error, time.monotonic() >= self._next
         if stale and self._counting.acquire(blocking=False):
@@ -130,7 +137,8 @@ class Service:
         self._reload_error: BlipsearchError | None = None  # why the last background reload failed
         self.reload()
         self.counts = CachedCounts(self.store.catalog.counts)
-        self.disk_bytes = CachedCounts(lambda: {"bytes": self.store.disk_bytes()})
+        # A stat per file in the index directory: not at every start, only when /api/status asks.
+        self.disk_bytes = CachedCounts(lambda: {"bytes": self.store.disk_bytes()}, at_start=False)
         self.jobs = JobRunner(self._run_job, lambda job: self.reload())
         try:
             (self.store.directory / "thumbnails").mkdir(exist_ok=True)

@@ -379,6 +379,10 @@ def test_counts_are_cached_and_counted_again_in_the_background():
     counted_again(4)
     assert counts.get() == {"files": 4}
     # A count that takes long is made ten times its duration apart, not every `min_age_s`.
+    # Counted by the first request rather than at start (the index directory's bytes: a stat per file).
+    later: list[int] = []
+    lazy = CachedCounts(lambda: later.append(1) or {"bytes": len(later)}, at_start=False)
+    assert later == [] and lazy.get() == {"bytes": 1} and lazy.get() == {"bytes": 1} and later == [1]
     slow_counts: list[float] = []
     slow = CachedCounts(lambda: time.sleep(0.1) or slow_counts.append(0) or {"files": 0}, min_age_s=0.0)
     began = time.monotonic()
