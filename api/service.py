@@ -38,6 +38,7 @@ class ServeConfig:
     feature_cache_mb: int = 0
     reload_check_s: float = 1.0  # how often a search looks whether another process changed the index
     max_rerank: int = 256  # images one search may have ITM re-rank: each costs a decode and a ViT pass
+    count_time_limit_s: float = 0.2  # for a filtered listing's total (GET /api/images)
 
 
 class LockedModel:

@@ -22,7 +22,7 @@ from sqlalchemy.exc import IntegrityError, OperationalError
 from indexer import path_glob, schema
 from indexer.schema import chunks
 from indexer.caption_catalog import CaptionCatalog, NewCaptions, delete_captions, write_captions
-from indexer.database import open_engine
+from indexer.database import open_engine, scalar_within
 from indexer.walk import MAX_PATH_BYTES, at_or_under
 from retrieval.errors import ModelMismatchError
 from retrieval.loading import ModelIdentity
@@ -183,14 +183,15 @@ class Catalog:
         return FileRow(**row._mapping) if row else None
 
     def page(self, offset: int, limit: int, status: str | None = None, has_caption: bool | None = None,
-             path_glob: str | None = None, after: str | None = None,
-             count: bool = True) -> tuple[int | None, list[FileRow]]:
+             path_glob: str | None = None, after: str | None = None, count: bool = True,
+             count_within_s: float | None = None) -> tuple[int | None, list[FileRow]]:
         """(total matching, one page of) files ordered by path, filtered by status, caption and a
         `--path` glob (`indexer.path_glob`); the page from `offset` among those after the path `after`.
-        The total (None without `count`) ignores `after`: it is how many the filters match."""
+        The total ignores `after`: it is how many the filters match; None without `count`, or when
+        counting would take over `count_within_s` (a filter matching much of a large catalog)."""
         f, c = schema.files, schema.captions
         conditions = []
-        if status is not None:
+        if status is not None:  # skipped files: their own index (0004), found by SQLite and PostgreSQL
             conditions.append(f.c.status == status)
         if has_caption is not None:
             captioned = exists().where(c.c.embedding_id == f.c.embedding_id)
@@ -199,9 +200,15 @@ class Catalog:
             conditions += self._glob_conditions(path_glob)
         on_page = conditions + ([f.c.path > after] if after is not None else [])
         with self.engine.connect() as conn:
-            total = conn.execute(select(func.count()).select_from(f).where(*conditions)).scalar_one() if count else None
-            rows = conn.execute(select(f).where(*on_page).order_by(f.c.path).offset(offset).limit(limit))
-            return total, [FileRow(**r._mapping) for r in rows]
+            rows = [FileRow(**r._mapping) for r in
+                    conn.execute(select(f).where(*on_page).order_by(f.c.path).offset(offset).limit(limit))]
+            if not count:
+                return None, rows
+            counting = select(func.count()).select_from(f).where(*conditions)
+            if count_within_s is None:
+                return conn.execute(counting).scalar_one(), rows
+            conn.rollback()  # the page's read ends before the count's, which sets its own limit
+            return scalar_within(conn, counting, count_within_s), rows
 
     def indexed_matching(self, glob: str, most: int) -> list[FileRow] | None:
         """The indexed files whose path `glob` matches, in no particular order; None when they are

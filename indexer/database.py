@@ -3,14 +3,18 @@ migrations (alembic, `indexer/migrations`)."""
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 from sqlalchemy import create_engine, event
-from sqlalchemy.engine import Engine
-from sqlalchemy.exc import ArgumentError, DatabaseError
+from sqlalchemy.engine import Connection, Engine
+from sqlalchemy.exc import ArgumentError, DatabaseError, OperationalError
 
 from indexer import path_glob
 from indexer.errors import CatalogConnectionError, CatalogUnavailableError, CatalogVersionError
+
+QUERY_CANCELED = "57014"  # PostgreSQL's SQLSTATE for a statement that ran past statement_timeout
+SQLITE_STEPS_PER_CHECK = 10_000  # virtual machine steps between looks at the clock: a count stops ms past its limit
 
 
 def open_engine(url: str) -> Engine:
@@ -86,3 +90,25 @@ def _sqlite_connected(dbapi_connection, _record) -> None:
     cursor.execute("PRAGMA busy_timeout=30000")
     cursor.execute("PRAGMA foreign_keys=ON")
     cursor.close()
+
+
+def scalar_within(conn: Connection, query, seconds: float):
+    """`query`'s one value, or None when it would take over `seconds` (then stopped by the database:
+    PostgreSQL's statement_timeout, SQLite's progress handler). `conn` ends its transaction here."""
+    try:
+        if conn.dialect.name == "postgresql":
+            conn.exec_driver_sql(f"SET LOCAL statement_timeout = {max(1, round(seconds * 1000))}")
+            return conn.execute(query).scalar_one()
+        deadline = time.monotonic() + seconds
+        sqlite = conn.connection.driver_connection
+        sqlite.set_progress_handler(lambda: time.monotonic() > deadline, SQLITE_STEPS_PER_CHECK)
+        try:
+            return conn.execute(query).scalar_one()
+        finally:
+            sqlite.set_progress_handler(None, 0)
+    except OperationalError as exc:
+        if getattr(exc.orig, "sqlstate", None) == QUERY_CANCELED or str(exc.orig) == "interrupted":
+            return None
+        raise
+    finally:
+        conn.rollback()  # a read: ends SET LOCAL, or the transaction a cancelled statement aborted

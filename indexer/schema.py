@@ -8,7 +8,8 @@ duplicate files point at the same embedding row. `captions` holds one caption pe
 
 from __future__ import annotations
 
-from sqlalchemy import BigInteger, Column, Float, ForeignKey, Integer, LargeBinary, MetaData, String, Table, Text
+from sqlalchemy import (BigInteger, Column, Float, ForeignKey, Index, Integer, LargeBinary, MetaData, String, Table, Text,
+                        text)
 
 metadata = MetaData()
 
@@ -44,6 +45,9 @@ files = Table(
     Column("embedding_id", Integer, ForeignKey("embeddings.id"), index=True),
     Column("updated_at", Float, nullable=False),
 )
+# The skipped files' paths alone (0004): a page of them reads only them.
+Index("ix_files_skipped_path", files.c.path, sqlite_where=text("status = 'skipped'"),
+      postgresql_where=text("status = 'skipped'"))
 
 captions = Table(
     "captions",

@@ -48,6 +48,28 @@ def test_migrates_once_and_reopens(catalog_url):
     reopened.close()
 
 
+def test_a_catalog_of_an_older_version_is_migrated_with_its_rows(catalog_url):
+    """A catalog written by an earlier blipsearch (schema 0003) gains what is new at its next open."""
+    from alembic import command
+    from alembic.config import Config
+    from sqlalchemy import create_engine, inspect
+
+    engine = create_engine(catalog_url)
+    config = Config()
+    config.set_main_option("script_location", str(ROOT / "indexer" / "migrations"))
+    with engine.begin() as conn:
+        config.attributes["connection"] = conn
+        command.upgrade(config, "0003")
+    engine.dispose()
+    older = Catalog(create_engine(catalog_url))  # as it was: not migrated
+    older.write_batch([entry("/p/b.jpg", None, SKIPPED), entry("/p/a.jpg", None, SKIPPED)], {})
+    older.engine.dispose()
+    catalog = Catalog.open(catalog_url)
+    assert "ix_files_skipped_path" in {index["name"] for index in inspect(catalog.engine).get_indexes("files")}
+    assert [row.path for row in catalog.page(0, 5, status=SKIPPED)[1]] == ["/p/a.jpg", "/p/b.jpg"]
+    catalog.close()
+
+
 @pytest.mark.parametrize("url, message", [
     ("postgresql+psycopg://127.0.0.1:1/nope", "cannot open the catalog at postgresql+psycopg://127.0.0.1:1/nope: "
                                               "connection failed"),
@@ -271,6 +293,74 @@ def fill_without_statistics(catalog, sql: str) -> None:
         for table in ("files", "embeddings", "captions"):
             conn.exec_driver_sql(f"ALTER TABLE {table} SET (autovacuum_enabled = false)")
         conn.exec_driver_sql(sql)
+
+
+@contextlib.contextmanager
+def sqlite_steps(engine):
+    """For each paged query run on `engine` meanwhile, the hundreds of virtual machine steps SQLite
+    took for it: a measure of the rows it read, which SQLite does not report."""
+    from sqlalchemy import event
+
+    steps: list[int] = []
+
+    def before(conn, cursor, statement, *_):
+        if "LIMIT" in statement:
+            steps.append(0)
+            cursor.connection.set_progress_handler(lambda: steps.__setitem__(-1, steps[-1] + 1), 100)
+
+    def after(conn, cursor, *_):
+        cursor.connection.set_progress_handler(None, 0)
+
+    event.listen(engine, "before_cursor_execute", before)
+    event.listen(engine, "after_cursor_execute", after)
+    try:
+        yield steps
+    finally:
+        event.remove(engine, "before_cursor_execute", before)
+        event.remove(engine, "after_cursor_execute", after)
+
+
+def fill_files(catalog, count: int, path: str, status: str) -> None:
+    """`count` files straight into the catalog, named `path` % i, in one statement on either database."""
+    head, tail = path.split("%d")
+    error = "NULL" if status == INDEXED else "'corrupt: x'"
+    with catalog.engine.begin() as conn:
+        conn.exec_driver_sql(
+            f"WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < {count}) "
+            f"INSERT INTO files (path, size, mtime_ns, status, error, updated_at) "
+            f"SELECT '{head}' || (100000 + i) || '{tail}', 0, 1, '{status}', "
+            f"{error}, 0 FROM n")
+
+
+def test_a_page_of_skipped_files_reads_only_skipped_rows(catalog):
+    """GET /api/images?status=skipped lists what an index run could not read. Skipped files are few
+    among many, and a page of them read every indexed path sorting before them (0.1 s a million
+    files, every page); an index of the skipped paths alone (0004) has a page read its own rows."""
+    fill_files(catalog, 30000, "/p/a/%d.jpg", INDEXED)
+    fill_files(catalog, 20, "/p/z/%d.jpg", SKIPPED)
+    postgres = catalog.engine.dialect.name == "postgresql"
+    for _ in range(12):  # psycopg prepares a statement run 5 times, and PostgreSQL plans it generically after 5 more
+        catalog.page(0, 5, status=SKIPPED, count=False)
+    with (most_rows_read if postgres else sqlite_steps)(catalog.engine) as work:
+        total, rows = catalog.page(0, 5, status=SKIPPED)
+        _, after = catalog.page(0, 5, status=SKIPPED, after=rows[-1].path, count=False)
+        _, indexed = catalog.page(0, 5, status=INDEXED, count=False)
+    assert total == 20 and [row.path for row in rows + after] == [f"/p/z/{100000 + i}.jpg" for i in range(1, 11)]
+    assert [row.path for row in indexed] == [f"/p/a/{100000 + i}.jpg" for i in range(1, 6)]
+    assert len(work) == 3 and max(work) <= (5 if postgres else 20), work
+
+
+def test_a_total_that_would_take_too_long_to_count_is_none(catalog):
+    """A listing's total counts every row its filters match: 0.1 s a million files, for each page.
+    Given a time limit, the database stops counting there; the page is still read, and the
+    connection goes back to the pool without the limit."""
+    fill_files(catalog, 200000, "/p/%d.jpg", INDEXED)
+    total, rows = catalog.page(0, 3, path_glob="*7.jpg", count_within_s=0.001)
+    assert total is None and [row.path for row in rows] == ["/p/100007.jpg", "/p/100017.jpg", "/p/100027.jpg"]
+    for _ in range(3):  # every pooled connection: no limit left behind
+        assert catalog.page(0, 1, path_glob="*7.jpg")[0] == 20000
+    assert catalog.page(0, 3, path_glob="*7.jpg", count_within_s=60)[0] == 20000
+    assert catalog.page(0, 1, path_glob="/p/10000*", count_within_s=0.001)[0] == 9  # a few rows: counted
 
 
 def test_iter_under_pages_walk_the_path_index_on_postgres_without_statistics(postgres_url):
