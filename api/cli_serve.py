@@ -24,8 +24,11 @@ DEMO_CANDIDATES = 16  # the demo's captions: the best of this many beams by ITC,
 @click.option("--max-rerank", type=click.IntRange(1, 10_000), default=256, show_default=True,
               help="Most images one search may have the ITM head re-rank (each is decoded and run through "
                    "the ViT), so that one request cannot hold the model for minutes.")
+@click.option("--thumbnail-cache-mb", type=click.IntRange(0, 10**9), default=1024, show_default=True,
+              help="Most megabytes of thumbnails kept in the index directory, the least recently shown "
+                   "removed first (0: none kept, each made when asked for).")
 def serve(index_dir, catalog_url, model, device, dtype, caption_model, host, port, feature_cache_mb,
-          max_upload_mb, max_rerank) -> None:
+          max_upload_mb, max_rerank, thumbnail_cache_mb) -> None:
     """Serve the index over HTTP: a JSON API (OpenAPI at /openapi.json) and a search page at /.
 
     Write endpoints (jobs, deletions) require `Authorization: Bearer $BLIPSEARCH_API_TOKEN` when that
@@ -56,7 +59,7 @@ def serve(index_dir, catalog_url, model, device, dtype, caption_model, host, por
     try:
         retriever = Blip2Retriever.load(ModelConfig.retrieval(name, device, dtype))
         config = ServeConfig(location, model, caption_model, device, token, max_upload_mb * 1024 * 1024,
-                             feature_cache_mb, max_rerank=max_rerank)
+                             feature_cache_mb, max_rerank=max_rerank, thumbnail_cache_mb=thumbnail_cache_mb)
         service = Service(config, retriever,
                           lambda: Blip2Captioner.load(ModelConfig.captioning(caption_model, device, dtype)))
         images = service.counts.get().get("distinct_images", 0)

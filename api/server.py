@@ -231,10 +231,7 @@ def create_app(service: Service) -> FastAPI:
             raise HTTPException(404, f"no servable file for image {file_id}")
         if isinstance(thumb, Skipped):
             raise HTTPException(422, f"cannot make a thumbnail: {thumb.detail}")
-        headers = {"Cache-Control": "max-age=86400"}
-        if isinstance(thumb, bytes):  # made, but the index directory could not keep it
-            return Response(thumb, media_type="image/jpeg", headers=headers)
-        return FileResponse(thumb, media_type="image/jpeg", headers=headers)
+        return Response(thumb, media_type="image/jpeg", headers={"Cache-Control": "max-age=86400"})
 
     @app.delete("/api/images/{file_id}", dependencies=[Depends(require_token)])
     def delete_image(file_id: ImageId) -> dict:

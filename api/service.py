@@ -1,6 +1,6 @@
 """What the HTTP server does, apart from HTTP: one loaded model shared by every request and job,
 searches that see each finished job's images and what other processes index, safe file access,
-thumbnails.
+thumbnails (`api.thumbnails`).
 
 Model calls from request threads and the job thread take one lock, so concurrent requests queue for
 the model instead of oversubscribing it; catalog reads run in parallel.
@@ -8,7 +8,6 @@ the model instead of oversubscribing it; catalog reads run in parallel.
 
 from __future__ import annotations
 
-import contextlib
 import inspect
 import os
 import threading
@@ -18,14 +17,12 @@ from pathlib import Path
 from typing import Any, Callable
 
 from api.jobs import Job, JobProgress, JobRunner
+from api.thumbnails import ThumbnailCache
 from indexer.decode import Skipped
 from indexer.errors import IndexBusyError
 from indexer.store import IndexStore, StoreConfig
 from indexer.walk import at_or_under
 from retrieval.errors import BlipsearchError, UsageError
-
-THUMBNAIL_PX = 256
-
 
 @dataclass(frozen=True)
 class ServeConfig:
@@ -39,6 +36,7 @@ class ServeConfig:
     reload_check_s: float = 1.0  # how often a search looks whether another process changed the index
     max_rerank: int = 256  # images one search may have ITM re-rank: each costs a decode and a ViT pass
     count_time_limit_s: float = 0.2  # for a filtered listing's total (GET /api/images)
+    thumbnail_cache_mb: int = 1024  # thumbnails kept in the index directory, least recently shown removed first
 
 
 class LockedModel:
@@ -141,10 +139,8 @@ class Service:
         # A stat per file in the index directory: not at every start, only when /api/status asks.
         self.disk_bytes = CachedCounts(lambda: {"bytes": self.store.disk_bytes()}, at_start=False)
         self.jobs = JobRunner(self._run_job, lambda job: self.reload())
-        try:
-            (self.store.directory / "thumbnails").mkdir(exist_ok=True)
-        except OSError:  # a read-only index: thumbnails are made for each request instead
-            pass
+        self.thumbnails = ThumbnailCache(self.store.directory / "thumbnails", config.thumbnail_cache_mb * 1024 * 1024,
+                                         self.decode_slots)
 
     def close(self) -> None:
         self.jobs.shutdown()
@@ -229,32 +225,14 @@ class Service:
         inside = any(at_or_under(real, root) for root in roots)
         return Path(real) if inside and os.path.isfile(real) else None
 
-    def thumbnail(self, file_id: int) -> Path | bytes | Skipped | None:
-        """A JPEG thumbnail, made once and kept in the index directory (keyed by content hash); its
-        bytes when it cannot be kept (a full disk, a read-only index); why not, for a file that can no
-        longer be read as an image."""
-        from indexer.decode import thumbnail_jpeg
-
+    def thumbnail(self, file_id: int) -> bytes | Skipped | None:
+        """A JPEG thumbnail (`api.thumbnails`); why not, for a file that can no longer be read as an
+        image; None for no such image, or one not servable."""
         row = self.store.catalog.file(file_id)
         path = self.file_path(file_id)
         if row is None or path is None or not row.content_hash:
             return None
-        thumb = self.store.directory / "thumbnails" / f"{row.content_hash}.jpg"
-        if thumb.exists():
-            return thumb
-        with self.decode_slots:
-            jpeg = thumbnail_jpeg(str(path), THUMBNAIL_PX)
-        if isinstance(jpeg, Skipped):
-            return jpeg
-        tmp = thumb.with_name(f".{thumb.name}.{threading.get_ident()}.tmp")
-        try:
-            tmp.write_bytes(jpeg)
-            os.replace(tmp, thumb)
-        except OSError:
-            with contextlib.suppress(OSError):  # absent, or its folder is not one
-                tmp.unlink()
-            return jpeg
-        return thumb
+        return self.thumbnails.get(row.content_hash, str(path))
 
     def delete_image(self, file_id: int) -> bool:
         """Forget one file (not the file on disk); its vectors go when no other file shares them."""

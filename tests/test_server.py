@@ -340,7 +340,7 @@ def test_thumbnails_are_made_a_few_at_a_time(served, monkeypatch):
     for kept in (service.store.directory / "thumbnails").glob("*.jpg"):  # made by earlier tests
         kept.unlink()
     monkeypatch.setattr(decode, "thumbnail_jpeg", slow_thumbnail)
-    monkeypatch.setattr(service, "decode_slots", threading.BoundedSemaphore(2))
+    monkeypatch.setattr(service.thumbnails, "decode_slots", threading.BoundedSemaphore(2))
     ids = [image["id"] for image in client.get("/api/images", params={"status": "indexed"}).json()["images"]]
     with ThreadPoolExecutor(8) as pool:
         statuses = list(pool.map(lambda i: client.get(f"/api/images/{i}/thumbnail").status_code, ids * 2))
