@@ -298,14 +298,14 @@ class Catalog:
         return found
 
     def content_hashes(self) -> np.ndarray:
-        """Every content hash, sorted, as one numpy array of ASCII bytes (`np.searchsorted` finds one):
-        a few dozen bytes each where a set of str costs about 150, streamed from the database."""
+        """Every content hash as its `hash_key`, sorted, in one numpy array (`has_hash` finds one):
+        16 bytes each (a 100,000,000-image catalog's in 1.6 GB), streamed from the database."""
         query = select(schema.embeddings.c.content_hash)
-        parts = [np.zeros(0, "S1")]
+        parts = [np.zeros(0, HASH_KEY)]
         with self.engine.connect() as conn:
             result = conn.execution_options(stream_results=True, yield_per=100_000).execute(query)
             for part in result.scalars().partitions():
-                parts.append(np.array(part, dtype=str).astype(bytes))  # hex digests: ASCII
+                parts.append(np.array([hash_key(digest) for digest in part], dtype=HASH_KEY))
         hashes = np.concatenate(parts)
         hashes.sort()
         return hashes
@@ -450,6 +450,22 @@ class Catalog:
         for chunk in chunks(orphans):
             conn.execute(delete(e).where(e.c.id.in_(chunk)))
         return orphans
+
+
+HASH_KEY = "S16"  # numpy bytes: sorted and searched by value; a trailing NUL is padding, alike on both sides
+
+
+def hash_key(digest: str) -> bytes:
+    """A content hash's first 128 bits, as bytes: two contents share one with odds of 1 in 10^22 in a
+    hundred million (the birthday bound), where the 64 hexadecimal characters took four times the memory."""
+    return bytes.fromhex(digest[:32])
+
+
+def has_hash(sorted_keys: np.ndarray, digest: str) -> bool:
+    """Whether `digest` is among `sorted_keys` (`Catalog.content_hashes`)."""
+    key = np.array([hash_key(digest)], dtype=HASH_KEY)
+    at = int(np.searchsorted(sorted_keys, key)[0])
+    return at < len(sorted_keys) and sorted_keys[at] == key[0]
 
 
 def _transient(exc: OperationalError) -> bool:

@@ -13,6 +13,7 @@ from typing import Any
 
 import numpy as np
 
+from indexer.catalog import has_hash
 from indexer.decode import Decoded, DecodeOptions
 from indexer.workers import DecodePool, PoolOptions
 
@@ -89,7 +90,8 @@ class EmbedStage:
 
     def __init__(self, model_config: Any, shards_url: str, known: Any) -> None:
         """`known`: a Ray object reference to the catalog's content hashes (`Catalog.content_hashes`:
-        one sorted array, which the actors of a node share from Ray's object store without a copy)."""
+        one sorted array of 16-byte keys, which the actors of a node share from Ray's object store
+        without a copy)."""
         import ray
 
         from retrieval.encoders import Blip2Retriever
@@ -105,7 +107,7 @@ class EmbedStage:
         fresh: dict[str, int] = {}  # content hash -> row, the first of each new content
         for i in range(n):
             digest = batch["content_hash"][i]
-            if batch["decoded"][i] and not _among(self.known, digest) and digest not in fresh:
+            if batch["decoded"][i] and not has_hash(self.known, digest) and digest not in fresh:
                 fresh[digest] = i
         vectors: list[bytes | None] = [None] * n
         if fresh:
@@ -140,12 +142,6 @@ class CaptionStage:
                    "reason": [_plain(v) for v in batch["reason"]], "caption": texts}
         name = self.writer.write(columns, self.metadata)
         return {"path": batch["path"], "shard": np.asarray([name] * len(decoded), dtype=object)}
-
-
-def _among(sorted_hashes: np.ndarray, digest: str) -> bool:
-    key = digest.encode()
-    at = int(np.searchsorted(sorted_hashes, key))
-    return at < len(sorted_hashes) and sorted_hashes[at] == key
 
 
 def _plain(value):

@@ -3,6 +3,7 @@ and captions as a single-process run on the same folder; bad files recorded; res
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 from pathlib import Path
@@ -146,19 +147,21 @@ def test_a_missing_model_is_one_clear_error_before_ray_starts(folder, tmp_path):
 
 def test_model_actors_find_the_catalogs_contents_in_its_sorted_hash_array(tmp_path):
     """The actors skip contents the catalog has by a binary search in one array (not a set of str, a copy
-    per actor); hashes of other lengths (an index from before SHA-256) are found too."""
-    from indexer.catalog import Catalog, FileEntry, sqlite_url
-    from indexer.ray_stages import _among
+    per actor); hashes of other lengths (BLAKE2b-160, in an index from before SHA-256) are found too."""
+    from indexer.catalog import Catalog, FileEntry, has_hash, hash_key, sqlite_url
     from retrieval.loading import ModelIdentity
 
     catalog = Catalog.open(sqlite_url(tmp_path / "catalog.sqlite"))
     catalog.claim_model(ModelIdentity(name="m", fingerprint="f", embed_dim=2, num_queries=1))
-    digests = [f"{i * 7919:064x}" for i in range(50)] + ["ab" * 16]
+    def sha256(i: int) -> str:
+        return hashlib.sha256(str(i).encode()).hexdigest()
+
+    digests = [sha256(i) for i in range(50)] + [hashlib.blake2b(b"0", digest_size=20).hexdigest()]
     catalog.write_batch([FileEntry(path=f"/p/{i}.jpg", size=1, mtime_ns=1, content_hash=d, status="indexed", error=None,
                                    width=1, height=1, format="PNG") for i, d in enumerate(digests)],
                         {d: np.ones((1, 2), np.float32) for d in digests})
     hashes = catalog.content_hashes()
     catalog.close()
-    assert list(hashes) == sorted(d.encode() for d in digests)
-    assert all(_among(hashes, d) for d in digests)
-    assert not any(_among(hashes, d) for d in [f"{i * 7919 + 1:064x}" for i in range(50)] + ["ab" * 15, "f" * 64])
+    assert hashes.tobytes() == b"".join(sorted(hash_key(d) for d in digests)) and hashes.nbytes == 16 * len(digests)
+    assert all(has_hash(hashes, d) for d in digests)
+    assert not any(has_hash(hashes, d) for d in [sha256(i) for i in range(50, 100)] + ["ab" * 15, "f" * 64])
