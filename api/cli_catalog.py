@@ -8,7 +8,7 @@ from pathlib import Path
 
 import click
 
-from api.options import emit_json, index_options, store_config
+from api.options import absolute_glob, emit_json, index_options, store_config
 
 
 @click.command()
@@ -44,7 +44,11 @@ def forget(paths, index_dir, catalog_url, as_json) -> None:
               help="parquet needs the parquet extra (pyarrow) and -o.")
 @click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="File to write (default stdout).")
-def export(index_dir, catalog_url, fmt, output) -> None:
+@click.option("--status", type=click.Choice(["indexed", "skipped"]), default=None,
+              help="Only files of this status: skipped lists what could not be indexed, and why (error).")
+@click.option("--path", "path_glob", default=None,
+              help="Only files whose full path matches this glob, as search --path takes it.")
+def export(index_dir, catalog_url, fmt, output, status, path_glob) -> None:
     """Write one row per file in the catalog: path, status, error, size, mtime, hash, width, height,
     format, and the caption with its model, prompt and time."""
     from indexer.export import records, write_text
@@ -53,12 +57,14 @@ def export(index_dir, catalog_url, fmt, output) -> None:
 
     if fmt == "parquet" and output is None:
         raise UsageError("Parquet is binary: give a file with -o FILE")
+    path_glob = absolute_glob(path_glob)
     store = IndexStore.open(store_config(index_dir, catalog_url))
     try:
+        rows = records(store.catalog, status, path_glob)
         if output is None:
-            write_text(records(store.catalog), sys.stdout, fmt)
+            write_text(rows, sys.stdout, fmt)
             return
-        count = _export_to(output, lambda path: _write_export(records(store.catalog), path, fmt))
+        count = _export_to(output, lambda path: _write_export(rows, path, fmt))
     finally:
         store.close()
     click.echo(f"wrote {count} rows to {output}", err=True)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import click
 
 from api.options import (
-    emit_json, feature_cache, feature_cache_option, index_model, index_options, model_options, store_config,
+    absolute_glob, emit_json, feature_cache, feature_cache_option, index_model, index_options, model_options, store_config,
     warn_missing,
 )
 
@@ -57,7 +57,7 @@ def search(texts, index_dir, catalog_url, model, device, dtype, k, candidates, n
     options = SearchOptions(
         k=k, candidates=candidates, rerank=not no_rerank and not image_path and not caption_only,
         score=score,
-        min_score=min_score, path_glob=_absolute_glob(path_glob), hybrid=hybrid,
+        min_score=min_score, path_glob=absolute_glob(path_glob), hybrid=hybrid,
     )
     options.validate()
     if caption_only:
@@ -68,17 +68,6 @@ def search(texts, index_dir, catalog_url, model, device, dtype, k, candidates, n
         index_dir, catalog_url, model, device, dtype, query, image_path, options, feature_cache_mb
     )
     _print_search(label, response, as_json)
-
-
-def _absolute_glob(glob: str | None) -> str | None:
-    """`--path` as the catalog's absolute paths can match it: `vacation/*` matched nothing, silently."""
-    import os
-
-    from indexer.path_glob import anchored
-
-    if glob is None or anchored(glob):
-        return glob
-    return os.path.normpath(os.path.join(os.getcwd(), os.path.expanduser(glob)))  # ../photos/* too
 
 
 def _caption_search(index_dir, catalog_url, text, options):

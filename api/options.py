@@ -94,6 +94,16 @@ def feature_cache(store, identity, megabytes: int):
     return FeatureCache.for_model(store.directory, identity.fingerprint, FeatureCacheConfig(megabytes * 1_000_000))
 
 
+def absolute_glob(glob: str | None) -> str | None:
+    """A `--path` glob as the catalog's absolute paths can match it: `vacation/*` matched nothing,
+    silently; a relative glob is taken from the current folder, one starting with * matches anywhere."""
+    from indexer.path_glob import anchored
+
+    if glob is None or anchored(glob):
+        return glob
+    return os.path.normpath(os.path.join(os.getcwd(), os.path.expanduser(glob)))  # ../photos/* too
+
+
 def store_config(index_dir: Path | None, catalog_url: str | None):
     from indexer.store import StoreConfig, default_index_dir
 

@@ -280,10 +280,14 @@ class Catalog:
                 out.extend(FileRow(**r._mapping) for r in conn.execute(query.where(schema.files.c.embedding_id.in_(chunk))))
         return out
 
-    def iter_files(self, batch: int = 5000) -> Iterator[list[FileRow]]:
-        """Every file in batches, ordered by path, streamed from the database (a server-side cursor on
-        PostgreSQL): an export of a hundred million rows must not hold them all."""
-        query = select(schema.files).order_by(schema.files.c.path)
+    def iter_files(self, batch: int = 5000, status: str | None = None,
+                   path_glob: str | None = None) -> Iterator[list[FileRow]]:
+        """Every file in batches, or those of one status or matching a `--path` glob, ordered by path,
+        streamed from the database (a server-side cursor on PostgreSQL): an export of a hundred
+        million rows must not hold them all."""
+        f = schema.files
+        conditions = ([f.c.status == status] if status else []) + (self._glob_conditions(path_glob) if path_glob else [])
+        query = select(f).where(*conditions).order_by(f.c.path)
         with self.engine.connect() as conn:
             result = conn.execution_options(stream_results=True, yield_per=batch).execute(query)
             for part in result.partitions():

@@ -21,9 +21,10 @@ COLUMNS = (
 )
 
 
-def records(catalog: Catalog) -> Iterator[dict]:
-    """Every file with its caption fields (None where there is no caption)."""
-    for chunk in catalog.iter_files():
+def records(catalog: Catalog, status: str | None = None, path_glob: str | None = None) -> Iterator[dict]:
+    """Every file, or those of one `status` or matching `path_glob`, with its caption fields (None
+    where there is no caption)."""
+    for chunk in catalog.iter_files(status=status, path_glob=path_glob):
         captions = catalog.captions.get([r.embedding_id for r in chunk if r.embedding_id is not None])
         for row in chunk:
             caption = captions.get(row.embedding_id)

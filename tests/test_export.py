@@ -29,8 +29,8 @@ def test_records_stream_the_catalog_in_batches(store, monkeypatch):
     batches = []
     streamed = Catalog.iter_files
 
-    def recorded(catalog, batch=5000):
-        for part in streamed(catalog, batch=3):
+    def recorded(catalog, batch=5000, **filters):
+        for part in streamed(catalog, batch=3, **filters):
             batches.append(len(part))
             yield part
 
@@ -38,6 +38,20 @@ def test_records_stream_the_catalog_in_batches(store, monkeypatch):
     monkeypatch.setattr(Catalog, "files", lambda *a, **k: pytest.fail("export read the whole catalog at once"))
     assert [record["path"] for record in records(store.catalog)] == expected
     assert batches == [3, 3, 2]
+
+
+def test_records_of_one_status_or_glob(store, tmp_path, monkeypatch):
+    """`export --status skipped` lists what could not be indexed without the rest of a large catalog."""
+    from api.options import absolute_glob
+
+    skipped = list(records(store.catalog, status="skipped"))
+    assert [(r["path"], r["error"]) for r in skipped] == [(str(tmp_path / "photos" / "broken.jpg"),
+                                                           "not-an-image: not a format Pillow can read")]
+    monkeypatch.chdir(tmp_path)
+    glob = absolute_glob("photos/img000[0-2].jpg")  # relative, as search --path takes it
+    assert [r["path"] for r in records(store.catalog, path_glob=glob)] == \
+        [str(tmp_path / "photos" / f"img000{i}.jpg") for i in range(3)]
+    assert list(records(store.catalog, status="skipped", path_glob=glob)) == []
 
 
 def test_parquet_is_written_a_row_group_at_a_time(store, tmp_path, monkeypatch):

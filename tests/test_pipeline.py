@@ -7,6 +7,7 @@ import os
 import random
 import shutil
 import string
+from pathlib import Path
 
 import pytest
 from PIL import Image
@@ -48,6 +49,12 @@ def test_first_run_indexes_and_records_reasons(folder, tmp_path, tiny_model):
     csv_out = tmp_path / "catalog.csv"
     run_cli("export", "--index", str(tmp_path / "idx"), "--format", "csv", "-o", str(csv_out), check=True)
     assert csv_out.read_text().splitlines()[0].startswith("path,status,error")
+    skipped = run_cli("export", "--index", str(tmp_path / "idx"), "--status", "skipped", check=True).stdout
+    assert sorted((Path(r["path"]).name, r["error"].split(":")[0]) for r in map(json.loads, skipped.splitlines())) == \
+        [("empty.jpg", "empty"), ("huge.png", "too-large"), ("notes.bin", "not-an-image"), ("truncated.jpg", "truncated")]
+    nested = run_cli("export", "--index", str(tmp_path / "idx"), "--path", f"{folder}/nested/*", "--format", "csv",
+                     check=True).stdout.splitlines()
+    assert len(nested) == 3 and all("/nested/deeper/" in line for line in nested[1:])
     status = json.loads(run_cli("status", "--index", str(tmp_path / "idx"), "--json", check=True).stdout)
     assert status["indexed"] == 9 and status["skipped"] == 4 and status["num_queries"] == 32
 
