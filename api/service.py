@@ -24,6 +24,7 @@ from indexer.store import IndexStore, StoreConfig
 from indexer.walk import at_or_under
 from retrieval.errors import BlipsearchError, UsageError
 
+
 @dataclass(frozen=True)
 class ServeConfig:
     store: StoreConfig

@@ -13,6 +13,7 @@ from __future__ import annotations
 import multiprocessing
 import os
 import threading
+import time
 from collections import deque
 from concurrent.futures import Future, ProcessPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
@@ -33,7 +34,8 @@ class PoolOptions:
     quiet: bool = True  # send the workers' C-level stderr to /dev/null
 
 
-def _init_worker(options: PoolOptions) -> None:
+def _init_worker(options: PoolOptions, parent: int) -> None:
+    threading.Thread(target=_exit_with, args=(parent,), name="blipsearch-parent-watch", daemon=True).start()
     if options.memory_limit_bytes:
         import resource
 
@@ -44,6 +46,16 @@ def _init_worker(options: PoolOptions) -> None:
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, 2)
         os.close(devnull)
+
+
+def _exit_with(parent: int, every_s: float = 1.0) -> None:
+    """Exit once `parent` is gone. A run killed outright (kill -9, the OOM killer) cannot stop its
+    workers, and they would wait for work for ever, or block sending a result no one reads: each holds
+    both ends of its pipes (multiprocessing passes them), so the parent's death brings no EOF. Each
+    also held Python's resource tracker open, one more process left per kill."""
+    while os.getppid() == parent:
+        time.sleep(every_s)
+    os._exit(1)
 
 
 class DecodePool:
@@ -80,7 +92,7 @@ class DecodePool:
                 max_workers=self.options.workers,
                 mp_context=multiprocessing.get_context("spawn"),  # never fork a process holding torch threads
                 initializer=_init_worker,
-                initargs=(self.options,),
+                initargs=(self.options, os.getpid()),
             )
         return self._executor
 

@@ -26,6 +26,37 @@ def committed_embeddings(index_dir) -> int:
         return 0
 
 
+def children(pid: int) -> list[int]:
+    """The processes whose parent is `pid` (decode workers), from /proc."""
+    found = []
+    for entry in os.listdir("/proc"):
+        try:
+            with open(f"/proc/{entry}/stat") as handle:
+                # pid (comm) state ppid ...: comm may hold spaces and parentheses, so split after its last ')'
+                if int(handle.read().rsplit(")", 1)[1].split()[1]) == pid:
+                    found.append(int(entry))
+        except (OSError, ValueError, IndexError):  # not a process, or gone meanwhile
+            continue
+    return found
+
+
+def wait_gone(pids: list[int], timeout: float = 15) -> list[int]:
+    """Those of `pids` still running after `timeout` (zombies count as gone: they run nothing)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        alive = []
+        for pid in pids:
+            try:
+                with open(f"/proc/{pid}/stat") as handle:
+                    if handle.read().rsplit(")", 1)[1].split()[0] != "Z":
+                        alive.append(pid)
+            except OSError:
+                pass
+        if not alive or time.monotonic() > deadline:
+            return alive
+        time.sleep(0.1)
+
+
 @pytest.mark.parametrize("index_type", ["flat-fp16", "sq8"])  # sq8 trains once 1,000 vectors are in
 def test_kill_dash_nine_repeatedly_then_resume(tmp_path, tiny_model, index_type):
     folder = tmp_path / "photos"
@@ -42,8 +73,10 @@ def test_kill_dash_nine_repeatedly_then_resume(tmp_path, tiny_model, index_type)
         while committed_embeddings(idx) < before + 8 and process.poll() is None and time.monotonic() < deadline:
             time.sleep(0.05)
         if process.poll() is None:
+            workers = children(process.pid)
             process.send_signal(signal.SIGKILL)
             kills += 1
+            assert workers and wait_gone(workers) == [], "decode workers outlived their killed run"
         process.wait()
     assert kills >= 2, "the runs finished before they could be killed; make the collection larger"
     done_before_final = committed_embeddings(idx)
