@@ -109,6 +109,37 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
+def children(pid: int) -> list[int]:
+    """The processes whose parent is `pid` (decode workers), from /proc."""
+    found = []
+    for entry in os.listdir("/proc"):
+        try:
+            with open(f"/proc/{entry}/stat") as handle:
+                # pid (comm) state ppid ...: comm may hold spaces and parentheses, so split after its last ')'
+                if int(handle.read().rsplit(")", 1)[1].split()[1]) == pid:
+                    found.append(int(entry))
+        except (OSError, ValueError, IndexError):  # not a process, or gone meanwhile
+            continue
+    return found
+
+
+def wait_gone(pids: list[int], timeout: float = 15) -> list[int]:
+    """Those of `pids` still running after `timeout` (zombies count as gone: they run nothing)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        alive = []
+        for pid in pids:
+            try:
+                with open(f"/proc/{pid}/stat") as handle:
+                    if handle.read().rsplit(")", 1)[1].split()[0] != "Z":
+                        alive.append(pid)
+            except OSError:
+                pass
+        if not alive or time.monotonic() > deadline:
+            return alive
+        time.sleep(0.1)
+
+
 def assert_consistent(index_dir: Path, catalog_url: str | None = None) -> None:
     """Catalog and FAISS file agree: every embedding has exactly its vectors, nothing else is stored."""
     import faiss

@@ -20,7 +20,7 @@ from indexer.search import RRF_K, SearchOptions, Searcher, search_captions
 from indexer.store import IndexStore, StoreConfig
 from retrieval.captioner import CaptionOptions
 from retrieval.query import TextQuery
-from tests.conftest import ROOT, make_images, run_cli
+from tests.conftest import ROOT, children, make_images, run_cli, wait_gone
 
 
 def index(folder, idx, model, *extra):
@@ -101,8 +101,10 @@ def test_kill_dash_nine_while_captioning_then_resume(tmp_path, tiny_model, capti
     while len(stored_captions(idx)) < 6 and process.poll() is None and time.monotonic() < deadline:
         time.sleep(0.05)
     assert process.poll() is None, "captioning finished before it could be killed"
+    workers = children(process.pid)
     process.send_signal(signal.SIGKILL)
     process.wait()
+    assert workers and wait_gone(workers) == [], "decode workers outlived their killed run"
     before = stored_captions(idx)
     assert 0 < len(before) < 60
     final = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)

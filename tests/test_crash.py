@@ -12,7 +12,7 @@ import time
 
 import pytest
 
-from tests.conftest import ROOT, assert_consistent, make_images
+from tests.conftest import ROOT, assert_consistent, children, make_images, wait_gone
 
 
 def committed_embeddings(index_dir) -> int:
@@ -24,37 +24,6 @@ def committed_embeddings(index_dir) -> int:
             return conn.execute("SELECT count(*) FROM embeddings").fetchone()[0]
     except sqlite3.OperationalError:  # schema not created yet
         return 0
-
-
-def children(pid: int) -> list[int]:
-    """The processes whose parent is `pid` (decode workers), from /proc."""
-    found = []
-    for entry in os.listdir("/proc"):
-        try:
-            with open(f"/proc/{entry}/stat") as handle:
-                # pid (comm) state ppid ...: comm may hold spaces and parentheses, so split after its last ')'
-                if int(handle.read().rsplit(")", 1)[1].split()[1]) == pid:
-                    found.append(int(entry))
-        except (OSError, ValueError, IndexError):  # not a process, or gone meanwhile
-            continue
-    return found
-
-
-def wait_gone(pids: list[int], timeout: float = 15) -> list[int]:
-    """Those of `pids` still running after `timeout` (zombies count as gone: they run nothing)."""
-    deadline = time.monotonic() + timeout
-    while True:
-        alive = []
-        for pid in pids:
-            try:
-                with open(f"/proc/{pid}/stat") as handle:
-                    if handle.read().rsplit(")", 1)[1].split()[0] != "Z":
-                        alive.append(pid)
-            except OSError:
-                pass
-        if not alive or time.monotonic() > deadline:
-            return alive
-        time.sleep(0.1)
 
 
 @pytest.mark.parametrize("index_type", ["flat-fp16", "sq8"])  # sq8 trains once 1,000 vectors are in
