@@ -4,7 +4,8 @@
 are few among many, and finding a page of them through the index of every path read all the
 indexed paths before them: 0.1 s a million files (measured on SQLite and PostgreSQL), every page.
 This index holds only the skipped files, so a page reads its own rows; it costs nothing to keep for
-the indexed files, which are most.
+the indexed files, which are most. Building it reads the files table once, at the first open by this
+version (0.1 s for 1,000,000 rows on PostgreSQL, measured).
 
 Revision ID: 0004
 Revises: 0003
