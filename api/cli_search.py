@@ -5,8 +5,8 @@ from __future__ import annotations
 import click
 
 from api.options import (
-    absolute_glob, emit_json, feature_cache, feature_cache_option, index_model, index_options, model_options, store_config,
-    warn_missing,
+    absolute_glob, emit_json, feature_cache, feature_cache_option, index_model, index_options, model_options,
+    store_config, warn_missing,
 )
 
 

@@ -2,7 +2,7 @@
 `thumbnails/` folder, up to a size limit, the least recently shown removed first.
 
 Thumbnails are made only for images someone views, but a crawler or a long-lived server views many:
-at about 10 kB each, a hundred million images would be a terabyte. So the folder is kept under
+a 256 px JPEG is some 10-30 kB, so a hundred million would be terabytes. So the folder is kept under
 `max_bytes`: when what this server knows it added takes it over, a background pass lists the folder
 (a stat per file), and removes the oldest until it is under nine tenths of the limit. "Oldest" is
 by modification time, which a view renews when it is over an hour old: an hour's precision for a

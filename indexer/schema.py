@@ -8,8 +8,9 @@ duplicate files point at the same embedding row. `captions` holds one caption pe
 
 from __future__ import annotations
 
-from sqlalchemy import (BigInteger, Column, Float, ForeignKey, Index, Integer, LargeBinary, MetaData, String, Table, Text,
-                        text)
+from sqlalchemy import (
+    BigInteger, Column, Float, ForeignKey, Index, Integer, LargeBinary, MetaData, String, Table, Text, text,
+)
 
 metadata = MetaData()
 
