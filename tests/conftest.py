@@ -109,6 +109,18 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
+def fill_files(catalog, count: int, path: str, status: str) -> None:
+    """`count` files straight into the catalog, named `path` % i, in one statement on either database."""
+    head, tail = path.split("%d")
+    error = "NULL" if status == "indexed" else "'corrupt: x'"
+    with catalog.engine.begin() as conn:
+        conn.exec_driver_sql(
+            f"WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < {count}) "
+            f"INSERT INTO files (path, size, mtime_ns, status, error, updated_at) "
+            f"SELECT '{head}' || (100000 + i) || '{tail}', 0, 1, '{status}', "
+            f"{error}, 0 FROM n")
+
+
 def children(pid: int) -> list[int]:
     """The processes whose parent is `pid` (decode workers), from /proc."""
     found = []

@@ -19,7 +19,7 @@ from indexer.errors import CatalogConnectionError
 from indexer.schema import INDEXED, SKIPPED
 from retrieval.errors import ModelMismatchError
 from retrieval.loading import ModelIdentity
-from tests.conftest import ROOT, Cuttable, assert_consistent, make_images, run_cli
+from tests.conftest import ROOT, Cuttable, assert_consistent, fill_files, make_images, run_cli
 
 Q, D = 4, 8
 IDENTITY = ModelIdentity(name="m", fingerprint="abc", embed_dim=D, num_queries=Q)
@@ -320,18 +320,6 @@ def sqlite_steps(engine):
         event.remove(engine, "after_cursor_execute", after)
 
 
-def fill_files(catalog, count: int, path: str, status: str) -> None:
-    """`count` files straight into the catalog, named `path` % i, in one statement on either database."""
-    head, tail = path.split("%d")
-    error = "NULL" if status == INDEXED else "'corrupt: x'"
-    with catalog.engine.begin() as conn:
-        conn.exec_driver_sql(
-            f"WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < {count}) "
-            f"INSERT INTO files (path, size, mtime_ns, status, error, updated_at) "
-            f"SELECT '{head}' || (100000 + i) || '{tail}', 0, 1, '{status}', "
-            f"{error}, 0 FROM n")
-
-
 def test_a_page_of_skipped_files_reads_only_skipped_rows(catalog):
     """GET /api/images?status=skipped lists what an index run could not read. Skipped files are few
     among many, and a page of them read every indexed path sorting before them (0.1 s a million
@@ -360,7 +348,7 @@ def test_a_total_that_would_take_too_long_to_count_is_none(catalog):
     for _ in range(3):  # every pooled connection: no limit left behind
         assert catalog.page(0, 1, path_glob="*7.jpg")[0] == 20000
     assert catalog.page(0, 3, path_glob="*7.jpg", count_within_s=60)[0] == 20000
-    assert catalog.page(0, 1, path_glob="/p/10000*", count_within_s=0.001)[0] == 9  # a few rows: counted
+    assert catalog.page(0, 1, path_glob="/p/10000*", count_within_s=0.05)[0] == 9  # a few rows: counted in time
 
 
 def test_iter_under_pages_walk_the_path_index_on_postgres_without_statistics(postgres_url):

@@ -14,7 +14,7 @@ from PIL import Image
 from api.server import create_app
 from api.service import CachedCounts, ServeConfig, Service
 from indexer.store import StoreConfig
-from tests.conftest import Cuttable, make_images
+from tests.conftest import Cuttable, fill_files, make_images
 
 TOKEN = "s3cret"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
@@ -165,8 +165,6 @@ def test_a_large_catalogs_listing_totals_do_not_count_every_row(tmp_path, retrie
     files): by status the counts /api/status keeps answer, and other filters count within a time
     limit, past which the total is null and the page still comes."""
     from sqlalchemy import event
-
-    from tests.test_catalog import fill_files
 
     service = Service(ServeConfig(StoreConfig(tmp_path / "idx"), count_time_limit_s=0.001), retriever)
     fill_files(service.store.catalog, 200000, "/p/a/%d.jpg", "indexed")
