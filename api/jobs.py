@@ -98,16 +98,22 @@ class JobRunner:
             if job.state == CANCELLED:
                 return
             job.state = RUNNING
+        state = FAILED  # also after a BaseException, which leaves no error message
         try:
             job.result = self._run(job, JobProgress(job))
-            job.state = DONE
+            state = DONE
         except JobCancelled:
-            job.state = CANCELLED
+            state = CANCELLED
         except Exception as exc:  # noqa: BLE001 - a job's failure is reported on the job, not raised
-            job.state, job.error = FAILED, str(exc).splitlines()[0][:500] if str(exc) else type(exc).__name__
+            state, job.error = FAILED, str(exc).splitlines()[0][:500] if str(exc) else type(exc).__name__
         finally:
-            job.finished_at = time.time()
-            self._on_done(job)
+            # The job shows as finished only after `on_done` (the server takes in its images): a
+            # client that polls it until done and then searches must find them.
+            try:
+                self._on_done(job)
+            finally:
+                job.finished_at = time.time()
+                job.state = state
 
     def get(self, job_id: int) -> Job | None:
         return self._jobs.get(job_id)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import threading
 import time
 
-from api.jobs import CANCELLED, DONE, RUNNING, JobRunner
+from api.jobs import CANCELLED, DONE, FAILED, RUNNING, JobRunner
 
 
 def wait_for(condition, timeout: float = 10.0) -> None:
@@ -32,6 +32,27 @@ def test_a_queued_job_is_cancelled_at_once_and_never_runs():
     release.set()
     runner.shutdown()
     assert ran == [first.id] and first.state == DONE and second.state == CANCELLED
+
+
+def test_a_job_shows_as_finished_only_once_its_results_are_searchable():
+    """A client that polled a job until "done" and then searched could find the index empty: the
+    server took in the job's images (`on_done`: a reload) after the job showed as finished."""
+    reloaded = []
+
+    def on_done(job):
+        time.sleep(0.3)  # a reload of a large index takes a while
+        reloaded.append(job)
+
+    runner = JobRunner(lambda job, progress: {"n": 1}, on_done=on_done)
+    failing = JobRunner(lambda job, progress: 1 / 0, on_done=on_done)
+    jobs = [runner.submit("index", {}), failing.submit("index", {})]
+    for job in jobs:
+        wait_for(lambda: job.state in (DONE, FAILED))
+        assert any(done is job for done in reloaded) and job.finished_at is not None, job.as_dict()
+    runner.shutdown()
+    failing.shutdown()
+    assert jobs[0].state == DONE and jobs[0].result == {"n": 1} and jobs[1].state == FAILED
+    assert jobs[1].error == "division by zero"
 
 
 def test_only_the_latest_finished_jobs_are_kept():
