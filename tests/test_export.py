@@ -41,7 +41,7 @@ def test_records_stream_the_catalog_in_batches(store, monkeypatch):
 
 
 def test_records_of_one_status_or_glob(store, tmp_path, monkeypatch):
-    """`export --status skipped` lists what could not be indexed without the rest of a large catalog."""
+    """`export --status skipped` and `--path GLOB`: only those files, chosen in SQL (`Catalog.iter_files`)."""
     from api.options import absolute_glob
 
     skipped = list(records(store.catalog, status="skipped"))
