@@ -234,6 +234,8 @@ def _print_index_summary(store, summary, with_captions: bool, as_json: bool) -> 
             + (f", captioned {result['captioned']}" if with_captions else "")
             + f" in {result['seconds']['total']:.1f} s"
         )
+        if result["skipped"]:
+            click.echo(f"the skipped files, and why: {_export_skipped_command(store)}", err=True)
     if summary.names_not_utf8:
         click.echo(f"warning: {len(summary.names_not_utf8)} file(s) not indexed, because their names are not valid "
                    "UTF-8 and the catalog keeps names as UTF-8 text; rename them (for example with convmv): "
@@ -253,6 +255,18 @@ def _print_index_summary(store, summary, with_captions: bool, as_json: bool) -> 
     if summary.links_not_followed:
         click.echo(f"note: {summary.links_not_followed} symbolic link(s) to files or folders were not followed; "
                    "--follow-symlinks indexes what they point to", err=True)
+
+
+def _export_skipped_command(store) -> str:
+    """The command that lists the index's skipped files (a catalog URL's password hidden)."""
+    import shlex
+
+    from sqlalchemy.engine import make_url
+
+    command = ["blipsearch", "export", "--index", str(store.directory)]
+    if store.config.catalog_url:
+        command += ["--catalog-url", make_url(store.config.catalog_url).render_as_string(hide_password=True)]
+    return shlex.join(command + ["--status", "skipped"])
 
 
 def _first_few(names: list[str], shown: int = 5) -> str:

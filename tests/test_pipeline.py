@@ -5,13 +5,16 @@ from __future__ import annotations
 import json
 import os
 import random
+import shlex
 import shutil
 import string
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 from PIL import Image
 
+from api.cli import _export_skipped_command
 from tests.conftest import assert_consistent, make_images, run_cli
 
 
@@ -57,6 +60,22 @@ def test_first_run_indexes_and_records_reasons(folder, tmp_path, tiny_model):
     assert len(nested) == 3 and all("/nested/deeper/" in line for line in nested[1:])
     status = json.loads(run_cli("status", "--index", str(tmp_path / "idx"), "--json", check=True).stdout)
     assert status["indexed"] == 9 and status["skipped"] == 4 and status["num_queries"] == 32
+
+
+def test_a_run_that_skips_files_says_how_to_list_them(folder, tmp_path, tiny_model):
+    """`index` printed how many files it skipped, by reason, and not where to see which."""
+    idx = tmp_path / "my idx"  # a space: the command shown must still run as printed
+    result = run_cli("index", str(folder), "--index", str(idx), "--model", str(tiny_model), "-q", check=True)
+    [hint] = [line for line in result.stderr.splitlines() if line.startswith("the skipped files, and why: ")]
+    command = shlex.split(hint.split(": ", 1)[1])
+    assert command[:2] == ["blipsearch", "export"]
+    listed = [json.loads(line) for line in run_cli(*command[1:], check=True).stdout.splitlines()]
+    assert sorted(Path(row["path"]).name for row in listed) == ["empty.jpg", "notes.bin", "truncated.jpg"]
+    again = run_cli("index", str(folder), "--index", str(idx), "--model", str(tiny_model), "-q", check=True)
+    assert "the skipped files" not in again.stderr  # none skipped by this run: nothing to say
+    shared = SimpleNamespace(directory=Path("/x"), config=SimpleNamespace(catalog_url="postgresql+psycopg://me:pw@h/db"))
+    assert _export_skipped_command(shared) == \
+        "blipsearch export --index /x --catalog-url 'postgresql+psycopg://me:***@h/db' --status skipped"
 
 
 def test_a_file_skipped_for_the_runs_limits_is_tried_again(folder, tmp_path, tiny_model):
