@@ -189,15 +189,8 @@ class Catalog:
         `--path` glob (`indexer.path_glob`); the page from `offset` among those after the path `after`.
         The total ignores `after`: it is how many the filters match; None without `count`, or when
         counting would take over `count_within_s` (a filter matching much of a large catalog)."""
-        f, c = schema.files, schema.captions
-        conditions = []
-        if status is not None:  # skipped files: their own index (0004), found by SQLite and PostgreSQL
-            conditions.append(f.c.status == status)
-        if has_caption is not None:
-            captioned = exists().where(c.c.embedding_id == f.c.embedding_id)
-            conditions.append(captioned if has_caption else ~captioned)
-        if path_glob:
-            conditions += self._glob_conditions(path_glob)
+        f = schema.files
+        conditions = self._filters(status, has_caption, path_glob)
         on_page = conditions + ([f.c.path > after] if after is not None else [])
         with self.engine.connect() as conn:
             rows = [FileRow(**r._mapping) for r in
@@ -223,6 +216,20 @@ class Catalog:
             for chunk in chunks(ids):
                 out.extend(FileRow(**r._mapping) for r in conn.execute(select(f).where(f.c.id.in_(chunk))))
         return out
+
+    def _filters(self, status: str | None = None, has_caption: bool | None = None,
+                 path_glob: str | None = None) -> list:
+        """Conditions on files: of one status, with or without a caption, matching a `--path` glob."""
+        f, c = schema.files, schema.captions
+        conditions = []
+        if status is not None:  # skipped files: their own index (0004), found by SQLite and PostgreSQL
+            conditions.append(f.c.status == status)
+        if has_caption is not None:
+            captioned = exists().where(c.c.embedding_id == f.c.embedding_id)
+            conditions.append(captioned if has_caption else ~captioned)
+        if path_glob:
+            conditions += self._glob_conditions(path_glob)
+        return conditions
 
     def _glob_conditions(self, glob: str) -> list:
         return path_glob.conditions(schema.files.c.path, glob, self.engine.dialect.name)
@@ -285,9 +292,7 @@ class Catalog:
         """Every file in batches, or those of one status or matching a `--path` glob, ordered by path,
         streamed from the database (a server-side cursor on PostgreSQL): an export of a hundred
         million rows must not hold them all."""
-        f = schema.files
-        conditions = ([f.c.status == status] if status else []) + (self._glob_conditions(path_glob) if path_glob else [])
-        query = select(f).where(*conditions).order_by(f.c.path)
+        query = select(schema.files).where(*self._filters(status, path_glob=path_glob)).order_by(schema.files.c.path)
         with self.engine.connect() as conn:
             result = conn.execution_options(stream_results=True, yield_per=batch).execute(query)
             for part in result.partitions():
