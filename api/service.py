@@ -219,9 +219,10 @@ class Service:
     def file_path(self, file_id: int) -> Path | None:
         """The file of catalog row `file_id`, only if it still resolves inside an indexed root."""
         row = self.store.catalog.file(file_id)
-        if row is None:
-            return None
-        real = os.path.realpath(row.path)
+        return None if row is None else self._servable(row.path)
+
+    def _servable(self, path: str) -> Path | None:
+        real = os.path.realpath(path)
         roots = [os.path.realpath(r) for r in self.store.catalog.roots()]
         inside = any(at_or_under(real, root) for root in roots)
         return Path(real) if inside and os.path.isfile(real) else None
@@ -230,10 +231,8 @@ class Service:
         """A JPEG thumbnail (`api.thumbnails`); why not, for a file that can no longer be read as an
         image; None for no such image, or one not servable."""
         row = self.store.catalog.file(file_id)
-        path = self.file_path(file_id)
-        if row is None or path is None or not row.content_hash:
-            return None
-        return self.thumbnails.get(row.content_hash, str(path))
+        path = self._servable(row.path) if row is not None and row.content_hash else None
+        return None if path is None else self.thumbnails.get(row.content_hash, str(path))
 
     def delete_image(self, file_id: int) -> bool:
         """Forget one file (not the file on disk); its vectors go when no other file shares them."""
