@@ -4,6 +4,8 @@ that need them, so `blipsearch --help` answers at once."""
 from __future__ import annotations
 
 import errno
+import signal
+import threading
 from pathlib import Path
 
 import click
@@ -24,10 +26,16 @@ from retrieval.errors import BlipsearchError
 RESUMABLE = ("index", "caption")  # commit batch by batch: a rerun goes on where they stopped
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (`kill`, `docker stop`, systemd, a batch scheduler), raised where Ctrl-C would be, so a
+    run stops the same way: the batch in hand is dropped, its decode workers are shut down."""
+
+
 class BlipsearchGroup(click.Group):
     """Turns the core's typed errors into `Error: ...` on stderr and the error's exit code, Ctrl-C
-    into one line and the shell's exit code for it (130) instead of click's bare "Aborted!", and a
-    full disk into one line saying what to do instead of a driver's traceback."""
+    and SIGTERM into one line and the shell's exit code for them (130, 143) instead of click's bare
+    "Aborted!" or a silent death, and a full disk into one line saying what to do instead of a
+    driver's traceback."""
 
     def invoke(self, ctx: click.Context):
         try:
@@ -35,9 +43,10 @@ class BlipsearchGroup(click.Group):
         except BlipsearchError as exc:
             click.echo(f"Error: {exc}{_kept(ctx) if isinstance(exc, CatalogConnectionError) else ''}", err=True)
             ctx.exit(exc.exit_code)
-        except KeyboardInterrupt:
-            click.echo(f"\nInterrupted{_kept(ctx)}.", err=True)
-            ctx.exit(130)
+        except KeyboardInterrupt as exc:
+            terminated = isinstance(exc, Terminated)
+            click.echo(f"\n{'Terminated' if terminated else 'Interrupted'}{_kept(ctx)}.", err=True)
+            ctx.exit(128 + (signal.SIGTERM if terminated else signal.SIGINT))
         except Exception as exc:
             if gpu_out_of_memory(exc):
                 click.echo(f"Error: the GPU ran out of memory ({str(exc).splitlines()[0][:200]}); lower --batch-size "
@@ -49,6 +58,25 @@ class BlipsearchGroup(click.Group):
             click.echo(f"Error: the disk is full ({reason}); free some space and run the same command again"
                        f"{_kept(ctx)}.", err=True)
             ctx.exit(1)
+
+
+class ResumableCommand(click.Command):
+    """`index` and `caption`: while they run, SIGTERM raises `Terminated`. Other commands keep the
+    default (the server's uvicorn shuts down on SIGTERM by itself); so does a run outside the main
+    thread (click's test runner in a thread), where Python cannot take signals."""
+
+    def invoke(self, ctx: click.Context):
+        if threading.current_thread() is not threading.main_thread():
+            return super().invoke(ctx)
+        previous = signal.signal(signal.SIGTERM, _raise_terminated)
+        try:
+            return super().invoke(ctx)
+        finally:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _raise_terminated(signum, frame):
+    raise Terminated()
 
 
 def _kept(ctx: click.Context) -> str:
@@ -100,7 +128,7 @@ def make_tiny_command(directory: Path, seed: int) -> None:
 
 
 # -- index --------------------------------------------------------------------------------------
-@main.command()
+@main.command(cls=ResumableCommand)
 @click.argument("paths", nargs=-1)
 @index_options
 @model_options
@@ -286,7 +314,7 @@ def _choose_index_type(store, index_type: str, max_memory: int | None) -> None:
 
 
 # -- caption ----------------------------------------------------------------------------------
-@main.command()
+@main.command(cls=ResumableCommand)
 @index_options
 @caption_options
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default=None, help="Where the model runs.")

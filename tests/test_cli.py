@@ -7,7 +7,7 @@ import errno
 import pytest
 from click.testing import CliRunner
 
-from api.cli import BlipsearchGroup
+from api.cli import RESUMABLE, BlipsearchGroup, ResumableCommand, main
 
 
 class DriverError(Exception):
@@ -78,3 +78,9 @@ def test_a_seed_torch_cannot_take_is_refused(args):
 
     result = CliRunner().invoke(main, args)
     assert result.exit_code == 2 and "is not in the range 0<=x<=2147483647" in result.output
+
+
+def test_the_resumable_commands_take_sigterm_as_ctrl_c():
+    """test_crash sends SIGTERM to `index`; `caption` gets it through the same command class."""
+    assert all(isinstance(main.commands[name], ResumableCommand) for name in RESUMABLE)
+    assert not isinstance(main.commands["serve"], ResumableCommand)  # uvicorn shuts down on SIGTERM itself

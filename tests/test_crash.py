@@ -1,4 +1,4 @@
-"""Crash safety: `kill -9` a real indexing process several times mid-run, then finish the job; Ctrl-C."""
+"""Crash safety: `kill -9` a real indexing process several times mid-run, then finish the job; Ctrl-C and SIGTERM."""
 
 from __future__ import annotations
 
@@ -60,7 +60,10 @@ def test_kill_dash_nine_repeatedly_then_resume(tmp_path, tiny_model, index_type)
     assert_consistent(idx)
 
 
-def test_ctrl_c_keeps_finished_batches_and_says_so(tmp_path, tiny_model):
+@pytest.mark.parametrize("signum, code, said", [(signal.SIGINT, 130, "Interrupted"), (signal.SIGTERM, 143, "Terminated")])
+def test_ctrl_c_or_sigterm_keeps_finished_batches_and_says_so(tmp_path, tiny_model, signum, code, said):
+    """Ctrl-C, or SIGTERM as `kill`, `docker stop` and systemd send it: one line, the shell's exit code
+    for the signal, the decode workers gone, and the rerun goes on from the last finished batch."""
     folder = tmp_path / "photos"
     total = len(make_images(folder, 60, seed=8))
     idx = tmp_path / "idx"
@@ -72,11 +75,13 @@ def test_ctrl_c_keeps_finished_batches_and_says_so(tmp_path, tiny_model):
     deadline = time.monotonic() + 120
     while committed_embeddings(idx) < 8 and process.poll() is None and time.monotonic() < deadline:
         time.sleep(0.05)
-    assert process.poll() is None, "the run finished before Ctrl-C; make the collection larger"
-    process.send_signal(signal.SIGINT)
+    assert process.poll() is None, "the run finished before the signal; make the collection larger"
+    workers = children(process.pid)
+    process.send_signal(signum)  # to the run alone, as `kill` does; a terminal's Ctrl-C reaches its workers too
     out, err = process.communicate(timeout=60)
-    assert process.returncode == 130 and out == ""
-    assert err.strip() == "Interrupted; every finished batch is kept, and the same command goes on from there."
+    assert process.returncode == code and out == ""
+    assert err.strip() == f"{said}; every finished batch is kept, and the same command goes on from there."
+    assert workers and wait_gone(workers, timeout=5) == []
     kept = committed_embeddings(idx)
     final = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     summary = json.loads(final.stdout)
