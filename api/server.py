@@ -4,6 +4,7 @@ core errors into `{"error": ..., "detail": ...}` bodies with the right status co
 from __future__ import annotations
 
 import hmac
+import os
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -44,6 +45,21 @@ class CaptionJob(BaseModel):
     candidates: int = Field(1, ge=1, le=16)  # > 1: the best of that many beams by ITC (`caption --candidates`)
     batch_size: int = Field(8, ge=1, le=1024)
     overwrite: bool = False
+
+
+def _matches(request: Request, etag: str) -> bool:
+    """If-None-Match holds `etag` or `*` (RFC 9110 13.1.2: a list, compared weakly)."""
+    header = request.headers.get("if-none-match")
+    if header is None:
+        return False
+    tags = {tag.strip().removeprefix("W/") for tag in header.split(",")}
+    return "*" in tags or etag.removeprefix("W/") in tags
+
+
+def _not_modified(headers) -> Response:
+    """304, with the headers a 200 would carry that describe caching (RFC 9110 15.4.5)."""
+    kept = {name: headers[name] for name in ("ETag", "Cache-Control", "Last-Modified") if name in headers}
+    return Response(status_code=304, headers=kept)
 
 
 def error_body(status: int, error: str, detail: str | None = None, headers: dict | None = None) -> JSONResponse:
@@ -216,22 +232,34 @@ def create_app(service: Service) -> FastAPI:
         return _image(row, caption)
 
     @app.get("/api/images/{file_id}/file")
-    def image_file(file_id: ImageId) -> FileResponse:
-        path = service.file_path(file_id)
-        if path is None:
+    def image_file(file_id: ImageId, request: Request) -> Response:
+        file = service.servable_file(file_id)
+        try:
+            stat = None if file is None else os.stat(file.path)
+        except OSError:  # removed since it was found
+            stat = None
+        if stat is None:
             raise HTTPException(404, f"no servable file for image {file_id} (unknown, moved, or outside the indexed folders)")
-        return FileResponse(path)
+        response = FileResponse(file.path, stat_result=stat)  # its ETag: the file's mtime and size
+        return _not_modified(response.headers) if _matches(request, response.headers["etag"]) else response
 
     @app.get("/api/images/{file_id}/thumbnail")
-    def thumbnail(file_id: ImageId) -> Response:
+    def thumbnail(file_id: ImageId, request: Request) -> Response:
+        from api.thumbnails import THUMBNAIL_PX
         from indexer.decode import Skipped
 
-        thumb = service.thumbnail(file_id)
-        if thumb is None:
+        file = service.servable_file(file_id)
+        if file is None or file.content_hash is None:
             raise HTTPException(404, f"no servable file for image {file_id}")
+        # A thumbnail is made from the content as indexed, so that content's hash names it: a
+        # browser's next look, once max-age is past, costs one catalog row and no decode.
+        headers = {"Cache-Control": "max-age=86400", "ETag": f'"{file.content_hash[:32]}-{THUMBNAIL_PX}"'}
+        if _matches(request, headers["ETag"]):
+            return _not_modified(headers)
+        thumb = service.thumbnail(file)
         if isinstance(thumb, Skipped):
             raise HTTPException(422, f"cannot make a thumbnail: {thumb.detail}")
-        return Response(thumb, media_type="image/jpeg", headers={"Cache-Control": "max-age=86400"})
+        return Response(thumb, media_type="image/jpeg", headers=headers)
 
     @app.delete("/api/images/{file_id}", dependencies=[Depends(require_token)])
     def delete_image(file_id: ImageId) -> dict:

@@ -26,6 +26,12 @@ from retrieval.errors import BlipsearchError, UsageError
 
 
 @dataclass(frozen=True)
+class ServableFile:
+    path: Path  # resolved, inside an indexed folder
+    content_hash: str | None  # as indexed; None for a file skipped then
+
+
+@dataclass(frozen=True)
 class ServeConfig:
     store: StoreConfig
     model: str | None = None  # default: the model the index records
@@ -216,10 +222,11 @@ class Service:
         return searcher
 
     # -- files ------------------------------------------------------------------------------------
-    def file_path(self, file_id: int) -> Path | None:
+    def servable_file(self, file_id: int) -> ServableFile | None:
         """The file of catalog row `file_id`, only if it still resolves inside an indexed root."""
         row = self.store.catalog.file(file_id)
-        return None if row is None else self._servable(row.path)
+        path = None if row is None else self._servable(row.path)
+        return None if path is None else ServableFile(path, row.content_hash)
 
     def _servable(self, path: str) -> Path | None:
         real = os.path.realpath(path)
@@ -227,12 +234,10 @@ class Service:
         inside = any(at_or_under(real, root) for root in roots)
         return Path(real) if inside and os.path.isfile(real) else None
 
-    def thumbnail(self, file_id: int) -> bytes | Skipped | None:
+    def thumbnail(self, file: ServableFile) -> bytes | Skipped | None:
         """A JPEG thumbnail (`api.thumbnails`); why not, for a file that can no longer be read as an
-        image; None for no such image, or one not servable."""
-        row = self.store.catalog.file(file_id)
-        path = self._servable(row.path) if row is not None and row.content_hash else None
-        return None if path is None else self.thumbnails.get(row.content_hash, str(path))
+        image; None for a file never read as one (skipped when indexed)."""
+        return None if file.content_hash is None else self.thumbnails.get(file.content_hash, str(file.path))
 
     def delete_image(self, file_id: int) -> bool:
         """Forget one file (not the file on disk); its vectors go when no other file shares them."""

@@ -215,6 +215,32 @@ def test_catalog_listing_metadata_file_and_thumbnail(served):
     assert_error(client.get("/api/images/999999/file"), 404)
 
 
+def test_a_file_or_thumbnail_the_browser_has_is_not_sent_again(served, monkeypatch):
+    """If-None-Match with the ETag given before: 304 with no body, and for a thumbnail without making
+    it; another tag gets the image; a file changed since gets a new tag."""
+    client, _, service = served
+    image = client.get("/api/images", params={"limit": 1, "status": "indexed"}).json()["images"][0]
+    tags = {}
+    for what in ("file", "thumbnail"):
+        url = f"/api/images/{image['id']}/{what}"
+        tags[what] = client.get(url).headers["etag"]
+        for header in (tags[what], f"W/{tags[what]}", f'"other", {tags[what]}', "*"):
+            again = client.get(url, headers={"If-None-Match": header})
+            assert again.status_code == 304 and again.content == b"" and again.headers["etag"] == tags[what], header
+        assert client.get(url, headers={"If-None-Match": '"other"'}).status_code == 200
+    thumbnail_url = f"/api/images/{image['id']}/thumbnail"
+    monkeypatch.setattr(service, "thumbnail", lambda file: pytest.fail("a thumbnail made for a 304"))
+    not_modified = client.get(thumbnail_url, headers={"If-None-Match": tags["thumbnail"]})
+    assert not_modified.status_code == 304 and not_modified.headers["cache-control"] == "max-age=86400"
+    stat = os.stat(image["path"])
+    os.utime(image["path"], ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))  # changed since the browser's copy
+    try:
+        changed = client.get(f"/api/images/{image['id']}/file", headers={"If-None-Match": tags["file"]})
+    finally:
+        os.utime(image["path"], ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    assert changed.status_code == 200 and changed.headers["etag"] != tags["file"]
+
+
 def test_files_outside_the_indexed_roots_are_never_served(served):
     client, root, service = served
     page = client.get("/api/images", params={"limit": 1}).json()
