@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import errno
 import signal
-import threading
 from pathlib import Path
 
 import click
@@ -15,6 +14,7 @@ from api.cli_search import calibrate_command, evaluate_command, search
 from api.cli_serve import demo, serve
 from api.cli_train import train
 from api.cli_ray import caption_on_ray, index_on_ray, ray_config, ray_options
+from api.signals import GracefulCommand, Terminated
 from api.options import (
     best_of, caption_options, emit_json, feature_cache_option, index_model, index_options, index_type_options,
     make_directory, model_options, NumberRange, store_config, warn_missing,
@@ -24,11 +24,6 @@ from retrieval.errors import BlipsearchError
 
 
 RESUMABLE = ("index", "caption")  # commit batch by batch: a rerun goes on where they stopped
-
-
-class Terminated(KeyboardInterrupt):
-    """SIGTERM (`kill`, `docker stop`, systemd, a batch scheduler), raised where Ctrl-C would be, so a
-    run stops the same way: the batch in hand is dropped, its decode workers are shut down."""
 
 
 class BlipsearchGroup(click.Group):
@@ -58,25 +53,6 @@ class BlipsearchGroup(click.Group):
             click.echo(f"Error: the disk is full ({reason}); free some space and run the same command again"
                        f"{_kept(ctx)}.", err=True)
             ctx.exit(1)
-
-
-class ResumableCommand(click.Command):
-    """`index` and `caption`: while they run, SIGTERM raises `Terminated`. Other commands keep the
-    default (the server's uvicorn shuts down on SIGTERM by itself); so does a run outside the main
-    thread (click's test runner in a thread), where Python cannot take signals."""
-
-    def invoke(self, ctx: click.Context):
-        if threading.current_thread() is not threading.main_thread():
-            return super().invoke(ctx)
-        previous = signal.signal(signal.SIGTERM, _raise_terminated)
-        try:
-            return super().invoke(ctx)
-        finally:
-            signal.signal(signal.SIGTERM, previous)
-
-
-def _raise_terminated(signum, frame):
-    raise Terminated()
 
 
 def _kept(ctx: click.Context) -> str:
@@ -128,7 +104,7 @@ def make_tiny_command(directory: Path, seed: int) -> None:
 
 
 # -- index --------------------------------------------------------------------------------------
-@main.command(cls=ResumableCommand)
+@main.command(cls=GracefulCommand)
 @click.argument("paths", nargs=-1)
 @index_options
 @model_options
@@ -314,7 +290,7 @@ def _choose_index_type(store, index_type: str, max_memory: int | None) -> None:
 
 
 # -- caption ----------------------------------------------------------------------------------
-@main.command(cls=ResumableCommand)
+@main.command(cls=GracefulCommand)
 @index_options
 @caption_options
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default=None, help="Where the model runs.")

@@ -9,11 +9,12 @@ import click
 from api.options import (
     best_of, feature_cache_option, index_model, index_options, make_directory, model_options, store_config,
 )
+from api.signals import GracefulCommand
 
 DEMO_CANDIDATES = 16  # the demo's captions: the best of this many beams by ITC, as `caption --candidates`
 
 
-@click.command()
+@click.command(cls=GracefulCommand)
 @index_options
 @model_options
 @click.option("--caption-model", default=None, help="Captioning model for caption jobs (loaded on first use).")

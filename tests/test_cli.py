@@ -7,7 +7,8 @@ import errno
 import pytest
 from click.testing import CliRunner
 
-from api.cli import RESUMABLE, BlipsearchGroup, ResumableCommand, main
+from api.cli import RESUMABLE, BlipsearchGroup, main
+from api.signals import GracefulCommand
 
 
 class DriverError(Exception):
@@ -80,7 +81,6 @@ def test_a_seed_torch_cannot_take_is_refused(args):
     assert result.exit_code == 2 and "is not in the range 0<=x<=2147483647" in result.output
 
 
-def test_the_resumable_commands_take_sigterm_as_ctrl_c():
-    """test_crash sends SIGTERM to `index`; `caption` gets it through the same command class."""
-    assert all(isinstance(main.commands[name], ResumableCommand) for name in RESUMABLE)
-    assert not isinstance(main.commands["serve"], ResumableCommand)  # uvicorn shuts down on SIGTERM itself
+def test_the_commands_that_hold_work_open_take_sigterm_as_ctrl_c():
+    """test_crash sends SIGTERM to `index`, test_server to `serve`; `caption` gets it through the same class."""
+    assert all(isinstance(main.commands[name], GracefulCommand) for name in (*RESUMABLE, "serve"))

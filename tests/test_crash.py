@@ -87,3 +87,48 @@ def test_ctrl_c_or_sigterm_keeps_finished_batches_and_says_so(tmp_path, tiny_mod
     summary = json.loads(final.stdout)
     assert 8 <= kept < total and summary["unchanged"] == kept and summary["indexed"] == total - kept
     assert_consistent(idx)
+
+
+def test_sigterm_stops_a_server_and_its_running_job_cleanly(tmp_path, tiny_model):
+    """`docker stop` on `serve` while an index job runs: uvicorn shuts down, then the job is cancelled
+    after its batch in hand and its decode workers stop, where Python's default for SIGTERM (after
+    uvicorn raises it again) ended the process before any of that, and left the workers' semaphores
+    to the resource tracker's warning. Nothing finished is lost: the next run goes on from there."""
+    import httpx
+
+    from tests.conftest import free_port
+
+    folder = tmp_path / "photos"
+    total = len(make_images(folder, 300, seed=9))
+    idx, port = tmp_path / "idx", free_port()
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    server = subprocess.Popen([sys.executable, "-m", "api.cli", "serve", "--index", str(idx), "--model", str(tiny_model),
+                               "--port", str(port)], cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True)
+    base, deadline = f"http://127.0.0.1:{port}", time.monotonic() + 120
+    try:
+        while True:
+            try:
+                httpx.get(f"{base}/healthz", timeout=2)
+                break
+            except httpx.TransportError:
+                assert server.poll() is None and time.monotonic() < deadline, "the server did not start"
+                time.sleep(0.1)
+        job = httpx.post(f"{base}/api/jobs", json={"kind": "index", "paths": [str(folder)], "batch_size": 4}).json()
+        while httpx.get(f"{base}/api/jobs/{job['id']}").json()["done"] < 8 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        workers = children(server.pid)
+        assert httpx.get(f"{base}/api/jobs/{job['id']}").json()["state"] == "running" and workers
+    finally:
+        server.send_signal(signal.SIGTERM)
+        out, err = server.communicate(timeout=60)
+    assert server.returncode == 143, err
+    assert err.strip().endswith("Terminated.") and "Traceback" not in err and "leaked" not in err, err
+    assert wait_gone(workers, timeout=5) == []
+    kept = committed_embeddings(idx)
+    final = subprocess.run([sys.executable, "-m", "api.cli", "index", "--index", str(idx), "--json", "-q"], cwd=ROOT,
+                           env=env, capture_output=True, text=True, timeout=300)
+    assert final.returncode == 0, final.stderr
+    summary = json.loads(final.stdout)
+    assert 8 <= kept < total and summary["unchanged"] == kept and summary["indexed"] == total - kept
+    assert_consistent(idx)
