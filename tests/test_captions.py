@@ -107,8 +107,7 @@ def test_kill_dash_nine_while_captioning_then_resume(tmp_path, tiny_model, capti
     assert workers and wait_gone(workers) == [], "decode workers outlived their killed run"
     before = stored_captions(idx)
     assert 0 < len(before) < 60
-    final = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
-    assert final.returncode == 0, final.stderr
+    final = run_cli(*command[3:], check=True, timeout=300)  # the same command, forked from the warm parent
     assert json.loads(final.stdout)["captioned"] == 60 - len(before)  # no finished batch again
     after = stored_captions(idx)
     assert len(after) == 60
