@@ -18,7 +18,8 @@ from pydantic import BaseModel, Field
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from api.service import Service
+from api.service import PREVIEW_PX, Service
+from api.thumbnails import THUMBNAIL_PX
 from indexer.errors import CatalogConnectionError, IndexBusyError
 from retrieval.errors import BlipsearchError
 
@@ -245,21 +246,28 @@ def create_app(service: Service) -> FastAPI:
 
     @app.get("/api/images/{file_id}/thumbnail")
     def thumbnail(file_id: ImageId, request: Request) -> Response:
-        from api.thumbnails import THUMBNAIL_PX
+        return _jpeg_of(file_id, request, "thumbnail", THUMBNAIL_PX, service.thumbnail)
+
+    @app.get("/api/images/{file_id}/preview")
+    def preview(file_id: ImageId, request: Request) -> Response:
+        """The image as a JPEG of at most 2048 px, for browsers that cannot show its format (HEIC, TIFF)."""
+        return _jpeg_of(file_id, request, "preview", PREVIEW_PX, service.preview)
+
+    def _jpeg_of(file_id: int, request: Request, what: str, px: int, make) -> Response:
         from indexer.decode import Skipped
 
         file = service.servable_file(file_id)
         if file is None or file.content_hash is None:
             raise HTTPException(404, f"no servable file for image {file_id}")
-        # A thumbnail is made from the content as indexed, so that content's hash names it: a
-        # browser's next look, once max-age is past, costs one catalog row and no decode.
-        headers = {"Cache-Control": "max-age=86400", "ETag": f'"{file.content_hash[:32]}-{THUMBNAIL_PX}"'}
+        # Made from the content as indexed, so that content's hash names it: a browser's next look,
+        # once max-age is past, costs one catalog row and no decode.
+        headers = {"Cache-Control": "max-age=86400", "ETag": f'"{file.content_hash[:32]}-{px}"'}
         if _matches(request, headers["ETag"]):
             return _not_modified(headers)
-        thumb = service.thumbnail(file)
-        if isinstance(thumb, Skipped):
-            raise HTTPException(422, f"cannot make a thumbnail: {thumb.detail}")
-        return Response(thumb, media_type="image/jpeg", headers=headers)
+        jpeg = make(file)
+        if isinstance(jpeg, Skipped):
+            raise HTTPException(422, f"cannot make a {what}: {jpeg.detail}")
+        return Response(jpeg, media_type="image/jpeg", headers=headers)
 
     @app.delete("/api/images/{file_id}", dependencies=[Depends(require_token)])
     def delete_image(file_id: ImageId) -> dict:

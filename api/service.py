@@ -18,11 +18,15 @@ from typing import Any, Callable
 
 from api.jobs import Job, JobProgress, JobRunner
 from api.thumbnails import ThumbnailCache
+from indexer import decode
 from indexer.decode import Skipped
 from indexer.errors import IndexBusyError
 from indexer.store import IndexStore, StoreConfig
 from indexer.walk import at_or_under
 from retrieval.errors import BlipsearchError, UsageError
+
+
+PREVIEW_PX = 2048  # a full image in the web page's viewer, where the browser cannot show the file
 
 
 @dataclass(frozen=True)
@@ -238,6 +242,12 @@ class Service:
         """A JPEG thumbnail (`api.thumbnails`); why not, for a file that can no longer be read as an
         image; None for a file never read as one (skipped when indexed)."""
         return None if file.content_hash is None else self.thumbnails.get(file.content_hash, str(file.path))
+
+    def preview(self, file: ServableFile) -> bytes | Skipped:
+        """A JPEG of the image at most PREVIEW_PX on a side, for a browser that cannot show the file's
+        own format (HEIC, TIFF). Made for each request, not kept: views of full images are few."""
+        with self.decode_slots:
+            return decode.thumbnail_jpeg(str(file.path), PREVIEW_PX)
 
     def delete_image(self, file_id: int) -> bool:
         """Forget one file (not the file on disk); its vectors go when no other file shares them."""

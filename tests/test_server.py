@@ -215,13 +215,28 @@ def test_catalog_listing_metadata_file_and_thumbnail(served):
     assert_error(client.get("/api/images/999999/file"), 404)
 
 
+def test_a_preview_is_the_image_as_a_jpeg_of_at_most_2048_px(served, tmp_path):
+    """For the web page's viewer where the browser cannot show the file's format (HEIC, TIFF)."""
+    from api.service import PREVIEW_PX, ServableFile
+
+    client, _, service = served
+    image = client.get("/api/images", params={"limit": 1, "status": "indexed"}).json()["images"][0]
+    preview = client.get(f"/api/images/{image['id']}/preview")
+    assert preview.status_code == 200 and preview.headers["content-type"] == "image/jpeg"
+    assert Image.open(io.BytesIO(preview.content)).size == (image["width"], image["height"])
+    Image.new("RGB", (3000, 1500), (200, 30, 30)).save(tmp_path / "wide.tif")
+    large = Image.open(io.BytesIO(service.preview(ServableFile(tmp_path / "wide.tif", "0" * 64))))
+    assert PREVIEW_PX == 2048 and large.format == "JPEG" and large.size == (2048, 1024)
+    assert_error(client.get("/api/images/999999/preview"), 404)
+
+
 def test_a_file_or_thumbnail_the_browser_has_is_not_sent_again(served, monkeypatch):
     """If-None-Match with the ETag given before: 304 with no body, and for a thumbnail without making
     it; another tag gets the image; a file changed since gets a new tag."""
     client, _, service = served
     image = client.get("/api/images", params={"limit": 1, "status": "indexed"}).json()["images"][0]
     tags = {}
-    for what in ("file", "thumbnail"):
+    for what in ("file", "thumbnail", "preview"):
         url = f"/api/images/{image['id']}/{what}"
         tags[what] = client.get(url).headers["etag"]
         for header in (tags[what], f"W/{tags[what]}", f'"other", {tags[what]}', "*"):

@@ -37,7 +37,12 @@ def browser():
 
 @pytest.fixture
 def server(tmp_path, tiny_model):
-    make_images(tmp_path / "photos", 12, seed=61, size=(320, 240))
+    make_images(tmp_path / "photos", 11, seed=61, size=(320, 240))
+    from PIL import Image
+    from pillow_heif import register_heif_opener
+
+    register_heif_opener()  # an iPhone's photo: Chromium cannot show HEIC, so the viewer shows a preview
+    Image.open(tmp_path / "photos" / "img0000.jpg").resize((300, 200)).save(tmp_path / "photos" / "phone.heic")
     run_cli("index", str(tmp_path / "photos"), "--index", str(tmp_path / "idx"), "--model", str(tiny_model), "-q",
             check=True)
     port = free_port()
@@ -59,6 +64,11 @@ def server(tmp_path, tiny_model):
 
 
 def test_search_and_open_a_result(server):
+    """Results with their thumbnails; a result opened shows the image itself, or a JPEG of it where
+    the browser cannot show the file (HEIC here)."""
+    import json
+    import urllib.request
+
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support import expected_conditions as ready
     from selenium.webdriver.support.ui import WebDriverWait
@@ -85,6 +95,11 @@ def test_search_and_open_a_result(server):
         driver.find_element(By.ID, "viewer").click()
         wait.until(ready.invisibility_of_element_located((By.ID, "viewer")))
         driver.save_screenshot(str(ARTIFACTS / "web-results.png"))
+        phone = json.load(urllib.request.urlopen(f"{server}/api/images?path=*.heic"))["images"][0]
+        driver.find_element(By.CSS_SELECTOR, f"#results .card[data-id='{phone['id']}']").click()
+        wait.until(lambda d: d.execute_script("const i = document.querySelector('#viewer img'); "
+                                              "return i.complete && i.naturalWidth === 300"))
+        assert driver.find_element(By.CSS_SELECTOR, "#viewer img").get_attribute("src").endswith("/preview")
     finally:
         driver.quit()
 
