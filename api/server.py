@@ -27,6 +27,10 @@ WEB_PAGE = Path(__file__).parent / "web" / "index.html"
 GLOB_HELP = "Only files whose full path matches this glob: absolute (/photos/2019/*) or from * (*2019*)"
 AFTER_HELP = ("Start after this path: the previous page's `next`. Faster than a large offset, which reads every "
               "row it skips, and it does not shift as files are added or removed meanwhile")
+MEDIA_TYPES = {  # Pillow's format names; MPO (a camera's multi-picture JPEG) as the JPEG browsers show
+    "JPEG": "image/jpeg", "MPO": "image/jpeg", "PNG": "image/png", "GIF": "image/gif", "WEBP": "image/webp",
+    "BMP": "image/bmp", "TIFF": "image/tiff", "AVIF": "image/avif", "HEIF": "image/heif",
+}
 MAX_ID = 2**53  # a number JSON carries exactly; ids beyond the catalog's range are simply unknown (404)
 ImageId = Annotated[int, PathParam(ge=0, le=MAX_ID)]
 JobId = Annotated[int, PathParam(ge=0, le=MAX_ID)]
@@ -241,7 +245,10 @@ def create_app(service: Service) -> FastAPI:
             stat = None
         if stat is None:
             raise HTTPException(404, f"no servable file for image {file_id} (unknown, moved, or outside the indexed folders)")
-        response = FileResponse(file.path, stat_result=stat)  # its ETag: the file's mtime and size
+        # Its type as its content was read, not by its name: images are found by content, and a
+        # file with no extension would otherwise be an octet stream that a browser downloads.
+        media_type = MEDIA_TYPES.get(file.format or "")
+        response = FileResponse(file.path, stat_result=stat, media_type=media_type)  # ETag: mtime and size
         return _not_modified(response.headers) if _matches(request, response.headers["etag"]) else response
 
     @app.get("/api/images/{file_id}/thumbnail")

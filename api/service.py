@@ -33,6 +33,7 @@ PREVIEW_PX = 2048  # a full image in the web page's viewer, where the browser ca
 class ServableFile:
     path: Path  # resolved, inside an indexed folder
     content_hash: str | None  # as indexed; None for a file skipped then
+    format: str | None  # Pillow's name for it, as indexed ("JPEG", "HEIF"); None for a file skipped then
 
 
 @dataclass(frozen=True)
@@ -230,7 +231,7 @@ class Service:
         """The file of catalog row `file_id`, only if it still resolves inside an indexed root."""
         row = self.store.catalog.file(file_id)
         path = None if row is None else self._servable(row.path)
-        return None if path is None else ServableFile(path, row.content_hash)
+        return None if path is None else ServableFile(path, row.content_hash, row.format)
 
     def _servable(self, path: str) -> Path | None:
         real = os.path.realpath(path)

@@ -225,9 +225,26 @@ def test_a_preview_is_the_image_as_a_jpeg_of_at_most_2048_px(served, tmp_path):
     assert preview.status_code == 200 and preview.headers["content-type"] == "image/jpeg"
     assert Image.open(io.BytesIO(preview.content)).size == (image["width"], image["height"])
     Image.new("RGB", (3000, 1500), (200, 30, 30)).save(tmp_path / "wide.tif")
-    large = Image.open(io.BytesIO(service.preview(ServableFile(tmp_path / "wide.tif", "0" * 64))))
+    large = Image.open(io.BytesIO(service.preview(ServableFile(tmp_path / "wide.tif", "0" * 64, "TIFF"))))
     assert PREVIEW_PX == 2048 and large.format == "JPEG" and large.size == (2048, 1024)
     assert_error(client.get("/api/images/999999/preview"), 404)
+
+
+def test_a_file_is_served_as_the_type_its_content_was_read_as(tmp_path, retriever, captioner):
+    """Images are found by content, so a name need not say the type: a PNG named without extension
+    (a camera dump, a recovered file) is image/png, where its name alone made it an octet stream
+    that a browser downloads instead of showing."""
+    (tmp_path / "photos").mkdir()
+    Image.new("RGB", (40, 30), (10, 200, 10)).save(tmp_path / "photos" / "IMG_0001", "PNG")
+    service = Service(ServeConfig(StoreConfig(tmp_path / "idx"), token=TOKEN), retriever, lambda: captioner)
+    with TestClient(create_app(service)) as client:
+        wait(client, client.post("/api/jobs", json={"kind": "index", "paths": [str(tmp_path / "photos")]},
+                                 headers=AUTH).json()["id"])
+        (image,) = client.get("/api/images").json()["images"]
+        served = client.get(f"/api/images/{image['id']}/file")
+    service.close()
+    assert image["format"] == "PNG" and served.headers["content-type"] == "image/png"
+    assert served.content == (tmp_path / "photos" / "IMG_0001").read_bytes()
 
 
 def test_a_file_or_thumbnail_the_browser_has_is_not_sent_again(served, monkeypatch):
