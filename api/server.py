@@ -245,10 +245,14 @@ def create_app(service: Service) -> FastAPI:
             stat = None
         if stat is None:
             raise HTTPException(404, f"no servable file for image {file_id} (unknown, moved, or outside the indexed folders)")
-        # Its type as its content was read, not by its name: images are found by content, and a
-        # file with no extension would otherwise be an octet stream that a browser downloads.
+        # Its type as its content was read, never by its name: images are found by content, so a
+        # name may say nothing (a file with no extension was an octet stream a browser downloads),
+        # or lie (a skipped "logo.svg" in an indexed folder, a script run as this server's own page).
+        # What was not read as an image is a download, never sniffed.
         media_type = MEDIA_TYPES.get(file.format or "")
-        response = FileResponse(file.path, stat_result=stat, media_type=media_type)  # ETag: mtime and size
+        response = FileResponse(file.path, stat_result=stat, media_type=media_type or "application/octet-stream",
+                                filename=None if media_type else file.path.name,  # Content-Disposition: attachment
+                                headers={"X-Content-Type-Options": "nosniff"})  # its ETag: mtime and size
         return _not_modified(response.headers) if _matches(request, response.headers["etag"]) else response
 
     @app.get("/api/images/{file_id}/thumbnail")

@@ -233,18 +233,25 @@ def test_a_preview_is_the_image_as_a_jpeg_of_at_most_2048_px(served, tmp_path):
 def test_a_file_is_served_as_the_type_its_content_was_read_as(tmp_path, retriever, captioner):
     """Images are found by content, so a name need not say the type: a PNG named without extension
     (a camera dump, a recovered file) is image/png, where its name alone made it an octet stream
-    that a browser downloads instead of showing."""
+    that a browser downloads instead of showing; and a skipped "logo.svg" was image/svg+xml, whose
+    script a browser opening it runs as the server's own page, free to call the API."""
     (tmp_path / "photos").mkdir()
     Image.new("RGB", (40, 30), (10, 200, 10)).save(tmp_path / "photos" / "IMG_0001", "PNG")
+    (tmp_path / "photos" / "logo.svg").write_text(  # Pillow reads no SVG: skipped as not an image
+        '<svg xmlns="http://www.w3.org/2000/svg"><script>fetch("/api/jobs", {method: "POST"})</script></svg>')
     service = Service(ServeConfig(StoreConfig(tmp_path / "idx"), token=TOKEN), retriever, lambda: captioner)
     with TestClient(create_app(service)) as client:
         wait(client, client.post("/api/jobs", json={"kind": "index", "paths": [str(tmp_path / "photos")]},
                                  headers=AUTH).json()["id"])
-        (image,) = client.get("/api/images").json()["images"]
-        served = client.get(f"/api/images/{image['id']}/file")
+        image, svg = client.get("/api/images").json()["images"]
+        served, svg_served = (client.get(f"/api/images/{i['id']}/file") for i in (image, svg))
     service.close()
     assert image["format"] == "PNG" and served.headers["content-type"] == "image/png"
     assert served.content == (tmp_path / "photos" / "IMG_0001").read_bytes()
+    # A file skipped as not an image is a download, whatever its name says: never a page of this origin.
+    assert svg["status"] == "skipped" and svg_served.headers["content-type"] == "application/octet-stream"
+    assert svg_served.headers["content-disposition"] == 'attachment; filename="logo.svg"'
+    assert served.headers["x-content-type-options"] == svg_served.headers["x-content-type-options"] == "nosniff"
 
 
 def test_a_file_or_thumbnail_the_browser_has_is_not_sent_again(served, monkeypatch):
