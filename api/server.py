@@ -200,7 +200,8 @@ def create_app(service: Service) -> FastAPI:
             with tempfile.NamedTemporaryFile(suffix=Path(image.filename or "").suffix[:10]) as handle:
                 handle.write(data)
                 handle.flush()
-                return service.require_searcher().search_image(handle.name, options, name=f"the upload {name!r}")
+                return service.require_searcher().search_image(handle.name, options, name=f"the upload {name!r}",
+                                                               decode=service.uploads)
 
         return _response(name, await run_in_threadpool(search))
 

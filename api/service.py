@@ -22,6 +22,7 @@ from indexer import decode
 from indexer.decode import Skipped
 from indexer.errors import IndexBusyError
 from indexer.store import IndexStore, StoreConfig
+from indexer.workers import PoolOptions, UntrustedDecoder
 from indexer.walk import at_or_under
 from retrieval.errors import BlipsearchError, UsageError
 
@@ -49,6 +50,7 @@ class ServeConfig:
     max_rerank: int = 256  # images one search may have ITM re-rank: each costs a decode and a ViT pass
     count_time_limit_s: float = 0.2  # for a filtered listing's total (GET /api/images)
     thumbnail_cache_mb: int = 1024  # thumbnails kept in the index directory, least recently shown removed first
+    upload_decode_timeout_s: float = 10.0  # an uploaded query image: decoding past this is given up
 
 
 class LockedModel:
@@ -151,11 +153,13 @@ class Service:
         # A stat per file in the index directory: not at every start, only when /api/status asks.
         self.disk_bytes = CachedCounts(lambda: {"bytes": self.store.disk_bytes()}, at_start=False)
         self.jobs = JobRunner(self._run_job, lambda job: self.reload())
+        self.uploads = UntrustedDecoder(PoolOptions(workers=1, timeout_s=config.upload_decode_timeout_s))
         self.thumbnails = ThumbnailCache(self.store.directory / "thumbnails", config.thumbnail_cache_mb * 1024 * 1024,
                                          self.decode_slots)
 
     def close(self) -> None:
         self.jobs.shutdown()
+        self.uploads.close()
         self._reload_lock.acquire(timeout=60)  # let a background reload finish with the store
         self.store.close()
 

@@ -12,13 +12,13 @@ from __future__ import annotations
 import math
 import os
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
 from indexer import path_glob
 from indexer.catalog import Catalog, FileRow, check_same_model
-from indexer.decode import Decoded, DecodeOptions, decode_file
+from indexer.decode import Decoded, DecodeOptions, Skipped, decode_file
 from indexer.rerank import Reranker
 from indexer.schema import INDEXED
 from indexer.store import IndexStore
@@ -120,10 +120,12 @@ class Searcher:
             candidates += self._caption_candidates(vector, caption_ranks, candidates, options)
         return self._finish(candidates, options, query, caption_ranks)
 
-    def search_image(self, path: str, options: SearchOptions, name: str | None = None) -> SearchResponse:
-        """`name`: what errors call the image, when `path` is a temporary copy (an upload)."""
+    def search_image(self, path: str, options: SearchOptions, name: str | None = None,
+                     decode: Callable[[str, DecodeOptions], Decoded | Skipped] = decode_file) -> SearchResponse:
+        """`name`: what errors call the image, when `path` is a temporary copy (an upload); `decode`:
+        in this process, unless the caller isolates untrusted files (`workers.UntrustedDecoder`)."""
         options.validate()
-        decoded = decode_file(path, DecodeOptions.for_query(self.retriever.transform))
+        decoded = decode(path, DecodeOptions.for_query(self.retriever.transform))
         if not isinstance(decoded, Decoded):
             raise UsageError(f"{name or path}: cannot use as a query image ({decoded.error})")
         embeds = self.retriever.encode_images(decoded.pixels[None]).query_embeds[0]

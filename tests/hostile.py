@@ -15,3 +15,14 @@ def hang_or_crash(path, options):
     if name.startswith("bomb"):
         bytearray(64 << 30)  # over the worker's address-space cap: MemoryError, not the OOM killer
     return decode_file(path, options)
+
+
+def hang_or_crash_by_content(path, options):
+    """As `hang_or_crash`, by the file's first bytes: an upload reaches the decoder under a temporary name."""
+    with open(path, "rb") as handle:
+        head = handle.read(5)
+    if head == b"hang!":
+        time.sleep(3600)
+    if head == b"crash":
+        os._exit(139)
+    return decode_file(path, options)

@@ -140,6 +140,31 @@ def test_search_by_uploaded_image(served):
     assert "(too-large: 12000x12000 is 144 MP, over the 100 MP limit" in too_large.json()["detail"]
 
 
+def test_an_upload_that_crashes_or_hangs_the_decoder_is_a_400_and_the_server_goes_on(served, monkeypatch):
+    """An uploaded query image is decoded in a worker process, one at a time: a file that kills the
+    decoder (as a segfault in a C library would) or never finishes is that request's 400, where it
+    took the server down or held a thread for ever."""
+    from indexer.workers import PoolOptions, UntrustedDecoder
+    from tests.hostile import hang_or_crash_by_content
+
+    client, root, service = served
+    hostile = UntrustedDecoder(PoolOptions(workers=1, timeout_s=3), task=hang_or_crash_by_content)
+    monkeypatch.setattr(service, "uploads", hostile)
+    try:
+        crashed = client.post("/api/search/image", files={"image": ("q.jpg", b"crash" + b"\0" * 100)})
+        hung = client.post("/api/search/image", files={"image": ("q.jpg", b"hang!" + b"\0" * 100)})
+        fine = client.post("/api/search/image", params={"k": 2},
+                           files={"image": ("q.jpg", (root / "photos" / "img0002.jpg").read_bytes())})
+    finally:
+        hostile.close()
+    assert_error(crashed, 400)
+    assert crashed.json()["detail"] == ("the upload 'q.jpg': cannot use as a query image (decoder-crashed: the "
+                                        "decoder crashed on this file)")
+    assert_error(hung, 400)
+    assert "(decoder-timeout: decoding took over 3 s; gave up)" in hung.json()["detail"]
+    assert fine.status_code == 200 and len(fine.json()["results"]) == 2
+
+
 def test_catalog_listing_pages_by_path_after_the_last(served):
     """`offset` reads every row it skips (seconds, deep into a hundred million); `next` and `after` do not."""
     client, _, _ = served
