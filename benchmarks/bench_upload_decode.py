@@ -1,7 +1,12 @@
 """Uploaded query images (`POST /api/search/image`): decoded in a worker process, one at a time
 (`workers.UntrustedDecoder`), against the baseline of decoding them in the serving process itself,
 as uploads were before. The query's decode options; median of 15 each."""
-import statistics, tempfile, time
+
+from __future__ import annotations
+
+import statistics
+import tempfile
+import time
 from pathlib import Path
 
 import numpy as np
