@@ -20,6 +20,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from api.service import PREVIEW_PX, Service
 from api.thumbnails import THUMBNAIL_PX
+from indexer.decode import Skipped
 from indexer.errors import CatalogConnectionError, IndexBusyError
 from retrieval.errors import BlipsearchError
 
@@ -266,8 +267,6 @@ def create_app(service: Service) -> FastAPI:
         return _jpeg_of(file_id, request, "preview", PREVIEW_PX, service.preview)
 
     def _jpeg_of(file_id: int, request: Request, what: str, px: int, make) -> Response:
-        from indexer.decode import Skipped
-
         file = service.servable_file(file_id)
         if file is None or file.content_hash is None:
             raise HTTPException(404, f"no servable file for image {file_id}")

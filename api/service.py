@@ -243,10 +243,10 @@ class Service:
         inside = any(at_or_under(real, root) for root in roots)
         return Path(real) if inside and os.path.isfile(real) else None
 
-    def thumbnail(self, file: ServableFile) -> bytes | Skipped | None:
-        """A JPEG thumbnail (`api.thumbnails`); why not, for a file that can no longer be read as an
-        image; None for a file never read as one (skipped when indexed)."""
-        return None if file.content_hash is None else self.thumbnails.get(file.content_hash, str(file.path))
+    def thumbnail(self, file: ServableFile) -> bytes | Skipped:
+        """A JPEG thumbnail (`api.thumbnails`) of a file indexed as an image (with a content hash); why
+        not, for one that can no longer be read as an image."""
+        return self.thumbnails.get(file.content_hash, str(file.path))
 
     def preview(self, file: ServableFile) -> bytes | Skipped:
         """A JPEG of the image at most PREVIEW_PX on a side, for a browser that cannot show the file's
