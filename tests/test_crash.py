@@ -71,7 +71,8 @@ def test_ctrl_c_and_sigterm_keep_finished_batches_and_say_so(tmp_path, tiny_mode
     kept = 0
     for signum, code, said in ((signal.SIGINT, 130, "Interrupted"), (signal.SIGTERM, 143, "Terminated")):
         process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                   text=True, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # as a shell's
+                                   text=True,  # SIGINT as a shell leaves it to its commands:
+                                   preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
         deadline = time.monotonic() + 120
         while committed_embeddings(idx) < kept + 8 and process.poll() is None and time.monotonic() < deadline:
             time.sleep(0.05)
@@ -102,9 +103,9 @@ def test_sigterm_stops_a_server_and_its_running_job_cleanly(tmp_path, tiny_model
     total = len(make_images(folder, 300, seed=9))
     idx, port = tmp_path / "idx", free_port()
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    server = subprocess.Popen([sys.executable, "-m", "api.cli", "serve", "--index", str(idx), "--model", str(tiny_model),
-                               "--port", str(port)], cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                              text=True)
+    command = [sys.executable, "-m", "api.cli", "serve", "--index", str(idx), "--model", str(tiny_model), "--port",
+               str(port)]
+    server = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     base, deadline = f"http://127.0.0.1:{port}", time.monotonic() + 120
     try:
         while True:
