@@ -13,8 +13,11 @@ changes nothing: files are upserted by path and contents reused by hash.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import signal
+import threading
 import time
 from dataclasses import dataclass, replace
 from itertools import islice
@@ -55,13 +58,26 @@ def start_ray(config: RayConfig) -> None:
         options: dict[str, Any] = {"include_dashboard": False, "log_to_driver": False, "logging_level": "ERROR"}
         if config.address is None:
             options["num_cpus"] = config.num_cpus
-        ray.init(address=config.address, **options)
+        with _sigterm_kept():
+            ray.init(address=config.address, **options)
     import ray.data._internal.execution.streaming_executor  # noqa: F401  (creates the loggers quietened below)
 
     for name in [n for n in logging.Logger.manager.loggerDict if n.startswith("ray")]:
         logging.getLogger(name).setLevel(logging.ERROR)  # Ray Data's INFO lines would bury our progress
     context = ray.data.DataContext.get_current()
     context.enable_progress_bars = False  # the CLI shows its own progress
+
+
+@contextlib.contextmanager
+def _sigterm_kept():
+    """Keep a SIGTERM handler the caller installed (the CLI's, which stops a run as Ctrl-C does) over
+    the one `ray.init` installs, which exits at once with a C-level stack dump on stderr."""
+    own = signal.getsignal(signal.SIGTERM) if threading.current_thread() is threading.main_thread() else None
+    try:
+        yield
+    finally:
+        if callable(own):
+            signal.signal(signal.SIGTERM, own)
 
 
 def _actors(config: RayConfig) -> tuple[int, float]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import signal
 import shutil
 from pathlib import Path
 
@@ -102,15 +103,22 @@ def test_interrupted_ray_run_resumes_from_its_shards(folder, tiny_model, tmp_pat
     store = IndexStore.open(StoreConfig(tmp_path / "idx"), create=True)
     model = ModelConfig.retrieval(str(tiny_model), "cpu")
     config = RayConfig(num_cpus=2, shards_url=str(shards), batch_size=4)
+
+    def own_sigterm(signum, frame):  # as the CLI's, which stops a run as Ctrl-C does
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, own_sigterm)
     try:
         run = RayIndexRun(store, model, IndexConfig(), config, peek_transform(str(tiny_model)))
         first_half = list(walk_sorted([str(folder)], IndexConfig().walk, Noticed()))[:10]
         run._embed(first_half, len(first_half))  # then the run "dies": nothing merged
+        assert signal.getsignal(signal.SIGTERM) is own_sigterm  # ray.init's, which exits with a stack dump, is undone
         import pyarrow.parquet as pq
 
         written = [pq.read_table(p).num_rows for p in shards.glob("part-*.parquet")]
         assert len(written) >= 3 and sum(written) == 10  # batches of at most 4, one shard each
     finally:
+        signal.signal(signal.SIGTERM, previous)
         store.close()
         ray.shutdown()
     result = run_cli("index", str(folder), "--index", str(tmp_path / "idx"), "--model", str(tiny_model), "--json",
