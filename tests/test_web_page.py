@@ -89,7 +89,10 @@ def test_search_and_open_a_result(server):
         wait.until(ready.visibility_of_element_located((By.ID, "viewer")))
         wait.until(lambda d: d.execute_script("const i = document.querySelector('#viewer img'); "
                                               "return i.complete && i.naturalWidth === 320"))
-        assert "img0" in driver.find_element(By.CSS_SELECTOR, "#viewer dl").text
+        details = driver.find_element(By.CSS_SELECTOR, "#viewer dl").text
+        assert "img0" in details and " kB\n" in details  # the size, as people read it
+        original = driver.find_element(By.CSS_SELECTOR, "#viewer dd a")  # the path opens the file itself
+        assert original.get_attribute("href").endswith("/file") and "img0" in original.text
         ARTIFACTS.mkdir(exist_ok=True)
         driver.save_screenshot(str(ARTIFACTS / "web-page.png"))
         driver.find_element(By.ID, "viewer").click()
