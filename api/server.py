@@ -68,6 +68,16 @@ def _not_modified(headers) -> Response:
     return Response(status_code=304, headers=kept)
 
 
+def _scanned(offset: int, status: str | None, has_caption: bool | None, glob: str | None) -> bool:
+    """Whether a listing's page is read a window at a time (`Catalog.scan_page`): filters that no
+    index finds the matches of (a caption or not; a glob that does not start with a folder), paged by
+    `after`. Skipped files have an index of their own, and an `offset` counts from the first match."""
+    from indexer.path_glob import literal_start
+
+    slow = has_caption is not None or (glob is not None and not literal_start(glob).startswith("/"))
+    return slow and offset == 0 and status != "skipped"
+
+
 def error_body(status: int, error: str, detail: str | None = None, headers: dict | None = None) -> JSONResponse:
     return JSONResponse({"error": error, "detail": detail}, status_code=status, headers=headers)
 
@@ -219,15 +229,20 @@ def create_app(service: Service) -> FastAPI:
         # Counting for each page read every row the filters match (0.1-0.2 s a million files): by
         # status alone, or none, the counts /api/status reports answer; other filters count within
         # a time limit, and a total that would take longer is null.
+        catalog, glob = service.store.catalog, _absolute_glob(path)
         by_status_only = has_caption is None and path is None
-        total, rows = service.store.catalog.page(offset, limit, status, has_caption, _absolute_glob(path), after,
-                                                 count=not by_status_only,
-                                                 count_within_s=service.config.count_time_limit_s)
+        total, rows = catalog.page(offset, limit, status, has_caption, glob, after, count=not by_status_only,
+                                   count_within_s=service.config.count_time_limit_s,
+                                   with_rows=not _scanned(offset, status, has_caption, glob))
         if by_status_only:
             total = service.counts.get().get(status or "files", 0)
-        captions = service.store.catalog.captions.get([r.embedding_id for r in rows if r.embedding_id])
-        return {"total": total, "offset": offset, "limit": limit,
-                "next": rows[-1].path if len(rows) == limit else None,
+        if _scanned(offset, status, has_caption, glob):  # no index finds these: a page reads a bounded window
+            rows, following = catalog.scan_page(limit, has_caption, glob, after, status,
+                                                service.config.page_scan_rows)
+        else:
+            following = rows[-1].path if len(rows) == limit else None
+        captions = catalog.captions.get([r.embedding_id for r in rows if r.embedding_id])
+        return {"total": total, "offset": offset, "limit": limit, "next": following,
                 "images": [_image(row, captions.get(row.embedding_id)) for row in rows]}
 
     @app.get("/api/images/{file_id}")

@@ -49,6 +49,7 @@ class ServeConfig:
     reload_check_s: float = 1.0  # how often a search looks whether another process changed the index
     max_rerank: int = 256  # images one search may have ITM re-rank: each costs a decode and a ViT pass
     count_time_limit_s: float = 0.2  # for a filtered listing's total (GET /api/images)
+    page_scan_rows: int = 100_000  # a listing page by caption or a glob with no folder reads at most this many paths
     thumbnail_cache_mb: int = 1024  # thumbnails kept in the index directory, least recently shown removed first
     upload_decode_timeout_s: float = 10.0  # an uploaded query image: decoding past this is given up
 

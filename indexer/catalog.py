@@ -184,17 +184,18 @@ class Catalog:
 
     def page(self, offset: int, limit: int, status: str | None = None, has_caption: bool | None = None,
              path_glob: str | None = None, after: str | None = None, count: bool = True,
-             count_within_s: float | None = None) -> tuple[int | None, list[FileRow]]:
+             count_within_s: float | None = None, with_rows: bool = True) -> tuple[int | None, list[FileRow]]:
         """(total matching, one page of) files ordered by path, filtered by status, caption and a
         `--path` glob (`indexer.path_glob`); the page from `offset` among those after the path `after`.
         The total ignores `after`: it is how many the filters match; None without `count`, or when
-        counting would take over `count_within_s` (a filter matching much of a large catalog)."""
+        counting would take over `count_within_s` (a filter matching much of a large catalog).
+        Without `with_rows`, the total alone (the page read by `scan_page`)."""
         f = schema.files
         conditions = self._filters(status, has_caption, path_glob)
         on_page = conditions + ([f.c.path > after] if after is not None else [])
         with self.engine.connect() as conn:
-            rows = [FileRow(**r._mapping) for r in
-                    conn.execute(select(f).where(*on_page).order_by(f.c.path).offset(offset).limit(limit))]
+            rows = [FileRow(**r._mapping) for r in conn.execute(
+                select(f).where(*on_page).order_by(f.c.path).offset(offset).limit(limit))] if with_rows else []
             if not count:
                 return None, rows
             counting = select(func.count()).select_from(f).where(*conditions)
@@ -202,6 +203,30 @@ class Catalog:
                 return conn.execute(counting).scalar_one(), rows
             conn.rollback()  # the page's read ends before the count's, which sets its own limit
             return scalar_within(conn, counting, count_within_s), rows
+
+    def scan_page(self, limit: int, has_caption: bool | None = None, path_glob: str | None = None,
+                  after: str | None = None, status: str | None = None,
+                  scan_rows: int = 100_000) -> tuple[list[FileRow], str | None]:
+        """Up to `limit` files after the path `after` that the filters match, looking at no more than
+        the next `scan_rows` paths; and where the next page starts after (None: at the end).
+
+        For filters no index finds the matches of (a caption or not, a glob that does not start with
+        a folder), `page` reads rows until it has a page: where matches are rare, most of the catalog.
+        Here a page costs at most `scan_rows` rows, and may hold fewer than `limit` files, none even,
+        while the catalog goes on; its `next` says where the following page starts."""
+        f = schema.files
+        start = [f.c.path > after] if after is not None else []
+        window = select(f.c.path).where(*start).order_by(f.c.path).limit(scan_rows).subquery()
+        with self.engine.connect() as conn:  # one read: the window and its matches see the same rows
+            seen, last = conn.execute(select(func.count(), func.max(window.c.path))).one()
+            if last is None:
+                return [], None
+            matching = self._filters(status, has_caption, path_glob) + start + [f.c.path <= last]
+            rows = [FileRow(**r._mapping)
+                    for r in conn.execute(select(f).where(*matching).order_by(f.c.path).limit(limit))]
+        if len(rows) == limit:
+            return rows, rows[-1].path
+        return rows, (last if seen == scan_rows else None)  # the window ended the catalog, or did not
 
     def indexed_matching(self, glob: str, most: int) -> list[FileRow] | None:
         """The indexed files whose path `glob` matches, in no particular order; None when they are

@@ -259,6 +259,33 @@ def test_path_globs_match_as_the_search_does(catalog):
         assert catalog.page(0, 10, path_glob=never) == (0, []) and catalog.indexed_matching(never, 10) == []
 
 
+@pytest.mark.parametrize("scan_rows", [1, 7, 1000])
+def test_scanned_pages_read_a_window_each_and_together_list_every_match_once(catalog, scan_rows):
+    """`scan_page` (GET /api/images by caption, or a glob with no folder) looks at `scan_rows` paths a
+    page: a page may hold fewer than `limit` files, none even, yet following `next` lists exactly what
+    `page` lists, in order, whatever the window."""
+    paths = [f"/p/{i:03d}{'-x' if i % 9 == 4 else ''}.jpg" for i in range(60)]
+    written = catalog.write_batch([entry(p, f"h{i}") for i, p in enumerate(paths)],
+                                  {f"h{i}": vectors(i) for i in range(len(paths))})
+    catalog.write_batch([entry("/p/030-skipped.jpg", None, SKIPPED)], {})
+    catalog.captions.write({written.created[f"h{i}"]: "a caption" for i in range(60) if i % 13 != 5}, "m", "")
+    for filters in ({"has_caption": False}, {"has_caption": True}, {"path_glob": "*-x.jpg"},
+                    {"path_glob": "*-x.jpg", "has_caption": True}, {"has_caption": False, "status": INDEXED}):
+        _, want = catalog.page(0, 1000, **filters, count=False)
+        listed, pages, after = [], 0, None
+        while True:
+            rows, after = catalog.scan_page(4, after=after, scan_rows=scan_rows, **filters)
+            assert len(rows) <= 4 and pages < 200
+            listed += [row.path for row in rows]
+            pages += 1
+            if after is None:
+                break
+        assert listed == [row.path for row in want], filters
+        if scan_rows == 1:  # a window of one path: a page per path at least, most of them empty
+            assert pages >= 61
+    assert catalog.scan_page(4, has_caption=False, after="/q") == ([], None)
+
+
 def test_an_id_beyond_the_columns_range_is_no_file(catalog):
     """GET /api/images/2147483648 was a 500 on PostgreSQL, whose INTEGER is 32 bits (found by the fuzz)."""
     catalog.write_batch([entry("/p/a.jpg", None, SKIPPED)], {})
