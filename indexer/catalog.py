@@ -217,7 +217,9 @@ class Catalog:
         f = schema.files
         start = [f.c.path > after] if after is not None else []
         window = select(f.c.path).where(*start).order_by(f.c.path).limit(scan_rows).subquery()
-        with self.engine.connect() as conn:  # one read: the window and its matches see the same rows
+        # A file added between the two reads, inside the window, is listed or not, as with any page
+        # by `after`; none is listed twice, and none already there is missed.
+        with self.engine.connect() as conn:
             seen, last = conn.execute(select(func.count(), func.max(window.c.path))).one()
             if last is None:
                 return [], None
