@@ -40,7 +40,8 @@ class BlipsearchGroup(click.Group):
             ctx.exit(exc.exit_code)
         except KeyboardInterrupt as exc:
             terminated = isinstance(exc, Terminated)
-            click.echo(f"\n{'Terminated' if terminated else 'Interrupted'}{_kept(ctx)}.", err=True)
+            said = "Terminated" if terminated else "\nInterrupted"  # after the ^C a terminal shows
+            click.echo(f"{said}{_kept(ctx)}.", err=True)
             ctx.exit(128 + (signal.SIGTERM if terminated else signal.SIGINT))
         except Exception as exc:
             if gpu_out_of_memory(exc):
