@@ -109,7 +109,8 @@ def test_search_and_open_a_result(server):
 
 def test_the_address_holds_the_search_and_a_gone_image_is_an_error(server):
     """A search's address can be shared or reloaded, and Back returns to the search before. A result
-    forgotten since it was shown says so when opened, instead of doing nothing."""
+    forgotten since it was shown says so when opened, instead of doing nothing. A full page of
+    results offers more."""
     import json
     import urllib.request
 
@@ -139,5 +140,17 @@ def test_the_address_holds_the_search_and_a_gone_image_is_an_error(server):
         card.click()
         wait.until(ready.text_to_be_present_in_element((By.ID, "status"), "Error: no image with id"))
         assert not driver.find_element(By.ID, "viewer").is_displayed()
+        # A page of results that is full offers more: twice as many each time, until fewer come back.
+        driver.get(server + "/?q=a+green+circle&mode=itc&k=5")
+        wait.until(ready.text_to_be_present_in_element((By.ID, "status"), "5 results for"))
+        more = driver.find_element(By.ID, "more")
+        assert more.is_displayed()
+        more.click()
+        wait.until(ready.text_to_be_present_in_element((By.ID, "status"), "10 results for"))
+        assert driver.current_url == server + "/?q=a+green+circle&mode=itc&k=10"
+        driver.find_element(By.ID, "more").click()
+        wait.until(ready.text_to_be_present_in_element((By.ID, "status"), "11 results for"))  # 12, one deleted
+        assert not driver.find_element(By.ID, "more").is_displayed()
+        assert len(driver.find_elements(By.CSS_SELECTOR, "#results .card")) == 11
     finally:
         driver.quit()
