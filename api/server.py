@@ -303,7 +303,7 @@ def create_app(service: Service) -> FastAPI:
 
     # -- jobs ---------------------------------------------------------------------------------------
     @app.post("/api/jobs", status_code=202, dependencies=[Depends(require_token)])
-    def start_job(job: IndexJob | CaptionJob) -> dict:
+    def start_job(job: Annotated[IndexJob | CaptionJob, Field(discriminator="kind")]) -> dict:
         if isinstance(job, IndexJob):
             from indexer.walk import recorded_roots, resolve_roots
 

@@ -339,7 +339,13 @@ def test_write_endpoints_need_the_token(served):
     assert_error(client.delete("/api/images/1"), 401)
     assert_error(client.delete("/api/jobs/1"), 401)
     assert_error(client.post("/api/jobs", json={"kind": "index", "paths": [str(root / "nope")]}, headers=AUTH), 400)
-    assert_error(client.post("/api/jobs", json={"kind": "reindex"}, headers=AUTH), 422)
+    unknown = client.post("/api/jobs", json={"kind": "reindex"}, headers=AUTH)
+    assert_error(unknown, 422)
+    assert "'reindex'" in unknown.json()["detail"] and "'index', 'caption'" in unknown.json()["detail"]
+    # Told by its own kind's rules: the error named the index job's kind for any caption job's mistake.
+    long_prompt = client.post("/api/jobs", json={"kind": "caption", "prompt": "a" * 2000}, headers=AUTH)
+    assert_error(long_prompt, 422)
+    assert long_prompt.json()["detail"].startswith("body.caption.prompt: String should have at most 1000")
     for path in ("", "photos", "~/photos"):  # the server's working folder means nothing to a client
         relative = client.post("/api/jobs", json={"kind": "index", "paths": [path]}, headers=AUTH)
         assert_error(relative, 400)
