@@ -89,7 +89,8 @@ def test_ray_rerun_is_incremental(both, folder, tiny_model):
 
 
 def test_interrupted_ray_run_resumes_from_its_shards(folder, tiny_model, tmp_path):
-    """Shards written by a run that stopped before merging are merged, and only the other files are read."""
+    """Shards written by a run that stopped before merging are merged, and only the other files are read.
+    The rerun joins the Ray the first run started (`--ray=ADDRESS`), as a driver joins a cluster."""
     import ray
 
     from indexer.pipeline import IndexConfig
@@ -117,12 +118,14 @@ def test_interrupted_ray_run_resumes_from_its_shards(folder, tiny_model, tmp_pat
 
         written = [pq.read_table(p).num_rows for p in shards.glob("part-*.parquet")]
         assert len(written) >= 3 and sum(written) == 10  # batches of at most 4, one shard each
+        store.close()
+        cluster = ray.get_runtime_context().gcs_address
+        result = run_cli("index", str(folder), "--index", str(tmp_path / "idx"), "--model", str(tiny_model),
+                         "--json", f"--ray={cluster}", "--shards", str(tmp_path / "shards"), timeout=300)
     finally:
         signal.signal(signal.SIGTERM, previous)
         store.close()
         ray.shutdown()
-    result = run_cli("index", str(folder), "--index", str(tmp_path / "idx"), "--model", str(tiny_model), "--json",
-                     "--ray", "--shards", str(tmp_path / "shards"), timeout=300)
     assert result.returncode == 0, result.stderr
     assert "13 files to process" in result.stderr  # 23 files, 10 of them in the shards
     summary = json.loads(result.stdout)
