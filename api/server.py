@@ -230,16 +230,17 @@ def create_app(service: Service) -> FastAPI:
         # status alone, or none, the counts /api/status reports answer; other filters count within
         # a time limit, and a total that would take longer is null.
         catalog, glob = service.store.catalog, _absolute_glob(path)
-        by_status_only = has_caption is None and path is None
-        total, rows = catalog.page(offset, limit, status, has_caption, glob, after, count=not by_status_only,
-                                   count_within_s=service.config.count_time_limit_s,
-                                   with_rows=not _scanned(offset, status, has_caption, glob))
-        if by_status_only:
-            total = service.counts.get().get(status or "files", 0)
+        within_s = service.config.count_time_limit_s
         if _scanned(offset, status, has_caption, glob):  # no index finds these: a page reads a bounded window
             rows, following = catalog.scan_page(limit, has_caption, glob, after, status,
                                                 service.config.page_scan_rows)
+            total = catalog.count_matching(status, has_caption, glob, within_s)
         else:
+            by_status_only = has_caption is None and path is None
+            total, rows = catalog.page(offset, limit, status, has_caption, glob, after, count=not by_status_only,
+                                       count_within_s=within_s)
+            if by_status_only:
+                total = service.counts.get().get(status or "files", 0)
             following = rows[-1].path if len(rows) == limit else None
         captions = catalog.captions.get([r.embedding_id for r in rows if r.embedding_id])
         return {"total": total, "offset": offset, "limit": limit, "next": following,

@@ -184,25 +184,24 @@ class Catalog:
 
     def page(self, offset: int, limit: int, status: str | None = None, has_caption: bool | None = None,
              path_glob: str | None = None, after: str | None = None, count: bool = True,
-             count_within_s: float | None = None, with_rows: bool = True) -> tuple[int | None, list[FileRow]]:
+             count_within_s: float | None = None) -> tuple[int | None, list[FileRow]]:
         """(total matching, one page of) files ordered by path, filtered by status, caption and a
         `--path` glob (`indexer.path_glob`); the page from `offset` among those after the path `after`.
         The total ignores `after`: it is how many the filters match; None without `count`, or when
-        counting would take over `count_within_s` (a filter matching much of a large catalog).
-        Without `with_rows`, the total alone (the page read by `scan_page`)."""
+        counting would take over `count_within_s` (a filter matching much of a large catalog)."""
         f = schema.files
         conditions = self._filters(status, has_caption, path_glob)
         on_page = conditions + ([f.c.path > after] if after is not None else [])
         with self.engine.connect() as conn:
-            rows = [FileRow(**r._mapping) for r in conn.execute(
-                select(f).where(*on_page).order_by(f.c.path).offset(offset).limit(limit))] if with_rows else []
-            if not count:
-                return None, rows
-            counting = select(func.count()).select_from(f).where(*conditions)
-            if count_within_s is None:
-                return conn.execute(counting).scalar_one(), rows
-            conn.rollback()  # the page's read ends before the count's, which sets its own limit
-            return scalar_within(conn, counting, count_within_s), rows
+            rows = [FileRow(**r._mapping) for r in
+                    conn.execute(select(f).where(*on_page).order_by(f.c.path).offset(offset).limit(limit))]
+            return (_count(conn, conditions, count_within_s) if count else None), rows
+
+    def count_matching(self, status: str | None = None, has_caption: bool | None = None,
+                       path_glob: str | None = None, within_s: float | None = None) -> int | None:
+        """How many files the filters match, as `page` counts them (the total of `scan_page`'s pages)."""
+        with self.engine.connect() as conn:
+            return _count(conn, self._filters(status, has_caption, path_glob), within_s)
 
     def scan_page(self, limit: int, has_caption: bool | None = None, path_glob: str | None = None,
                   after: str | None = None, status: str | None = None,
@@ -502,6 +501,15 @@ def has_hash(sorted_keys: np.ndarray, digest: str) -> bool:
     key = np.array([hash_key(digest)], dtype=HASH_KEY)
     at = int(np.searchsorted(sorted_keys, key)[0])
     return at < len(sorted_keys) and sorted_keys[at] == key[0]
+
+
+def _count(conn, conditions: list, within_s: float | None) -> int | None:
+    """The files matching `conditions`; None when counting would take over `within_s`."""
+    counting = select(func.count()).select_from(schema.files).where(*conditions)
+    if within_s is None:
+        return conn.execute(counting).scalar_one()
+    conn.rollback()  # a read before it (the page's) ends first: the count sets its own limit
+    return scalar_within(conn, counting, within_s)
 
 
 def _transient(exc: OperationalError) -> bool:
