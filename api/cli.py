@@ -4,6 +4,7 @@ that need them, so `blipsearch --help` answers at once."""
 from __future__ import annotations
 
 import errno
+import logging
 import signal
 from pathlib import Path
 
@@ -33,6 +34,9 @@ class BlipsearchGroup(click.Group):
     driver's traceback."""
 
     def invoke(self, ctx: click.Context):
+        # psycopg logs what fails while it tears down a broken connection ("error ignored terminating
+        # <psycopg.Pipeline [BAD]>: the connection is lost"); the error that follows says it all, once.
+        logging.getLogger("psycopg").setLevel(logging.ERROR)
         try:
             return super().invoke(ctx)
         except BlipsearchError as exc:

@@ -55,6 +55,33 @@ def test_a_gpu_out_of_memory_is_one_line_that_says_what_to_do():
                                                     "finished batch is kept, and the same command goes on from there.\n")
 
 
+def test_a_drivers_warning_while_it_cleans_up_does_not_come_before_the_error():
+    """The catalog server gone mid-batch: psycopg, tearing down its pipeline, logged "error ignored
+    terminating <psycopg.Pipeline [BAD]>: the connection is lost" on stderr, ahead of the one line that
+    says what happened (seen in a CI run of test_catalog's lost connection). In a process of its own,
+    as logging writes there with no handler configured (pytest's would catch it here)."""
+    import subprocess
+    import sys
+
+    from tests.conftest import ROOT
+
+    program = """
+import logging
+from api.cli import BlipsearchGroup
+from indexer.errors import CatalogConnectionError
+group = BlipsearchGroup(name="blipsearch")
+@group.command(name="index")
+def lost():
+    logging.getLogger("psycopg").warning("error ignored terminating %r: %s", "<psycopg.Pipeline [BAD]>",
+                                         "the connection is lost")
+    raise CatalogConnectionError("lost the connection to the catalog")
+group.main(["index"], prog_name="blipsearch")
+"""
+    result = subprocess.run([sys.executable, "-c", program], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert (result.returncode, result.stderr) == (1, "Error: lost the connection to the catalog; every finished "
+                                                     "batch is kept, and the same command goes on from there\n")
+
+
 def test_other_errors_are_not_dressed_up():
     result = run(ValueError("a bug"))
     assert isinstance(result.exception, ValueError) and result.exit_code == 1
