@@ -18,7 +18,7 @@ from api.cli_ray import caption_on_ray, index_on_ray, ray_config, ray_options
 from api.signals import GracefulCommand, Terminated
 from api.options import (
     best_of, caption_options, emit_json, feature_cache_option, index_model, index_options, index_type_options,
-    make_directory, model_options, NumberRange, store_config, warn_missing,
+    make_directory, model_options, NumberRange, store_config, warn_changed, warn_missing,
 )
 from indexer.errors import CatalogConnectionError
 from retrieval.errors import BlipsearchError
@@ -347,8 +347,10 @@ def caption(index_dir, catalog_url, caption_model, prompt, max_new_tokens, num_b
         emit_json(result)
         return
     warn_missing(summary.missing, "not captioned")
+    warn_changed(summary.changed, "not captioned")
     failed = ", ".join(f"{n} {reason}" for reason, n in result["failed_by_reason"].items())
-    click.echo(f"captioned {result['captioned']}, missing {result['missing']}, failed {result['failed']}"
+    changed = f", changed {result['changed']}" if result["changed"] else ""
+    click.echo(f"captioned {result['captioned']}, missing {result['missing']}{changed}, failed {result['failed']}"
                + (f" ({failed})" if failed else "") + f" in {result['seconds']['total']:.1f} s")
 
 

@@ -6,7 +6,7 @@ import click
 
 from api.options import (
     absolute_glob, emit_json, feature_cache, feature_cache_option, index_model, index_options, model_options,
-    store_config, warn_missing,
+    store_config, warn_changed, warn_missing,
 )
 
 
@@ -110,9 +110,10 @@ def _print_search(label, response, as_json: bool) -> None:
 
     if as_json:
         results = [{k: v for k, v in asdict(r).items() if k not in ("file_id", "embedding_id")} for r in response.results]
-        emit_json({"query": label, "results": results, "missing": response.missing})
+        emit_json({"query": label, "results": results, "missing": response.missing, "changed": response.changed})
         return
     warn_missing(response.missing, "skipped")
+    warn_changed(response.changed, "skipped")
     if not response.results:
         click.echo("no results", err=True)
     for rank, result in enumerate(response.results, 1):

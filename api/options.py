@@ -151,13 +151,24 @@ def emit_json(payload) -> None:
     click.echo(json.dumps(payload, indent=None, ensure_ascii=False))
 
 
-def warn_missing(missing: list[str], consequence: str, shown: int = 3) -> None:
+def warn_missing(missing: list[str], consequence: str) -> None:
     """A few of the files gone from disk, and how to drop them, rather than a line for each: a
     deleted folder can make every one of them gone."""
-    for path in missing[:shown]:
-        click.echo(f"warning: {path} was indexed but is gone from disk; {consequence}", err=True)
-    if len(missing) > shown:
-        click.echo(f"warning: and {len(missing) - shown} more gone from disk", err=True)
-    if missing:
-        click.echo("(blipsearch index drops files deleted from the folders it was given; blipsearch forget FOLDER "
-                   "drops a folder that is gone)", err=True)
+    _warn_files(missing, "was indexed but is gone from disk", consequence, "gone from disk",
+                "blipsearch index drops files deleted from the folders it was given; blipsearch forget FOLDER "
+                "drops a folder that is gone")
+
+
+def warn_changed(changed: list[str], consequence: str) -> None:
+    """As `warn_missing`, for files that hold other content than was indexed (edited, replaced)."""
+    _warn_files(changed, "has changed since it was indexed", consequence, "changed",
+                "blipsearch index FOLDER reads changed files again")
+
+
+def _warn_files(paths: list[str], what: str, consequence: str, more: str, hint: str, shown: int = 3) -> None:
+    for path in paths[:shown]:
+        click.echo(f"warning: {path} {what}; {consequence}", err=True)
+    if len(paths) > shown:
+        click.echo(f"warning: and {len(paths) - shown} more {more}", err=True)
+    if paths:
+        click.echo(f"({hint})", err=True)

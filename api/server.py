@@ -20,7 +20,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from api.service import PREVIEW_PX, Service
 from api.thumbnails import THUMBNAIL_PX
-from indexer.decode import Skipped
+from indexer.decode import CHANGED, Skipped
 from indexer.errors import CatalogConnectionError, IndexBusyError
 from retrieval.errors import BlipsearchError
 
@@ -292,8 +292,8 @@ def create_app(service: Service) -> FastAPI:
         if _matches(request, headers["ETag"]):
             return _not_modified(headers)
         jpeg = make(file)
-        if isinstance(jpeg, Skipped):
-            raise HTTPException(422, f"cannot make a {what}: {jpeg.detail}")
+        if isinstance(jpeg, Skipped):  # 409: the file is not what was indexed, so not what the ETag names
+            raise HTTPException(409 if jpeg.reason == CHANGED else 422, f"cannot make a {what}: {jpeg.detail}")
         return Response(jpeg, media_type="image/jpeg", headers=headers)
 
     @app.delete("/api/images/{file_id}", dependencies=[Depends(require_token)])
@@ -364,7 +364,7 @@ def _response(label: str, response) -> dict:
     for r in response.results:
         item = {k: v for k, v in asdict(r).items() if k not in ("file_id", "embedding_id")}
         results.append({"id": r.file_id, **item})
-    return {"query": label, "results": results, "missing": response.missing}
+    return {"query": label, "results": results, "missing": response.missing, "changed": response.changed}
 
 
 def _reason(status: int) -> str:

@@ -253,7 +253,7 @@ class Service:
         """A JPEG of the image at most PREVIEW_PX on a side, for a browser that cannot show the file's
         own format (HEIC, TIFF). Made for each request, not kept: views of full images are few."""
         with self.decode_slots:
-            return decode.thumbnail_jpeg(str(file.path), PREVIEW_PX)
+            return decode.thumbnail_jpeg(str(file.path), PREVIEW_PX, file.content_hash)
 
     def delete_image(self, file_id: int) -> bool:
         """Forget one file (not the file on disk); its vectors go when no other file shares them."""

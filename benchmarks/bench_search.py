@@ -96,7 +96,7 @@ def bench_itm(candidates: int = 32) -> None:
             return np.asarray(out)
 
         def ours(reranker):
-            matches = reranker.score(files, [text], [1.0])
+            matches = reranker.score(files, [text], [1.0]).matches
             return np.asarray([matches[h].probability for h in files])
 
         uncached, cached = Reranker(retriever), Reranker(retriever, cache)

@@ -17,7 +17,7 @@ from typing import Any, Iterator, Protocol
 import numpy as np
 
 from indexer.caption_catalog import CaptionTask
-from indexer.decode import Decoded, DecodeOptions
+from indexer.decode import CHANGED, Decoded, DecodeOptions
 from indexer.pipeline import NoProgress, Progress
 from indexer.store import IndexStore
 from indexer.workers import DecodePool, PoolOptions
@@ -44,6 +44,7 @@ class CaptionConfig:
 class CaptionSummary:
     captioned: int = 0
     missing: list[str] = field(default_factory=list)  # files gone since indexing
+    changed: list[str] = field(default_factory=list)  # files holding other content than was indexed
     failed: Counter = field(default_factory=Counter)  # reason -> count, files that no longer decode
     seconds: dict[str, float] = field(default_factory=lambda: Counter())
 
@@ -52,10 +53,18 @@ class CaptionSummary:
             "captioned": self.captioned,
             "missing": len(self.missing),
             "missing_files": self.missing[:100],
+            "changed": len(self.changed),
+            "changed_files": self.changed[:100],
             "failed": sum(self.failed.values()),
             "failed_by_reason": dict(sorted(self.failed.items())),
             "seconds": {k: round(v, 3) for k, v in self.seconds.items()},
         }
+
+    def count_failure(self, path: str, reason: str) -> None:
+        if reason == CHANGED:
+            self.changed.append(path)
+        else:
+            self.failed[reason] += 1
 
 
 class CaptionRun:
@@ -75,12 +84,12 @@ class CaptionRun:
         submitted: deque[CaptionTask] = deque()
         batch: list[tuple[CaptionTask, np.ndarray]] = []
         with DecodePool(decode, self.config.pool) as pool:
-            for _, outcome in pool.imap(self._paths(submitted, summary)):
+            for _, outcome in pool.imap(self._files(submitted, summary)):
                 task = submitted.popleft()
                 if isinstance(outcome, Decoded):
                     batch.append((task, outcome.pixels))
                 else:
-                    summary.failed[outcome.reason] += 1
+                    summary.count_failure(task.path, outcome.reason)
                     self.progress.advance(1)
                 if len(batch) >= self.config.batch_size:
                     self._write(batch, summary)
@@ -93,10 +102,10 @@ class CaptionRun:
     def _key(self) -> tuple[str, str, bool]:
         return self.captioner.name, self.config.options.prompt, self.config.overwrite
 
-    def _paths(self, submitted: deque[CaptionTask], summary: CaptionSummary) -> Iterator[str]:
+    def _files(self, submitted: deque[CaptionTask], summary: CaptionSummary) -> Iterator[tuple[str, str]]:
         for task in self._present(summary):
             submitted.append(task)  # the pool yields outcomes in this order
-            yield task.path
+            yield task.path, task.content_hash  # a caption of other content would be filed under this one
 
     def _present(self, summary: CaptionSummary) -> Iterator[CaptionTask]:
         """Every content still to caption, page by page, skipping (and reporting) vanished files."""

@@ -7,6 +7,7 @@ detail the catalog keeps.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import io
@@ -28,6 +29,10 @@ UNREADABLE = "unreadable"
 DECODER_TIMEOUT = "decoder-timeout"
 DECODER_CRASHED = "decoder-crashed"
 OUT_OF_MEMORY = "out-of-memory"
+# Read again after indexing (re-ranking, captions, thumbnails), the file no longer holds the content
+# the catalog has for it: what is made from it would be filed under the old content's hash.
+CHANGED = "changed"
+CHANGED_DETAIL = "the file has changed since it was indexed; index its folder again"
 # Reasons that come from this run's limits or the machine's state, not from the file's bytes: a later
 # run tries such a file again though it is unchanged (after `--max-megapixels` or `--decode-timeout`
 # were raised, a permission fixed, memory freed). The rest stand until the file changes.
@@ -50,8 +55,9 @@ class DecodeOptions:
 
     @classmethod
     def for_indexed(cls, transform: ImageTransform) -> "DecodeOptions":
-        """For files read again after indexing (re-ranking, captions): no size limit here, indexing
-        already applied `--max-megapixels`."""
+        """For files read again after indexing (re-ranking, captions), each with the content hash it
+        was indexed with (`decode_file`'s `expected_hash`): no size limit here, indexing already
+        applied `--max-megapixels` to that content, and other content is not decoded."""
         return cls(transform, max_pixels=1 << 40)
 
     @classmethod
@@ -93,7 +99,16 @@ def content_hash(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def decode_file(path: str, options: DecodeOptions) -> Decoded | Skipped:
+def same_content(data: bytes, digest: str, expected_hash: str) -> bool:
+    """Whether `data` (whose SHA-256 is `digest`) is the content hashed as `expected_hash`, which
+    catalogs written before 2026-11 hold as BLAKE2b-160 (40 hex digits)."""
+    if len(expected_hash) == 40:
+        return hashlib.blake2b(data, digest_size=20).hexdigest() == expected_hash
+    return digest == expected_hash
+
+
+def decode_file(path: str, options: DecodeOptions, expected_hash: str | None = None) -> Decoded | Skipped:
+    """`expected_hash`: the content the file was indexed with; other content is `CHANGED`, not decoded."""
     limit = options.max_bytes
     try:
         with open(path, "rb") as handle:
@@ -108,7 +123,7 @@ def decode_file(path: str, options: DecodeOptions) -> Decoded | Skipped:
         return Skipped(UNREADABLE, exc.strerror or str(exc))
     if limit is not None and len(data) > limit:
         return Skipped(TOO_LARGE, f"the file is over {limit >> 20} MB")
-    return decode_bytes(data, options)
+    return decode_bytes(data, options, expected_hash)
 
 
 def _bytes_for(max_pixels: int) -> int:
@@ -128,11 +143,13 @@ def register_optional_formats() -> None:
     pillow_heif.register_heif_opener()
 
 
-def decode_bytes(data: bytes, options: DecodeOptions) -> Decoded | Skipped:
+def decode_bytes(data: bytes, options: DecodeOptions, expected_hash: str | None = None) -> Decoded | Skipped:
     from PIL import Image, UnidentifiedImageError
 
     register_optional_formats()
     digest = content_hash(data)
+    if expected_hash is not None and not same_content(data, digest, expected_hash):
+        return Skipped(CHANGED, CHANGED_DETAIL, digest)
     if not data:
         return Skipped(EMPTY, "the file is empty", digest)
     Image.MAX_IMAGE_PIXELS = None  # we apply our own limit below, with a clearer message
@@ -229,16 +246,23 @@ def _has_image_signature(data: bytes) -> bool:
     return data.startswith(_SIGNATURES) or riff_webp or iso_media
 
 
-def thumbnail_jpeg(path: str, size: int, max_pixels: int = DEFAULT_MAX_PIXELS) -> bytes | Skipped:
+def thumbnail_jpeg(path: str, size: int, expected_hash: str, max_pixels: int = DEFAULT_MAX_PIXELS) -> bytes | Skipped:
     """A JPEG at most `size` px on a side of the image at `path`, read as the index reads images (first
-    frame, EXIF orientation, alpha over white, 16-bit scaled): a thumbnail shows what the model saw.
-    Made in the caller's process, so within the decompression-bomb limit only."""
+    frame, EXIF orientation, alpha over white, 16-bit scaled): a thumbnail shows what the model saw,
+    so of the content hashed `expected_hash` only. Made in the caller's process, so within the
+    decompression-bomb limit only."""
     from PIL import Image, UnidentifiedImageError
 
     register_optional_formats()
     Image.MAX_IMAGE_PIXELS = None  # as decode_bytes: our own limit, below
     try:
-        with warnings.catch_warnings(), Image.open(path) as image:
+        handle = open(path, "rb")
+    except OSError as exc:
+        return Skipped(UNREADABLE, exc.strerror or str(exc))
+    try:
+        with handle, warnings.catch_warnings(), _opened_if_same(handle, expected_hash) as image:
+            if image is None:
+                return Skipped(CHANGED, CHANGED_DETAIL)
             warnings.simplefilter("ignore")
             width, height = _oriented_size(image)
             if width * height > max_pixels:
@@ -253,6 +277,21 @@ def thumbnail_jpeg(path: str, size: int, max_pixels: int = DEFAULT_MAX_PIXELS) -
     jpeg = io.BytesIO()
     rgb.save(jpeg, "JPEG", quality=85)
     return jpeg.getvalue()
+
+
+@contextlib.contextmanager
+def _opened_if_same(handle, expected_hash: str):
+    """The open file as a Pillow image if it holds the content hashed `expected_hash`, else None.
+    Hashed in chunks, not read whole: a thumbnail's source may be a 1 GB TIFF."""
+    from PIL import Image
+
+    hasher = (lambda: hashlib.blake2b(digest_size=20)) if len(expected_hash) == 40 else hashlib.sha256
+    if hashlib.file_digest(handle, hasher).hexdigest() != expected_hash:
+        yield None
+        return
+    handle.seek(0)
+    with Image.open(handle) as image:
+        yield image
 
 
 def _reason(exc: BaseException) -> str:

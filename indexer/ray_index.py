@@ -338,7 +338,7 @@ class RayCaptionRun(_RayRun):
             after = page[-1].embedding_id
             for task in page:
                 if os.path.exists(task.path):
-                    rows.append({"embedding_id": task.embedding_id, "path": task.path})
+                    rows.append({"embedding_id": task.embedding_id, "path": task.path, "expected_hash": task.content_hash})
                 else:
                     summary.missing.append(task.path)
         if rows:
@@ -358,7 +358,7 @@ class RayCaptionRun(_RayRun):
             texts = {r["embedding_id"]: r["caption"] for r in rows if r["caption"] is not None and r["embedding_id"] in alive}
             for row in rows:
                 if row["caption"] is None:
-                    summary.failed[row["reason"]] += 1
+                    summary.count_failure(row["path"], row["reason"])
             catalog.captions.write(texts, model["name"], model["prompt"])
             summary.captioned += len(texts)
             self.shards.delete(name)

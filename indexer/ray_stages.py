@@ -51,7 +51,9 @@ class DecodeStage:
         n = len(batch["path"])
         pixels = np.zeros((n, 3, transform.height, transform.width), np.uint8)
         facts: dict[str, list] = {k: [] for k in ("decoded", "content_hash", "error", "reason", "width", "height", "format")}
-        for i, (_, outcome) in enumerate(self.pool.imap(list(batch["path"]))):
+        # Files read again after indexing (captions) come with the content hash they must still have.
+        files = list(zip(batch["path"], batch["expected_hash"])) if "expected_hash" in batch else list(batch["path"])
+        for i, (_, outcome) in enumerate(self.pool.imap(files)):
             decoded = isinstance(outcome, Decoded)
             if decoded:
                 pixels[i] = outcome.pixels

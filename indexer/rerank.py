@@ -16,7 +16,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from indexer.decode import Decoded, DecodeOptions, decode_file
+from indexer.decode import CHANGED, Decoded, DecodeOptions, Skipped, decode_file
 from indexer.features import FeatureCache
 from retrieval.encoders import match_probability
 
@@ -26,6 +26,12 @@ class Match:
     probability: float  # ITM match probability, weighted over the query's texts
     logit: float  # the positive ITM logit, weighted the same way
     log_odds: float  # the positive logit minus the other, weighted the same way
+
+
+@dataclass
+class Reranked:
+    matches: dict[str, Match]  # content hash -> its match, for each whose features could be had
+    changed: list[str]  # the content hashes whose files hold other content now: not scored
 
 
 class Reranker:
@@ -39,14 +45,16 @@ class Reranker:
         self.decode_slots = decode_slots or contextlib.nullcontext()
         self.decode_options = DecodeOptions.for_indexed(retriever.transform)
 
-    def score(self, files: dict[str, str], texts: Sequence[str], weights: Sequence[float]) -> dict[str, Match]:
+    def score(self, files: dict[str, str], texts: Sequence[str], weights: Sequence[float]) -> Reranked:
         """`files`: content hash -> a path holding it; `weights` positive and summing to 1, as
-        `TextQuery.itm_texts` gives them. Returns a Match per hash whose features could be had; a file
-        that can no longer be decoded is left out."""
+        `TextQuery.itm_texts` gives them. A file that can no longer be decoded is left out, and one
+        that holds other content now is too, but named: its score (and its cached features, under
+        the hash it was indexed with) would be another image's."""
         matches: dict[str, Match] = {}
+        changed: list[str] = []
         hashes = list(files)
         for start in range(0, len(hashes), self.batch_size):
-            chunk, vit = self._features(hashes[start : start + self.batch_size], files)
+            chunk, vit = self._features(hashes[start : start + self.batch_size], files, changed)
             if not chunk:
                 continue
             probability = np.zeros(len(chunk))
@@ -59,20 +67,22 @@ class Reranker:
                 log_odds += weight * (logits[:, 1] - logits[:, 0])
             for i, content_hash in enumerate(chunk):
                 matches[content_hash] = Match(float(probability[i]), float(logit[i]), float(log_odds[i]))
-        return matches
+        return Reranked(matches, changed)
 
-    def _decode(self, path: str):
+    def _decode(self, path: str, content_hash: str) -> Decoded | Skipped:
         with self.decode_slots:
-            return decode_file(path, self.decode_options)
+            return decode_file(path, self.decode_options, expected_hash=content_hash)
 
-    def _features(self, hashes: list[str], files: dict[str, str]):
-        """(hashes with features, their ViT features stacked as one tensor on the model's device)."""
+    def _features(self, hashes: list[str], files: dict[str, str], changed: list[str]):
+        """(hashes with features, their ViT features stacked as one tensor on the model's device);
+        appends to `changed` the hashes whose files hold other content now."""
         cached = {h: f for h in hashes if (f := self.cache.get(h) if self.cache else None) is not None}
         todo = [h for h in hashes if h not in cached]
         # Pillow decodes and resizes with the GIL released, so threads decode files in parallel.
         with ThreadPoolExecutor(max_workers=min(len(todo), os.cpu_count() or 1) or 1) as pool:
-            outcomes = pool.map(self._decode, [files[h] for h in todo])
-            decoded = {h: o.pixels for h, o in zip(todo, outcomes) if isinstance(o, Decoded)}
+            outcomes = list(pool.map(self._decode, [files[h] for h in todo], todo))
+        decoded = {h: o.pixels for h, o in zip(todo, outcomes) if isinstance(o, Decoded)}
+        changed.extend(h for h, o in zip(todo, outcomes) if isinstance(o, Skipped) and o.reason == CHANGED)
         features: dict[str, Any] = dict(cached)
         if decoded:
             computed = self.retriever.vit_features(np.stack(list(decoded.values())))

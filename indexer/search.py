@@ -19,7 +19,7 @@ import numpy as np
 from indexer import path_glob
 from indexer.catalog import Catalog, FileRow, check_same_model
 from indexer.decode import Decoded, DecodeOptions, Skipped, decode_file
-from indexer.rerank import Reranker
+from indexer.rerank import Match, Reranker
 from indexer.schema import INDEXED
 from indexer.store import IndexStore
 from retrieval.errors import UsageError
@@ -86,6 +86,7 @@ class SearchResult:
 class SearchResponse:
     results: list[SearchResult]
     missing: list[str] = field(default_factory=list)  # candidates whose files vanished since indexing
+    changed: list[str] = field(default_factory=list)  # candidates left out: their files changed since indexing
 
 
 @dataclass(frozen=True)
@@ -201,12 +202,8 @@ class Searcher:
         missing = [c.row.path for c in candidates if not os.path.exists(c.row.path)]
         gone = set(missing)
         candidates = [c for c in candidates if c.row.path not in gone]
-        matches = {}
-        if options.rerank and query:
-            first_file: dict[str, str] = {}
-            for c in candidates:
-                first_file.setdefault(c.row.content_hash, c.row.path)
-            matches = self.reranker.score(first_file, *query.itm_texts())
+        matches, changed = self._rerank(candidates, query) if options.rerank and query else ({}, set())
+        candidates = [c for c in candidates if c.row.path not in changed]
         fusion = self.retriever.fusion
         kind = options.score or default_score(fusion)
         results = []
@@ -224,7 +221,28 @@ class Searcher:
             results = _fuse(results)
         if options.min_score is not None:
             results = [r for r in results if r.score >= options.min_score]
-        return SearchResponse(with_captions(self.store.catalog, results[: options.k]), missing)
+        return SearchResponse(with_captions(self.store.catalog, results[: options.k]), missing, sorted(changed))
+
+    def _rerank(self, candidates: list[_Candidate], query: TextQuery) -> tuple[dict[str, Match], set[str]]:
+        """ITM matches by content hash, each scored on one file that holds it (duplicates once), and
+        the files that hold other content now; a content whose file changed is read from another
+        file that holds it, where there is one."""
+        matches: dict[str, Match] = {}
+        changed: set[str] = set()
+        tried: set[str] = set()
+        wanted: set[str] | None = None  # the contents still to score; None: all
+        while True:
+            files: dict[str, str] = {}
+            for c in candidates:
+                if (wanted is None or c.row.content_hash in wanted) and c.row.path not in tried:
+                    files.setdefault(c.row.content_hash, c.row.path)
+            if not files:
+                return matches, changed
+            reranked = self.reranker.score(files, *query.itm_texts())
+            matches.update(reranked.matches)
+            tried.update(files.values())
+            changed.update(files[h] for h in reranked.changed)
+            wanted = set(reranked.changed)
 
 
 def default_score(fusion: Fusion) -> str:

@@ -58,8 +58,13 @@ def _exit_with(parent: int, every_s: float = 1.0) -> None:
     os._exit(1)
 
 
+File = str | tuple[str, str]  # a path, or a path and the content hash it was indexed with
+
+
 class DecodePool:
-    """`imap(paths)` yields `(path, Decoded | Skipped)` in input order, never raising for a file."""
+    """`imap(files)` yields `(file, Decoded | Skipped)` in input order, never raising for a file. A
+    file is a path, or a (path, content hash) pair for a file read again after indexing: other
+    content is then `CHANGED`, not decoded (`decode_file`'s `expected_hash`)."""
 
     def __init__(self, decode: DecodeOptions, options: PoolOptions, task: Callable = decode_file) -> None:
         self.decode = decode
@@ -113,49 +118,52 @@ class DecodePool:
             writer.close()
         executor.shutdown(wait=True, cancel_futures=True)
 
-    def _submit(self, path: str) -> Future:
-        return self._pool().submit(self.task, path, self.decode)
+    def _submit(self, file: File) -> Future:
+        if isinstance(file, str):  # the hostile tasks tests swap in take (path, options) only
+            return self._pool().submit(self.task, file, self.decode)
+        path, expected_hash = file
+        return self._pool().submit(self.task, path, self.decode, expected_hash)
 
-    def imap(self, paths: Iterable[str]) -> Iterator[tuple[str, Decoded | Skipped]]:
-        pending = iter(paths)
-        inflight: deque[tuple[str, Future]] = deque()
-        isolate: deque[str] = deque()  # after a crash: run these one at a time to find the culprit
+    def imap(self, files: Iterable[File]) -> Iterator[tuple[File, Decoded | Skipped]]:
+        pending = iter(files)
+        inflight: deque[tuple[File, Future]] = deque()
+        isolate: deque[File] = deque()  # after a crash: run these one at a time to find the culprit
         while True:
             if isolate:
-                path = isolate.popleft()
-                yield path, self.one(path)
+                file = isolate.popleft()
+                yield file, self.one(file)
                 continue
             while len(inflight) < self.window:
-                path = next(pending, None)
-                if path is None:
+                file = next(pending, None)
+                if file is None:
                     break
-                inflight.append((path, self._submit(path)))
+                inflight.append((file, self._submit(file)))
             if not inflight:
                 return
-            path, future = inflight[0]
+            file, future = inflight[0]
             try:
                 result = _outcome(future, self.options.timeout_s)
             except FutureTimeout:
                 inflight.popleft()
                 self._restart(inflight, isolate)
-                yield path, Skipped(DECODER_TIMEOUT, f"decoding took over {self.options.timeout_s:g} s; gave up")
+                yield file, Skipped(DECODER_TIMEOUT, f"decoding took over {self.options.timeout_s:g} s; gave up")
                 continue
             except BrokenProcessPool:
                 self._restart(inflight, isolate)
                 continue
             inflight.popleft()
-            yield path, result
+            yield file, result
 
     def _restart(self, inflight: deque, isolate: deque) -> None:
         """Kill the pool; the files it held go to one-at-a-time retries."""
         self._kill()
-        isolate.extend(path for path, _ in inflight)
+        isolate.extend(file for file, _ in inflight)
         inflight.clear()
 
-    def one(self, path: str) -> Decoded | Skipped:
-        """Decode `path` alone; the pool's workers stay for the next call."""
+    def one(self, file: File) -> Decoded | Skipped:
+        """Decode `file` alone; the pool's workers stay for the next call."""
         try:
-            return _outcome(self._submit(path), self.options.timeout_s)
+            return _outcome(self._submit(file), self.options.timeout_s)
         except FutureTimeout:
             self._kill()
             return Skipped(DECODER_TIMEOUT, f"decoding took over {self.options.timeout_s:g} s; gave up")

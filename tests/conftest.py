@@ -223,7 +223,7 @@ class MostAtOnce:
         self.running = self.most = 0
         self.lock = threading.Lock()
 
-    def __call__(self, *_):
+    def __call__(self, *_, **__):
         with self.lock:
             self.running += 1
             self.most = max(self.most, self.running)

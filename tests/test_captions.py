@@ -57,24 +57,32 @@ def test_caption_command_stores_what_the_captioner_writes(tmp_path, tiny_model, 
     paths = make_images(tmp_path / "photos", 7, seed=31)
     index(tmp_path / "photos", tmp_path / "idx", tiny_model)
     (tmp_path / "photos" / "img0006.jpg").unlink()  # vanished since indexing
+    # Replaced since indexing: its caption would be filed under the content it was indexed with.
+    Image.new("RGB", (40, 30), (0, 90, 0)).save(paths[5])
     summary = caption(tmp_path / "idx", caption_model, "--batch-size", "4")
-    assert summary["captioned"] == 6 and summary["missing"] == 1
+    assert (summary["captioned"], summary["missing"], summary["changed"]) == (5, 1, 1)
+    assert summary["changed_files"] == [str(paths[5])] and summary["failed"] == 0
     stored = stored_captions(tmp_path / "idx")
-    pixels = np.stack([captioner.transform(Image.open(p).convert("RGB")) for p in paths[:6]])
+    pixels = np.stack([captioner.transform(Image.open(p).convert("RGB")) for p in paths[:5]])
     expected = captioner.caption(pixels, CaptionOptions(max_new_tokens=6))
-    assert {str(p): stored[str(p)][0] for p in paths[:6]} == dict(zip(map(str, paths[:6]), expected))
+    assert {str(p): stored[str(p)][0] for p in paths[:5]} == dict(zip(map(str, paths[:5]), expected))
+    assert str(paths[5]) not in stored
     assert caption(tmp_path / "idx", caption_model)["captioned"] == 0  # incremental: nothing left
     # Another prompt: only with --overwrite, and then for every image.
     assert caption(tmp_path / "idx", caption_model, "--prompt", "a photo of")["captioned"] == 0
-    assert caption(tmp_path / "idx", caption_model, "--prompt", "a photo of", "--overwrite")["captioned"] == 6
+    assert caption(tmp_path / "idx", caption_model, "--prompt", "a photo of", "--overwrite")["captioned"] == 5
     assert {v[1] for v in stored_captions(tmp_path / "idx").values()} == {"a photo of"}
     for path in paths[:4]:  # many gone: a few named and a count, as search does, not a line each
         path.unlink()
-    told = run_cli("caption", "--index", str(tmp_path / "idx"), "--caption-model", str(caption_model), "-q",
-                   "--max-new-tokens", "6", "--overwrite", check=True).stderr.splitlines()
-    assert [line for line in told if line.startswith("warning:")][-1] == "warning: and 2 more gone from disk"
+    run = run_cli("caption", "--index", str(tmp_path / "idx"), "--caption-model", str(caption_model), "-q",
+                  "--max-new-tokens", "6", "--overwrite", check=True)
+    told = run.stderr.splitlines()
+    assert "warning: and 2 more gone from disk" in told
     assert len([line for line in told if line.endswith("is gone from disk; not captioned")]) == 3
     assert any("blipsearch forget FOLDER" in line for line in told)
+    assert f"warning: {paths[5]} has changed since it was indexed; not captioned" in told
+    assert "(blipsearch index FOLDER reads changed files again)" in told
+    assert run.stdout.startswith("captioned 1, missing 5, changed 1, failed 0 in ")
 
 
 def test_index_caption_equals_caption_command(tmp_path, tiny_model, caption_model):

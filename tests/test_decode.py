@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import hashlib
 import io
+from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
 
-from indexer.decode import DecodeOptions, Decoded, Skipped, decode_bytes, to_rgb
+from indexer.decode import DecodeOptions, Decoded, Skipped, decode_bytes, decode_file, to_rgb
 from indexer.workers import DecodePool, PoolOptions
 from retrieval.preprocess import ImageTransform
 from tests.conftest import make_images
@@ -159,7 +161,7 @@ def test_thumbnails_show_what_the_model_saw(tmp_path):
 
     def thumbnail_of(image, name="x.png", **kwargs):
         image.save(tmp_path / name)
-        made = thumbnail_jpeg(str(tmp_path / name), 256, **kwargs)
+        made = thumbnail_jpeg(str(tmp_path / name), 256, _sha256(tmp_path / name), **kwargs)
         return made if isinstance(made, Skipped) else Image.open(io.BytesIO(made))
 
     gradient = Image.fromarray(np.linspace(0, 65535, 300 * 200).reshape(200, 300).astype(np.uint16))
@@ -172,10 +174,36 @@ def test_thumbnails_show_what_the_model_saw(tmp_path):
     assert photo.size == (256, 192)
     assert thumbnail_of(Image.new("RGB", (200, 100)), max_pixels=10_000).reason == "too-large"
     (tmp_path / "text.png").write_bytes(b"just some text")
-    assert thumbnail_jpeg(str(tmp_path / "text.png"), 256).reason == "not-an-image"
+    assert thumbnail_jpeg(str(tmp_path / "text.png"), 256, _sha256(tmp_path / "text.png")).reason == "not-an-image"
     data = (tmp_path / "big.jpg").read_bytes()
     (tmp_path / "cut.jpg").write_bytes(data[: len(data) // 2])
-    assert thumbnail_jpeg(str(tmp_path / "cut.jpg"), 256).reason == "truncated"
+    assert thumbnail_jpeg(str(tmp_path / "cut.jpg"), 256, _sha256(tmp_path / "cut.jpg")).reason == "truncated"
+
+
+def _sha256(path) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def test_a_file_read_again_must_hold_the_content_it_was_indexed_with(tmp_path):
+    """Re-ranking, captions and thumbnails file what they make from a file under the content hash it
+    was indexed with; a file edited or replaced since holds other content, which is not decoded at
+    all, so a decompression bomb put in an indexed image's place is not decoded without a limit."""
+    from indexer.decode import thumbnail_jpeg
+
+    photo = make_images(tmp_path, 1, seed=3)[0]
+    indexed_hash = _sha256(photo)
+    legacy_hash = hashlib.blake2b(photo.read_bytes(), digest_size=20).hexdigest()  # catalogs before 2026-11
+    unlimited = DecodeOptions.for_indexed(TRANSFORM)
+    for expected in (indexed_hash, legacy_hash):
+        assert isinstance(decode_file(str(photo), unlimited, expected_hash=expected), Decoded)
+        assert isinstance(thumbnail_jpeg(str(photo), 64, expected), bytes)
+    Image.new("L", (30_000, 30_000)).save(photo, "PNG")  # 900 MP, 1 MB of file
+    changed = decode_file(str(photo), unlimited, expected_hash=indexed_hash)
+    assert changed.reason == "changed" and changed.content_hash == _sha256(photo)
+    assert decode_file(str(photo), unlimited, expected_hash=legacy_hash).reason == "changed"
+    assert thumbnail_jpeg(str(photo), 64, indexed_hash).reason == "changed"
+    assert thumbnail_jpeg(str(photo), 64, legacy_hash).reason == "changed"
+    assert decode_file(str(photo), OPTIONS).reason == "too-large"  # read as new, it meets the limit
 
 
 def test_pool_survives_hangs_crashes_and_bombs(tmp_path):
@@ -204,7 +232,6 @@ def test_a_query_image_is_read_up_to_a_limit(tmp_path):
     import os
     import threading
 
-    from indexer.decode import decode_file
 
     options = DecodeOptions(TRANSFORM, max_pixels=10**8, max_bytes=1 << 20)
     endless = decode_file("/dev/zero", options)
@@ -220,7 +247,6 @@ def test_a_query_image_is_read_up_to_a_limit(tmp_path):
 def test_a_file_larger_than_any_image_within_the_limit_is_skipped_unread(tmp_path):
     """A disk image named .img or an archive without its extension was read whole, into the worker's
     memory cap, on every run (out-of-memory is retried); its size says enough."""
-    from indexer.decode import decode_file
 
     big = tmp_path / "disk.img"
     with open(big, "wb") as handle:

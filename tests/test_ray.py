@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from PIL import Image
 
 from tests.conftest import assert_consistent, make_images, run_cli
 
@@ -133,14 +134,23 @@ def test_interrupted_ray_run_resumes_from_its_shards(folder, tiny_model, tmp_pat
     assert_consistent(tmp_path / "idx")
 
 
-def test_caption_on_ray_equals_the_single_process_captions(both, caption_model):
+def test_caption_on_ray_equals_the_single_process_captions(both, folder, caption_model):
+    """A file replaced since indexing is not captioned on Ray either: named as changed."""
     root, _, _ = both
     shutil.copytree(root / "single", root / "captions-single")
     shutil.copytree(root / "ray", root / "captions-ray")
     common = ["--caption-model", str(caption_model), "--json", "-q"]
-    single = run_cli("caption", "--index", str(root / "captions-single"), *common, check=True, timeout=300)
-    on_ray = run_cli("caption", "--index", str(root / "captions-ray"), *common, "--ray", check=True, timeout=300)
-    assert json.loads(on_ray.stdout)["captioned"] == json.loads(single.stdout)["captioned"] == 20
+    replaced = folder / "img0005.jpg"
+    original = replaced.read_bytes()
+    Image.new("RGB", (50, 40), (0, 90, 0)).save(replaced, "JPEG")
+    try:
+        single = run_cli("caption", "--index", str(root / "captions-single"), *common, check=True, timeout=300)
+        on_ray = run_cli("caption", "--index", str(root / "captions-ray"), *common, "--ray", check=True, timeout=300)
+    finally:
+        replaced.write_bytes(original)
+    for run in (single, on_ray):
+        summary = json.loads(run.stdout)
+        assert (summary["captioned"], summary["changed_files"], summary["failed"]) == (19, [str(replaced)], 0)
 
     def captions(index_dir):
         exported = run_cli("export", "--index", str(index_dir), check=True)

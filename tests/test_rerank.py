@@ -28,12 +28,12 @@ def test_itm_matches_direct_scoring(retriever, files):
     options = DecodeOptions(retriever.transform, max_pixels=1 << 40)
     pixels = np.stack([decode_file(p, options).pixels for p in files.values()])
     expected = retriever.itm_probabilities(retriever.vit_features(pixels), [TEXT])
-    matches = Reranker(retriever, batch_size=4).score(files, [TEXT], [1.0])
+    matches = Reranker(retriever, batch_size=4).score(files, [TEXT], [1.0]).matches
     np.testing.assert_allclose([matches[h].probability for h in files], expected, atol=1e-6)
 
 
 def test_cache_serves_features_without_decoding(retriever, files, tmp_path, monkeypatch):
-    uncached = Reranker(retriever).score(files, [TEXT], [1.0])
+    uncached = Reranker(retriever).score(files, [TEXT], [1.0]).matches
     cache = FeatureCache(tmp_path / "features", max_bytes=10**8)
     Reranker(retriever, cache).score(files, [TEXT], [1.0])  # fills it
     assert len(list((tmp_path / "features").glob("*/*.npy"))) == len(files)
@@ -42,7 +42,7 @@ def test_cache_serves_features_without_decoding(retriever, files, tmp_path, monk
         raise AssertionError("decoded a file whose features are cached")
 
     monkeypatch.setattr(indexer.rerank, "decode_file", no_decoding)
-    cached = Reranker(retriever, cache).score(files, [TEXT], [1.0])
+    cached = Reranker(retriever, cache).score(files, [TEXT], [1.0]).matches
     for content_hash in files:  # fp16 features: close, not equal
         assert abs(cached[content_hash].probability - uncached[content_hash].probability) < 2e-3
         assert abs(cached[content_hash].logit - uncached[content_hash].logit) < 1e-2
@@ -53,27 +53,27 @@ def test_corrupt_entry_is_recomputed(retriever, files, tmp_path):
     Reranker(retriever, cache).score(files, [TEXT], [1.0])
     victim = next(iter(files))
     (tmp_path / "features" / victim[:2] / f"{victim}.npy").write_bytes(b"garbage")
-    matches = Reranker(retriever, cache).score(files, [TEXT], [1.0])
+    matches = Reranker(retriever, cache).score(files, [TEXT], [1.0]).matches
     assert set(matches) == set(files)
 
 
 def test_a_cache_that_cannot_be_written_only_costs_its_savings(retriever, files, tmp_path, monkeypatch):
     """A full disk or an unwritable folder must not fail a search: the cache only saves work."""
-    uncached = Reranker(retriever).score(files, [TEXT], [1.0])
+    uncached = Reranker(retriever).score(files, [TEXT], [1.0]).matches
 
     def disk_full(*_args, **_kwargs):
         raise OSError(28, "No space left on device")
 
     full = FeatureCache(tmp_path / "full", max_bytes=10**8)
     monkeypatch.setattr(np, "save", disk_full)
-    matches = Reranker(retriever, full).score(files, [TEXT], [1.0])
+    matches = Reranker(retriever, full).score(files, [TEXT], [1.0]).matches
     monkeypatch.undo()
     assert full.write_error == "No space left on device" and full.bytes == 0
     assert list((tmp_path / "full").rglob("*")) == [path for path in (tmp_path / "full").iterdir()]  # no .tmp
     (tmp_path / "a-file").write_text("")
     blocked = FeatureCache(tmp_path / "a-file" / "features", max_bytes=10**8)
     assert blocked.write_error == "Not a directory"
-    for scored in (matches, Reranker(retriever, blocked).score(files, [TEXT], [1.0])):
+    for scored in (matches, Reranker(retriever, blocked).score(files, [TEXT], [1.0]).matches):
         assert {h: m.probability for h, m in scored.items()} == {h: m.probability for h, m in uncached.items()}
 
 
@@ -125,5 +125,5 @@ def test_decodes_share_the_slots_they_are_given(retriever, monkeypatch):
     reranker = Reranker(retriever, decode_slots=threading.BoundedSemaphore(2))
     files = {f"h{i}": f"/nowhere/{i}.jpg" for i in range(6)}
     with ThreadPoolExecutor(4) as pool:  # four searches at once, each decoding six candidates
-        assert list(pool.map(lambda _: reranker.score(files, ["a red circle"], [1.0]), range(4))) == [{}] * 4
+        assert list(pool.map(lambda _: reranker.score(files, ["a red circle"], [1.0]).matches, range(4))) == [{}] * 4
     assert slow_decode.most == 2

@@ -231,6 +231,39 @@ def test_vanished_file_is_reported_not_a_crash(tmp_path, retriever):
     assert len(response.results) == 5 and all(r.itm_score is not None for r in response.results)
 
 
+def test_a_file_changed_since_indexing_is_named_and_not_scored_as_another(tmp_path, retriever):
+    """Re-ranking reads each candidate's file again. An edited or replaced file holds another image: its
+    ITM score would be that image's, and the feature cache would keep that image's features under the
+    indexed content's hash for every later search. It is left out and named instead; a duplicate that
+    still holds the indexed content is scored from that one."""
+    import shutil
+
+    from indexer.features import FeatureCache
+    from indexer.rerank import Reranker
+
+    paths = make_images(tmp_path / "photos", 6, seed=2)
+    duplicate = tmp_path / "photos" / "z-copy-of-1.jpg"  # after it: the file read first for their content
+    shutil.copyfile(paths[1], duplicate)
+    store = IndexStore.open(StoreConfig(tmp_path / "idx"), create=True)
+    try:
+        Indexer(store, retriever, IndexConfig()).run([str(tmp_path / "photos")])
+        hashes = {row.path: row.content_hash for row in store.catalog.files()}
+        query, options = TextQuery.parse([QUERY]), SearchOptions(k=7)
+        before = {r.path: r.score for r in Searcher(store, retriever).search_text(query, options).results}
+        for path, colour in ((paths[0], (250, 250, 0)), (paths[1], (0, 200, 0))):
+            Image.new("RGB", (64, 48), colour).save(path)
+        cache = FeatureCache(tmp_path / "features", max_bytes=10**8)
+        response = Searcher(store, retriever, Reranker(retriever, cache)).search_text(query, options)
+    finally:
+        store.close()
+    assert response.changed == sorted([str(paths[0]), str(paths[1])]) and response.missing == []
+    after = {r.path: r.score for r in response.results}
+    assert set(after) == set(before) - set(response.changed)
+    assert after == pytest.approx({path: before[path] for path in after}, abs=1e-6)
+    assert cache.get(hashes[str(paths[0])]) is None  # nothing filed under the replaced content's hash
+    assert cache.get(hashes[str(duplicate)]) is not None  # the duplicate's own content was
+
+
 @pytest.mark.parametrize("texts,options", [([""], SearchOptions()), (["ok"], SearchOptions(k=0)),
                                            (["ok"], SearchOptions(k=10**9)), (["ok"], SearchOptions(score="bogus"))])
 def test_bad_queries_are_usage_errors(indexed, texts, options):

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import os
 import time
+from pathlib import Path
 
 import pytest
 from fastapi.testclient import TestClient
@@ -261,7 +263,8 @@ def test_a_preview_is_the_image_as_a_jpeg_of_at_most_2048_px(served, tmp_path):
     assert preview.status_code == 200 and preview.headers["content-type"] == "image/jpeg"
     assert Image.open(io.BytesIO(preview.content)).size == (image["width"], image["height"])
     Image.new("RGB", (3000, 1500), (200, 30, 30)).save(tmp_path / "wide.tif")
-    large = Image.open(io.BytesIO(service.preview(ServableFile(tmp_path / "wide.tif", "0" * 64, "TIFF"))))
+    wide = ServableFile(tmp_path / "wide.tif", hashlib.sha256((tmp_path / "wide.tif").read_bytes()).hexdigest(), "TIFF")
+    large = Image.open(io.BytesIO(service.preview(wide)))
     assert PREVIEW_PX == 2048 and large.format == "JPEG" and large.size == (2048, 1024)
     assert_error(client.get("/api/images/999999/preview"), 404)
 
@@ -314,6 +317,30 @@ def test_a_file_or_thumbnail_the_browser_has_is_not_sent_again(served, monkeypat
     finally:
         os.utime(image["path"], ns=(stat.st_atime_ns, stat.st_mtime_ns))
     assert changed.status_code == 200 and changed.headers["etag"] != tags["file"]
+
+
+def test_a_file_changed_since_indexing_gets_no_thumbnail_of_another_image(served):
+    """A thumbnail is kept, and tagged, under the content hash it was indexed with; made from a file
+    edited or replaced since, it would show another image under that hash, to every later view of
+    that content. It is a 409 instead, and a re-ranked search names the file as changed."""
+    client, root, service = served
+    image = client.get("/api/images", params={"path": "*img0006*"}).json()["images"][0]
+    kept = service.store.directory / "thumbnails" / f"{image['content_hash']}.jpg"
+    kept.unlink(missing_ok=True)
+    original = Path(image["path"]).read_bytes()
+    Image.new("RGB", (60, 40), (250, 250, 0)).save(image["path"], "JPEG")
+    try:
+        made = {what: client.get(f"/api/images/{image['id']}/{what}") for what in ("thumbnail", "preview")}
+        found = client.get("/api/search", params={"q": "a red circle", "k": 8, "candidates": 8}).json()
+    finally:
+        Path(image["path"]).write_bytes(original)
+    for what, response in made.items():
+        assert_error(response, 409)
+        assert response.json()["detail"] == f"cannot make a {what}: the file has changed since it was indexed; " \
+                                            "index its folder again"
+    assert not kept.exists()
+    assert found["changed"] == [image["path"]] and image["path"] not in {r["path"] for r in found["results"]}
+    assert client.get(f"/api/images/{image['id']}/thumbnail").status_code == 200  # its content back: as before
 
 
 def test_files_outside_the_indexed_roots_are_never_served(served):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 import threading
 import time
@@ -32,6 +33,11 @@ def test_evict_removes_the_least_recently_shown_down_to_nine_tenths(tmp_path):
     assert evict(tmp_path, 0) == 0 and sorted(os.listdir(tmp_path)) == [".thumb1.jpg.9.9.tmp", "notes.txt"]
 
 
+def hashes_of(images) -> list[str]:
+    """The content hashes the index gives them: a thumbnail is made only of the content so hashed."""
+    return [hashlib.sha256(path.read_bytes()).hexdigest() for path in images]
+
+
 def wait_until(condition, timeout: float = 30) -> None:
     deadline = time.monotonic() + timeout
     while not condition():
@@ -44,39 +50,41 @@ def test_a_cache_stays_under_its_limit_keeping_what_was_shown_last(tmp_path):
     million images. The folder now stays under its limit, and a thumbnail viewed again is kept over
     those made after it but not viewed since."""
     images = make_images(tmp_path / "photos", 7, seed=3)
+    h = hashes_of(images)
     probe = ThumbnailCache(tmp_path / "probe", 10**9, threading.BoundedSemaphore(1))
-    sizes = [len(probe.get(f"p{i}", str(path))) for i, path in enumerate(images)]
+    sizes = [len(probe.get(h[i], str(path))) for i, path in enumerate(images)]
     limit = int((sizes[0] + sum(sizes[4:])) / 0.9) + 1  # h0 and h4-h6 fit in nine tenths; all seven do not
     (tmp_path / "idx").mkdir()
     folder = tmp_path / "idx" / "thumbnails"
     cache = ThumbnailCache(folder, limit, threading.BoundedSemaphore(1))
 
-    first = cache.get("h0", str(images[0]))
-    aged(folder / "h0.jpg", 2)  # shown two hours ago
+    first = cache.get(h[0], str(images[0]))
+    aged(folder / f"{h[0]}.jpg", 2)  # shown two hours ago
     for i in (1, 2, 3):
-        assert cache.get(f"h{i}", str(images[i]))[:2] == b"\xff\xd8"
-        aged(folder / f"h{i}.jpg", 1)  # made an hour ago, not shown since
-    assert cache.get("h0", "/gone/image.jpg") == first  # from the folder, and renewed: over an hour old
-    assert time.time() - (folder / "h0.jpg").stat().st_mtime < 60
+        assert cache.get(h[i], str(images[i]))[:2] == b"\xff\xd8"
+        aged(folder / f"{h[i]}.jpg", 1)  # made an hour ago, not shown since
+    assert cache.get(h[0], "/gone/image.jpg") == first  # from the folder, and renewed: over an hour old
+    assert time.time() - (folder / f"{h[0]}.jpg").stat().st_mtime < 60
     for i in (4, 5, 6):
-        cache.get(f"h{i}", str(images[i]))
+        cache.get(h[i], str(images[i]))
         wait_until(lambda: not cache._evicting)
-    assert sorted(os.listdir(folder)) == ["h0.jpg", "h4.jpg", "h5.jpg", "h6.jpg"]
+    assert sorted(os.listdir(folder)) == sorted(f"{h[i]}.jpg" for i in (0, 4, 5, 6))
     assert sum(entry.stat().st_size for entry in os.scandir(folder)) == sizes[0] + sum(sizes[4:]) <= limit
 
 
 def test_a_recent_view_does_not_write(tmp_path):
     images = make_images(tmp_path / "photos", 1)
+    [h] = hashes_of(images)
     cache = ThumbnailCache(tmp_path / "thumbnails", 10**6, threading.BoundedSemaphore(1))
-    cache.get("h", str(images[0]))
-    aged(tmp_path / "thumbnails" / "h.jpg", (RENEW_AFTER_S - 60) / HOUR)
-    before = (tmp_path / "thumbnails" / "h.jpg").stat().st_mtime
-    cache.get("h", str(images[0]))
-    assert (tmp_path / "thumbnails" / "h.jpg").stat().st_mtime == before
+    cache.get(h, str(images[0]))
+    aged(tmp_path / "thumbnails" / f"{h}.jpg", (RENEW_AFTER_S - 60) / HOUR)
+    before = (tmp_path / "thumbnails" / f"{h}.jpg").stat().st_mtime
+    cache.get(h, str(images[0]))
+    assert (tmp_path / "thumbnails" / f"{h}.jpg").stat().st_mtime == before
 
 
 def test_a_limit_of_zero_keeps_none(tmp_path):
     images = make_images(tmp_path / "photos", 2)
     cache = ThumbnailCache(tmp_path / "thumbnails", 0, threading.BoundedSemaphore(1))
-    assert cache.get("h", str(images[0]))[:2] == b"\xff\xd8"
+    assert cache.get(hashes_of(images)[0], str(images[0]))[:2] == b"\xff\xd8"
     assert os.listdir(tmp_path / "thumbnails") == []
