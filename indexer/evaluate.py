@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from indexer.decode import Decoded, DecodeOptions, decode_file
+from indexer.decode import DEFAULT_MAX_PIXELS, Decoded, DecodeOptions, decode_file
 from retrieval.errors import UsageError
 from retrieval.fusion import Calibration, Candidates, Fusion, calibrate
 
@@ -155,7 +155,7 @@ def _recalls(scores: np.ndarray, images_of: list[set[int]], texts_of: list[set[i
 
 def _pixel_batches(paths: list[str], transform: Any, batch_size: int):
     """(B, 3, H, W) model inputs, `batch_size` files at a time, in order; an unreadable file is an error."""
-    options = DecodeOptions.for_indexed(transform)
+    options = DecodeOptions(transform, DEFAULT_MAX_PIXELS)  # in this process: indexing's bomb guard
     for start in range(0, len(paths), batch_size):
         pixels = []
         for path in paths[start : start + batch_size]:
