@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from indexer.decode import DEFAULT_MAX_PIXELS, Decoded, DecodeOptions, decode_file
+from indexer.decode import DEFAULT_MAX_PIXELS, TOO_LARGE, Decoded, DecodeOptions, Skipped, decode_file
 from retrieval.errors import UsageError
 from retrieval.fusion import Calibration, Candidates, Fusion, calibrate
 
@@ -161,7 +161,7 @@ def _pixel_batches(paths: list[str], transform: Any, batch_size: int):
         for path in paths[start : start + batch_size]:
             decoded = decode_file(path, options)
             if not isinstance(decoded, Decoded):
-                raise UsageError(f"{path}: cannot evaluate on this image ({decoded.error})")
+                raise UsageError(f"{path}: cannot evaluate on this image ({_problem(decoded)})")
             pixels.append(decoded.pixels)
         yield np.stack(pixels)
 
@@ -225,3 +225,10 @@ def caption_summary(pairs: Pairs, judged: list[dict]) -> dict:
 
 def evaluate_captions(captioner: Any, pairs: Pairs, names: Any, options: Any = None, batch_size: int = 32) -> dict:
     return caption_summary(pairs, judge_captions(captioner, pairs, names, options, batch_size))
+
+
+def _problem(skipped: Skipped) -> str:
+    if skipped.reason == TOO_LARGE:  # its detail names index's --max-megapixels, which eval has not
+        size = f"{skipped.width}x{skipped.height} is " if skipped.width else ""
+        return f"{TOO_LARGE}: {size}over the {DEFAULT_MAX_PIXELS // 10**6} MP eval decodes"
+    return skipped.error

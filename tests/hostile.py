@@ -1,7 +1,9 @@
 """Decode tasks that misbehave like hostile files do, for the worker-pool tests (importable by workers)."""
 
 import os
+import struct
 import time
+import zlib
 
 from indexer.decode import decode_file
 
@@ -26,3 +28,13 @@ def hang_or_crash_by_content(path, options):
     if head == b"crash":
         os._exit(139)
     return decode_file(path, options)
+
+
+def png_claiming(width: int, height: int) -> bytes:
+    """A few bytes of PNG whose header claims `width` x `height` grey pixels: a decompression bomb as a
+    decoder's size check sees it, without the test allocating the image."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0")) + chunk(b"IEND", b"")

@@ -14,6 +14,7 @@ from indexer.decode import DecodeOptions, Decoded, Skipped, decode_bytes, decode
 from indexer.workers import DecodePool, PoolOptions
 from retrieval.preprocess import ImageTransform
 from tests.conftest import make_images
+from tests.hostile import png_claiming
 
 TRANSFORM = ImageTransform(224, 224, int(Image.Resampling.BICUBIC), 1 / 255, (0.48, 0.46, 0.41), (0.27, 0.26, 0.28))
 OPTIONS = DecodeOptions(TRANSFORM, max_pixels=50_000_000)
@@ -197,7 +198,7 @@ def test_a_file_read_again_must_hold_the_content_it_was_indexed_with(tmp_path):
     for expected in (indexed_hash, legacy_hash):
         assert isinstance(decode_file(str(photo), unlimited, expected_hash=expected), Decoded)
         assert isinstance(thumbnail_jpeg(str(photo), 64, expected), bytes)
-    Image.new("L", (30_000, 30_000)).save(photo, "PNG")  # 900 MP, 1 MB of file
+    photo.write_bytes(png_claiming(30_000, 30_000))  # 900 MP
     changed = decode_file(str(photo), unlimited, expected_hash=indexed_hash)
     assert changed.reason == "changed" and changed.content_hash == _sha256(photo)
     assert decode_file(str(photo), unlimited, expected_hash=legacy_hash).reason == "changed"

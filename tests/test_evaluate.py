@@ -11,6 +11,7 @@ from PIL import Image
 
 from indexer.evaluate import Pairs, evaluate, recall_at
 from tests.conftest import make_images, run_cli
+from tests.hostile import png_claiming
 
 
 def test_recall_at_counts_the_best_correct_rank():
@@ -176,6 +177,11 @@ def test_eval_command(tiny_model, pairs_file, tmp_path):
     (tmp_path / "bad.jsonl").write_text('{"picture": "x.jpg"}\n')
     bad = run_cli("eval", "--pairs", str(tmp_path / "bad.jsonl"), "--model", str(tiny_model))
     assert bad.returncode == 2 and "bad.jsonl:1" in bad.stderr
+    (tmp_path / "bomb.png").write_bytes(png_claiming(30_000, 30_000))  # decoded in this process: limited
+    (tmp_path / "bomb.jsonl").write_text('{"image": "bomb.png", "caption": "grey"}\n')
+    bomb = run_cli("eval", "--pairs", str(tmp_path / "bomb.jsonl"), "--model", str(tiny_model))
+    assert (bomb.returncode, bomb.stderr) == (2, f"Error: {tmp_path / 'bomb.png'}: cannot evaluate on this image "
+                                                 "(too-large: 30000x30000 is over the 100 MP eval decodes)\n")
 
 
 def test_calibrate_keeps_the_stored_weight_when_the_pairs_cannot_choose(model_copy, pairs_file, tmp_path):
