@@ -10,6 +10,7 @@ from __future__ import annotations
 import heapq
 import json
 import time
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Iterator, Sequence
@@ -20,7 +21,7 @@ from sqlalchemy.engine import Engine
 from sqlalchemy.exc import IntegrityError, OperationalError
 
 from indexer import path_glob, schema
-from indexer.schema import chunks
+from indexer.schema import VECTORS_VERSION, chunks
 from indexer.caption_catalog import CaptionCatalog, NewCaptions, delete_captions, write_captions
 from indexer.database import open_engine, scalar_within
 from indexer.walk import MAX_PATH_BYTES, at_or_under
@@ -354,10 +355,12 @@ class Catalog:
                     rows[row.path] = FileRow(**row._mapping)
         return rows
 
-    def newest_embedding_id(self) -> int | None:
-        """The highest embedding id, which grows with every image any writer adds; one index lookup."""
+    def vectors_version(self) -> str:
+        """A token that every transaction adding or deleting embeddings replaces: a FAISS file
+        reconciled with the catalog when it read this token holds the catalog's vectors while the
+        catalog still has it (`IndexStore.save_vectors`), without reading every id to find out."""
         with self.engine.connect() as conn:
-            return conn.execute(select(func.max(schema.embeddings.c.id))).scalar()
+            return conn.execute(select(schema.meta.c.value).where(schema.meta.c.key == VECTORS_VERSION)).scalar_one()
 
     def embedding_ids(self) -> np.ndarray:
         """Every embedding id, sorted: streamed into the array (8 bytes each), not listed as Python ints
@@ -441,6 +444,8 @@ class Catalog:
             if captions is not None:
                 by_id = {created[h]: text for h, text in captions.texts.items() if h in created}
                 write_captions(conn, by_id, captions.model, captions.prompt, now)
+            if created or orphaned:
+                _new_vectors_version(conn)
         return BatchWritten(created, orphaned)
 
     def remove_under(self, roots: Sequence[str]) -> tuple[int, list[int]]:
@@ -452,7 +457,10 @@ class Catalog:
             previous = set(conn.execute(
                 select(f.c.embedding_id).where(where, f.c.embedding_id.is_not(None)).distinct()).scalars())
             removed = conn.execute(delete(f).where(where)).rowcount
-            return removed, self._delete_orphans(conn, previous)
+            orphaned = self._delete_orphans(conn, previous)
+            if orphaned:
+                _new_vectors_version(conn)
+            return removed, orphaned
 
     def remove_files(self, file_ids: Sequence[int]) -> list[int]:
         """Forget files by id; returns the embedding ids this left without any file (deleted too)."""
@@ -462,7 +470,10 @@ class Catalog:
             previous = self._embedding_ids_of(conn, f.c.id, ids)
             for chunk in chunks(ids):
                 conn.execute(delete(f).where(f.c.id.in_(chunk)))
-            return self._delete_orphans(conn, previous)
+            orphaned = self._delete_orphans(conn, previous)
+            if orphaned:
+                _new_vectors_version(conn)
+            return orphaned
 
     @staticmethod
     def _embedding_ids_of(conn, column, values: Sequence) -> set[int]:
@@ -485,6 +496,13 @@ class Catalog:
         for chunk in chunks(orphans):
             conn.execute(delete(e).where(e.c.id.in_(chunk)))
         return orphans
+
+
+def _new_vectors_version(conn) -> None:
+    """Last in its transaction: on PostgreSQL the row stays locked until the commit, so concurrent
+    writers queue here, at the end, holding nothing the holder waits for."""
+    meta = schema.meta
+    conn.execute(update(meta).where(meta.c.key == VECTORS_VERSION).values(value=uuid.uuid4().hex))
 
 
 HASH_KEY = "S16"  # numpy bytes: sorted and searched by value; a trailing NUL is padding, alike on both sides

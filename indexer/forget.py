@@ -7,7 +7,6 @@ import os
 from dataclasses import dataclass
 from typing import Sequence
 
-import numpy as np
 
 from indexer.store import IndexStore
 from indexer.walk import at_or_under, shown, storable
@@ -37,9 +36,9 @@ def forget(store: IndexStore, targets: Sequence[str]) -> Forgotten:
         removed_roots = catalog.remove_roots(targets)
         identity = catalog.model()
         if identity is not None and orphaned:
-            vectors = store.load_vectors(identity)
-            vectors.remove(np.asarray(orphaned, dtype=np.int64))
-            store.save_vectors(vectors)
+            version = catalog.vectors_version()  # before load_vectors reconciles: see IndexStore.save_vectors
+            vectors = store.load_vectors(identity)  # reconciled: the orphans' vectors are gone from it
+            store.save_vectors(vectors, synced=version)
         remaining = [root for root in roots if root not in removed_roots]
     still_walked = [t for t in targets if os.path.exists(t) and any(at_or_under(t, root) for root in remaining)]
     return Forgotten(files, len(orphaned), removed_roots, still_walked)

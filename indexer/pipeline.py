@@ -28,7 +28,7 @@ from indexer.compare import Comparison, Todo, files_to_do
 from indexer.decode import DEFAULT_MAX_PIXELS, Decoded, DecodeOptions, Skipped
 from indexer.features import FeatureCache, FeatureCacheConfig
 from indexer.schema import INDEXED, SKIPPED
-from indexer.store import IndexStore, reconcile
+from indexer.store import IndexStore
 from indexer.threads import ThreadBalancer
 from indexer.walk import FoundFile, WalkOptions, resolve_roots
 from indexer.workers import DecodePool, PoolOptions
@@ -179,8 +179,7 @@ class Indexer:
         writer.vectors.remove(np.asarray(self.store.catalog.remove_files(comparison.gone), dtype=np.int64))
         walk_summary(comparison, summary)
         # Writers sharing the catalog (PostgreSQL) add images this run's file lacks: take them in.
-        reconcile(writer.vectors, self.store.catalog, writer.embedder.identity)
-        self.store.save_vectors(writer.vectors)
+        self.store.reconcile_and_save(writer.vectors, writer.embedder.identity)
         summary.seconds["total"] = time.perf_counter() - started
         self.progress.close()
         return summary

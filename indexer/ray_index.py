@@ -32,7 +32,7 @@ from indexer.decode import DecodeOptions
 from indexer.pipeline import IndexConfig, IndexSummary, NoProgress, Progress, comparisons, walk_summary
 from indexer.ray_stages import MODEL_KEY, SHARD_PREFIX, CaptionStage, DecodeStage, EmbedStage, read_todo
 from indexer.schema import INDEXED, SKIPPED
-from indexer.store import IndexStore, reconcile
+from indexer.store import IndexStore
 from indexer.walk import FoundFile, at_or_under, resolve_roots
 from retrieval.errors import BlipsearchError
 from retrieval.loading import ModelIdentity
@@ -225,8 +225,7 @@ class RayIndexRun(_RayRun):
         if identity is not None:
             vectors = self._vectors(identity)
             vectors.remove(np.asarray(orphaned, dtype=np.int64))
-            reconcile(vectors, catalog, identity)
-            self.store.save_vectors(vectors)
+            self.store.reconcile_and_save(vectors, identity)
         summary.seconds["total"] = time.perf_counter() - started
         self.progress.close()
         return summary

@@ -20,6 +20,7 @@ meta = Table(
     Column("key", String(64), primary_key=True),
     Column("value", Text, nullable=False),
 )
+VECTORS_VERSION = "vectors_version"  # meta's token for the embeddings as they are (0005)
 
 embeddings = Table(
     "embeddings",

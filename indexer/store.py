@@ -30,6 +30,7 @@ VECTORS_FILE = "vectors.faiss"
 LOCK_FILE = "index.lock"
 SETTINGS_FILE = "index.json"
 WALK_FILE = "walk.json"  # the --exclude and --follow-symlinks `index` was last given, kept for later runs
+SYNCED_FILE = "vectors.json"  # the catalog's vectors version the FAISS file was reconciled with
 HEADROOM = 1.25  # `auto` picks a type that still fits when the collection has grown by a quarter
 ENV_INDEX = "BLIPSEARCH_INDEX"
 
@@ -183,9 +184,12 @@ class IndexStore:
     # -- vectors ----------------------------------------------------------------------------------
     def load_vectors(self, identity: ModelIdentity, read_only: bool = False):
         """The FAISS index, reconciled in memory with the catalog and rebuilt if due. `read_only`
-        (searching) maps a large file instead of reading it; a change later reads it after all."""
+        (searching) maps a large file instead of reading it; a change later reads it after all. A
+        search of a catalog unchanged since the file was saved reads no ids (`_load_synced`)."""
         from retrieval.index import MaxSimIndex
 
+        if read_only and (index := self._load_synced(identity)) is not None:
+            return index
         ids = self.catalog.embedding_ids()
         spec = self.settings().spec_for(len(ids), identity.num_queries, identity.embed_dim, strict=not read_only)
         path = self.vectors_path
@@ -226,10 +230,46 @@ class IndexStore:
         """A `VectorSource` for `MaxSimIndex.search`: the fp32 vectors, read from the catalog."""
         return lambda keys: self.catalog.vectors(keys, identity.num_queries, identity.embed_dim)
 
-    def save_vectors(self, index) -> None:
-        """Refresh (a long run trains or retrains here, at its periodic saves), then save atomically."""
+    def save_vectors(self, index, synced: str | None = None) -> None:
+        """Refresh (a long run trains or retrains here, at its periodic saves), then save atomically.
+        `synced`: the catalog's `vectors_version` read before `index` was last reconciled with it
+        (`reconcile_and_save`). A later change replaces that version, so while the catalog has it the
+        file holds its vectors; a change between the reading and this save makes the version old, so
+        it only costs the next search a full reconcile."""
+        with suppress(FileNotFoundError):
+            os.unlink(self.directory / SYNCED_FILE)  # first: never a record that names another file
         self.refresh(index)
         index.save(self.vectors_path)
+        if synced is not None:
+            stat = self.vectors_path.stat()
+            self._write_json(SYNCED_FILE, {"catalog_vectors_version": synced, "images": index.ntotal // index.num_queries,
+                                           "file": [stat.st_size, stat.st_mtime_ns]})
+
+    def reconcile_and_save(self, index, identity: ModelIdentity) -> None:
+        """What a writer does last: make `index` the catalog's, and save it as such."""
+        version = self.catalog.vectors_version()  # before the ids that reconciling reads
+        reconcile(index, self.catalog, identity)
+        self.save_vectors(index, synced=version)
+
+    def _load_synced(self, identity: ModelIdentity):
+        """The saved FAISS index, if it was saved reconciled with the catalog's current vectors version
+        (and not replaced since); None where that is not known, and the caller reconciles."""
+        from retrieval.index import MaxSimIndex
+
+        try:
+            synced = json.loads((self.directory / SYNCED_FILE).read_text())
+            stat = self.vectors_path.stat()
+            in_sync = (synced["catalog_vectors_version"] == self.catalog.vectors_version()
+                       and synced["file"] == [stat.st_size, stat.st_mtime_ns])
+            images = int(synced["images"])
+        except (OSError, ValueError, TypeError, KeyError):  # none, or unreadable: it only saves work
+            return None
+        if not in_sync:
+            return None
+        spec = self.settings().spec_for(images, identity.num_queries, identity.embed_dim, strict=False)
+        mmap = stat.st_size >= self.config.mmap_min_bytes
+        index = MaxSimIndex.load(self.vectors_path, identity.embed_dim, identity.num_queries, spec, mmap=mmap)
+        return index if index.ntotal == images * identity.num_queries else None
 
     def disk_bytes(self) -> int:
         """What the index directory holds: one stat per file (thumbnails too, one per image viewed). A

@@ -67,7 +67,32 @@ def test_a_catalog_of_an_older_version_is_migrated_with_its_rows(catalog_url):
     catalog = Catalog.open(catalog_url)
     assert "ix_files_skipped_path" in {index["name"] for index in inspect(catalog.engine).get_indexes("files")}
     assert [row.path for row in catalog.page(0, 5, status=SKIPPED)[1]] == ["/p/a.jpg", "/p/b.jpg"]
+    assert len(catalog.vectors_version()) == 32  # 0005
     catalog.close()
+
+
+def test_the_vectors_version_changes_with_the_embeddings_alone(catalog, tmp_path):
+    """A search trusts a FAISS file saved at the catalog's vectors version (`IndexStore.save_vectors`):
+    every change to the embeddings must replace it. Changes that leave them be need not."""
+    other = Catalog.open(f"sqlite:///{tmp_path / 'other.sqlite'}")
+    assert other.vectors_version() != catalog.vectors_version()  # a file of one is never taken for the other's
+    other.close()
+    seen = [catalog.vectors_version()]
+
+    def changed() -> bool:
+        seen.append(catalog.vectors_version())
+        return seen[-1] != seen[-2]
+
+    catalog.write_batch([entry("/p/a.jpg", "h1"), entry("/p/b.jpg", "h2")], {"h1": vectors(1), "h2": vectors(2)})
+    assert changed()
+    catalog.write_batch([entry("/p/copy.jpg", "h1"), entry("/p/bad.jpg", None, SKIPPED)], {})
+    assert not changed()  # a duplicate and a skipped file: no embedding added or removed
+    ids = {row.path: row.id for row in catalog.files()}
+    assert catalog.remove_files([ids["/p/copy.jpg"]]) == [] and not changed()
+    assert len(catalog.remove_files([ids["/p/a.jpg"]])) == 1 and changed()
+    catalog.write_batch([entry("/p/b.jpg", "h3")], {"h3": vectors(3)})  # new content under an old name
+    assert changed()
+    assert catalog.remove_under(["/p"])[0] == 2 and changed()
 
 
 @pytest.mark.parametrize("url, message", [

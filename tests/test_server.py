@@ -636,6 +636,16 @@ def test_searches_see_what_other_processes_index(tmp_path, retriever, tiny_model
             outside_index()
             expected = {"img0000.jpg", "img0002.jpg", "more/img0000.jpg", "more/img0001.jpg"}
             assert found(expected) == expected
+            # A writer sharing the catalog (under a FAISS file of its own) removes the oldest image: the
+            # newest embedding id, which the server watched before, stays as it was.
+            from indexer.catalog import Catalog, sqlite_url
+
+            state = service._index_state()
+            other = Catalog.open(sqlite_url(idx / "catalog.sqlite"))
+            oldest = min(other.files(), key=lambda row: row.embedding_id)
+            assert len(other.remove_files([oldest.id])) == 1
+            other.close()
+            assert service._index_state() != state
     finally:
         service.close()
 
