@@ -232,12 +232,12 @@ def create_app(service: Service) -> FastAPI:
         catalog, glob = service.store.catalog, _absolute_glob(path)
         within_s = service.config.count_time_limit_s
         if _scanned(offset, status, has_caption, glob):  # no index finds these: a page reads a bounded window
-            rows, following = catalog.scan_page(limit, has_caption, glob, after, status,
+            rows, following = catalog.listing.scan_page(limit, has_caption, glob, after, status,
                                                 service.config.page_scan_rows)
-            total = catalog.count_matching(status, has_caption, glob, within_s)
+            total = catalog.listing.count_matching(status, has_caption, glob, within_s)
         else:
             by_status_only = has_caption is None and path is None
-            total, rows = catalog.page(offset, limit, status, has_caption, glob, after, count=not by_status_only,
+            total, rows = catalog.listing.page(offset, limit, status, has_caption, glob, after, count=not by_status_only,
                                        count_within_s=within_s)
             if by_status_only:
                 total = service.counts.get().get(status or "files", 0)

@@ -98,7 +98,7 @@ def main() -> None:
             t_base, base = run(0)
             t_ours, ours = run(shipped)
             assert ours == base, "both sides must find the same files with the same scores"
-            matching = len(store.catalog.indexed_matching(glob, args.images + args.small) or [])
+            matching = len(store.catalog.listing.indexed_matching(glob, args.images + args.small) or [])
             print(f"  --path {glob!r:16} matching {matching:6}: baseline {t_base * 1e3:8.1f} ms/query, "
                   f"project {t_ours * 1e3:8.1f} ms/query, baseline / project = {t_base / t_ours:.2f}x; same results")
 

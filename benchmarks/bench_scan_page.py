@@ -76,11 +76,11 @@ def main() -> None:
         fill(catalog, args.files, args.every)
 
         def baseline(after):
-            _, rows = catalog.page(0, PAGE, has_caption=False, after=after, count=False)
+            _, rows = catalog.listing.page(0, PAGE, has_caption=False, after=after, count=False)
             return rows, (rows[-1].path if len(rows) == PAGE else None)
 
         def project(after):
-            return catalog.scan_page(PAGE, has_caption=False, after=after, scan_rows=args.scan_rows)
+            return catalog.listing.scan_page(PAGE, has_caption=False, after=after, scan_rows=args.scan_rows)
 
         results = {name: walk(side) for name, side in (("baseline", baseline), ("project", project))}
         catalog.close()

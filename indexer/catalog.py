@@ -20,31 +20,14 @@ from sqlalchemy import and_, delete, exists, func, insert, or_, select, update
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import IntegrityError, OperationalError
 
-from indexer import path_glob, schema
-from indexer.schema import VECTORS_VERSION, chunks
+from indexer import schema
+from indexer.schema import VECTORS_VERSION, FileRow, chunks
 from indexer.caption_catalog import CaptionCatalog, NewCaptions, delete_captions, write_captions
-from indexer.database import open_engine, scalar_within
+from indexer.database import open_engine
+from indexer.listing import FileListing, file_filters
 from indexer.walk import MAX_PATH_BYTES, at_or_under
 from retrieval.errors import ModelMismatchError
 from retrieval.loading import ModelIdentity
-
-@dataclass(frozen=True)
-class FileRow:
-    """A row of `files` as the catalog holds it."""
-
-    id: int
-    path: str
-    size: int
-    mtime_ns: int
-    content_hash: str | None
-    status: str
-    error: str | None
-    width: int | None
-    height: int | None
-    format: str | None
-    embedding_id: int | None
-    updated_at: float
-
 
 @dataclass(frozen=True)
 class FileEntry:
@@ -89,6 +72,7 @@ class Catalog:
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
         self.captions = CaptionCatalog(engine)
+        self.listing = FileListing(engine)
 
     @classmethod
     def open(cls, url: str) -> "Catalog":
@@ -183,84 +167,6 @@ class Catalog:
             row = conn.execute(select(schema.files).where(schema.files.c.id == int(file_id))).first()
         return FileRow(**row._mapping) if row else None
 
-    def page(self, offset: int, limit: int, status: str | None = None, has_caption: bool | None = None,
-             path_glob: str | None = None, after: str | None = None, count: bool = True,
-             count_within_s: float | None = None) -> tuple[int | None, list[FileRow]]:
-        """(total matching, one page of) files ordered by path, filtered by status, caption and a
-        `--path` glob (`indexer.path_glob`); the page from `offset` among those after the path `after`.
-        The total ignores `after`: it is how many the filters match; None without `count`, or when
-        counting would take over `count_within_s` (a filter matching much of a large catalog)."""
-        f = schema.files
-        conditions = self._filters(status, has_caption, path_glob)
-        on_page = conditions + ([f.c.path > after] if after is not None else [])
-        with self.engine.connect() as conn:
-            rows = [FileRow(**r._mapping) for r in
-                    conn.execute(select(f).where(*on_page).order_by(f.c.path).offset(offset).limit(limit))]
-            return (_count(conn, conditions, count_within_s) if count else None), rows
-
-    def count_matching(self, status: str | None = None, has_caption: bool | None = None,
-                       path_glob: str | None = None, within_s: float | None = None) -> int | None:
-        """How many files the filters match, as `page` counts them (the total of `scan_page`'s pages)."""
-        with self.engine.connect() as conn:
-            return _count(conn, self._filters(status, has_caption, path_glob), within_s)
-
-    def scan_page(self, limit: int, has_caption: bool | None = None, path_glob: str | None = None,
-                  after: str | None = None, status: str | None = None,
-                  scan_rows: int = 100_000) -> tuple[list[FileRow], str | None]:
-        """Up to `limit` files after the path `after` that the filters match, looking at no more than
-        the next `scan_rows` paths; and where the next page starts after (None: at the end).
-
-        For filters no index finds the matches of (a caption or not, a glob that does not start with
-        a folder), `page` reads rows until it has a page: where matches are rare, most of the catalog.
-        Here a page costs at most `scan_rows` rows, and may hold fewer than `limit` files, none even,
-        while the catalog goes on; its `next` says where the following page starts."""
-        f = schema.files
-        start = [f.c.path > after] if after is not None else []
-        window = select(f.c.path).where(*start).order_by(f.c.path).limit(scan_rows).subquery()
-        # A file added between the two reads, inside the window, is listed or not, as with any page
-        # by `after`; none is listed twice, and none already there is missed.
-        with self.engine.connect() as conn:
-            seen, last = conn.execute(select(func.count(), func.max(window.c.path))).one()
-            if last is None:
-                return [], None
-            matching = self._filters(status, has_caption, path_glob) + start + [f.c.path <= last]
-            rows = [FileRow(**r._mapping)
-                    for r in conn.execute(select(f).where(*matching).order_by(f.c.path).limit(limit))]
-        if len(rows) == limit:
-            return rows, rows[-1].path
-        return rows, (last if seen == scan_rows else None)  # the window ended the catalog, or did not
-
-    def indexed_matching(self, glob: str, most: int) -> list[FileRow] | None:
-        """The indexed files whose path `glob` matches, in no particular order; None when they are
-        more than `most` (found by their ids first, so that many matches cost no rows)."""
-        f = schema.files
-        query = select(f.c.id).where(f.c.status == schema.INDEXED, *self._glob_conditions(glob)).limit(most + 1)
-        out: list[FileRow] = []
-        with self.engine.connect() as conn:
-            ids = conn.execute(query).scalars().all()
-            if len(ids) > most:
-                return None
-            for chunk in chunks(ids):
-                out.extend(FileRow(**r._mapping) for r in conn.execute(select(f).where(f.c.id.in_(chunk))))
-        return out
-
-    def _filters(self, status: str | None = None, has_caption: bool | None = None,
-                 path_glob: str | None = None) -> list:
-        """Conditions on files: of one status, with or without a caption, matching a `--path` glob."""
-        f, c = schema.files, schema.captions
-        conditions = []
-        if status is not None:  # skipped files: their own index (0004), found by SQLite and PostgreSQL
-            conditions.append(f.c.status == status)
-        if has_caption is not None:
-            captioned = exists().where(c.c.embedding_id == f.c.embedding_id)
-            conditions.append(captioned if has_caption else ~captioned)
-        if path_glob:
-            conditions += self._glob_conditions(path_glob)
-        return conditions
-
-    def _glob_conditions(self, glob: str) -> list:
-        return path_glob.conditions(schema.files.c.path, glob, self.engine.dialect.name)
-
     def has_under(self, root: str) -> bool:
         """Whether any file is at or under `root`."""
         f = schema.files
@@ -319,7 +225,8 @@ class Catalog:
         """Every file in batches, or those of one status or matching a `--path` glob, ordered by path,
         streamed from the database (a server-side cursor on PostgreSQL): an export of a hundred
         million rows must not hold them all."""
-        query = select(schema.files).where(*self._filters(status, path_glob=path_glob)).order_by(schema.files.c.path)
+        query = select(schema.files).where(*file_filters(self.engine, status, path_glob=path_glob))\
+            .order_by(schema.files.c.path)
         with self.engine.connect() as conn:
             result = conn.execution_options(stream_results=True, yield_per=batch).execute(query)
             for part in result.partitions():
@@ -519,15 +426,6 @@ def has_hash(sorted_keys: np.ndarray, digest: str) -> bool:
     key = np.array([hash_key(digest)], dtype=HASH_KEY)
     at = int(np.searchsorted(sorted_keys, key)[0])
     return at < len(sorted_keys) and sorted_keys[at] == key[0]
-
-
-def _count(conn, conditions: list, within_s: float | None) -> int | None:
-    """The files matching `conditions`; None when counting would take over `within_s`."""
-    counting = select(func.count()).select_from(schema.files).where(*conditions)
-    if within_s is None:
-        return conn.execute(counting).scalar_one()
-    conn.rollback()  # a read before it (the page's) ends first: the count sets its own limit
-    return scalar_within(conn, counting, within_s)
 
 
 def _transient(exc: OperationalError) -> bool:

@@ -8,6 +8,8 @@ duplicate files point at the same embedding row. `captions` holds one caption pe
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from sqlalchemy import (
     BigInteger, Column, Float, ForeignKey, Index, Integer, LargeBinary, MetaData, String, Table, Text, text,
 )
@@ -61,6 +63,24 @@ captions = Table(
     Column("created_at", Float, nullable=False),
 )
 # Full text: `captions_fts` (SQLite FTS5, synced by triggers) or a GIN index (PostgreSQL); see 0003.
+
+@dataclass(frozen=True)
+class FileRow:
+    """A row of `files` as the catalog holds it."""
+
+    id: int
+    path: str
+    size: int
+    mtime_ns: int
+    content_hash: str | None
+    status: str
+    error: str | None
+    width: int | None
+    height: int | None
+    format: str | None
+    embedding_id: int | None
+    updated_at: float
+
 
 IN_CHUNK = 500  # rows per IN (...) clause, well under SQLite's variable limit
 

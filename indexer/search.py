@@ -165,7 +165,7 @@ class Searcher:
         are more (FAISS then finds matches soon enough). The database finds them: within the glob's
         literal start by the path index, else by reading every path, which costs one pass over the
         paths (the search it saves, widening until a few matches turn up, would read them all too)."""
-        rows = self.store.catalog.indexed_matching(options.path_glob, PREFILTER_FILES)
+        rows = self.store.catalog.listing.indexed_matching(options.path_glob, PREFILTER_FILES)
         return None if rows is None else [row for row in rows if _passes(row, options, exclude_hash)]
 
     def _scored(self, vector: np.ndarray, rows: list[FileRow]) -> list[_Candidate]:

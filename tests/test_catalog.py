@@ -66,7 +66,7 @@ def test_a_catalog_of_an_older_version_is_migrated_with_its_rows(catalog_url):
     older.engine.dispose()
     catalog = Catalog.open(catalog_url)
     assert "ix_files_skipped_path" in {index["name"] for index in inspect(catalog.engine).get_indexes("files")}
-    assert [row.path for row in catalog.page(0, 5, status=SKIPPED)[1]] == ["/p/a.jpg", "/p/b.jpg"]
+    assert [row.path for row in catalog.listing.page(0, 5, status=SKIPPED)[1]] == ["/p/a.jpg", "/p/b.jpg"]
     assert len(catalog.vectors_version()) == 32  # 0005
     catalog.close()
 
@@ -272,16 +272,16 @@ def test_path_globs_match_as_the_search_does(catalog):
     globs += ["".join(rng.choice(alphabet) for _ in range(rng.randint(1, 9))) for _ in range(150)]
     for glob in globs:
         want = sorted(p for p in GLOB_PATHS if fnmatch.fnmatchcase(p, glob))
-        total, rows = catalog.page(0, 100, path_glob=glob)
+        total, rows = catalog.listing.page(0, 100, path_glob=glob)
         assert (total, [row.path for row in rows]) == (len(want), want), glob
-        assert sorted(row.path for row in catalog.indexed_matching(glob, 100)) == \
+        assert sorted(row.path for row in catalog.listing.indexed_matching(glob, 100)) == \
             [p for p in want if p in indexed], glob
-    assert catalog.indexed_matching("*.jpg", 6) is None and len(catalog.indexed_matching("*.jpg", 7)) == 7
+    assert catalog.listing.indexed_matching("*.jpg", 6) is None and len(catalog.listing.indexed_matching("*.jpg", 7)) == 7
     for after in ("/p/b.jpg", "/p/é", "/q"):  # GET /api/images?after=: byte order, as the path index's
-        total, rows = catalog.page(0, 4, after=after, count=False)
+        total, rows = catalog.listing.page(0, 4, after=after, count=False)
         assert total is None and [row.path for row in rows] == sorted(p for p in GLOB_PATHS if p > after)[:4]
     for never in ["/p/\x00*", "*\x00", "/p/\udce9*"]:  # PostgreSQL refused NUL: a 500 from GET /api/images
-        assert catalog.page(0, 10, path_glob=never) == (0, []) and catalog.indexed_matching(never, 10) == []
+        assert catalog.listing.page(0, 10, path_glob=never) == (0, []) and catalog.listing.indexed_matching(never, 10) == []
 
 
 @pytest.mark.parametrize("scan_rows", [1, 7, 1000])
@@ -296,10 +296,10 @@ def test_scanned_pages_read_a_window_each_and_together_list_every_match_once(cat
     catalog.captions.write({written.created[f"h{i}"]: "a caption" for i in range(60) if i % 13 != 5}, "m", "")
     for filters in ({"has_caption": False}, {"has_caption": True}, {"path_glob": "*-x.jpg"},
                     {"path_glob": "*-x.jpg", "has_caption": True}, {"has_caption": False, "status": INDEXED}):
-        _, want = catalog.page(0, 1000, **filters, count=False)
+        _, want = catalog.listing.page(0, 1000, **filters, count=False)
         listed, pages, after = [], 0, None
         while True:
-            rows, after = catalog.scan_page(4, after=after, scan_rows=scan_rows, **filters)
+            rows, after = catalog.listing.scan_page(4, after=after, scan_rows=scan_rows, **filters)
             assert len(rows) <= 4 and pages < 200
             listed += [row.path for row in rows]
             pages += 1
@@ -308,7 +308,7 @@ def test_scanned_pages_read_a_window_each_and_together_list_every_match_once(cat
         assert listed == [row.path for row in want], filters
         if scan_rows == 1:  # a window of one path: a page per path at least, most of them empty
             assert pages >= 61
-    assert catalog.scan_page(4, has_caption=False, after="/q") == ([], None)
+    assert catalog.listing.scan_page(4, has_caption=False, after="/q") == ([], None)
 
 
 def test_an_id_beyond_the_columns_range_is_no_file(catalog):
@@ -380,11 +380,11 @@ def test_a_page_of_skipped_files_reads_only_skipped_rows(catalog):
     fill_files(catalog, 20, "/p/z/%d.jpg", SKIPPED)
     postgres = catalog.engine.dialect.name == "postgresql"
     for _ in range(12):  # psycopg prepares a statement run 5 times, and PostgreSQL plans it generically after 5 more
-        catalog.page(0, 5, status=SKIPPED, count=False)
+        catalog.listing.page(0, 5, status=SKIPPED, count=False)
     with (most_rows_read if postgres else sqlite_steps)(catalog.engine) as work:
-        total, rows = catalog.page(0, 5, status=SKIPPED)
-        _, after = catalog.page(0, 5, status=SKIPPED, after=rows[-1].path, count=False)
-        _, indexed = catalog.page(0, 5, status=INDEXED, count=False)
+        total, rows = catalog.listing.page(0, 5, status=SKIPPED)
+        _, after = catalog.listing.page(0, 5, status=SKIPPED, after=rows[-1].path, count=False)
+        _, indexed = catalog.listing.page(0, 5, status=INDEXED, count=False)
     assert total == 20 and [row.path for row in rows + after] == [f"/p/z/{100000 + i}.jpg" for i in range(1, 11)]
     assert [row.path for row in indexed] == [f"/p/a/{100000 + i}.jpg" for i in range(1, 6)]
     assert len(work) == 3 and max(work) <= (5 if postgres else 20), work
@@ -395,12 +395,12 @@ def test_a_total_that_would_take_too_long_to_count_is_none(catalog):
     Given a time limit, the database stops counting there; the page is still read, and the
     connection goes back to the pool without the limit."""
     fill_files(catalog, 200000, "/p/%d.jpg", INDEXED)
-    total, rows = catalog.page(0, 3, path_glob="*7.jpg", count_within_s=0.001)
+    total, rows = catalog.listing.page(0, 3, path_glob="*7.jpg", count_within_s=0.001)
     assert total is None and [row.path for row in rows] == ["/p/100007.jpg", "/p/100017.jpg", "/p/100027.jpg"]
     for _ in range(3):  # every pooled connection: no limit left behind
-        assert catalog.page(0, 1, path_glob="*7.jpg")[0] == 20000
-    assert catalog.page(0, 3, path_glob="*7.jpg", count_within_s=60)[0] == 20000
-    assert catalog.page(0, 1, path_glob="/p/10000*", count_within_s=0.05)[0] == 9  # a few rows: counted in time
+        assert catalog.listing.page(0, 1, path_glob="*7.jpg")[0] == 20000
+    assert catalog.listing.page(0, 3, path_glob="*7.jpg", count_within_s=60)[0] == 20000
+    assert catalog.listing.page(0, 1, path_glob="/p/10000*", count_within_s=0.05)[0] == 9  # a few rows: counted in time
 
 
 def test_iter_under_pages_walk_the_path_index_on_postgres_without_statistics(postgres_url):
