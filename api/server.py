@@ -216,6 +216,18 @@ def create_app(service: Service) -> FastAPI:
 
         return _response(name, await run_in_threadpool(search))
 
+    @app.get("/api/images/{file_id}/similar")
+    def search_similar(file_id: ImageId, k: int = Query(10, ge=1, le=10_000),
+                       path: str | None = Query(None, max_length=1000, description=GLOB_HELP)) -> dict:
+        """Images like an indexed one, by its stored vectors: no upload, no decoding, no model."""
+        from indexer.search import SearchOptions
+
+        row = service.store.catalog.file(file_id)
+        if row is None:
+            raise HTTPException(404, f"no image with id {file_id}")
+        options = SearchOptions(k=k, rerank=False, score="itc", path_glob=_absolute_glob(path))
+        return _response(f"images like {Path(row.path).name}", service.require_searcher().search_similar(row, options))
+
     # -- catalog ------------------------------------------------------------------------------------
     @app.get("/api/images")
     def list_images(offset: int = Query(0, ge=0, le=MAX_ID), limit: int = Query(50, ge=1, le=1000),

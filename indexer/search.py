@@ -130,9 +130,27 @@ class Searcher:
         if not isinstance(decoded, Decoded):
             raise UsageError(f"{name or path}: cannot use as a query image ({decoded.error})")
         embeds = self.retriever.encode_images(decoded.pixels[None]).query_embeds[0]
+        return self._like(embeds, decoded.content_hash, options, os.path.realpath(path))
+
+    def search_similar(self, row: FileRow, options: SearchOptions) -> SearchResponse:
+        """Images like an indexed one, by its vectors in the catalog: what `search_image` finds for
+        its file, without reading the file or running the model (and so as it was indexed)."""
+        options.validate()
+        if row.status != INDEXED or row.embedding_id is None:
+            raise UsageError(f"{row.path} was not indexed ({row.error}), so it has no vectors to compare")
+        found, vectors = self.exact_vectors(np.asarray([row.embedding_id], np.int64))
+        if len(found) == 0:  # forgotten since the row was read
+            raise UsageError(f"{row.path} is no longer indexed")
+        return self._like(vectors[0], row.content_hash, options)
+
+    def _like(self, query_embeds: np.ndarray, content_hash: str, options: SearchOptions,
+              real_path: str | None = None) -> SearchResponse:
+        """The images nearest an example's (Q, D) query embeddings by ITC, leaving out its content
+        and its own file."""
         itc_only = SearchOptions(**{**options.__dict__, "rerank": False, "score": "itc"})
-        candidates = self._candidates(image_query_vector(embeds), itc_only, exclude_hash=decoded.content_hash)
-        candidates = [c for c in candidates if os.path.realpath(c.row.path) != os.path.realpath(path)]
+        candidates = self._candidates(image_query_vector(query_embeds), itc_only, exclude_hash=content_hash)
+        if real_path is not None:
+            candidates = [c for c in candidates if os.path.realpath(c.row.path) != real_path]
         return self._finish(candidates, itc_only, None)
 
     # -- stages -----------------------------------------------------------------------------------

@@ -198,6 +198,27 @@ def test_image_query_excludes_itself(indexed):
     assert len(response.results) == 5 and str(paths[3]) not in [r.path for r in response.results]
 
 
+def test_images_like_an_indexed_one_from_its_stored_vectors_equal_those_like_its_file(indexed, monkeypatch):
+    """`search_similar` (the web page's "More like this") takes the image's vectors from the catalog;
+    `search_image` decodes its file and runs the model on it: the same images, the same scores."""
+    from dataclasses import replace
+
+    import indexer.search
+
+    _, paths, searcher = indexed
+    options = SearchOptions(k=8, path_glob="*img00[0-2]?.jpg")
+    by_file = searcher.search_image(str(paths[3]), options)
+    row = searcher.store.catalog.files_at([str(paths[3])])[str(paths[3])]
+    monkeypatch.setattr(indexer.search, "decode_file", lambda *_: pytest.fail("decoded a file"))
+    monkeypatch.setattr(searcher.retriever, "encode_images", lambda *_: pytest.fail("ran the model"), raising=False)
+    stored = searcher.search_similar(row, options)
+    assert [r.path for r in stored.results] == [r.path for r in by_file.results]
+    assert len(stored.results) == 8 and str(paths[3]) not in [r.path for r in stored.results]
+    assert [r.score for r in stored.results] == pytest.approx([r.score for r in by_file.results], abs=1e-5)
+    with pytest.raises(UsageError, match="was not indexed .corrupt: broken., so it has no vectors to compare"):
+        searcher.search_similar(replace(row, status="skipped", embedding_id=None, error="corrupt: broken"), options)
+
+
 def test_a_relative_path_glob_is_taken_from_the_current_folder(indexed):
     """The catalog holds absolute paths: --path 'photos/*' matched nothing, silently."""
     from tests.conftest import ROOT

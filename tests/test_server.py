@@ -142,6 +142,25 @@ def test_search_by_uploaded_image(served):
     assert "(too-large: 12000x12000 is 144 MP, over the 100 MP limit" in too_large.json()["detail"]
 
 
+def test_images_like_an_indexed_one_need_no_upload(served):
+    """"More like this" on the web page: by the image's id, from its stored vectors, the images an
+    upload of its file finds."""
+    client, root, _ = served
+    image = client.get("/api/images", params={"path": "*photos/img0003.jpg"}).json()["images"][0]
+    like = client.get(f"/api/images/{image['id']}/similar", params={"k": 5})
+    assert like.status_code == 200, like.text
+    with open(image["path"], "rb") as handle:
+        uploaded = client.post("/api/search/image", params={"k": 5}, files={"image": ("x.jpg", handle.read())}).json()
+    body = like.json()
+    assert body["query"] == "images like img0003.jpg" and len(body["results"]) == 5
+    assert [r["path"] for r in body["results"]] == [r["path"] for r in uploaded["results"]]
+    assert image["path"] not in [r["path"] for r in body["results"]]
+    narrow = client.get(f"/api/images/{image['id']}/similar", params={"path": "*img000[4-5].jpg"}).json()
+    assert sorted(os.path.basename(r["path"]) for r in narrow["results"]) == ["img0004.jpg", "img0005.jpg"]
+    assert_error(client.get("/api/images/999999/similar"), 404)
+    assert_error(client.get(f"/api/images/{image['id']}/similar", params={"k": 0}), 422)
+
+
 def test_an_upload_that_crashes_or_hangs_the_decoder_is_a_400_and_the_server_goes_on(served, monkeypatch):
     """An uploaded query image is decoded in a worker process, one at a time: a file that kills the
     decoder (as a segfault in a C library would) or never finishes is that request's 400, where it

@@ -103,6 +103,15 @@ def test_search_and_open_a_result(server):
         wait.until(lambda d: d.execute_script("const i = document.querySelector('#viewer img'); "
                                               "return i.complete && i.naturalWidth === 300"))
         assert driver.find_element(By.CSS_SELECTOR, "#viewer img").get_attribute("src").endswith("/preview")
+        # More like this one: the images nearest its vectors, all but itself, at an address of its own.
+        driver.find_element(By.ID, "like").click()
+        wait.until(ready.text_to_be_present_in_element((By.ID, "status"), "11 results for “images like phone.heic”"))
+        assert not driver.find_element(By.ID, "viewer").is_displayed()
+        assert driver.current_url == f"{server}/?like={phone['id']}"
+        driver.refresh()
+        wait.until(ready.text_to_be_present_in_element((By.ID, "status"), "11 results for “images like phone.heic”"))
+        shown = {card.get_attribute("data-id") for card in driver.find_elements(By.CSS_SELECTOR, "#results .card")}
+        assert len(shown) == 11 and str(phone["id"]) not in shown
     finally:
         driver.quit()
 
