@@ -279,14 +279,19 @@ def thumbnail_jpeg(path: str, size: int, expected_hash: str, max_pixels: int = D
     return jpeg.getvalue()
 
 
+def holds_content(handle, expected_hash: str) -> bool:
+    """Whether the open file holds the content hashed `expected_hash` (as `same_content`); hashed in
+    chunks, not read whole: it may be a 1 GB TIFF."""
+    hasher = (lambda: hashlib.blake2b(digest_size=20)) if len(expected_hash) == 40 else hashlib.sha256
+    return hashlib.file_digest(handle, hasher).hexdigest() == expected_hash
+
+
 @contextlib.contextmanager
 def _opened_if_same(handle, expected_hash: str):
-    """The open file as a Pillow image if it holds the content hashed `expected_hash`, else None.
-    Hashed in chunks, not read whole: a thumbnail's source may be a 1 GB TIFF."""
+    """The open file as a Pillow image if it holds the content hashed `expected_hash`, else None."""
     from PIL import Image
 
-    hasher = (lambda: hashlib.blake2b(digest_size=20)) if len(expected_hash) == 40 else hashlib.sha256
-    if hashlib.file_digest(handle, hasher).hexdigest() != expected_hash:
+    if not holds_content(handle, expected_hash):
         yield None
         return
     handle.seek(0)

@@ -18,7 +18,7 @@ import numpy as np
 
 from indexer import path_glob
 from indexer.catalog import Catalog, FileRow, check_same_model
-from indexer.decode import Decoded, DecodeOptions, Skipped, decode_file
+from indexer.decode import Decoded, DecodeOptions, Skipped, decode_file, holds_content
 from indexer.rerank import Match, Reranker
 from indexer.schema import INDEXED
 from indexer.store import IndexStore
@@ -97,17 +97,19 @@ class _Candidate:
 
 
 class Searcher:
-    def __init__(self, store: IndexStore, retriever: Any, reranker: Reranker | None = None) -> None:
+    def __init__(self, store: IndexStore, retriever: Any | None, reranker: Reranker | None = None) -> None:
+        """`retriever` None: no model, for `search_similar` alone, which needs only stored vectors."""
         recorded = store.catalog.model()
         if recorded is None:
             raise UsageError(f"the index at {store.directory} is empty; run blipsearch index first")
-        check_same_model(recorded, retriever.identity)
+        if retriever is not None:
+            check_same_model(recorded, retriever.identity)
         self.store = store
         self.retriever = retriever
         self.vectors = store.load_vectors(recorded, read_only=True)
         self.vectors.use_gpu()  # FAISS on the GPU when there is one and it supports the index kind
         self.exact_vectors = store.exact_vectors(recorded)
-        self.reranker = reranker or Reranker(retriever)
+        self.reranker = reranker or (Reranker(retriever) if retriever is not None else None)
 
     def search_text(self, query: TextQuery, options: SearchOptions) -> SearchResponse:
         options.validate()
@@ -222,13 +224,12 @@ class Searcher:
         candidates = [c for c in candidates if c.row.path not in gone]
         matches, changed = self._rerank(candidates, query) if options.rerank and query else ({}, set())
         candidates = [c for c in candidates if c.row.path not in changed]
-        fusion = self.retriever.fusion
-        kind = options.score or default_score(fusion)
+        kind = options.score or default_score(self.retriever.fusion)
         results = []
         for c in candidates:
             match = matches.get(c.row.content_hash)
             prob = match.probability if match else None
-            fused = fusion.combine(match.logit, match.log_odds, c.itc) if match else None
+            fused = self.retriever.fusion.combine(match.logit, match.log_odds, c.itc) if match else None
             score = {"itc": c.itc, "itm": prob, "itm+itc": fused}[kind]
             if score is None:  # the re-ranker could not read this file after all
                 continue
@@ -261,6 +262,21 @@ class Searcher:
             tried.update(files.values())
             changed.update(files[h] for h in reranked.changed)
             wanted = set(reranked.changed)
+
+
+def indexed_as_it_is(catalog: Catalog, path: str) -> FileRow | None:
+    """The catalog's row of the file at `path` if it was indexed and holds the same content still:
+    its vectors are then the model's answer for it, and `search_similar` needs no model."""
+    candidates = list(dict.fromkeys([os.path.abspath(path), os.path.realpath(path)]))
+    rows = catalog.files_at(candidates)
+    row = next((rows[p] for p in candidates if p in rows), None)
+    if row is None or row.status != INDEXED or row.content_hash is None:
+        return None
+    try:
+        with open(path, "rb") as handle:
+            return row if holds_content(handle, row.content_hash) else None
+    except OSError:
+        return None
 
 
 def default_score(fusion: Fusion) -> str:

@@ -219,6 +219,26 @@ def test_images_like_an_indexed_one_from_its_stored_vectors_equal_those_like_its
         searcher.search_similar(replace(row, status="skipped", embedding_id=None, error="corrupt: broken"), options)
 
 
+def test_search_by_an_indexed_image_needs_no_model(tiny_model, tmp_path):
+    """`search --image` on a file indexed as it is now takes its vectors from the catalog: the same
+    results, without loading the model (seconds for the real one). Other files still need it."""
+    import shutil
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny_model, model)
+    paths = make_images(tmp_path / "photos", 6, seed=23)
+    common = ["--index", str(tmp_path / "idx"), "-k", "3", "--json"]
+    run_cli("index", str(tmp_path / "photos"), "--model", str(model), "-q", *common[:2], check=True)
+    loaded = json.loads(run_cli("search", "--image", str(paths[2]), "--model", str(model), *common, check=True).stdout)
+    shutil.rmtree(model)  # from here on, loading it is an error
+    stored = json.loads(run_cli("search", "--image", str(paths[2]), *common, check=True).stdout)
+    assert [r["path"] for r in stored["results"]] == [r["path"] for r in loaded["results"]]
+    assert [r["score"] for r in stored["results"]] == pytest.approx([r["score"] for r in loaded["results"]], abs=1e-5)
+    Image.new("RGB", (64, 48), (9, 9, 200)).save(paths[2])  # changed since indexing: searched as it is now
+    changed = run_cli("search", "--image", str(paths[2]), *common)
+    assert changed.returncode == 2 and "Traceback" not in changed.stderr and str(model) in changed.stderr
+
+
 def test_a_relative_path_glob_is_taken_from_the_current_folder(indexed):
     """The catalog holds absolute paths: --path 'photos/*' matched nothing, silently."""
     from tests.conftest import ROOT
