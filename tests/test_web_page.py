@@ -161,5 +161,12 @@ def test_the_address_holds_the_search_and_a_gone_image_is_an_error(server):
         wait.until(ready.text_to_be_present_in_element((By.ID, "status"), "11 results for"))  # 12, one deleted
         assert not driver.find_element(By.ID, "more").is_displayed()
         assert len(driver.find_elements(By.CSS_SELECTOR, "#results .card")) == 11
+        # And so do the images like one: more of them, at the address too.
+        like = driver.find_elements(By.CSS_SELECTOR, "#results .card")[0].get_attribute("data-id")
+        driver.get(f"{server}/?like={like}&k=5")
+        wait.until(ready.text_to_be_present_in_element((By.ID, "status"), "5 results for “images like"))
+        driver.find_element(By.ID, "more").click()
+        wait.until(ready.text_to_be_present_in_element((By.ID, "status"), "10 results for “images like"))
+        assert driver.current_url == f"{server}/?like={like}&k=10"
     finally:
         driver.quit()
