@@ -100,6 +100,31 @@ def stored_ids(index) -> np.ndarray:
     return np.concatenate(parts).astype(np.int64)
 
 
+def stored_keys(index, num_queries: int) -> np.ndarray:
+    """The image keys of the index's vectors (id // num_queries), sorted, each once. An image's
+    vectors are added and removed together, so its first (id % num_queries == 0) stands for it:
+    the ids are read a list (IVF) or a view (`id_map`) at a time and only those kept, so memory
+    grows with the images, not with their 32 vectors each as `stored_ids` does."""
+    import faiss
+
+    if index.ntotal == 0:
+        return np.zeros(0, np.int64)
+    ivf = faiss.try_extract_index_ivf(index)
+    if ivf is None:
+        ids = faiss.rev_swig_ptr(index.id_map.data(), index.id_map.size())  # a view: nothing copied
+        return np.sort(ids[ids % num_queries == 0] // num_queries)
+    lists = faiss.extract_index_ivf(index).invlists
+    parts = [np.zeros(0, np.int64)]
+    for number in range(lists.nlist):
+        size = lists.list_size(number)
+        if size:
+            pointer = lists.get_ids(number)
+            ids = faiss.rev_swig_ptr(pointer, size)
+            parts.append(ids[ids % num_queries == 0] // num_queries)  # a copy, before the release
+            lists.release_ids(number, pointer)
+    return np.sort(np.concatenate(parts).astype(np.int64))
+
+
 def train(index, sample: np.ndarray) -> None:
     """Train on `sample`; the k-means of IVF kinds runs on the GPU when there is one."""
     import faiss

@@ -175,10 +175,11 @@ class MaxSimIndex:
         return int(self.index.ntotal) - len(self.deleted)
 
     def keys(self) -> np.ndarray:
-        ids = faiss_index.stored_ids(self.index)
+        """The images held, sorted; each image's vectors are added and deleted together."""
+        keys = faiss_index.stored_keys(self.index, self.num_queries)
         if len(self.deleted):
-            ids = np.setdiff1d(ids, self.deleted, assume_unique=True)
-        return np.unique(ids // self.num_queries)
+            keys = np.setdiff1d(keys, np.unique(self.deleted // self.num_queries), assume_unique=True)
+        return keys
 
     def _ids(self, keys: np.ndarray) -> np.ndarray:
         return (keys[:, None] * self.num_queries + np.arange(self.num_queries)[None, :]).ravel()
