@@ -256,20 +256,25 @@ class IndexStore:
         (and not replaced since); None where that is not known, and the caller reconciles."""
         from retrieval.index import MaxSimIndex
 
+        images = self._synced_images()
+        if images is None:
+            return None
+        spec = self.settings().spec_for(images, identity.num_queries, identity.embed_dim, strict=False)
+        mmap = self.vectors_path.stat().st_size >= self.config.mmap_min_bytes
+        index = MaxSimIndex.load(self.vectors_path, identity.embed_dim, identity.num_queries, spec, mmap=mmap)
+        return index if index.ntotal == images * identity.num_queries else None
+
+    def _synced_images(self) -> int | None:
+        """How many images the FAISS file holds, if it was saved in step with the catalog's current
+        vectors version and not replaced since (`save_vectors`); None where that is not known."""
         try:
             synced = json.loads((self.directory / SYNCED_FILE).read_text())
             stat = self.vectors_path.stat()
-            in_sync = (synced["catalog_vectors_version"] == self.catalog.vectors_version()
+            in_step = (synced["catalog_vectors_version"] == self.catalog.vectors_version()
                        and synced["file"] == [stat.st_size, stat.st_mtime_ns])
-            images = int(synced["images"])
+            return int(synced["images"]) if in_step else None
         except (OSError, ValueError, TypeError, KeyError):  # none, or unreadable: it only saves work
             return None
-        if not in_sync:
-            return None
-        spec = self.settings().spec_for(images, identity.num_queries, identity.embed_dim, strict=False)
-        mmap = stat.st_size >= self.config.mmap_min_bytes
-        index = MaxSimIndex.load(self.vectors_path, identity.embed_dim, identity.num_queries, spec, mmap=mmap)
-        return index if index.ntotal == images * identity.num_queries else None
 
     def disk_bytes(self) -> int:
         """What the index directory holds: one stat per file (thumbnails too, one per image viewed). A
@@ -288,22 +293,21 @@ class IndexStore:
         return under(str(self.directory))
 
     def vectors_summary(self) -> dict:
-        """The index settings and what the FAISS file holds (read memory-mapped: cheap at any size)."""
-        import faiss
-
-        from retrieval.faiss_index import kind_of
+        """The index settings and what the FAISS file holds (read memory-mapped: cheap at any size), and
+        whether it was saved in step with the catalog as it is (else searches reconcile it at open)."""
+        from retrieval.faiss_index import kind_of, read_index
 
         settings = self.settings()
         summary = {"index_type": settings.index_type, "max_index_memory": settings.max_memory,
-                   "index_kind": None, "index_vectors": 0, "index_bytes": 0}
+                   "index_kind": None, "index_vectors": 0, "index_bytes": 0, "index_in_step": False}
         if self.vectors_path.exists():
             summary["index_bytes"] = self.vectors_path.stat().st_size
-            try:
-                index = faiss.read_index(str(self.vectors_path), faiss.IO_FLAG_MMAP | faiss.IO_FLAG_READ_ONLY)
-            except RuntimeError:  # searches rebuild it in memory from the catalog; the next index run saves it
+            index = read_index(self.vectors_path, mmap=True)
+            if index is None:  # searches rebuild it in memory from the catalog; the next index run saves it
                 summary["index_kind"] = "unreadable (rebuilt from the catalog)"
             else:
-                summary.update(index_kind=kind_of(index), index_vectors=int(index.ntotal))
+                summary.update(index_kind=kind_of(index), index_vectors=int(index.ntotal),
+                               index_in_step=self._synced_images() is not None)
         return summary
 
 

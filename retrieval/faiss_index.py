@@ -199,3 +199,19 @@ def ivf_nlist(index) -> int:
     import faiss
 
     return faiss.extract_index_ivf(index).nlist
+
+
+def read_index(path, mmap: bool):
+    """The FAISS index in the file at `path`, None if it cannot be read. `mmap`: mapped read-only.
+    IO_FLAG_MMAP maps IVF lists but reads flat codes (flat-fp16, sq8, HNSW's vectors) into memory,
+    where IO_FLAG_MMAP_IFC maps them too (0.04 s against 0.45 s for 0.8 GB); FAISS refuses the two
+    flags together on IVF files, which then get IO_FLAG_MMAP alone."""
+    import faiss
+
+    tries = [faiss.IO_FLAG_MMAP | faiss.IO_FLAG_MMAP_IFC, faiss.IO_FLAG_MMAP] if mmap else [0]
+    for flags in tries:
+        try:
+            return faiss.read_index(str(path), flags | (faiss.IO_FLAG_READ_ONLY if mmap else 0))
+        except RuntimeError:
+            continue
+    return None

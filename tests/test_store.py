@@ -235,9 +235,10 @@ def test_a_search_of_an_unchanged_catalog_reads_no_ids_and_any_change_is_seen(ti
         synced = json.loads((tmp_path / "idx" / "vectors.json").read_text())
         assert synced["catalog_vectors_version"] == catalog.vectors_version() and synced["images"] == 6
         assert sorted(store.load_vectors(identity, read_only=True).keys()) == all_ids(catalog).tolist()
-        assert read == []
+        assert read == [] and store.vectors_summary()["index_in_step"]  # `blipsearch status` says so
         forgotten = catalog.files()[0]  # another writer forgets an image and has not saved the file yet
         catalog.remove_files([forgotten.id])
+        assert not store.vectors_summary()["index_in_step"]
         assert store.load_vectors(identity, read_only=True).keys().tolist() == all_ids(catalog).tolist()
         assert len(read) == 1 and forgotten.embedding_id not in all_ids(catalog).tolist()
         store.save_vectors(store.load_vectors(identity))  # a periodic save: in step, but not recorded so
