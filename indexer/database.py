@@ -66,7 +66,22 @@ def _migrate(engine: Engine) -> None:
                 f"the catalog has schema version {current}, newer than this blipsearch knows; upgrade blipsearch"
             )
         config.attributes["connection"] = conn
-        command.upgrade(config, "head")
+        try:
+            command.upgrade(config, "head")
+        except DatabaseError as exc:
+            if not _read_only(exc):
+                raise
+            where = engine.url.render_as_string(hide_password=True)
+            raise CatalogVersionError(
+                f"the catalog at {where} has schema version {current}, older than this blipsearch's {head}, and "
+                "cannot be upgraded where it is read-only; open it once where it can be written (blipsearch "
+                "status does), or use the blipsearch that wrote it") from None
+
+
+def _read_only(exc: DatabaseError) -> bool:
+    """A write refused because the database, or this connection to it, is read-only."""
+    text = str(exc.orig or exc).lower()
+    return "readonly database" in text or "read-only transaction" in text or "read only" in text
 
 
 def _connection_lost(context) -> None:

@@ -7,6 +7,7 @@ import fnmatch
 import json
 import random
 import re
+import sqlite3
 import subprocess
 import sys
 import time
@@ -69,6 +70,36 @@ def test_a_catalog_of_an_older_version_is_migrated_with_its_rows(catalog_url):
     assert [row.path for row in catalog.listing.page(0, 5, status=SKIPPED)[1]] == ["/p/a.jpg", "/p/b.jpg"]
     assert len(catalog.vectors_version()) == 32  # 0005
     catalog.close()
+
+
+def test_an_older_catalog_that_cannot_be_written_is_one_clear_error(catalog_url):
+    """A shared index on a read-only mount, first opened by a newer blipsearch: the schema upgrade
+    (0005 adds a row) cannot be written. It said "attempt to write a readonly database" and SQL."""
+    from alembic import command
+    from alembic.config import Config
+    from sqlalchemy import create_engine
+
+    from indexer.errors import CatalogVersionError
+
+    engine = create_engine(catalog_url)
+    config = Config()
+    config.set_main_option("script_location", str(ROOT / "indexer" / "migrations"))
+    with engine.begin() as conn:
+        config.attributes["connection"] = conn
+        command.upgrade(config, "0004")
+    engine.dispose()
+    if catalog_url.startswith("sqlite"):
+        with contextlib.closing(sqlite3.connect(catalog_url.removeprefix("sqlite:///"))) as conn:
+            conn.execute("PRAGMA journal_mode=WAL")  # as blipsearch keeps its catalogs
+        read_only = catalog_url.replace("sqlite:///", "sqlite:///file:") + "?mode=ro&uri=true"
+    else:
+        read_only = catalog_url + "?options=-c%20default_transaction_read_only%3Don"
+    with pytest.raises(CatalogVersionError) as raised:
+        Catalog.open(read_only)
+    assert "has schema version 0004, older than this blipsearch's 0005, and cannot be upgraded where it is " \
+           "read-only; open it once where it can be written" in str(raised.value)
+    Catalog.open(catalog_url).close()  # where it can be written, it is upgraded
+    Catalog.open(read_only).close()  # and then opens read-only too
 
 
 def test_the_vectors_version_changes_with_the_embeddings_alone(catalog, tmp_path):
