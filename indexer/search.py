@@ -219,11 +219,15 @@ class Searcher:
 
     def _finish(self, candidates: list[_Candidate], options: SearchOptions, query: TextQuery | None,
                 caption_ranks: dict[int, int] | None = None) -> SearchResponse:
-        missing = [c.row.path for c in candidates if not os.path.exists(c.row.path)]
-        gone = set(missing)
-        candidates = [c for c in candidates if c.row.path not in gone]
-        matches, changed = self._rerank(candidates, query) if options.rerank and query else ({}, set())
-        candidates = [c for c in candidates if c.row.path not in changed]
+        missing, changed = on_disk([c.row for c in candidates])
+        unusable = {*missing, *changed}
+        candidates = [c for c in candidates if c.row.path not in unusable]
+        if options.rerank and query:
+            matches, changed_since = self._rerank(candidates, query)  # read, so checked by content too
+            changed.extend(sorted(changed_since))
+            candidates = [c for c in candidates if c.row.path not in changed_since]
+        else:
+            matches = {}
         kind = options.score or default_score(self.retriever.fusion)
         results = []
         for c in candidates:
@@ -240,7 +244,7 @@ class Searcher:
             results = _fuse(results)
         if options.min_score is not None:
             results = [r for r in results if r.score >= options.min_score]
-        return SearchResponse(with_captions(self.store.catalog, results[: options.k]), missing, sorted(changed))
+        return SearchResponse(with_captions(self.store.catalog, results[: options.k]), missing, changed)
 
     def _rerank(self, candidates: list[_Candidate], query: TextQuery) -> tuple[dict[str, Match], set[str]]:
         """ITM matches by content hash, each scored on one file that holds it (duplicates once), and
@@ -298,18 +302,42 @@ def search_captions(catalog: Catalog, text: str, options: SearchOptions) -> Sear
         if len(rows) >= options.k or len(matches) < depth:
             break
         depth *= 4
-    missing = [r.path for r in rows if not os.path.exists(r.path)]
-    gone = set(missing)
+    missing, changed = on_disk(rows)
+    unusable = {*missing, *changed}
     rank = {eid: i + 1 for i, (eid, _) in enumerate(matches)}
     results = [
         SearchResult(r.path, relevance[r.embedding_id], None, None, None, r.id, r.embedding_id,
                      caption_rank=rank[r.embedding_id])
-        for r in rows if r.path not in gone
+        for r in rows if r.path not in unusable
     ]
     results.sort(key=lambda r: (r.caption_rank, r.path))
     if options.min_score is not None:
         results = [r for r in results if r.score >= options.min_score]
-    return SearchResponse(with_captions(catalog, results[: options.k]), missing)
+    return SearchResponse(with_captions(catalog, results[: options.k]), missing, changed)
+
+
+def on_disk(rows: list[FileRow]) -> tuple[list[str], list[str]]:
+    """The paths of `rows` gone from disk, and those that hold other content than was indexed: a stat
+    each, as `os.path.exists` made; a file whose size or mtime is not the catalog's is read to tell
+    (a file touched, or copied back, holds the same content still)."""
+    missing, changed = [], []
+    for row in rows:
+        try:
+            stat = os.stat(row.path)
+        except OSError:
+            missing.append(row.path)
+            continue
+        if (stat.st_size, stat.st_mtime_ns) != (row.size, row.mtime_ns) and not _holds_indexed(row):
+            changed.append(row.path)
+    return missing, changed
+
+
+def _holds_indexed(row: FileRow) -> bool:
+    try:
+        with open(row.path, "rb") as handle:
+            return row.content_hash is not None and holds_content(handle, row.content_hash)
+    except OSError:
+        return False
 
 
 def with_captions(catalog: Catalog, results: list[SearchResult]) -> list[SearchResult]:

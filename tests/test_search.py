@@ -293,11 +293,20 @@ def test_a_file_changed_since_indexing_is_named_and_not_scored_as_another(tmp_pa
         before = {r.path: r.score for r in Searcher(store, retriever).search_text(query, options).results}
         for path, colour in ((paths[0], (250, 250, 0)), (paths[1], (0, 200, 0))):
             Image.new("RGB", (64, 48), colour).save(path)
+        touched = os.stat(paths[2])  # a newer mtime, the same content: not changed
+        os.utime(paths[2], ns=(touched.st_atime_ns, touched.st_mtime_ns + 10**9))
+        edited, stat = bytearray(paths[3].read_bytes()), os.stat(paths[3])  # the same size and mtime:
+        edited[len(edited) // 2] ^= 0xFF  # found by content, when re-ranking reads it
+        paths[3].write_bytes(bytes(edited))
+        os.utime(paths[3], ns=(stat.st_atime_ns, stat.st_mtime_ns))
         cache = FeatureCache(tmp_path / "features", max_bytes=10**8)
         response = Searcher(store, retriever, Reranker(retriever, cache)).search_text(query, options)
+        itc_only = Searcher(store, retriever).search_text(query, SearchOptions(k=7, rerank=False))
     finally:
         store.close()
-    assert response.changed == sorted([str(paths[0]), str(paths[1])]) and response.missing == []
+    assert sorted(response.changed) == [str(paths[0]), str(paths[1]), str(paths[3])] and response.missing == []
+    assert sorted(itc_only.changed) == [str(paths[0]), str(paths[1])]  # by their size and mtime, then content
+    assert str(paths[2]) in {r.path for r in itc_only.results} and len(itc_only.results) == 5
     after = {r.path: r.score for r in response.results}
     assert set(after) == set(before) - set(response.changed)
     assert after == pytest.approx({path: before[path] for path in after}, abs=1e-6)
