@@ -42,8 +42,8 @@ class ThumbnailCache:
 
     def get(self, content_hash: str, image_path: str) -> bytes | Skipped:
         """The JPEG thumbnail of the image at `image_path`, whose content hash is `content_hash`; why
-        not, for a file that can no longer be read as an image or holds other content now. Kept for the next view where the
-        folder can keep it (not when full, read-only, or `max_bytes` is 0)."""
+        not, for a file that can no longer be read as an image or holds other content now. Kept for
+        the next view where the folder can keep it (not when full, read-only, or `max_bytes` is 0)."""
         kept = self.directory / f"{content_hash}.jpg"
         jpeg = _read_renewing(kept)
         if jpeg is not None:
