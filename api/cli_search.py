@@ -83,16 +83,16 @@ def _caption_search(index_dir, catalog_url, text, options):
 
 def _run_search(index_dir, catalog_url, model, device, dtype, query, image_path, options, feature_cache_mb):
     from indexer.rerank import Reranker
-    from indexer.search import Searcher, indexed_as_it_is
+    from indexer.search import Searcher, indexed_content
     from indexer.store import IndexStore
     from retrieval.config import ModelConfig
     from retrieval.encoders import Blip2Retriever
 
     store = IndexStore.open(store_config(index_dir, catalog_url))
     try:
-        if image_path is not None and model is None and (row := indexed_as_it_is(store.catalog, image_path)):
-            # An indexed image: its vectors are in the catalog, and the model need not load (seconds).
-            return Searcher(store, None).search_similar(row, options), image_path
+        if image_path is not None and model is None and (content := indexed_content(store.catalog, image_path)):
+            # An image the index holds: its vectors are in the catalog, and the model need not load.
+            return Searcher(store, None).search_stored(content, options), image_path
         retriever = Blip2Retriever.load(ModelConfig.retrieval(index_model(store, model), device, dtype))
         reranker = Reranker(retriever, feature_cache(store, retriever.identity, feature_cache_mb))
         searcher = Searcher(store, retriever, reranker)

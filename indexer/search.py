@@ -9,8 +9,10 @@ else ITM positive logit + ITC as LAVIS ranks; `retrieval.fusion`), or ITC alone.
 
 from __future__ import annotations
 
+import hashlib
 import math
 import os
+import stat
 from dataclasses import dataclass, field, replace
 from typing import Any, Callable
 
@@ -90,6 +92,14 @@ class SearchResponse:
 
 
 @dataclass(frozen=True)
+class IndexedContent:
+    """An image content the catalog holds vectors of."""
+
+    content_hash: str
+    embedding_id: int
+
+
+@dataclass(frozen=True)
 class _Candidate:
     row: FileRow
     itc: float
@@ -137,13 +147,17 @@ class Searcher:
     def search_similar(self, row: FileRow, options: SearchOptions) -> SearchResponse:
         """Images like an indexed one, by its vectors in the catalog: what `search_image` finds for
         its file, without reading the file or running the model (and so as it was indexed)."""
-        options.validate()
         if row.status != INDEXED or row.embedding_id is None:
             raise UsageError(f"{row.path} was not indexed ({row.error}), so it has no vectors to compare")
-        found, vectors = self.exact_vectors(np.asarray([row.embedding_id], np.int64))
-        if len(found) == 0:  # forgotten since the row was read
-            raise UsageError(f"{row.path} is no longer indexed")
-        return self._like(vectors[0], row.content_hash, options)
+        return self.search_stored(IndexedContent(row.content_hash, row.embedding_id), options)
+
+    def search_stored(self, content: IndexedContent, options: SearchOptions) -> SearchResponse:
+        """Images like an indexed content, by its vectors in the catalog (`search_similar`)."""
+        options.validate()
+        found, vectors = self.exact_vectors(np.asarray([content.embedding_id], np.int64))
+        if len(found) == 0:  # forgotten since it was looked up
+            raise UsageError("that image is no longer indexed")
+        return self._like(vectors[0], content.content_hash, options)
 
     def _like(self, query_embeds: np.ndarray, content_hash: str, options: SearchOptions,
               real_path: str | None = None) -> SearchResponse:
@@ -268,19 +282,19 @@ class Searcher:
             wanted = set(reranked.changed)
 
 
-def indexed_as_it_is(catalog: Catalog, path: str) -> FileRow | None:
-    """The catalog's row of the file at `path` if it was indexed and holds the same content still:
-    its vectors are then the model's answer for it, and `search_similar` needs no model."""
-    candidates = list(dict.fromkeys([os.path.abspath(path), os.path.realpath(path)]))
-    rows = catalog.files_at(candidates)
-    row = next((rows[p] for p in candidates if p in rows), None)
-    if row is None or row.status != INDEXED or row.content_hash is None:
-        return None
+def indexed_content(catalog: Catalog, path: str) -> IndexedContent | None:
+    """The catalog's embedding of the content of the file at `path` (indexed there or anywhere else),
+    if it has one: its vectors are then the model's answer for the file, and `search_stored` needs
+    no model. A pipe or other non-file is not read here: it could not be read again."""
     try:
+        if not stat.S_ISREG(os.stat(path).st_mode):
+            return None
         with open(path, "rb") as handle:
-            return row if holds_content(handle, row.content_hash) else None
+            digest = hashlib.file_digest(handle, "sha256").hexdigest()  # as `decode.content_hash`
     except OSError:
         return None
+    found = catalog.embedding_ids_for([digest])
+    return IndexedContent(digest, found[digest]) if digest in found else None
 
 
 def default_score(fusion: Fusion) -> str:
@@ -323,11 +337,11 @@ def on_disk(rows: list[FileRow]) -> tuple[list[str], list[str]]:
     missing, changed = [], []
     for row in rows:
         try:
-            stat = os.stat(row.path)
+            now = os.stat(row.path)
         except OSError:
             missing.append(row.path)
             continue
-        if (stat.st_size, stat.st_mtime_ns) != (row.size, row.mtime_ns) and not _holds_indexed(row):
+        if (now.st_size, now.st_mtime_ns) != (row.size, row.mtime_ns) and not _holds_indexed(row):
             changed.append(row.path)
     return missing, changed
 

@@ -220,8 +220,8 @@ def test_images_like_an_indexed_one_from_its_stored_vectors_equal_those_like_its
 
 
 def test_search_by_an_indexed_image_needs_no_model(tiny_model, tmp_path):
-    """`search --image` on a file indexed as it is now takes its vectors from the catalog: the same
-    results, without loading the model (seconds for the real one). Other files still need it."""
+    """`search --image` on a file whose content the index holds takes its vectors from the catalog:
+    the same results, without loading the model (seconds for the real one). Other files need it."""
     import shutil
 
     model = tmp_path / "model"
@@ -234,6 +234,9 @@ def test_search_by_an_indexed_image_needs_no_model(tiny_model, tmp_path):
     stored = json.loads(run_cli("search", "--image", str(paths[2]), *common, check=True).stdout)
     assert [r["path"] for r in stored["results"]] == [r["path"] for r in loaded["results"]]
     assert [r["score"] for r in stored["results"]] == pytest.approx([r["score"] for r in loaded["results"]], abs=1e-5)
+    shutil.copyfile(paths[2], tmp_path / "a-copy.jpg")  # the same content anywhere: its vectors are known too
+    copied = json.loads(run_cli("search", "--image", str(tmp_path / "a-copy.jpg"), *common, check=True).stdout)
+    assert copied["results"] == stored["results"]
     Image.new("RGB", (64, 48), (9, 9, 200)).save(paths[2])  # changed since indexing: searched as it is now
     changed = run_cli("search", "--image", str(paths[2]), *common)
     assert changed.returncode == 2 and "Traceback" not in changed.stderr and str(model) in changed.stderr
