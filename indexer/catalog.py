@@ -262,12 +262,13 @@ class Catalog:
                     rows[row.path] = FileRow(**row._mapping)
         return rows
 
-    def vectors_version(self) -> str:
+    def vectors_version(self) -> str | None:
         """A token that every transaction adding or deleting embeddings replaces: a FAISS file
         reconciled with the catalog when it read this token holds the catalog's vectors while the
-        catalog still has it (`IndexStore.save_vectors`), without reading every id to find out."""
+        catalog still has it (`IndexStore.save_vectors`), without reading every id to find out.
+        None where the row is gone (removed by hand): every open then reconciles, as before 0005."""
         with self.engine.connect() as conn:
-            return conn.execute(select(schema.meta.c.value).where(schema.meta.c.key == VECTORS_VERSION)).scalar_one()
+            return conn.execute(select(schema.meta.c.value).where(schema.meta.c.key == VECTORS_VERSION)).scalar()
 
     def embedding_ids(self) -> np.ndarray:
         """Every embedding id, sorted: streamed into the array (8 bytes each), not listed as Python ints

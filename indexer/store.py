@@ -270,7 +270,8 @@ class IndexStore:
         try:
             synced = json.loads((self.directory / SYNCED_FILE).read_text())
             stat = self.vectors_path.stat()
-            in_step = (synced["catalog_vectors_version"] == self.catalog.vectors_version()
+            version = self.catalog.vectors_version()
+            in_step = (version is not None and synced["catalog_vectors_version"] == version
                        and synced["file"] == [stat.st_size, stat.st_mtime_ns])
             return int(synced["images"]) if in_step else None
         except (OSError, ValueError, TypeError, KeyError):  # none, or unreadable: it only saves work

@@ -249,6 +249,12 @@ def test_a_search_of_an_unchanged_catalog_reads_no_ids_and_any_change_is_seen(ti
         os.utime(tmp_path / "idx" / "vectors.faiss")  # replaced by other means since: not trusted
         store.load_vectors(identity, read_only=True)
         assert len(read) == 1
+        with catalog.engine.begin() as conn:  # the version's row removed by hand: reconciled every time
+            conn.exec_driver_sql("DELETE FROM meta WHERE key = 'vectors_version'")
+        store.reconcile_and_save(store.load_vectors(identity), identity)
+        assert not (tmp_path / "idx" / "vectors.json").exists()
+        read.clear()
+        assert store.load_vectors(identity, read_only=True).ntotal == 5 * identity.num_queries and read == [1]
     finally:
         store.close()
 
