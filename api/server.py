@@ -199,7 +199,8 @@ def create_app(service: Service) -> FastAPI:
                            path: str | None = Query(None, max_length=1000, description=GLOB_HELP)) -> dict:
         import tempfile
 
-        from indexer.search import SearchOptions
+        from indexer.decode import content_hash
+        from indexer.search import IndexedContent, SearchOptions
 
         data = await image.read(service.config.max_upload_bytes + 1)
         if len(data) > service.config.max_upload_bytes:
@@ -208,6 +209,9 @@ def create_app(service: Service) -> FastAPI:
         name = image.filename or "upload"
 
         def search():  # decoding and the model run off the event loop, as `def` routes do
+            known = service.store.catalog.embedding_ids_for([digest := content_hash(data)])
+            if digest in known:  # an image the index holds: its vectors, no decoding, no model
+                return service.require_searcher().search_stored(IndexedContent(digest, known[digest]), options)
             with tempfile.NamedTemporaryFile(suffix=Path(image.filename or "").suffix[:10]) as handle:
                 handle.write(data)
                 handle.flush()

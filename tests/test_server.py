@@ -161,6 +161,28 @@ def test_images_like_an_indexed_one_need_no_upload(served):
     assert_error(client.get(f"/api/images/{image['id']}/similar", params={"k": 0}), 422)
 
 
+def test_an_upload_the_index_holds_is_searched_by_its_vectors(served, monkeypatch):
+    """Dragging one of the collection's own photos onto the page: its content is in the catalog, so
+    neither the decoder nor the model runs. Another image is decoded as before."""
+    from indexer.search import SearchOptions
+
+    client, root, service = served
+    image = client.get("/api/images", params={"path": "*photos/img0005.jpg"}).json()["images"][0]
+    decoded = service.require_searcher().search_image(image["path"], SearchOptions(k=4, rerank=False, score="itc"))
+    decoder, uploads = service.uploads, []
+    monkeypatch.setattr(service, "uploads", lambda path, options: uploads.append(path) or decoder(path, options))
+    with open(image["path"], "rb") as handle:
+        known = client.post("/api/search/image", params={"k": 4}, files={"image": ("mine.jpg", handle.read())})
+    assert known.status_code == 200, known.text
+    assert [r["path"] for r in known.json()["results"]] == [r.path for r in decoded.results]
+    assert [r["score"] for r in known.json()["results"]] == pytest.approx([r.score for r in decoded.results], abs=1e-5)
+    assert uploads == []
+    other = io.BytesIO()
+    Image.new("RGB", (50, 40), (10, 120, 240)).save(other, "PNG")
+    assert client.post("/api/search/image", files={"image": ("new.png", other.getvalue())}).status_code == 200
+    assert len(uploads) == 1
+
+
 def test_an_upload_that_crashes_or_hangs_the_decoder_is_a_400_and_the_server_goes_on(served, monkeypatch):
     """An uploaded query image is decoded in a worker process, one at a time: a file that kills the
     decoder (as a segfault in a C library would) or never finishes is that request's 400, where it
