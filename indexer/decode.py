@@ -280,10 +280,18 @@ def thumbnail_jpeg(path: str, size: int, expected_hash: str, max_pixels: int = D
 
 
 def holds_content(handle, expected_hash: str) -> bool:
-    """Whether the open file holds the content hashed `expected_hash` (as `same_content`); hashed in
-    chunks, not read whole: it may be a 1 GB TIFF."""
-    hasher = (lambda: hashlib.blake2b(digest_size=20)) if len(expected_hash) == 40 else hashlib.sha256
-    return hashlib.file_digest(handle, hasher).hexdigest() == expected_hash
+    """Whether the open file holds the content hashed `expected_hash` (as `same_content`)."""
+    hasher = hashlib.blake2b(digest_size=20) if len(expected_hash) == 40 else hashlib.sha256()
+    return file_hash(handle, hasher) == expected_hash
+
+
+def file_hash(handle, hasher=None) -> str:
+    """The open file's `content_hash` (or `hasher`'s), read in chunks, not whole: it may be a 1 GB
+    TIFF. (hashlib.file_digest does this from Python 3.11; blipsearch runs on 3.10 too.)"""
+    hasher = hasher or hashlib.sha256()
+    while chunk := handle.read(1 << 20):
+        hasher.update(chunk)
+    return hasher.hexdigest()
 
 
 @contextlib.contextmanager

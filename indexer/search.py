@@ -9,7 +9,6 @@ else ITM positive logit + ITC as LAVIS ranks; `retrieval.fusion`), or ITC alone.
 
 from __future__ import annotations
 
-import hashlib
 import math
 import os
 import stat
@@ -20,7 +19,7 @@ import numpy as np
 
 from indexer import path_glob
 from indexer.catalog import Catalog, FileRow, check_same_model
-from indexer.decode import Decoded, DecodeOptions, Skipped, decode_file, holds_content
+from indexer.decode import Decoded, DecodeOptions, Skipped, decode_file, file_hash, holds_content
 from indexer.rerank import Match, Reranker
 from indexer.schema import INDEXED
 from indexer.store import IndexStore
@@ -290,7 +289,7 @@ def indexed_content(catalog: Catalog, path: str) -> IndexedContent | None:
         if not stat.S_ISREG(os.stat(path).st_mode):
             return None
         with open(path, "rb") as handle:
-            digest = hashlib.file_digest(handle, "sha256").hexdigest()  # as `decode.content_hash`
+            digest = file_hash(handle)
     except OSError:
         return None
     found = catalog.embedding_ids_for([digest])
