@@ -49,19 +49,26 @@ def test_migrates_once_and_reopens(catalog_url):
     reopened.close()
 
 
-def test_a_catalog_of_an_older_version_is_migrated_with_its_rows(catalog_url):
-    """A catalog written by an earlier blipsearch (schema 0003) gains what is new at its next open."""
+def at_schema(catalog_url: str, revision: str) -> None:
+    """A new catalog at `url` as an earlier blipsearch made it: its schema at `revision`."""
     from alembic import command
     from alembic.config import Config
-    from sqlalchemy import create_engine, inspect
+    from sqlalchemy import create_engine
 
     engine = create_engine(catalog_url)
     config = Config()
     config.set_main_option("script_location", str(ROOT / "indexer" / "migrations"))
     with engine.begin() as conn:
         config.attributes["connection"] = conn
-        command.upgrade(config, "0003")
+        command.upgrade(config, revision)
     engine.dispose()
+
+
+def test_a_catalog_of_an_older_version_is_migrated_with_its_rows(catalog_url):
+    """A catalog written by an earlier blipsearch (schema 0003) gains what is new at its next open."""
+    from sqlalchemy import create_engine, inspect
+
+    at_schema(catalog_url, "0003")
     older = Catalog(create_engine(catalog_url))  # as it was: not migrated
     older.write_batch([entry("/p/b.jpg", None, SKIPPED), entry("/p/a.jpg", None, SKIPPED)], {})
     older.engine.dispose()
@@ -75,19 +82,9 @@ def test_a_catalog_of_an_older_version_is_migrated_with_its_rows(catalog_url):
 def test_an_older_catalog_that_cannot_be_written_is_one_clear_error(catalog_url):
     """A shared index on a read-only mount, first opened by a newer blipsearch: the schema upgrade
     (0005 adds a row) cannot be written. It said "attempt to write a readonly database" and SQL."""
-    from alembic import command
-    from alembic.config import Config
-    from sqlalchemy import create_engine
-
     from indexer.errors import CatalogVersionError
 
-    engine = create_engine(catalog_url)
-    config = Config()
-    config.set_main_option("script_location", str(ROOT / "indexer" / "migrations"))
-    with engine.begin() as conn:
-        config.attributes["connection"] = conn
-        command.upgrade(config, "0004")
-    engine.dispose()
+    at_schema(catalog_url, "0004")
     if catalog_url.startswith("sqlite"):
         with contextlib.closing(sqlite3.connect(catalog_url.removeprefix("sqlite:///"))) as conn:
             conn.execute("PRAGMA journal_mode=WAL")  # as blipsearch keeps its catalogs
