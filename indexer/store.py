@@ -264,6 +264,23 @@ class IndexStore:
         index = MaxSimIndex.load(self.vectors_path, identity.embed_dim, identity.num_queries, spec, mmap=mmap)
         return index if index.ntotal == images * identity.num_queries else None
 
+    def in_step(self) -> bool:
+        """Whether the FAISS file was saved in step with the catalog as it is (`save_vectors`)."""
+        return self._synced_images() is not None
+
+    def left_as_it_is(self, identity: ModelIdentity) -> bool:
+        """Whether a writer with nothing to add or remove may leave the FAISS file alone: it is in
+        step with the catalog, of the kind the settings ask for, and not due for training (as
+        `refresh` decides; a budget outgrown is refused here as by `load_vectors`)."""
+        from retrieval.index import MaxSimIndex
+
+        images = self._synced_images()
+        if images is None:
+            return False
+        spec = self.settings().spec_for(images, identity.num_queries, identity.embed_dim)
+        index = MaxSimIndex.load(self.vectors_path, identity.embed_dim, identity.num_queries, spec, mmap=True)
+        return index.ntotal == images * identity.num_queries and index.needs_rebuild(spec) is None
+
     def _synced_images(self) -> int | None:
         """How many images the FAISS file holds, if it was saved in step with the catalog's current
         vectors version and not replaced since (`save_vectors`); None where that is not known."""
@@ -308,7 +325,7 @@ class IndexStore:
                 summary["index_kind"] = "unreadable (rebuilt from the catalog)"
             else:
                 summary.update(index_kind=kind_of(index), index_vectors=int(index.ntotal),
-                               index_in_step=self._synced_images() is not None)
+                               index_in_step=self.in_step())
         return summary
 
 

@@ -152,8 +152,17 @@ def test_export_writes_through_links_pipes_and_devices(tmp_path, tiny_model):
 def test_incremental_rename_duplicate_change_delete(folder, tmp_path, tiny_model):
     idx = tmp_path / "idx"
     index(folder, idx, tiny_model)
+
+    def saved():
+        return (idx / "vectors.faiss").stat().st_ino, (idx / "vectors.faiss").stat().st_mtime_ns
+
+    first = saved()
     again = index(folder, idx, tiny_model)
     assert again["indexed"] == 0 and again["reused"] == 0 and again["unchanged"] == 13
+    assert saved() == first  # nothing new, the file in step: neither read nor rewritten (16 GB at 1M images)
+    (idx / "vectors.json").unlink()  # not known to be in step (as after a killed run): reconciled and saved
+    index(folder, idx, tiny_model)
+    assert saved() != first and (idx / "vectors.json").exists()
 
     os.rename(folder / "img0001.jpg", folder / "renamed.jpg")
     shutil.copy(folder / "img0002.jpg", folder / "copy-of-2.jpg")
