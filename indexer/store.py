@@ -1,10 +1,12 @@
 """An index directory: the catalog, the FAISS file derived from it, its settings, the writers' lock.
 
 The catalog is the source of truth. The FAISS file may lag behind it after a crash (it is saved
-periodically and at the end of a run), so every open reconciles the two: vectors of images the
-catalog no longer has are dropped, images it has but the file lacks are added from the catalog.
-The FAISS file is rebuilt from the catalog when its kind changes, when a kind that needs training
-has enough vectors to train on, and when the collection outgrows what it was trained for.
+periodically and at the end of a run) or behind writers sharing the catalog, so an open reconciles
+the two: vectors of images the catalog no longer has are dropped, images it has but the file lacks
+are added from the catalog. A search skips that when the file was saved in step with the catalog's
+vectors version as it still is (`vectors.json`, `save_vectors`); so does a writer with nothing to
+change. The FAISS file is rebuilt from the catalog when its kind changes, when a kind that needs
+training has enough vectors to train on, and when the collection outgrows what it was trained for.
 """
 
 from __future__ import annotations
