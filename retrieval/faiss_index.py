@@ -208,7 +208,8 @@ def read_index(path, mmap: bool):
     flags together on IVF files, which then get IO_FLAG_MMAP alone."""
     import faiss
 
-    tries = [faiss.IO_FLAG_MMAP | faiss.IO_FLAG_MMAP_IFC, faiss.IO_FLAG_MMAP] if mmap else [0]
+    mapped_codes = getattr(faiss, "IO_FLAG_MMAP_IFC", 0)  # older FAISS (pyproject allows 1.8) lacks it
+    tries = [faiss.IO_FLAG_MMAP | mapped_codes, faiss.IO_FLAG_MMAP] if mmap else [0]
     for flags in tries:
         try:
             return faiss.read_index(str(path), flags | (faiss.IO_FLAG_READ_ONLY if mmap else 0))
