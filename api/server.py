@@ -200,7 +200,7 @@ def create_app(service: Service) -> FastAPI:
         import tempfile
 
         from indexer.decode import content_hash
-        from indexer.search import IndexedContent, SearchOptions
+        from indexer.search import SearchOptions, stored_content
 
         data = await image.read(service.config.max_upload_bytes + 1)
         if len(data) > service.config.max_upload_bytes:
@@ -209,9 +209,9 @@ def create_app(service: Service) -> FastAPI:
         name = image.filename or "upload"
 
         def search():  # decoding and the model run off the event loop, as `def` routes do
-            known = service.store.catalog.embedding_ids_for([digest := content_hash(data)])
-            if digest in known:  # an image the index holds: its vectors, no decoding, no model
-                return service.require_searcher().search_stored(IndexedContent(digest, known[digest]), options)
+            if known := stored_content(service.store.catalog, content_hash(data)):
+                # An image the index holds: its vectors, no decoding, no model.
+                return service.require_searcher().search_stored(known, options)
             with tempfile.NamedTemporaryFile(suffix=Path(image.filename or "").suffix[:10]) as handle:
                 handle.write(data)
                 handle.flush()

@@ -100,11 +100,21 @@ def content_hash(data: bytes) -> str:
 
 
 def same_content(data: bytes, digest: str, expected_hash: str) -> bool:
-    """Whether `data` (whose SHA-256 is `digest`) is the content hashed as `expected_hash`, which
-    catalogs written before 2026-11 hold as BLAKE2b-160 (40 hex digits)."""
-    if len(expected_hash) == 40:
-        return hashlib.blake2b(data, digest_size=20).hexdigest() == expected_hash
-    return digest == expected_hash
+    """Whether `data` (whose SHA-256 is `digest`) is the content hashed as `expected_hash`."""
+    if not _legacy(expected_hash):
+        return digest == expected_hash
+    hasher = _hasher_for(expected_hash)
+    hasher.update(data)
+    return hasher.hexdigest() == expected_hash
+
+
+def _legacy(expected_hash: str) -> bool:
+    """Catalogs written before 2026-11 hold content hashes as BLAKE2b-160 (40 hex digits)."""
+    return len(expected_hash) == 40
+
+
+def _hasher_for(expected_hash: str):
+    return hashlib.blake2b(digest_size=20) if _legacy(expected_hash) else hashlib.sha256()
 
 
 def decode_file(path: str, options: DecodeOptions, expected_hash: str | None = None) -> Decoded | Skipped:
@@ -281,8 +291,7 @@ def thumbnail_jpeg(path: str, size: int, expected_hash: str, max_pixels: int = D
 
 def holds_content(handle, expected_hash: str) -> bool:
     """Whether the open file holds the content hashed `expected_hash` (as `same_content`)."""
-    hasher = hashlib.blake2b(digest_size=20) if len(expected_hash) == 40 else hashlib.sha256()
-    return file_hash(handle, hasher) == expected_hash
+    return file_hash(handle, _hasher_for(expected_hash)) == expected_hash
 
 
 def file_hash(handle, hasher=None) -> str:

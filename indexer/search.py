@@ -292,6 +292,11 @@ def indexed_content(catalog: Catalog, path: str) -> IndexedContent | None:
             digest = file_hash(handle)
     except OSError:
         return None
+    return stored_content(catalog, digest)
+
+
+def stored_content(catalog: Catalog, digest: str) -> IndexedContent | None:
+    """The catalog's embedding of the content whose SHA-256 is `digest`, if it has one."""
     found = catalog.embedding_ids_for([digest])
     return IndexedContent(digest, found[digest]) if digest in found else None
 

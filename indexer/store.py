@@ -253,16 +253,18 @@ class IndexStore:
         reconcile(index, self.catalog, identity)
         self.save_vectors(index, synced=version)
 
-    def _load_synced(self, identity: ModelIdentity):
+    def _load_synced(self, identity: ModelIdentity, strict: bool = False, mmap: bool | None = None):
         """The saved FAISS index, if it was saved reconciled with the catalog's current vectors version
-        (and not replaced since); None where that is not known, and the caller reconciles."""
+        (and not replaced since); None where that is not known, and the caller reconciles. `strict`:
+        as a writer's `spec_for`; `mmap` None: mapped when the file is large."""
         from retrieval.index import MaxSimIndex
 
         images = self._synced_images()
         if images is None:
             return None
-        spec = self.settings().spec_for(images, identity.num_queries, identity.embed_dim, strict=False)
-        mmap = self.vectors_path.stat().st_size >= self.config.mmap_min_bytes
+        spec = self.settings().spec_for(images, identity.num_queries, identity.embed_dim, strict=strict)
+        if mmap is None:
+            mmap = self.vectors_path.stat().st_size >= self.config.mmap_min_bytes
         index = MaxSimIndex.load(self.vectors_path, identity.embed_dim, identity.num_queries, spec, mmap=mmap)
         return index if index.ntotal == images * identity.num_queries else None
 
@@ -274,14 +276,8 @@ class IndexStore:
         """Whether a writer with nothing to add or remove may leave the FAISS file alone: it is in
         step with the catalog, of the kind the settings ask for, and not due for training (as
         `refresh` decides; a budget outgrown is refused here as by `load_vectors`)."""
-        from retrieval.index import MaxSimIndex
-
-        images = self._synced_images()
-        if images is None:
-            return False
-        spec = self.settings().spec_for(images, identity.num_queries, identity.embed_dim)
-        index = MaxSimIndex.load(self.vectors_path, identity.embed_dim, identity.num_queries, spec, mmap=True)
-        return index.ntotal == images * identity.num_queries and index.needs_rebuild(spec) is None
+        index = self._load_synced(identity, strict=True, mmap=True)  # mapped: read only to be looked at
+        return index is not None and index.needs_rebuild() is None
 
     def _synced_images(self) -> int | None:
         """How many images the FAISS file holds, if it was saved in step with the catalog's current
