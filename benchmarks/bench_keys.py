@@ -3,7 +3,7 @@ reads at every writer's open and end, and at a search's open after a change): ea
 vector id kept as it is read (`faiss_index.stored_keys`), against the baseline of every vector id
 copied out and made unique (`np.unique(stored_ids // 32)`, as before). Both on the same index, in one
 run; both must give the same keys (asserted). 32 vectors an image, 16-d (the ids' cost does not
-depend on the dimension); an IndexIDMap2 over a flat index (flat-*, sq8, hnsw) and an IVF index.
+depend on the dimension); an IndexIDMap over a flat index (flat-*, sq8, hnsw) and an IVF index.
 """
 
 from __future__ import annotations
@@ -37,12 +37,12 @@ def main() -> None:
     ids = (np.arange(images)[:, None] * Q + np.arange(Q)[None, :]).ravel()
     kept = np.sort(rng.permutation(images)[: images - images // 100])  # some images deleted
     held = np.isin(ids // Q, kept)
-    flat = faiss.IndexIDMap2(faiss.IndexFlatIP(D))
+    flat = faiss.IndexIDMap(faiss.IndexFlatIP(D))
     flat.add_with_ids(vectors[held], ids[held])
     ivf = faiss.IndexIVFFlat(faiss.IndexFlatIP(D), D, 256, faiss.METRIC_INNER_PRODUCT)
     ivf.train(vectors[:100_000])
     ivf.add_with_ids(vectors[held], ids[held])
-    for name, index in (("IndexIDMap2 (flat-*, sq8, hnsw)", flat), ("IVF (ivf-*)", ivf)):
+    for name, index in (("IndexIDMap (flat-*, sq8, hnsw)", flat), ("IVF (ivf-*)", ivf)):
         baseline, old = best(lambda: np.unique(faiss_index.stored_ids(index) // Q))
         project, new = best(lambda: faiss_index.stored_keys(index, Q))
         assert np.array_equal(old, kept) and np.array_equal(new, kept)

@@ -275,9 +275,13 @@ class IndexStore:
     def left_as_it_is(self, identity: ModelIdentity) -> bool:
         """Whether a writer with nothing to add or remove may leave the FAISS file alone: it is in
         step with the catalog, of the kind the settings ask for, and not due for training (as
-        `refresh` decides; a budget outgrown is refused here as by `load_vectors`)."""
+        `refresh` decides; a budget outgrown is refused here as by `load_vectors`), and not saved in
+        an older format that costs every search's open more (`saved_with_reverse_map`)."""
+        from retrieval.faiss_index import saved_with_reverse_map
+
         index = self._load_synced(identity, strict=True, mmap=True)  # mapped: read only to be looked at
-        return index is not None and index.needs_rebuild() is None
+        return (index is not None and index.needs_rebuild() is None
+                and not saved_with_reverse_map(self.vectors_path))
 
     def _synced_images(self) -> int | None:
         """How many images the FAISS file holds, if it was saved in step with the catalog's current

@@ -1,7 +1,11 @@
 """Building, recognising and reading FAISS indexes of each `IndexSpec` kind.
 
-Every kind keeps our int64 vector ids: IVF kinds natively, the others through `IndexIDMap2`. The
-kind is read back from the saved file itself, so a file always says what it holds.
+Every kind keeps our int64 vector ids: IVF kinds natively, the others through `IndexIDMap`. Not
+`IndexIDMap2`: its reverse map (id -> position), which FAISS rebuilds whenever it reads the file,
+cost every search's open about 1.5 kB of memory and 2 us an image (`benchmarks/bench_id_map.py`),
+and only serves reading vectors back by id, which `reconstruct` does from `id_map` where that is
+needed (an HNSW rebuild). Files an earlier blipsearch saved with `IndexIDMap2` are read as
+`IndexIDMap`. The kind is read back from the saved file itself, so a file always says what it holds.
 """
 
 from __future__ import annotations
@@ -27,13 +31,13 @@ def new_index(spec: IndexSpec, dim: int, vectors: int):
 
     ip = faiss.METRIC_INNER_PRODUCT
     if spec.kind == "flat-fp32":
-        return faiss.IndexIDMap2(faiss.IndexFlatIP(dim))
+        return faiss.IndexIDMap(faiss.IndexFlatIP(dim))
     if spec.kind == "flat-fp16":
-        return faiss.IndexIDMap2(faiss.IndexScalarQuantizer(dim, faiss.ScalarQuantizer.QT_fp16, ip))
+        return faiss.IndexIDMap(faiss.IndexScalarQuantizer(dim, faiss.ScalarQuantizer.QT_fp16, ip))
     if spec.kind == "sq8":
-        return faiss.IndexIDMap2(faiss.IndexScalarQuantizer(dim, faiss.ScalarQuantizer.QT_8bit, ip))
+        return faiss.IndexIDMap(faiss.IndexScalarQuantizer(dim, faiss.ScalarQuantizer.QT_8bit, ip))
     if spec.kind == "hnsw":
-        return faiss.IndexIDMap2(faiss.IndexHNSWSQ(dim, faiss.ScalarQuantizer.QT_fp16, spec.hnsw_m, ip))
+        return faiss.IndexIDMap(faiss.IndexHNSWSQ(dim, faiss.ScalarQuantizer.QT_fp16, spec.hnsw_m, ip))
     nlist = spec.nlist_for(vectors)
     if spec.kind == "ivf-flat":
         return faiss.index_factory(dim, f"IVF{nlist},Flat", ip)
@@ -46,7 +50,7 @@ def new_index(spec: IndexSpec, dim: int, vectors: int):
 def kind_of(index) -> str | None:
     import faiss
 
-    if isinstance(index, faiss.IndexIDMap2):
+    if isinstance(index, faiss.IndexIDMap):  # IndexIDMap2 too: older files, before `read_index` converts
         inner = faiss.downcast_index(index.index)
         if isinstance(inner, faiss.IndexFlatIP):
             return "flat-fp32"
@@ -155,6 +159,22 @@ def search_params(index, spec: IndexSpec, depth: int, deleted: np.ndarray):
     return params, (batch, params.sel)
 
 
+def reconstruct(index, ids: np.ndarray) -> np.ndarray:
+    """The stored vectors of `ids` (all present), (len(ids), d) float32, for kinds that `reconstructs`:
+    their positions are looked up in `id_map` (sorting it: O(n log n), so for rebuilds and small
+    indexes, not for every search)."""
+    import faiss
+
+    ids = np.asarray(ids, np.int64)
+    stored = faiss.rev_swig_ptr(index.id_map.data(), index.id_map.size())
+    order = np.argsort(stored, kind="stable")
+    found = np.searchsorted(stored, ids, sorter=order)
+    positions = order[np.minimum(found, len(order) - 1)] if len(order) else found
+    if len(ids) and (len(order) == 0 or not np.array_equal(stored[positions], ids)):
+        raise KeyError("reconstruct: an id is not in the index")
+    return index.index.reconstruct_batch(positions.astype(np.int64))
+
+
 def reconstructs(index) -> bool:
     """Whether stored vectors can be read back by id (IVF kinds would need a direct map)."""
     import faiss
@@ -212,7 +232,34 @@ def read_index(path, mmap: bool):
     tries = [faiss.IO_FLAG_MMAP | mapped_codes, faiss.IO_FLAG_MMAP] if mmap else [0]
     for flags in tries:
         try:
-            return faiss.read_index(str(path), flags | (faiss.IO_FLAG_READ_ONLY if mmap else 0))
+            return without_reverse_map(faiss.read_index(str(path), flags | (faiss.IO_FLAG_READ_ONLY if mmap else 0)))
         except RuntimeError:
             continue
     return None
+
+
+def saved_with_reverse_map(path) -> bool:
+    """Whether the file at `path` holds an `IndexIDMap2` (FAISS's tag, its first four bytes): an
+    earlier blipsearch's, which every read still pays for until it is saved again."""
+    try:
+        with open(path, "rb") as handle:
+            return handle.read(4) == b"IxM2"
+    except OSError:
+        return False
+
+
+def without_reverse_map(index):
+    """An `IndexIDMap2` read from an older file, as the `IndexIDMap` saved now: the same sub-index and
+    id_map (moved, not copied), its reverse map freed; anything else as it is. (FAISS has built that
+    map while reading; it is not kept, and the file is saved without it at its next change.)"""
+    import faiss
+
+    if not isinstance(index, faiss.IndexIDMap2):
+        return index
+    plain = faiss.IndexIDMap(faiss.IndexFlatIP(index.d))  # the Python constructor wants a sub-index
+    plain.index, plain.referenced_objects = index.index, []
+    plain.ntotal, plain.is_trained = index.ntotal, index.is_trained
+    plain.metric_type, plain.metric_arg = index.metric_type, index.metric_arg
+    plain.id_map.swap(index.id_map)
+    index.own_fields, plain.own_fields = False, True  # the sub-index now belongs to `plain`
+    return plain

@@ -96,7 +96,8 @@ class MaxSimIndex:
         import faiss
 
         if self._mapped_from is not None:
-            self.index, self._mapped_from = faiss.read_index(str(self._mapped_from)), None
+            self.index = faiss_index.without_reverse_map(faiss.read_index(str(self._mapped_from)))
+            self._mapped_from = None
 
     def save(self, path: Path) -> None:
         """Write to a temporary file, fsync, then rename over `path`: readers see old or new, never half."""
@@ -158,7 +159,7 @@ class MaxSimIndex:
     def _compact(self) -> None:
         """Rebuild an HNSW graph without its deleted vectors."""
         keys = self.keys()
-        stored = self.index.reconstruct_batch(self._ids(keys)).reshape(len(keys), self.num_queries, self.dim)
+        stored = faiss_index.reconstruct(self.index, self._ids(keys)).reshape(len(keys), self.num_queries, self.dim)
         self.rebuild(lambda: [(keys, stored)], len(keys) * self.num_queries, stored[:0].reshape(0, self.dim))
 
     def use_gpu(self) -> bool:
@@ -309,7 +310,7 @@ class MaxSimIndex:
         if exact is not None:
             keys, vectors = exact(keys)  # a key may be gone if a writer removed it meanwhile
         else:
-            vectors = self.index.reconstruct_batch(self._ids(keys)).reshape(len(keys), self.num_queries, self.dim)
+            vectors = faiss_index.reconstruct(self.index, self._ids(keys)).reshape(len(keys), self.num_queries, self.dim)
         sims = np.asarray(vectors, dtype=np.float32) @ query
         return np.asarray(keys, np.int64), sims.max(axis=1).astype(np.float32), sims.argmax(axis=1).astype(np.int64)
 

@@ -176,3 +176,51 @@ def test_auto_picks_the_most_exact_kind_that_fits():
         choose_spec(1, 1, 32, 64)
     assert str(tiny.value) == ("1 image needs at least 320 bytes of index memory (ivf-pq:m=2); "
                                "raise --max-index-memory above 1 byte")
+
+
+@pytest.mark.parametrize("spec", ["flat-fp32", "flat-fp16", "sq8", "hnsw"])
+def test_files_with_a_reverse_id_map_load_without_it(spec, collection, tmp_path):
+    """Earlier blipsearch saved these kinds as `IndexIDMap2`, whose reverse map FAISS rebuilds at
+    every read (about 1 kB an image). Such a file searches as before, keeps no reverse map, and is
+    saved without one at its next change."""
+    import faiss
+
+    from retrieval import faiss_index
+
+    keys, vectors, queries = collection
+    keys, vectors = keys[:300], vectors[:300]
+    fresh = faiss_index.new_index(IndexSpec.parse(spec), D, len(keys) * Q)
+    old = faiss.IndexIDMap2(fresh.index)  # as earlier blipsearch built them
+    old.referenced_objects.append(fresh)
+    flat = np.ascontiguousarray(vectors.reshape(-1, D))
+    old.train(flat)
+    old.add_with_ids(flat, (keys[:, None] * Q + np.arange(Q)).ravel())
+    faiss.write_index(old, str(tmp_path / "old.faiss"))
+    current = MaxSimIndex(D, Q, spec)
+    current.add(keys, vectors)
+    exact = source(keys, vectors)
+    for mmap in (False, True):
+        loaded = MaxSimIndex.load(tmp_path / "old.faiss", D, Q, spec, mmap=mmap)
+        assert type(loaded.index) is faiss.IndexIDMap and loaded.kind == spec
+        assert loaded.keys().tolist() == keys.tolist()
+        for query in queries[:5]:
+            assert (loaded.search(query, 10, exact)[0].keys.tolist()
+                    == current.search(query, 10, exact)[0].keys.tolist())
+    loaded.remove(keys[:2])
+    loaded.save(tmp_path / "old.faiss")
+    assert (tmp_path / "old.faiss").read_bytes()[:4] == b"IxMp"  # FAISS's tag for a plain IndexIDMap
+    assert MaxSimIndex.load(tmp_path / "old.faiss", D, Q, spec).keys().tolist() == keys[2:].tolist()
+
+
+def test_stored_vectors_are_read_back_by_id(collection):
+    from retrieval import faiss_index
+
+    keys, vectors, _ = collection
+    index = MaxSimIndex(D, Q, "flat-fp32")
+    index.add(keys[:50], vectors[:50])
+    index.remove(keys[10:20])
+    wanted = np.array([keys[3] * Q + 5, keys[40] * Q, keys[0] * Q + 31])
+    np.testing.assert_array_equal(faiss_index.reconstruct(index.index, wanted),
+                                  [vectors[3, 5], vectors[40, 0], vectors[0, 31]])
+    with pytest.raises(KeyError):
+        faiss_index.reconstruct(index.index, np.array([keys[15] * Q]))  # removed
