@@ -127,6 +127,15 @@ class Shards:
     def delete(self, name: str) -> None:
         self.fs.rm(f"{self.root}/{name}")
 
+    def clear_partial(self) -> None:
+        """Remove shards a killed run's model actors left half-written (`ShardWriter` writes each under
+        `.tmp-` and renames it when whole). Only at the start of a run, before its actors start: the
+        index's writer lock keeps other runs out."""
+        if self.fs.exists(self.root):
+            for path in self.fs.ls(self.root, detail=False):
+                if path.rsplit("/", 1)[-1].startswith(f".tmp-{SHARD_PREFIX}"):
+                    self.fs.rm(path)
+
     def write_todo(self, rows: Iterator[dict], per_file: int) -> list[str]:
         """The files to do, written `per_file` rows to a Parquet file under todo/ for Ray Data to read
         (each file one block, so the decode actors share the work): the driver lists none of them.
@@ -212,6 +221,7 @@ class RayIndexRun(_RayRun):
         catalog = self.store.catalog
         roots = resolve_roots(list(paths))
         catalog.add_roots(roots)
+        self.shards.clear_partial()
         leftover = self._merge(roots, summary)  # what an interrupted run left
         # As `Indexer.run`: the walk and the catalog compared as streams.
         comparison, todo, total = files_to_do(*comparisons(self.store, roots, self.config.walk, self.progress))
@@ -329,6 +339,7 @@ class RayCaptionRun(_RayRun):
         started = time.perf_counter()
         summary = CaptionSummary()
         self.config.options.validate()
+        self.shards.clear_partial()
         self._merge(summary)  # what an interrupted run left
         captions = self.store.catalog.captions
         key = (self.model_config.name, self.config.options.prompt, self.config.overwrite)

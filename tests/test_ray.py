@@ -5,15 +5,19 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import signal
 import shutil
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
 
-from tests.conftest import assert_consistent, make_images, run_cli
+from tests.conftest import ROOT, assert_consistent, children, make_images, run_cli, wait_gone
 
 
 
@@ -132,6 +136,56 @@ def test_interrupted_ray_run_resumes_from_its_shards(folder, tiny_model, tmp_pat
     summary = json.loads(result.stdout)
     assert summary["indexed"] + summary["reused"] + summary["skipped"] == 23
     assert_consistent(tmp_path / "idx")
+
+
+def test_kill_dash_nine_of_the_driver_then_resume(tiny_model, tmp_path):
+    """A real `kill -9` of a driver and its local Ray once model actors have written shards: the same
+    command again merges those shards first, reads only the other files, and leaves the catalog and
+    FAISS in agreement. The killed run's Ray processes go too (Ray's agents notice that their raylet
+    died; about a minute after the kill here), and no half-written shard is left."""
+    folder = tmp_path / "photos"
+    total = len(make_images(folder, 120, seed=3))
+    shards = tmp_path / "shards" / "index"
+    command = ["index", str(folder), "--index", str(tmp_path / "idx"), "--model", str(tiny_model), "--json",
+               "--batch-size", "2", "--ray", "--shards", str(tmp_path / "shards")]
+    process = subprocess.Popen([sys.executable, "-m", "api.cli", *command], cwd=ROOT, stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    deadline = time.monotonic() + 240
+    while process.poll() is None and len(list(shards.glob("part-*.parquet"))) < 4 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert process.poll() is None, "the run ended before it could be killed; make the folder larger"
+    ray_processes = [pid for child in children(process.pid) for pid in [child, *children(child)]]
+    agents = [pid for pid in ray_processes if b"Agent" in _cmdline(pid)]  # they take longer to notice
+    process.kill()
+    killed_at = time.monotonic()
+    process.wait()
+    try:
+        # Its actors may finish a shard before they notice; only then is what the shards hold settled.
+        assert wait_gone([pid for pid in ray_processes if pid not in agents], timeout=60) == []
+        import pyarrow.parquet as pq
+
+        in_shards = sum(pq.read_table(p).num_rows for p in shards.glob("part-*.parquet"))
+        assert 8 <= in_shards < total
+        (shards / ".tmp-part-cut-short.parquet").write_bytes(b"PAR1")  # as an actor killed mid-write leaves one
+        resumed = run_cli(*command, timeout=300)
+        assert resumed.returncode == 0, resumed.stderr
+        assert f"{total - in_shards} files to process" in resumed.stderr
+        summary = json.loads(resumed.stdout)
+        assert summary["indexed"] == total and summary["skipped"] == 0
+        assert not [p.name for p in shards.iterdir() if p.name != "todo"]  # merged and deleted, none half-written
+        assert_consistent(tmp_path / "idx")
+        assert len(ray_processes) >= 3  # the driver's GCS and raylet, and the raylet's own
+        assert wait_gone(ray_processes, timeout=max(1.0, killed_at + 180 - time.monotonic())) == []
+    finally:
+        for pid in wait_gone(ray_processes, timeout=0):  # a failed test leaves none running
+            os.kill(pid, signal.SIGKILL)
+
+
+def _cmdline(pid: int) -> bytes:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return b""
 
 
 def test_caption_on_ray_equals_the_single_process_captions(both, folder, caption_model):
