@@ -172,7 +172,6 @@ def index(paths, index_dir, catalog_url, model, device, dtype, batch_size, worke
             memory_limit_bytes=max(4 << 30, 16 * max_pixels + (1 << 30)),
         ),
         max_pixels=max_pixels,
-        feature_cache=FeatureCacheConfig(feature_cache_mb * 1_000_000),
         caption=caption if with_captions else None,
     )
     store = IndexStore.open(store_config(index_dir, catalog_url), create=bool(paths))
@@ -185,6 +184,9 @@ def index(paths, index_dir, catalog_url, model, device, dtype, batch_size, worke
             config = replace(config, walk=store.choose_walk(tuple(exclude), no_exclude, follow_symlinks))
             if index_type is not None or max_index_memory is not None:
                 _choose_index_type(store, index_type or "auto", max_index_memory)
+            if feature_cache_mb is not None:  # kept for later runs, searches and servers
+                store.save_settings(replace(store.settings(), feature_cache_mb=feature_cache_mb))
+            config = replace(config, feature_cache=FeatureCacheConfig(store.settings().feature_cache_mb * 1_000_000))
             if ray_address is not None:
                 ray = ray_config(store, ray_address, shards_url, ray_model_actors, ray_gpus_per_actor, batch_size,
                                  "index")
@@ -284,9 +286,9 @@ def _first_few(names: list[str], shown: int = 5) -> str:
 
 def _choose_index_type(store, index_type: str, max_memory: int | None) -> None:
     """Record the index type for this and later runs, checked against the collection when it has a model."""
-    from indexer.store import IndexSettings
+    from dataclasses import replace
 
-    settings = IndexSettings(index_type, max_memory)
+    settings = replace(store.settings(), index_type=index_type, max_memory=max_memory)
     settings.validate()
     identity = store.catalog.model()
     if identity is not None:

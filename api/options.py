@@ -81,16 +81,19 @@ def index_model(store, model: str | None) -> str | None:
 
 def feature_cache_option(func):
     return click.option(
-        "--feature-cache-mb", type=click.IntRange(0, 10_000_000), default=0, envvar="BLIPSEARCH_FEATURE_CACHE_MB",
-        show_default=True,
+        "--feature-cache-mb", type=click.IntRange(0, 10_000_000), default=None, envvar="BLIPSEARCH_FEATURE_CACHE_MB",
         help="Keep up to this many MB of fp16 ViT features in the index directory, so re-ranking a known "
-             "image skips decoding and the ViT (0: off). Env: BLIPSEARCH_FEATURE_CACHE_MB.",
+             "image skips decoding and the ViT (0: off). Given to index, it is kept for later runs, searches "
+             "and servers; default: as kept, else 0. Env: BLIPSEARCH_FEATURE_CACHE_MB.",
     )(func)
 
 
-def feature_cache(store, identity, megabytes: int):
+def feature_cache(store, identity, megabytes: int | None):
+    """The index's feature cache for a search or server: `megabytes` for this run, else (None) as kept."""
     from indexer.features import FeatureCache, FeatureCacheConfig
 
+    if megabytes is None:
+        megabytes = store.settings().feature_cache_mb
     return FeatureCache.for_model(store.directory, identity.fingerprint, FeatureCacheConfig(megabytes * 1_000_000))
 
 

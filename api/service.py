@@ -45,7 +45,7 @@ class ServeConfig:
     device: str | None = None
     token: str | None = None  # required on write endpoints when set
     max_upload_bytes: int = 20 * 1024 * 1024
-    feature_cache_mb: int = 0
+    feature_cache_mb: int | None = None  # None: as the index keeps it (`blipsearch index --feature-cache-mb`)
     reload_check_s: float = 1.0  # how often a search looks whether another process changed the index
     max_rerank: int = 256  # images one search may have ITM re-rank: each costs a decode and a ViT pass
     count_time_limit_s: float = 0.2  # for a filtered listing's total (GET /api/images)

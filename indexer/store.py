@@ -52,10 +52,12 @@ class StoreConfig:
 
 @dataclass(frozen=True)
 class IndexSettings:
-    """How the FAISS file is built: a fixed `IndexSpec` text, or `auto` within `max_memory` bytes."""
+    """How the FAISS file is built: a fixed `IndexSpec` text, or `auto` within `max_memory` bytes; and
+    how many MB of ViT features re-ranking keeps (`features/`), for runs, searches and servers alike."""
 
     index_type: str = "flat-fp16"
     max_memory: int | None = None
+    feature_cache_mb: int = 0
 
     def validate(self) -> None:
         if self.index_type == "auto" and self.max_memory is None:
@@ -136,7 +138,12 @@ class IndexStore:
         saved = self._read_json(SETTINGS_FILE, "set the index type again with blipsearch index --index-type TYPE "
                                                "after deleting it")
         known = {f.name for f in fields(IndexSettings)}  # keys a newer blipsearch may add are left alone
-        return IndexSettings(**{key: value for key, value in (saved or {}).items() if key in known})
+        settings = IndexSettings(**{key: value for key, value in (saved or {}).items() if key in known})
+        cache_mb = settings.feature_cache_mb
+        if isinstance(cache_mb, bool) or not isinstance(cache_mb, int) or cache_mb < 0:
+            raise IndexSettingsError(f"{self.directory / SETTINGS_FILE} cannot be read (feature_cache_mb: {cache_mb!r}); "
+                                     f"delete it, then give blipsearch index --feature-cache-mb MB (and --index-type) again")
+        return settings
 
     def save_settings(self, settings: IndexSettings) -> None:
         settings.validate()
@@ -319,6 +326,7 @@ class IndexStore:
 
         settings = self.settings()
         summary = {"index_type": settings.index_type, "max_index_memory": settings.max_memory,
+                   "feature_cache_mb": settings.feature_cache_mb,
                    "index_kind": None, "index_vectors": 0, "index_bytes": 0, "index_in_step": False}
         if self.vectors_path.exists():
             summary["index_bytes"] = self.vectors_path.stat().st_size

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 
 import numpy as np
@@ -127,3 +128,33 @@ def test_decodes_share_the_slots_they_are_given(retriever, monkeypatch):
     with ThreadPoolExecutor(4) as pool:  # four searches at once, each decoding six candidates
         assert list(pool.map(lambda _: reranker.score(files, ["a red circle"], [1.0]).matches, range(4))) == [{}] * 4
     assert slow_decode.most == 2
+
+
+def test_the_cache_size_given_to_index_is_kept_for_searches_and_later_runs(tiny_model, tmp_path):
+    """`--feature-cache-mb` given once to `index` holds for searches, servers and later runs that do
+    not give it (a cache filled by indexing served no search unless each was given the size too)."""
+    make_images(tmp_path / "photos", 4, seed=9)
+    common = ["--index", str(tmp_path / "idx"), "--model", str(tiny_model)]
+    run_cli("index", str(tmp_path / "photos"), "-q", "--feature-cache-mb", "50", *common, check=True)
+    cached = sorted((tmp_path / "idx" / "features").glob("*/*/*.npy"))
+    assert len(cached) == 4
+
+    def used() -> int:  # the cache marks what it serves as recently used
+        return sum(path.stat().st_mtime_ns > 10**9 for path in cached)
+
+    for path in cached:
+        os.utime(path, ns=(1, 1))
+    run_cli("search", "a red circle", "-k", "2", "--candidates", "4", "--feature-cache-mb", "0", *common, check=True)
+    assert used() == 0  # off for this search
+    run_cli("search", "a red circle", "-k", "2", "--candidates", "4", *common, check=True)
+    assert used() == 4
+    make_images(tmp_path / "photos" / "more", 1, seed=10)
+    run_cli("index", str(tmp_path / "photos"), "-q", *common, check=True)  # a later run, without the size
+    assert len(list((tmp_path / "idx" / "features").glob("*/*/*.npy"))) == 5
+    status = json.loads(run_cli("status", "--json", *common[:2], check=True).stdout)
+    assert status["feature_cache_mb"] == 50
+    run_cli("index", str(tmp_path / "photos"), "-q", "--feature-cache-mb", "0", *common, check=True)
+    assert json.loads(run_cli("status", "--json", *common[:2], check=True).stdout)["feature_cache_mb"] == 0
+    (tmp_path / "idx" / "index.json").write_text('{"index_type": "flat-fp16", "feature_cache_mb": "lots"}')
+    broken = run_cli("search", "a red circle", *common)
+    assert broken.returncode == 2 and "feature_cache_mb" in broken.stderr and "Traceback" not in broken.stderr
