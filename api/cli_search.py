@@ -103,9 +103,23 @@ def _run_search(index_dir, catalog_url, model, device, dtype, query, image_path,
         if reranker.cache and reranker.cache.write_error:
             click.echo(f"warning: cannot write the feature cache in {reranker.cache.directory} "
                        f"({reranker.cache.write_error}); searched without caching", err=True)
+        slow_rerank_note(reranker, store.directory)
         return found
     finally:
         store.close()
+
+
+SLOW_RERANK_S = 10.0  # re-ranking that spent longer decoding files and running the ViT gets a note
+
+
+def slow_rerank_note(reranker, index_dir) -> None:
+    """Where re-ranking spent long recomputing ViT features without a feature cache (ViT-g on a
+    CPU: seconds an image), say how to keep them; searches after that reuse what they compute."""
+    if reranker.cache is None and reranker.recompute_seconds > SLOW_RERANK_S:
+        click.echo(f"note: re-ranking decoded {reranker.recomputed} images and ran the ViT on them "
+                   f"({reranker.recompute_seconds:.0f} s); a feature cache keeps what searches compute for the "
+                   f"next ones: blipsearch index --index {index_dir} --feature-cache-mb MB (about 0.7 MB an "
+                   f"image for ViT-g); --candidates fewer, or --no-rerank, are faster", err=True)
 
 
 def _print_search(label, response, as_json: bool) -> None:

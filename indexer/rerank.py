@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Sequence
@@ -44,6 +45,9 @@ class Reranker:
         self.batch_size = batch_size
         self.decode_slots = decode_slots or contextlib.nullcontext()
         self.decode_options = DecodeOptions.for_indexed(retriever.transform)
+        # Decoded and run through the ViT so far, and the seconds it took (not the cache's): on a CPU
+        # with ViT-g that is seconds an image, which the CLI points out (`api.cli_search`).
+        self.recomputed, self.recompute_seconds = 0, 0.0
 
     def score(self, files: dict[str, str], texts: Sequence[str], weights: Sequence[float]) -> Reranked:
         """`files`: content hash -> a path holding it; `weights` positive and summing to 1, as
@@ -78,6 +82,7 @@ class Reranker:
         appends to `changed` the hashes whose files hold other content now."""
         cached = {h: f for h in hashes if (f := self.cache.get(h) if self.cache else None) is not None}
         todo = [h for h in hashes if h not in cached]
+        began = time.perf_counter()
         # Pillow decodes and resizes with the GIL released, so threads decode files in parallel.
         with ThreadPoolExecutor(max_workers=min(len(todo), os.cpu_count() or 1) or 1) as pool:
             outcomes = list(pool.map(self._decode, [files[h] for h in todo], todo))
@@ -90,6 +95,8 @@ class Reranker:
                 features[content_hash] = vit
                 if self.cache:
                     self.cache.put(content_hash, vit.float().cpu().numpy())
+        self.recomputed += len(decoded)
+        self.recompute_seconds += time.perf_counter() - began
         order = [h for h in hashes if h in features]
         if not order:
             return [], None

@@ -33,6 +33,28 @@ def test_itm_matches_direct_scoring(retriever, files):
     np.testing.assert_allclose([matches[h].probability for h in files], expected, atol=1e-6)
 
 
+def test_slow_recomputing_without_a_cache_gets_a_note(retriever, files, tmp_path, capsys, monkeypatch):
+    """ViT-g on a CPU takes seconds an image (`bench_vitg_cpu`): a search that spent long recomputing
+    features says how to keep them. The tiny model is fast, so the threshold is lowered here."""
+    import api.cli_search
+
+    cache = FeatureCache(tmp_path / "features", max_bytes=10**8)
+    uncached, with_cache = Reranker(retriever), Reranker(retriever, cache)
+    for reranker in (uncached, with_cache, with_cache):
+        reranker.score(files, [TEXT], [1.0])
+    assert uncached.recomputed == len(files) and uncached.recompute_seconds > 0
+    assert with_cache.recomputed == len(files)  # the second search found them all in the cache
+    monkeypatch.setattr(api.cli_search, "SLOW_RERANK_S", 0.0)
+    api.cli_search.slow_rerank_note(uncached, tmp_path / "idx")
+    note = capsys.readouterr().err
+    assert f"re-ranking decoded {len(files)} images" in note
+    assert f"blipsearch index --index {tmp_path / 'idx'} --feature-cache-mb MB" in note
+    api.cli_search.slow_rerank_note(with_cache, tmp_path / "idx")  # it has a cache: nothing to say
+    monkeypatch.setattr(api.cli_search, "SLOW_RERANK_S", 10.0)
+    api.cli_search.slow_rerank_note(uncached, tmp_path / "idx")  # fast enough
+    assert capsys.readouterr().err == ""
+
+
 def test_cache_serves_features_without_decoding(retriever, files, tmp_path, monkeypatch):
     uncached = Reranker(retriever).score(files, [TEXT], [1.0]).matches
     cache = FeatureCache(tmp_path / "features", max_bytes=10**8)
