@@ -3,9 +3,9 @@
 The catalog is the source of truth. The FAISS file may lag behind it after a crash (it is saved
 periodically and at the end of a run) or behind writers sharing the catalog, so an open reconciles
 the two: vectors of images the catalog no longer has are dropped, images it has but the file lacks
-are added from the catalog. A search skips that when the file was saved in step with the catalog's
-vectors version as it still is (`vectors.json`, `save_vectors`); so does a writer with nothing to
-change. The FAISS file is rebuilt from the catalog when its kind changes, when a kind that needs
+are added from the catalog. An open skips that when the file was saved in step with the catalog's
+vectors version as it still is (`vectors.json`, `save_vectors`), and a writer with nothing to change
+leaves the file alone (`left_as_it_is`). The FAISS file is rebuilt from the catalog when its kind changes, when a kind that needs
 training has enough vectors to train on, and when the collection outgrows what it was trained for.
 """
 
@@ -193,11 +193,13 @@ class IndexStore:
     # -- vectors ----------------------------------------------------------------------------------
     def load_vectors(self, identity: ModelIdentity, read_only: bool = False):
         """The FAISS index, reconciled in memory with the catalog and rebuilt if due. `read_only`
-        (searching) maps a large file instead of reading it; a change later reads it after all. A
-        search of a catalog unchanged since the file was saved reads no ids (`_load_synced`)."""
+        (searching) maps a large file instead of reading it; a change later reads it after all. An
+        open of a catalog unchanged since the file was saved reads no ids (`_load_synced`)."""
         from retrieval.index import MaxSimIndex
 
-        if read_only and (index := self._load_synced(identity)) is not None:
+        if (index := self._load_synced(identity, strict=not read_only, mmap=None if read_only else False)) is not None:
+            if not read_only:  # a writer trains when due, as below
+                self.refresh(index)
             return index
         ids = self.catalog.embedding_ids()
         spec = self.settings().spec_for(len(ids), identity.num_queries, identity.embed_dim, strict=not read_only)
@@ -214,12 +216,14 @@ class IndexStore:
 
     def refresh(self, index, ids: np.ndarray | None = None) -> str | None:
         """Rebuild `index` from the catalog if its kind changed or training is due; returns why.
-        `ids`: the catalog's embedding ids, when the caller has just read them."""
-        ids = self.catalog.embedding_ids() if ids is None else ids
-        spec = self.settings().spec_for(len(ids), index.num_queries, index.dim)
+        `ids`: the catalog's embedding ids, when the caller has just read them; else the images
+        `index` holds stand for the collection's size (it is the catalog's, reconciled or in step,
+        with what this writer has added since), and the ids are read only for a rebuild."""
+        images = len(ids) if ids is not None else index.ntotal // index.num_queries
+        spec = self.settings().spec_for(images, index.num_queries, index.dim)
         reason = index.needs_rebuild(spec)
         if reason is not None:
-            self._rebuild(index, spec, ids)
+            self._rebuild(index, spec, self.catalog.embedding_ids() if ids is None else ids)
         return reason
 
     def _rebuild(self, index, spec: IndexSpec, ids: np.ndarray, chunk: int = 2048) -> None:

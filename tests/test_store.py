@@ -285,3 +285,33 @@ def test_a_search_after_a_killed_run_sees_what_it_committed(tiny_model, tmp_path
         assert sorted(store.load_vectors(identity, read_only=True).keys().tolist()) == committed
     finally:
         store.close()
+
+
+def test_a_writer_reads_the_catalogs_ids_once_when_the_file_is_in_step(tiny_model, tmp_path, monkeypatch):
+    """A writer (`index`, `caption`, `forget`) opened the FAISS file by reconciling it with every id of
+    the catalog, read the ids again at each periodic save (to size the index type) and twice at its
+    end. In step, it now reads them once: when its last save reconciles."""
+    from indexer.catalog import Catalog
+    from indexer.store import IndexStore, StoreConfig
+
+    make_images(tmp_path / "photos", 6, seed=16)
+    run_cli("index", str(tmp_path / "photos"), "--index", str(tmp_path / "idx"), "--model", str(tiny_model), "-q",
+            check=True)
+    store = IndexStore.open(StoreConfig(tmp_path / "idx"))
+    identity, catalog = store.catalog.model(), store.catalog
+    read = []
+    all_ids = Catalog.embedding_ids
+    monkeypatch.setattr(Catalog, "embedding_ids", lambda self: read.append(1) or all_ids(self))
+    try:
+        index = store.load_vectors(identity)
+        assert index.keys().tolist() == all_ids(catalog).tolist() and read == []
+        index.remove(index.keys()[:2])  # as if this writer had removed them, not yet in the catalog
+        store.save_vectors(index)  # a periodic save
+        assert read == []
+        store.reconcile_and_save(index, identity)
+        assert len(read) == 1 and index.keys().tolist() == all_ids(catalog).tolist()
+        read.clear()
+        catalog.remove_files([catalog.files()[0].id])  # another writer's change: the file is not in step
+        assert store.load_vectors(identity).keys().tolist() == all_ids(catalog).tolist() and len(read) == 1
+    finally:
+        store.close()
