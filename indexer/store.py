@@ -5,8 +5,9 @@ periodically and at the end of a run) or behind writers sharing the catalog, so 
 the two: vectors of images the catalog no longer has are dropped, images it has but the file lacks
 are added from the catalog. An open skips that when the file was saved in step with the catalog's
 vectors version as it still is (`vectors.json`, `save_vectors`), and a writer with nothing to change
-leaves the file alone (`left_as_it_is`). The FAISS file is rebuilt from the catalog when its kind changes, when a kind that needs
-training has enough vectors to train on, and when the collection outgrows what it was trained for.
+leaves the file alone (`left_as_it_is`). The FAISS file is rebuilt from the catalog when its kind
+changes, when a kind that needs training has enough vectors to train on, and when the collection
+outgrows what it was trained for.
 """
 
 from __future__ import annotations
@@ -141,8 +142,9 @@ class IndexStore:
         settings = IndexSettings(**{key: value for key, value in (saved or {}).items() if key in known})
         cache_mb = settings.feature_cache_mb
         if isinstance(cache_mb, bool) or not isinstance(cache_mb, int) or cache_mb < 0:
-            raise IndexSettingsError(f"{self.directory / SETTINGS_FILE} cannot be read (feature_cache_mb: {cache_mb!r}); "
-                                     f"delete it, then give blipsearch index --feature-cache-mb MB (and --index-type) again")
+            raise IndexSettingsError(f"{self.directory / SETTINGS_FILE} cannot be read (feature_cache_mb: "
+                                     f"{cache_mb!r}); delete it, then give blipsearch index --feature-cache-mb MB "
+                                     f"(and --index-type) again")
         return settings
 
     def save_settings(self, settings: IndexSettings) -> None:

@@ -50,7 +50,7 @@ def new_index(spec: IndexSpec, dim: int, vectors: int):
 def kind_of(index) -> str | None:
     import faiss
 
-    if isinstance(index, faiss.IndexIDMap):  # IndexIDMap2 too: older files, before `read_index` converts
+    if isinstance(index, faiss.IndexIDMap):  # IndexIDMap2 too: older files, until `read_index` converts
         inner = faiss.downcast_index(index.index)
         if isinstance(inner, faiss.IndexFlatIP):
             return "flat-fp32"

@@ -3,6 +3,7 @@ and captions as a single-process run on the same folder; bad files recorded; res
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -178,7 +179,8 @@ def test_kill_dash_nine_of_the_driver_then_resume(tiny_model, tmp_path):
         # Ray's two agents exit by themselves about a minute after the kill (measured: 63 s); the test
         # does not wait for them, and leaves nothing running.
         for pid in wait_gone(ray_processes, timeout=0):
-            os.kill(pid, signal.SIGKILL)
+            with contextlib.suppress(ProcessLookupError):  # gone meanwhile
+                os.kill(pid, signal.SIGKILL)
 
 
 def _cmdline(pid: int) -> bytes:
