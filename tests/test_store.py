@@ -215,22 +215,28 @@ def test_disk_bytes_is_every_file_under_the_index(tmp_path):
     store.close()
 
 
+def indexed_counting_id_reads(tiny_model, tmp_path, monkeypatch, seed: int):
+    """(The store of 6 indexed images, a list that grows by one at each read of the catalog's ids,
+    the unwrapped `Catalog.embedding_ids` to read them uncounted.)"""
+    from indexer.catalog import Catalog
+    from indexer.store import IndexStore, StoreConfig
+
+    make_images(tmp_path / "photos", 6, seed=seed)
+    run_cli("index", str(tmp_path / "photos"), "--index", str(tmp_path / "idx"), "--model", str(tiny_model), "-q",
+            check=True)
+    read = []
+    all_ids = Catalog.embedding_ids
+    monkeypatch.setattr(Catalog, "embedding_ids", lambda self: read.append(1) or all_ids(self))
+    return IndexStore.open(StoreConfig(tmp_path / "idx")), read, all_ids
+
+
 def test_a_search_of_an_unchanged_catalog_reads_no_ids_and_any_change_is_seen(tiny_model, tmp_path, monkeypatch):
     """Opening for a search reconciled the FAISS file with the catalog by reading every id of both:
     seconds a million images, a hundred-million-image catalog's leaf pages on every `search`. The
     file now records the catalog's vectors version it was reconciled with; while the catalog still
     has it, no id is read. Every change made after, by any writer, is still found."""
-    from indexer.catalog import Catalog
-    from indexer.store import IndexStore, StoreConfig
-
-    make_images(tmp_path / "photos", 6, seed=13)
-    run_cli("index", str(tmp_path / "photos"), "--index", str(tmp_path / "idx"), "--model", str(tiny_model), "-q",
-            check=True)
-    store = IndexStore.open(StoreConfig(tmp_path / "idx"))
+    store, read, all_ids = indexed_counting_id_reads(tiny_model, tmp_path, monkeypatch, seed=13)
     identity, catalog = store.catalog.model(), store.catalog
-    read = []
-    all_ids = Catalog.embedding_ids
-    monkeypatch.setattr(Catalog, "embedding_ids", lambda self: read.append(1) or all_ids(self))
     try:
         synced = json.loads((tmp_path / "idx" / "vectors.json").read_text())
         assert synced["catalog_vectors_version"] == catalog.vectors_version() and synced["images"] == 6
@@ -291,17 +297,8 @@ def test_a_writer_reads_the_catalogs_ids_once_when_the_file_is_in_step(tiny_mode
     """A writer (`index`, `caption`, `forget`) opened the FAISS file by reconciling it with every id of
     the catalog, read the ids again at each periodic save (to size the index type) and twice at its
     end. In step, it now reads them once: when its last save reconciles."""
-    from indexer.catalog import Catalog
-    from indexer.store import IndexStore, StoreConfig
-
-    make_images(tmp_path / "photos", 6, seed=16)
-    run_cli("index", str(tmp_path / "photos"), "--index", str(tmp_path / "idx"), "--model", str(tiny_model), "-q",
-            check=True)
-    store = IndexStore.open(StoreConfig(tmp_path / "idx"))
+    store, read, all_ids = indexed_counting_id_reads(tiny_model, tmp_path, monkeypatch, seed=16)
     identity, catalog = store.catalog.model(), store.catalog
-    read = []
-    all_ids = Catalog.embedding_ids
-    monkeypatch.setattr(Catalog, "embedding_ids", lambda self: read.append(1) or all_ids(self))
     try:
         index = store.load_vectors(identity)
         assert index.keys().tolist() == all_ids(catalog).tolist() and read == []
