@@ -2,8 +2,9 @@
 
 `embeddings` holds one row per distinct image content (keyed by content hash) with its 32 query
 vectors: the catalog is the source of truth, and the FAISS file is derived from it and reconciled
-with it on open unless saved in step with `meta`'s vectors version (0005). `files` holds one row per file seen, indexed or skipped with a reason; renamed and
-duplicate files point at the same embedding row. `captions` holds one caption per embedding.
+with it on open unless saved in step with `meta`'s vectors version (0005). `files` holds one row per
+file seen, indexed or skipped with a reason; renamed and duplicate files point at the same embedding
+row. `captions` holds one caption per embedding.
 """
 
 from __future__ import annotations

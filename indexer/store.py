@@ -292,9 +292,10 @@ class IndexStore:
         an older format that costs every search's open more (`saved_with_reverse_map`)."""
         from retrieval.faiss_index import saved_with_reverse_map
 
+        if saved_with_reverse_map(self.vectors_path):  # first: loading one builds the map it is rewritten for
+            return False
         index = self._load_synced(identity, strict=True, mmap=True)  # mapped: read only to be looked at
-        return (index is not None and index.needs_rebuild() is None
-                and not saved_with_reverse_map(self.vectors_path))
+        return index is not None and index.needs_rebuild() is None
 
     def _synced_images(self) -> int | None:
         """How many images the FAISS file holds, if it was saved in step with the catalog's current
