@@ -182,16 +182,11 @@ class Service:
         self._reload_error = None
 
     def _index_state(self) -> tuple:
-        """What changes when another process changes the index: its FAISS file, which every run
-        rewrites atomically at its end, and the catalog's vectors version, which every change to the
+        """What changes when another process changes the index: its FAISS file and delta, one of which
+        every run replaces atomically at its end, and the catalog's vectors version, which every change to the
         embeddings replaces, also those of writers sharing a PostgreSQL catalog under their own FAISS
         files (the newest embedding id, used before, missed what they removed)."""
-        try:
-            stat = os.stat(self.store.vectors_path)
-            vectors = (stat.st_ino, stat.st_mtime_ns, stat.st_size)
-        except OSError:
-            vectors = None
-        return vectors, self.store.catalog.vectors_version()
+        return self.store.vectors_stamp(), self.store.catalog.vectors_version()
 
     def _reload_if_changed(self) -> None:
         """At most every `reload_check_s`: if another process changed the index, reload in the

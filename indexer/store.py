@@ -27,6 +27,7 @@ from indexer.walk import WalkOptions
 from retrieval.errors import UsageError
 from retrieval.index_types import IndexSpec, auto_candidates, choose_spec
 from retrieval.loading import ModelIdentity
+from retrieval.segments import DeltaPolicy, delta_path, file_stamp
 
 CATALOG_FILE = "catalog.sqlite"
 VECTORS_FILE = "vectors.faiss"
@@ -49,6 +50,7 @@ class StoreConfig:
     directory: Path
     catalog_url: str | None = None  # None: SQLite inside `directory`
     mmap_min_bytes: int = 256 << 20  # read-only opens map FAISS files at least this large
+    delta: DeltaPolicy = DeltaPolicy()  # when a writer saves its changes beside the file (`SegmentedIndex`)
 
 
 @dataclass(frozen=True)
@@ -113,6 +115,17 @@ class IndexStore:
     @property
     def vectors_path(self) -> Path:
         return self.directory / VECTORS_FILE
+
+    def vectors_stamp(self) -> list:
+        """What changes whenever a writer saves the vectors: the FAISS file's stamp and its delta's."""
+        return [file_stamp(self.vectors_path), file_stamp(delta_path(self.vectors_path))]
+
+    def _mapped(self, read_only: bool) -> bool:
+        """Whether to map the FAISS file: searches map large files; writers map those they will
+        change through a delta, and read them only where they write them whole."""
+        path = self.vectors_path
+        least = self.config.mmap_min_bytes if read_only else self.config.delta.whole_below_bytes
+        return path.exists() and path.stat().st_size >= least
 
     @contextmanager
     def writer_lock(self) -> Iterator[None]:
@@ -197,17 +210,16 @@ class IndexStore:
         """The FAISS index, reconciled in memory with the catalog and rebuilt if due. `read_only`
         (searching) maps a large file instead of reading it; a change later reads it after all. An
         open of a catalog unchanged since the file was saved reads no ids (`_load_synced`)."""
-        from retrieval.index import MaxSimIndex
+        from retrieval.segments import SegmentedIndex
 
-        if (index := self._load_synced(identity, strict=not read_only, mmap=None if read_only else False)) is not None:
+        if (index := self._load_synced(identity, strict=not read_only, mmap=self._mapped(read_only))) is not None:
             if not read_only:  # a writer trains when due, as below
                 self.refresh(index)
             return index
         ids = self.catalog.embedding_ids()
         spec = self.settings().spec_for(len(ids), identity.num_queries, identity.embed_dim, strict=not read_only)
-        path = self.vectors_path
-        mmap = read_only and path.exists() and path.stat().st_size >= self.config.mmap_min_bytes
-        index = MaxSimIndex.load(path, identity.embed_dim, identity.num_queries, spec, mmap=mmap)
+        index = SegmentedIndex.load(self.vectors_path, identity.embed_dim, identity.num_queries, spec,
+                                    mmap=self._mapped(read_only))
         if index.ntotal == 0 and len(ids):  # new, lost, or of another kind: build it straight away
             self._rebuild(index, spec, ids)
         else:
@@ -254,11 +266,10 @@ class IndexStore:
         with suppress(FileNotFoundError):
             os.unlink(self.directory / SYNCED_FILE)  # first: never a record that names another file
         self.refresh(index)
-        index.save(self.vectors_path)
+        index.save(self.vectors_path, self.config.delta)
         if synced is not None:
-            stat = self.vectors_path.stat()
             self._write_json(SYNCED_FILE, {"catalog_vectors_version": synced, "images": index.ntotal // index.num_queries,
-                                           "file": [stat.st_size, stat.st_mtime_ns]})
+                                           "files": self.vectors_stamp()})
 
     def reconcile_and_save(self, index, identity: ModelIdentity) -> None:
         """What a writer does last: make `index` the catalog's, and save it as such."""
@@ -266,19 +277,17 @@ class IndexStore:
         reconcile(index, self.catalog, identity)
         self.save_vectors(index, synced=version)
 
-    def _load_synced(self, identity: ModelIdentity, strict: bool = False, mmap: bool | None = None):
+    def _load_synced(self, identity: ModelIdentity, strict: bool, mmap: bool):
         """The saved FAISS index, if it was saved reconciled with the catalog's current vectors version
         (and not replaced since); None where that is not known, and the caller reconciles. `strict`:
-        as a writer's `spec_for`; `mmap` None: mapped when the file is large."""
-        from retrieval.index import MaxSimIndex
+        as a writer's `spec_for`."""
+        from retrieval.segments import SegmentedIndex
 
         images = self._synced_images()
         if images is None:
             return None
         spec = self.settings().spec_for(images, identity.num_queries, identity.embed_dim, strict=strict)
-        if mmap is None:
-            mmap = self.vectors_path.stat().st_size >= self.config.mmap_min_bytes
-        index = MaxSimIndex.load(self.vectors_path, identity.embed_dim, identity.num_queries, spec, mmap=mmap)
+        index = SegmentedIndex.load(self.vectors_path, identity.embed_dim, identity.num_queries, spec, mmap=mmap)
         return index if index.ntotal == images * identity.num_queries else None
 
     def in_step(self) -> bool:
@@ -302,10 +311,9 @@ class IndexStore:
         vectors version and not replaced since (`save_vectors`); None where that is not known."""
         try:
             synced = json.loads((self.directory / SYNCED_FILE).read_text())
-            stat = self.vectors_path.stat()
             version = self.catalog.vectors_version()
             in_step = (version is not None and synced["catalog_vectors_version"] == version
-                       and synced["file"] == [stat.st_size, stat.st_mtime_ns])
+                       and synced["files"] == self.vectors_stamp() and self.vectors_path.exists())
             return int(synced["images"]) if in_step else None
         except (OSError, ValueError, TypeError, KeyError):  # none, or unreadable: it only saves work
             return None
@@ -327,21 +335,25 @@ class IndexStore:
         return under(str(self.directory))
 
     def vectors_summary(self) -> dict:
-        """The index settings and what the FAISS file holds (read memory-mapped: cheap at any size), and
-        whether it was saved in step with the catalog as it is (else searches reconcile it at open)."""
+        """The index settings and what the FAISS file holds (read memory-mapped: cheap at any size), with
+        the changes saved beside it since (`SegmentedIndex`), and whether it was saved in step with the
+        catalog as it is (else searches reconcile it at open)."""
         from retrieval.faiss_index import kind_of, read_index
+        from retrieval.segments import saved_delta
 
         settings = self.settings()
         summary = {"index_type": settings.index_type, "max_index_memory": settings.max_memory,
-                   "feature_cache_mb": settings.feature_cache_mb,
-                   "index_kind": None, "index_vectors": 0, "index_bytes": 0, "index_in_step": False}
+                   "feature_cache_mb": settings.feature_cache_mb, "index_kind": None, "index_vectors": 0,
+                   "index_delta_vectors": 0, "index_skipped_images": 0, "index_bytes": 0, "index_in_step": False}
         if self.vectors_path.exists():
-            summary["index_bytes"] = self.vectors_path.stat().st_size
+            summary["index_bytes"] = sum(stamp[1] for stamp in self.vectors_stamp() if stamp is not None)
             index = read_index(self.vectors_path, mmap=True)
             if index is None:  # searches rebuild it in memory from the catalog; the next index run saves it
                 summary["index_kind"] = "unreadable (rebuilt from the catalog)"
             else:
+                delta_vectors, skipped = saved_delta(self.vectors_path)
                 summary.update(index_kind=kind_of(index), index_vectors=int(index.ntotal),
+                               index_delta_vectors=delta_vectors, index_skipped_images=skipped,
                                index_in_step=self.in_step())
         return summary
 

@@ -143,20 +143,27 @@ def train(index, sample: np.ndarray) -> None:
 
 def search_params(index, spec: IndexSpec, depth: int, deleted: np.ndarray):
     """(FAISS search parameters, an object to keep alive while they are used): IVF probes, HNSW
-    breadth, and the HNSW tombstones to skip."""
+    breadth, and the vector ids to skip (`MaxSimIndex.skip`: HNSW's deletions, a mapped file's)."""
     import faiss
 
+    kept = None
+    selector = None
+    if len(deleted):
+        batch = faiss.IDSelectorBatch(deleted)
+        selector = faiss.IDSelectorNot(batch)
+        kept = (batch, selector)
     ivf = faiss.try_extract_index_ivf(index)
     if ivf is not None:
-        return faiss.SearchParametersIVF(nprobe=spec.probes(ivf.nlist)), None
-    if kind_of(index) != "hnsw":
+        params = faiss.SearchParametersIVF(nprobe=spec.probes(ivf.nlist))
+    elif kind_of(index) == "hnsw":
+        params = faiss.SearchParametersHNSW(efSearch=max(spec.ef_search, depth))
+    elif selector is None:
         return None, None
-    params = faiss.SearchParametersHNSW(efSearch=max(spec.ef_search, depth))
-    if not len(deleted):
-        return params, None
-    batch = faiss.IDSelectorBatch(deleted)
-    params.sel = faiss.IDSelectorNot(batch)
-    return params, (batch, params.sel)
+    else:
+        params = faiss.SearchParameters()
+    if selector is not None:
+        params.sel = selector
+    return params, kept
 
 
 def reconstruct(index, ids: np.ndarray) -> np.ndarray:

@@ -53,7 +53,7 @@ class MaxSimIndex:
         self.spec = IndexSpec.parse(spec) if isinstance(spec, str) else spec
         self.spec.validate(dim)
         self.index = faiss_index if faiss_index is not None else self._empty(self.spec, 0)
-        self.deleted = np.zeros(0, np.int64)  # HNSW vector ids removed but still in the graph
+        self.deleted = np.zeros(0, np.int64)  # vector ids skipped but still in FAISS's index (`skip`)
         self._gpu = None  # a GPU copy for searching, made by `use_gpu`, dropped by any change
         self._want_gpu = False
         self._selector = None  # keeps the FAISS selector of deleted ids alive while it is used
@@ -105,8 +105,7 @@ class MaxSimIndex:
 
         path = Path(path)
         tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-        if len(self.deleted):
-            self._compact()  # tombstones live in memory only: a saved HNSW holds live vectors alone
+        self.purge()  # tombstones live in memory only: a saved file holds live vectors alone
         faiss.write_index(self.index, str(tmp))
         with open(tmp, "rb") as handle:
             os.fsync(handle.fileno())
@@ -118,10 +117,11 @@ class MaxSimIndex:
             os.close(directory)
 
     # -- training ---------------------------------------------------------------------------------
-    def needs_rebuild(self, spec: IndexSpec | None = None) -> str | None:
-        """Why the vectors should move into a new index of `spec` (default: this one's), or None."""
+    def needs_rebuild(self, spec: IndexSpec | None = None, vectors: int | None = None) -> str | None:
+        """Why the vectors should move into a new index of `spec` (default: this one's), or None.
+        `vectors`: how many the collection has, where this index holds only part of them (a base)."""
         spec = spec or self.spec
-        vectors = self.ntotal
+        vectors = self.ntotal if vectors is None else vectors
         if self.kind == "flat-fp16" and spec.trained:  # staged
             need = spec.min_train_vectors(self.dim, vectors)
             return f"{vectors} vectors are enough to train {spec} (needs {need})" if vectors >= need else None
@@ -131,7 +131,7 @@ class MaxSimIndex:
             nlist = faiss_index.ivf_nlist(self.index)
             if spec.nlist_for(vectors) >= 4 * nlist:  # about 16x the vectors it was trained for
                 return f"the collection grew to {vectors} vectors, far past what {nlist} IVF lists were trained for"
-        if len(self.deleted) > TOMBSTONE_REBUILD * self.index.ntotal:
+        if self.kind == "hnsw" and len(self.deleted) > TOMBSTONE_REBUILD * self.index.ntotal:
             return f"{len(self.deleted)} of {self.index.ntotal} HNSW vectors are deleted"
         return None
 
@@ -156,10 +156,28 @@ class MaxSimIndex:
         for keys, chunk in chunks():
             self.add(keys, chunk)
 
+    def purge(self) -> None:
+        """Drop the skipped vectors from FAISS's index itself: removed where FAISS can, else (HNSW)
+        the graph rebuilt without them."""
+        import faiss
+
+        if not len(self.deleted):
+            return
+        if self.kind == "hnsw":
+            self._compact()
+            return
+        self._writable()
+        self.index.remove_ids(faiss.IDSelectorBatch(self.deleted))
+        self.deleted, self._gpu = np.zeros(0, np.int64), None
+
+    def stored(self, keys: np.ndarray) -> np.ndarray:
+        """The stored (n, num_queries, dim) vectors of `keys`, all held, for kinds that `reconstructs`."""
+        return faiss_index.reconstruct(self.index, self._ids(keys)).reshape(len(keys), self.num_queries, self.dim)
+
     def _compact(self) -> None:
         """Rebuild an HNSW graph without its deleted vectors."""
         keys = self.keys()
-        stored = faiss_index.reconstruct(self.index, self._ids(keys)).reshape(len(keys), self.num_queries, self.dim)
+        stored = self.stored(keys)
         self.rebuild(lambda: [(keys, stored)], len(keys) * self.num_queries, stored[:0].reshape(0, self.dim))
 
     def use_gpu(self) -> bool:
@@ -199,7 +217,7 @@ class MaxSimIndex:
         ids = self._ids(keys)
         self._writable()
         if len(self.deleted) and np.isin(ids, self.deleted).any():
-            self._compact()  # a key deleted from HNSW comes back: drop its old vectors first
+            self.purge()  # a skipped key comes back: drop its old vectors first
         self.index.add_with_ids(flat, ids)
         self._gpu = None
 
@@ -209,14 +227,19 @@ class MaxSimIndex:
         keys = np.asarray(keys, dtype=np.int64)
         if len(keys) == 0:
             return 0
-        self._gpu = None
-        self._writable()
         ids = self._ids(keys)
         if self.kind == "hnsw":  # FAISS's HNSW cannot remove: skip these ids in searches instead
             present = np.setdiff1d(np.intersect1d(ids, faiss_index.stored_ids(self.index)), self.deleted)
-            self.deleted = np.union1d(self.deleted, present)
+            self.skip(present[present % self.num_queries == 0] // self.num_queries)
             return len(present) // self.num_queries
+        self._gpu = None
+        self._writable()
         return int(self.index.remove_ids(faiss.IDSelectorBatch(ids))) // self.num_queries
+
+    def skip(self, keys: np.ndarray) -> None:
+        """Leave images out of searches, `keys()` and `ntotal` without changing FAISS's index (HNSW
+        cannot remove; a mapped file cannot be written). Each key must be held and not yet skipped."""
+        self.deleted = np.union1d(self.deleted, self._ids(np.asarray(keys, dtype=np.int64)))
 
     def error_bound(self, query: np.ndarray) -> float | None:
         """Largest difference between a stored and an exact score for `query`, over unit vectors;
@@ -277,7 +300,10 @@ class MaxSimIndex:
             nprobe = self.spec.probes(faiss_index.ivf_nlist(self.index)) if ivf else None
             if (nprobe or 0) <= faiss_index.GPU_MAX_K:
                 scores, ids = faiss_index.gpu_search(self._gpu, nprobe, queries, min(depth, faiss_index.GPU_MAX_K))
-                if depth <= faiss_index.GPU_MAX_K or all(self._images_in(row) >= needed for row in ids):
+                if len(self.deleted):  # GPU indexes take no selector: skipped ids are masked here
+                    ids = np.where(np.isin(ids, self.deleted), -1, ids)
+                complete = depth <= faiss_index.GPU_MAX_K and not len(self.deleted)
+                if complete or all(self._images_in(row) >= needed for row in ids):
                     return scores, ids
         params, self._selector = faiss_index.search_params(self.index, self.spec, depth, self.deleted)
         return self.index.search(queries, depth, params=params)
@@ -304,13 +330,14 @@ class MaxSimIndex:
         if len(ids) < self.ntotal and scores[-1] >= threshold:  # the k-NN list may stop above it
             below = float(np.nextafter(np.float32(threshold), np.float32(-np.inf)))  # FAISS keeps > radius
             _, scores, ids = self.index.range_search(query[None], below)
-        return np.unique(ids[(ids >= 0) & (scores >= threshold)] // self.num_queries)
+        live = (ids >= 0) & (scores >= threshold) & ~np.isin(ids, self.deleted)
+        return np.unique(ids[live] // self.num_queries)
 
     def _rescore(self, query: np.ndarray, keys: np.ndarray, exact: VectorSource | None):
         if exact is not None:
             keys, vectors = exact(keys)  # a key may be gone if a writer removed it meanwhile
         else:
-            vectors = faiss_index.reconstruct(self.index, self._ids(keys)).reshape(len(keys), self.num_queries, self.dim)
+            vectors = self.stored(keys)
         sims = np.asarray(vectors, dtype=np.float32) @ query
         return np.asarray(keys, np.int64), sims.max(axis=1).astype(np.float32), sims.argmax(axis=1).astype(np.int64)
 

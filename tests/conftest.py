@@ -153,20 +153,27 @@ def wait_gone(pids: list[int], timeout: float = 15) -> list[int]:
 
 
 def assert_consistent(index_dir: Path, catalog_url: str | None = None) -> None:
-    """Catalog and FAISS file agree: every embedding has exactly its vectors, nothing else is stored."""
+    """Catalog and FAISS file (with its delta, if one was saved) agree: every embedding has exactly its
+    vectors, nothing else is stored."""
     import faiss
 
     from indexer.catalog import Catalog, sqlite_url
     from retrieval.faiss_index import stored_ids
+    from retrieval.segments import delta_path, file_stamp, read_delta
 
     catalog = Catalog.open(catalog_url or sqlite_url(index_dir / "catalog.sqlite"))
     try:
         identity = catalog.model()
-        ids = stored_ids(faiss.read_index(str(index_dir / "vectors.faiss")))  # any index kind
+        path = index_dir / "vectors.faiss"
+        ids = stored_ids(faiss.read_index(str(path)))  # any index kind
         embedding_ids = catalog.embedding_ids()
         files = catalog.files()
     finally:
         catalog.close()
+    delta = read_delta(delta_path(path))
+    if delta is not None and delta[0] == file_stamp(path):
+        skipped = ids // identity.num_queries
+        ids = np.concatenate([ids[~np.isin(skipped, delta[1])], stored_ids(delta[2])])
     assert len(ids) == len(set(ids.tolist())), "duplicate vector ids"
     keys, per_key = np.unique(ids // identity.num_queries, return_counts=True)
     assert (per_key == identity.num_queries).all()
