@@ -8,8 +8,9 @@ one run, on one index; best of 3 each. And the same before flat codes were memor
 The index is built straight in the catalog (SQL, zero vectors of BLIP-2's real shape, 32 x 256
 fp32 = 32 KB a row, as the real model's are stored), then its flat-fp16 FAISS file from it, as
 `blipsearch index` would leave them. The FAISS file is memory-mapped on both sides, as searches map
-files over 256 MB. And a writer's open (`load_vectors()`, the file read into memory), which trusts
-the recorded version too since the twenty-third session, against reconciling.
+files over 256 MB. And a writer's open (`load_vectors()`), which trusts the recorded version too
+since the twenty-third session, against reconciling; it read the file into memory until the
+twenty-fourth session, and maps a file of 64 MiB or more since (`retrieval/segments.py`).
 """
 
 from __future__ import annotations
@@ -97,7 +98,7 @@ def main() -> None:
               f"  codes mapped, ids reconciled:        {reconciled * 1000:7.0f} ms\n"
               f"  codes mapped, version trusted:       {now * 1000:7.0f} ms  (best of 3, twice)\n"
               f"ratio: before / now {before / now:.1f}x; reconciled / trusted {reconciled / now:.1f}x\n"
-              f"open for a writer (the file read into memory, best of 3):\n"
+              f"open for a writer (best of 3):\n"
               f"  ids reconciled:                      {writer_reconciled * 1000:7.0f} ms\n"
               f"  version trusted:                     {writer_trusted * 1000:7.0f} ms\n"
               f"ratio: reconciled / trusted {writer_reconciled / writer_trusted:.2f}x")
