@@ -30,6 +30,7 @@ from retrieval.index_types import IndexSpec
 class DeltaPolicy:
     whole_below_bytes: int = 64 << 20  # a base file smaller than this is simply written again whole
     max_fraction: float = 0.1  # a delta (bytes) or skipped images (count) past this share of the base: merged
+    max_bytes: int = 1 << 30  # and a delta past this, whatever the base: writers hold it in memory
 
 
 def delta_path(path: Path) -> Path:
@@ -173,7 +174,7 @@ class SegmentedIndex:
         if self.base_stamp[1] < policy.whole_below_bytes:
             return True
         base_images = self.base.index.ntotal // self.num_queries
-        return (self.delta_bytes() > policy.max_fraction * self.base_stamp[1]
+        return (self.delta_bytes() > min(policy.max_fraction * self.base_stamp[1], policy.max_bytes)
                 or len(self.skipped) > policy.max_fraction * base_images)
 
     def save(self, path: Path, policy: DeltaPolicy = DeltaPolicy()) -> bool:

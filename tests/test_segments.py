@@ -72,12 +72,14 @@ def test_changes_through_a_delta_search_as_one_index_and_leave_the_base_file_alo
     assert_searches_as(index, live_keys, live_vectors, rng)
     assert index.base._mapped_from == path  # changed without reading the file into memory
 
+    assert not index.whole_save_due(path, DeltaPolicy(0, 1.0, max_bytes=index.delta_bytes()))
     assert index.save(path, DELTA_ALWAYS) is False
     assert file_stamp(path) == stamp and delta_path(path).exists()  # the base is not written again
     assert saved_delta(path) == (7 * Q, 5)  # 6 added, 1 of them removed, 2 replaced; 5 base images skipped
     reloaded = SegmentedIndex.load(path, D, Q, spec, mmap=True)
     assert_searches_as(reloaded, live_keys, live_vectors, rng)
 
+    assert reloaded.whole_save_due(path, DeltaPolicy(0, 1.0, max_bytes=reloaded.delta_bytes() - 1))
     assert reloaded.save(path, DeltaPolicy(whole_below_bytes=0, max_fraction=0.01)) is True  # due: merged
     assert file_stamp(path) != stamp and not delta_path(path).exists()
     merged = SegmentedIndex.load(path, D, Q, spec)
