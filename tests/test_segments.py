@@ -200,3 +200,33 @@ def test_kill_dash_nine_while_saving_loses_no_finished_save(tmp_path):
         assert keys.tolist() == list(range(held_last - 999, held_last + 1))  # a window of 1,000: nothing lost
         assert index.ntotal == 1000 * Q
         assert len(index.search(np.eye(D, dtype=np.float32)[0], 5)[0].keys) == 5
+
+
+@pytest.mark.parametrize("n", [5, 100])
+def test_skipped_images_stay_out_of_gpu_searches(n, monkeypatch):
+    """FAISS's GPU indexes take no selector: a stand-in GPU copy (the CPU index searched without one)
+    returns skipped images, which the search masks; where the vectors the GPU returned then hold too
+    few images (all of them skipped, for n = 5: 129 vectors, 4 images), the CPU searches.
+    tests/test_gpu.py searches a real GPU."""
+    from retrieval import faiss_index
+
+    class StandIn:
+        def __init__(self, index):
+            self.index = index
+
+        def search(self, queries, k):
+            return self.index.search(queries, min(k, faiss_index.GPU_MAX_K))
+
+    monkeypatch.setattr(faiss_index, "to_gpu", StandIn)
+    rng = np.random.default_rng(8)
+    keys = np.arange(200, dtype=np.int64)
+    vectors = unit(np.repeat(rng.standard_normal((200, 1, D)), Q, axis=1))  # 32 alike vectors an image
+    query = unit(rng.standard_normal(D))
+    index = MaxSimIndex(D, Q, "flat-fp32")
+    index.add(keys, vectors)
+    assert index.use_gpu()
+    skipped = brute_force(vectors, keys, query, 20)[0]  # the 20 best
+    index.skip(skipped)
+    live = np.setdiff1d(keys, skipped)
+    hits = index.search(query, n)[0]
+    assert hits.keys.tolist() == brute_force(vectors[live], live, query, n)[0].tolist()
