@@ -312,8 +312,12 @@ class IndexStore:
         try:
             synced = json.loads((self.directory / SYNCED_FILE).read_text())
             version = self.catalog.vectors_version()
-            in_step = (version is not None and synced["catalog_vectors_version"] == version
-                       and synced["files"] == self.vectors_stamp() and self.vectors_path.exists())
+            stamp = self.vectors_stamp()
+            if "files" in synced:
+                files_unchanged = synced["files"] == stamp
+            else:  # saved by blipsearch before deltas: the file's size and mtime, and there is no delta
+                files_unchanged = stamp[1] is None and stamp[0] is not None and synced["file"] == stamp[0][1:]
+            in_step = version is not None and synced["catalog_vectors_version"] == version and files_unchanged
             return int(synced["images"]) if in_step else None
         except (OSError, ValueError, TypeError, KeyError):  # none, or unreadable: it only saves work
             return None

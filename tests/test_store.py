@@ -252,6 +252,11 @@ def test_a_search_of_an_unchanged_catalog_reads_no_ids_and_any_change_is_seen(ti
         store.reconcile_and_save(store.load_vectors(identity), identity)
         read.clear()
         assert store.load_vectors(identity, read_only=True).ntotal == 5 * identity.num_queries and read == []
+        synced = json.loads((tmp_path / "idx" / "vectors.json").read_text())
+        stat = (tmp_path / "idx" / "vectors.faiss").stat()
+        assert synced.pop("files")[0] == [stat.st_ino, stat.st_size, stat.st_mtime_ns]
+        (tmp_path / "idx" / "vectors.json").write_text(json.dumps({**synced, "file": [stat.st_size, stat.st_mtime_ns]}))
+        assert store.in_step()  # as blipsearch saved it before deltas
         os.utime(tmp_path / "idx" / "vectors.faiss")  # replaced by other means since: not trusted
         store.load_vectors(identity, read_only=True)
         assert len(read) == 1
