@@ -235,5 +235,5 @@ def read_delta(path: Path):
         with np.load(io.BytesIO(Path(path).read_bytes()), allow_pickle=False) as saved:
             return ([int(v) for v in saved["base"]], saved["skipped"].astype(np.int64),
                     faiss.deserialize_index(saved["delta"]))
-    except (OSError, ValueError, KeyError, RuntimeError, EOFError):
+    except (OSError, ValueError, TypeError, KeyError, RuntimeError, EOFError):
         return None

@@ -109,6 +109,9 @@ def test_a_small_base_is_written_whole_and_a_delta_of_a_replaced_base_is_ignored
     assert SegmentedIndex.load(path, D, Q, "flat-fp16").keys().tolist() == keys.tolist()
     delta_path(path).write_bytes(b"not a delta")  # unreadable: as none (the catalog refills what it lacks)
     assert SegmentedIndex.load(path, D, Q, "flat-fp16").ntotal == len(keys) * Q
+    with open(delta_path(path), "wb") as handle:  # an archive, but not of a delta
+        np.savez(handle, base=np.zeros((3, 2)), skipped=np.zeros(1), delta=np.zeros(3, np.uint8))
+    assert SegmentedIndex.load(path, D, Q, "flat-fp16").ntotal == len(keys) * Q
 
 
 def test_a_file_of_the_older_format_is_written_whole_at_its_first_change(tmp_path):
