@@ -183,9 +183,9 @@ class Service:
 
     def _index_state(self) -> tuple:
         """What changes when another process changes the index: its FAISS file and delta, one of which
-        every run replaces atomically at its end, and the catalog's vectors version, which every change to the
-        embeddings replaces, also those of writers sharing a PostgreSQL catalog under their own FAISS
-        files (the newest embedding id, used before, missed what they removed)."""
+        every run replaces atomically at its end, and the catalog's vectors version, which every change
+        to the embeddings replaces, also those of writers sharing a PostgreSQL catalog under their own
+        FAISS files (the newest embedding id, used before, missed what they removed)."""
         return self.store.vectors_stamp(), self.store.catalog.vectors_version()
 
     def _reload_if_changed(self) -> None:

@@ -4,8 +4,9 @@ The catalog is the source of truth. The FAISS file may lag behind it after a cra
 periodically and at the end of a run) or behind writers sharing the catalog, so an open reconciles
 the two: vectors of images the catalog no longer has are dropped, images it has but the file lacks
 are added from the catalog. An open skips that when the file was saved in step with the catalog's
-vectors version as it still is (`vectors.json`, `save_vectors`), and a writer with nothing to change
-leaves the file alone (`left_as_it_is`). The FAISS file is rebuilt from the catalog when its kind
+vectors version as it still is (`vectors.json`, `save_vectors`), a writer with nothing to change
+leaves the file alone (`left_as_it_is`), and one that changes a large file saves the change beside
+it (`retrieval.segments`). The FAISS file is rebuilt from the catalog when its kind
 changes, when a kind that needs training has enough vectors to train on, and when the collection
 outgrows what it was trained for.
 """
@@ -207,9 +208,10 @@ class IndexStore:
 
     # -- vectors ----------------------------------------------------------------------------------
     def load_vectors(self, identity: ModelIdentity, read_only: bool = False):
-        """The FAISS index, reconciled in memory with the catalog and rebuilt if due. `read_only`
-        (searching) maps a large file instead of reading it; a change later reads it after all. An
-        open of a catalog unchanged since the file was saved reads no ids (`_load_synced`)."""
+        """The FAISS index (a `SegmentedIndex`: the file and its delta), reconciled in memory with the
+        catalog and rebuilt if due. A large file is mapped instead of read (`_mapped`), and changes
+        leave it as it is. An open of a catalog unchanged since the file was saved reads no ids
+        (`_load_synced`)."""
         from retrieval.segments import SegmentedIndex
 
         if (index := self._load_synced(identity, strict=not read_only, mmap=self._mapped(read_only))) is not None:
