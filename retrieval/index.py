@@ -56,7 +56,7 @@ class MaxSimIndex:
         self.deleted = np.zeros(0, np.int64)  # vector ids skipped but still in FAISS's index (`skip`)
         self._gpu = None  # a GPU copy for searching, made by `use_gpu`, dropped by any change
         self._want_gpu = False
-        self._selector = None  # keeps the FAISS selector of deleted ids alive while it is used
+        self._skip_selector = (self.deleted, None)  # (the `deleted` it was built for, `skip_selector`)
         self._mapped_from: Path | None = None  # the file a memory-mapped index maps
 
     def _empty(self, spec: IndexSpec, vectors: int):
@@ -305,8 +305,18 @@ class MaxSimIndex:
                 complete = depth <= faiss_index.GPU_MAX_K and not len(self.deleted)
                 if complete or all(self._images_in(row) >= needed for row in ids):
                     return scores, ids
-        params, self._selector = faiss_index.search_params(self.index, self.spec, depth, self.deleted)
+        skip = self._skipping()  # a local reference: kept alive while FAISS uses it, whatever other threads do
+        params = faiss_index.search_params(self.index, self.spec, depth, skip)
         return self.index.search(queries, depth, params=params)
+
+    def _skipping(self):
+        """The selector leaving out `deleted`, built once per change of it and then shared by searches
+        (FAISS only reads it); None when nothing is skipped."""
+        built_for, skip = self._skip_selector
+        if built_for is not self.deleted:
+            skip = faiss_index.skip_selector(self.deleted) if len(self.deleted) else None
+            self._skip_selector = (self.deleted, skip)
+        return skip
 
     def _images_in(self, ids: np.ndarray) -> int:
         return len(np.unique(ids[ids >= 0] // self.num_queries))
