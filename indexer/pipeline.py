@@ -88,6 +88,7 @@ class IndexSummary:
     links_not_followed: int = 0  # symbolic links the walk left alone (`WalkOptions.follow_symlinks`)
     unreadable: list[str] = field(default_factory=list)  # not read; what the catalog holds there stays
     roots_found_empty: list[str] = field(default_factory=list)  # no file found, files indexed: kept (`walk.Missing`)
+    vectors_saved: str = "unchanged"  # how the run left the FAISS file: "unchanged", "delta" or "whole"
 
     def skip_unstorable(self, names_not_utf8: list[str], paths_too_long: list[str]) -> None:
         """Files the catalog cannot name: counted as skipped, with no catalog row."""
@@ -111,6 +112,7 @@ class IndexSummary:
             "links_not_followed": self.links_not_followed,
             "unreadable": self.unreadable,
             "roots_found_empty": self.roots_found_empty,
+            "vectors_saved": self.vectors_saved,
         }
 
 
@@ -188,7 +190,8 @@ class Indexer:
             writer = writer or self._start_writing(transform, summary)
             writer.vectors.remove(orphaned)
             # Writers sharing the catalog (PostgreSQL) add images this run's file lacks: take them in.
-            self.store.reconcile_and_save(writer.vectors, writer.embedder.identity)
+            whole = self.store.reconcile_and_save(writer.vectors, writer.embedder.identity)
+            summary.vectors_saved = "whole" if whole else "delta"
         summary.seconds["total"] = time.perf_counter() - started
         self.progress.close()
         return summary

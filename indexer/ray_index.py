@@ -235,7 +235,7 @@ class RayIndexRun(_RayRun):
         if identity is not None:
             vectors = self._vectors(identity)
             vectors.remove(np.asarray(orphaned, dtype=np.int64))
-            self.store.reconcile_and_save(vectors, identity)
+            summary.vectors_saved = "whole" if self.store.reconcile_and_save(vectors, identity) else "delta"
         summary.seconds["total"] = time.perf_counter() - started
         self.progress.close()
         return summary

@@ -259,25 +259,28 @@ class IndexStore:
         """A `VectorSource` for `MaxSimIndex.search`: the fp32 vectors, read from the catalog."""
         return lambda keys: self.catalog.vectors(keys, identity.num_queries, identity.embed_dim)
 
-    def save_vectors(self, index, synced: str | None = None) -> None:
+    def save_vectors(self, index, synced: str | None = None) -> bool:
         """Refresh (a long run trains or retrains here, at its periodic saves), then save atomically.
         `synced`: the catalog's `vectors_version` read before `index` was last reconciled with it
         (`reconcile_and_save`). A later change replaces that version, so while the catalog has it the
         file holds its vectors; a change between the reading and this save makes the version old, so
-        it only costs the next search a full reconcile."""
+        it only costs the next search a full reconcile. Returns whether the whole file was written (else
+        its delta alone: `SegmentedIndex.save`)."""
         with suppress(FileNotFoundError):
             os.unlink(self.directory / SYNCED_FILE)  # first: never a record that names another file
         self.refresh(index)
-        index.save(self.vectors_path, self.config.delta)
+        whole = index.save(self.vectors_path, self.config.delta)
         if synced is not None:
             self._write_json(SYNCED_FILE, {"catalog_vectors_version": synced, "images": index.ntotal // index.num_queries,
                                            "files": self.vectors_stamp()})
+        return whole
 
-    def reconcile_and_save(self, index, identity: ModelIdentity) -> None:
-        """What a writer does last: make `index` the catalog's, and save it as such."""
+    def reconcile_and_save(self, index, identity: ModelIdentity) -> bool:
+        """What a writer does last: make `index` the catalog's, and save it as such; returns whether the
+        whole file was written."""
         version = self.catalog.vectors_version()  # before the ids that reconciling reads
         reconcile(index, self.catalog, identity)
-        self.save_vectors(index, synced=version)
+        return self.save_vectors(index, synced=version)
 
     def _load_synced(self, identity: ModelIdentity, strict: bool, mmap: bool):
         """The saved FAISS index, if it was saved reconciled with the catalog's current vectors version

@@ -337,7 +337,7 @@ def test_a_writer_saves_its_changes_beside_a_large_file_and_readers_see_them(pho
         assert len(catalog.remove_files([f.id for f in forgotten])) == 3  # another writer's removals
         writer = store.load_vectors(identity)
         assert writer.base._mapped_from is not None  # not read into memory
-        store.reconcile_and_save(writer, identity)
+        assert store.reconcile_and_save(writer, identity) is False  # the delta alone
         assert file_stamp(tmp_path / "vectors.faiss") == stamp and store.vectors_stamp() != state
         summary = store.vectors_summary()
         assert summary["index_skipped_images"] == 3 and summary["index_in_step"]
@@ -351,7 +351,10 @@ def test_a_writer_saves_its_changes_beside_a_large_file_and_readers_see_them(pho
     finally:
         store.close()
     assert not any(path == f.path for path, _ in itc_results(tmp_path, tiny_model) for f in forgotten)
-    run_cli("index", "--index", str(tmp_path), "-q", check=True)  # brings them back; small: merged, whole
+    again = run_cli("index", "--index", str(tmp_path), "-q", "--json", check=True)  # brings them back
+    assert json.loads(again.stdout)["vectors_saved"] == "whole"  # a small file: merged, written whole
+    again = run_cli("index", "--index", str(tmp_path), "-q", "--json", check=True)
+    assert json.loads(again.stdout)["vectors_saved"] == "unchanged"
     after = status(tmp_path)
     assert after["index_skipped_images"] == 0 and after["index_vectors"] == 40 * 32 and after["index_in_step"]
     assert not (tmp_path / "vectors.delta.npz").exists()
