@@ -26,6 +26,7 @@ from indexer.catalog import Catalog, sqlite_url
 from indexer.errors import IndexBusyError, IndexNotFoundError, IndexNotWritableError, IndexSettingsError
 from indexer.walk import WalkOptions
 from retrieval.errors import UsageError
+from retrieval.index import replace_atomically
 from retrieval.index_types import IndexSpec, auto_candidates, choose_spec
 from retrieval.loading import ModelIdentity
 from retrieval.segments import DeltaPolicy, delta_path, file_stamp
@@ -144,9 +145,21 @@ class IndexStore:
             raise IndexNotWritableError(f"cannot write to the index at {self.directory} "
                                         f"({exc.strerror or exc}); it can be searched, not changed") from None
         try:
+            self._clear_partial_saves()
             yield
         finally:
             lock.release()
+
+    def _clear_partial_saves(self) -> None:
+        """Remove what saves killed mid-way left: `NAME.tmpPID` beside the FAISS file (as large as the
+        file), its delta and the settings files. Only under the writer lock, when nothing writes them."""
+        names = {VECTORS_FILE, delta_path(self.vectors_path).name, SETTINGS_FILE, WALK_FILE, SYNCED_FILE}
+        with suppress(OSError), os.scandir(self.directory) as entries:
+            for entry in entries:
+                stem, tmp, pid = entry.name.rpartition(".tmp")
+                if tmp and stem in names and pid.isdigit():
+                    with suppress(OSError):
+                        os.unlink(entry.path)
 
     # -- settings ---------------------------------------------------------------------------------
     def settings(self) -> IndexSettings:
@@ -190,9 +203,7 @@ class IndexStore:
         return saved
 
     def _write_json(self, name: str, payload: dict) -> None:
-        tmp = self.directory / f"{name}.tmp{os.getpid()}"  # written whole, then renamed over the old one
-        tmp.write_text(json.dumps(payload))
-        os.replace(tmp, self.directory / name)
+        replace_atomically(self.directory / name, lambda tmp: tmp.write_text(json.dumps(payload)))
 
     def choose_walk(self, excludes: tuple[str, ...] = (), clear_excludes: bool = False,
                     follow_symlinks: bool | None = None) -> WalkOptions:

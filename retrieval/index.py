@@ -20,6 +20,7 @@ the collection is large enough to train on; `needs_rebuild` says when, and `rebu
 from __future__ import annotations
 
 import os
+from contextlib import suppress
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable
@@ -34,6 +35,28 @@ VectorSource = Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]]
 # Yields (keys, (n, num_queries, dim) vectors) chunks: every image a rebuilt index must hold.
 VectorChunks = Callable[[], Iterable[tuple[np.ndarray, np.ndarray]]]
 TOMBSTONE_REBUILD = 0.2  # HNSW (which cannot delete) is rebuilt when a fifth of it is deleted
+
+
+def replace_atomically(path: Path, write: Callable[[Path], None]) -> None:
+    """`write` a temporary file beside `path`, fsync it, rename it over `path` and fsync the folder:
+    readers see the old file or the new, never half of one. A failed write (a full disk, Ctrl-C)
+    removes its temporary file; one a killed process left is removed by the next writer
+    (`IndexStore.writer_lock`), since beside a FAISS file it is as large as the file."""
+    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+    try:
+        write(tmp)
+        with open(tmp, "rb") as handle:
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with suppress(OSError):
+            os.unlink(tmp)
+        raise
+    directory = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(directory)
+    finally:
+        os.close(directory)
 
 
 @dataclass(frozen=True)
@@ -100,21 +123,11 @@ class MaxSimIndex:
             self._mapped_from = None
 
     def save(self, path: Path) -> None:
-        """Write to a temporary file, fsync, then rename over `path`: readers see old or new, never half."""
+        """Save to `path` atomically (`replace_atomically`): readers see the old file or the new."""
         import faiss
 
-        path = Path(path)
-        tmp = path.with_name(path.name + f".tmp{os.getpid()}")
         self.purge()  # tombstones live in memory only: a saved file holds live vectors alone
-        faiss.write_index(self.index, str(tmp))
-        with open(tmp, "rb") as handle:
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-        directory = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(directory)
-        finally:
-            os.close(directory)
+        replace_atomically(Path(path), lambda tmp: faiss.write_index(self.index, str(tmp)))
 
     # -- training ---------------------------------------------------------------------------------
     def needs_rebuild(self, spec: IndexSpec | None = None, vectors: int | None = None) -> str | None:

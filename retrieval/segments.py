@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from retrieval.index import ImageHits, MaxSimIndex, VectorChunks, VectorSource
+from retrieval.index import ImageHits, MaxSimIndex, VectorChunks, VectorSource, replace_atomically
 from retrieval.index_types import IndexSpec
 
 
@@ -214,16 +214,14 @@ def _merged(first: ImageHits, second: ImageHits, n_images: int) -> ImageHits:
 
 
 def _write_delta(path: Path, base_stamp: list[int], skipped: np.ndarray, delta: MaxSimIndex) -> None:
-    """Written whole to a temporary file, fsynced, then renamed over the old one."""
     import faiss
 
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    with open(tmp, "wb") as handle:
-        np.savez(handle, base=np.asarray(base_stamp, np.int64), skipped=skipped.astype(np.int64),
-                 delta=faiss.serialize_index(delta.index))
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
+    def write(tmp: Path) -> None:
+        with open(tmp, "wb") as handle:
+            np.savez(handle, base=np.asarray(base_stamp, np.int64), skipped=skipped.astype(np.int64),
+                     delta=faiss.serialize_index(delta.index))
+
+    replace_atomically(path, write)
 
 
 def read_delta(path: Path):

@@ -267,3 +267,26 @@ def test_the_skip_selector_is_used_only_where_needed_built_once_and_shared_by_th
     index.skip(keys[1:2])
     index.search(queries[0], 5)
     assert built[-1] == 101 * Q
+
+
+def test_a_failed_save_removes_its_temporary_file_and_keeps_the_old_files(tmp_path, monkeypatch):
+    """A full disk (or Ctrl-C) mid-save: the old file and delta stay as they were, and no temporary
+    file is left (beside a FAISS file, one is as large as the file)."""
+    import errno
+
+    path = tmp_path / "vectors.faiss"
+    keys, _ = saved_base("flat-fp16", path)
+    index = SegmentedIndex.load(path, D, Q, "flat-fp16", mmap=True)
+    index.remove(keys[:1])
+    assert index.save(path, DELTA_ALWAYS) is False
+    saved = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    index.remove(keys[1:2])
+
+    def full(_):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "fsync", full)
+    for policy in (DELTA_ALWAYS, DeltaPolicy(whole_below_bytes=1 << 40)):  # the delta, then the whole file
+        with pytest.raises(OSError, match="No space"):
+            index.save(path, policy)
+        assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == saved

@@ -359,3 +359,21 @@ def test_a_writer_saves_its_changes_beside_a_large_file_and_readers_see_them(pho
     assert after["index_skipped_images"] == 0 and after["index_vectors"] == 40 * 32 and after["index_in_step"]
     assert not (tmp_path / "vectors.delta.npz").exists()
     assert_consistent(tmp_path)
+
+
+def test_a_writer_removes_the_temporary_files_of_saves_killed_midway(tmp_path):
+    """`kill -9` during a save leaves `NAME.tmpPID` beside the file: a FAISS file's is as large as the
+    file, and every killed run added one. The next writer removes them when it takes the lock."""
+    from indexer.store import IndexStore, StoreConfig
+
+    store = IndexStore.open(StoreConfig(tmp_path), create=True)
+    try:
+        left = ["vectors.faiss.tmp4304", "vectors.delta.npz.tmp17", "index.json.tmp9", "vectors.json.tmp12"]
+        others = ["vectors.faiss.tmp", "vectors.faiss.tmpnotes", "photo.jpg.tmp12"]  # not ours: kept
+        for name in left + others:
+            (tmp_path / name).write_bytes(b"partial")
+        with store.writer_lock():
+            pass
+        assert sorted(p.name for p in tmp_path.iterdir() if ".tmp" in p.name) == sorted(others)
+    finally:
+        store.close()
