@@ -184,9 +184,11 @@ def index(paths, index_dir, catalog_url, model, device, dtype, batch_size, worke
             config = replace(config, walk=store.choose_walk(tuple(exclude), no_exclude, follow_symlinks))
             if index_type is not None or max_index_memory is not None:
                 _choose_index_type(store, index_type or "auto", max_index_memory)
+            settings = store.settings()
             if feature_cache_mb is not None:  # kept for later runs, searches and servers
-                store.save_settings(replace(store.settings(), feature_cache_mb=feature_cache_mb))
-            config = replace(config, feature_cache=FeatureCacheConfig(store.settings().feature_cache_mb * 1_000_000))
+                settings = replace(settings, feature_cache_mb=feature_cache_mb)
+                store.save_settings(settings)
+            config = replace(config, feature_cache=FeatureCacheConfig(settings.feature_cache_mb * 1_000_000))
             if ray_address is not None:
                 ray = ray_config(store, ray_address, shards_url, ray_model_actors, ray_gpus_per_actor, batch_size,
                                  "index")

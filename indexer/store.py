@@ -6,9 +6,9 @@ the two: vectors of images the catalog no longer has are dropped, images it has 
 are added from the catalog. An open skips that when the file was saved in step with the catalog's
 vectors version as it still is (`vectors.json`, `save_vectors`), a writer with nothing to change
 leaves the file alone (`left_as_it_is`), and one that changes a large file saves the change beside
-it (`retrieval.segments`). The FAISS file is rebuilt from the catalog when its kind
-changes, when a kind that needs training has enough vectors to train on, and when the collection
-outgrows what it was trained for.
+it (`retrieval.segments`). The FAISS file is rebuilt from the catalog when its kind changes, when a
+kind that needs training has enough vectors to train on, and when the collection outgrows what it
+was trained for.
 """
 
 from __future__ import annotations

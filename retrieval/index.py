@@ -210,8 +210,13 @@ class MaxSimIndex:
         """The images held, sorted; each image's vectors are added and deleted together."""
         keys = faiss_index.stored_keys(self.index, self.num_queries)
         if len(self.deleted):
-            keys = np.setdiff1d(keys, np.unique(self.deleted // self.num_queries), assume_unique=True)
+            keys = np.setdiff1d(keys, self.skipped, assume_unique=True)
         return keys
+
+    @property
+    def skipped(self) -> np.ndarray:
+        """The images `skip` leaves out (sorted keys), still in FAISS's index."""
+        return np.unique(self.deleted // self.num_queries)
 
     def _ids(self, keys: np.ndarray) -> np.ndarray:
         return (keys[:, None] * self.num_queries + np.arange(self.num_queries)[None, :]).ravel()
@@ -229,7 +234,7 @@ class MaxSimIndex:
             raise ValueError("vectors must be L2-normalised")
         ids = self._ids(keys)
         self._writable()
-        if len(self.deleted) and np.isin(ids, self.deleted).any():
+        if self._is_skipped(ids).any():
             self.purge()  # a skipped key comes back: drop its old vectors first
         self.index.add_with_ids(flat, ids)
         self._gpu = None

@@ -15,13 +15,13 @@ kinds re-scored exactly, so the merged top n is what one index would have return
 
 from __future__ import annotations
 
-import io
 import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
+from retrieval import faiss_index
 from retrieval.index import ImageHits, MaxSimIndex, VectorChunks, VectorSource, replace_atomically
 from retrieval.index_types import IndexSpec
 
@@ -85,23 +85,23 @@ class SegmentedIndex:
     @property
     def skipped(self) -> np.ndarray:
         """The base's images removed since it was saved (sorted keys)."""
-        return np.unique(self.base.deleted // self.num_queries)
+        return self.base.skipped
 
-    def base_keys(self) -> np.ndarray:
-        if self._base_keys is None:
-            self._base_keys = np.union1d(self.base.keys(), self.skipped)
-        return self._base_keys
+    def _live_in_base(self, keys: np.ndarray) -> np.ndarray:
+        """Those of `keys` the base holds and does not skip."""
+        if self._base_keys is None:  # read once from the base's ids; reset where the base changes (rebuild, save)
+            self._base_keys = faiss_index.stored_keys(self.base.index, self.num_queries)
+        return np.setdiff1d(np.intersect1d(keys, self._base_keys), self.skipped, assume_unique=True)
 
     def keys(self) -> np.ndarray:
-        live = np.setdiff1d(self.base_keys(), self.skipped, assume_unique=True)
-        return np.union1d(live, self.delta.keys())
+        return np.union1d(self.base.keys(), self.delta.keys())
 
     # -- changes ----------------------------------------------------------------------------------
     def add(self, keys: np.ndarray, vectors: np.ndarray) -> None:
         keys = np.asarray(keys, dtype=np.int64)
         if len(keys) == 0:
             return
-        in_base = np.setdiff1d(np.intersect1d(keys, self.base_keys()), self.skipped, assume_unique=True)
+        in_base = self._live_in_base(keys)
         if len(in_base):  # new vectors for a key the base holds: the delta's replace them
             self.base.skip(in_base)
         self.delta.add(keys, vectors)
@@ -111,7 +111,7 @@ class SegmentedIndex:
         if len(keys) == 0:
             return 0
         removed = self.delta.remove(np.intersect1d(keys, self.delta.keys()))
-        in_base = np.setdiff1d(np.intersect1d(keys, self.base_keys()), self.skipped, assume_unique=True)
+        in_base = self._live_in_base(keys)
         if len(in_base):
             self.base.skip(in_base)
         return removed + len(in_base)
@@ -148,12 +148,10 @@ class SegmentedIndex:
         if base.ntotal == 0:  # no base of this kind to apply a delta to: the caller refills it
             return cls(base)
         loaded = cls(base, base_stamp=stamp)
-        saved = read_delta(delta_path(path))
-        if saved is None or saved[0] != stamp:
-            return loaded  # none, unreadable, or for a base since replaced (which holds its images)
-        from retrieval import faiss_index
-
-        _, skipped, delta = saved
+        saved = delta_of(path, stamp)
+        if saved is None:
+            return loaded
+        skipped, delta = saved
         if delta.d != dim or faiss_index.kind_of(delta) != loaded.delta.spec.kind:
             return loaded
         base.skip(skipped)  # base images when the delta was saved, and this is that base: no ids read
@@ -167,9 +165,7 @@ class SegmentedIndex:
     def whole_save_due(self, path: Path, policy: DeltaPolicy) -> bool:
         """Whether `save` will write the whole file: there is none of this base, it is small or of an
         older format (`saved_with_reverse_map`), or the delta has grown past `policy`'s share of it."""
-        from retrieval.faiss_index import saved_with_reverse_map
-
-        if self.base_stamp is None or self.base_stamp != file_stamp(path) or saved_with_reverse_map(path):
+        if self.base_stamp is None or self.base_stamp != file_stamp(path) or faiss_index.saved_with_reverse_map(path):
             return True
         if self.base_stamp[1] < policy.whole_below_bytes:
             return True
@@ -197,12 +193,18 @@ class SegmentedIndex:
         return True
 
 
+def delta_of(path: Path, stamp: list[int] | None):
+    """(skipped keys, FAISS index) of the delta saved for the file at `path` whose stamp is `stamp`;
+    None where there is none, it cannot be read, or it belongs to a file since replaced (which
+    holds its images)."""
+    saved = read_delta(delta_path(path))
+    return None if saved is None or saved[0] != stamp else saved[1:]
+
+
 def saved_delta(path: Path) -> tuple[int, int]:
     """(vectors in the delta, base images it skips) saved for the base at `path`; (0, 0) where none is."""
-    saved = read_delta(delta_path(path))
-    if saved is None or saved[0] != file_stamp(path):
-        return 0, 0
-    return int(saved[2].ntotal), len(saved[1])
+    saved = delta_of(path, file_stamp(path))
+    return (0, 0) if saved is None else (int(saved[1].ntotal), len(saved[0]))
 
 
 def _merged(first: ImageHits, second: ImageHits, n_images: int) -> ImageHits:
@@ -230,7 +232,7 @@ def read_delta(path: Path):
     import faiss
 
     try:
-        with np.load(io.BytesIO(Path(path).read_bytes()), allow_pickle=False) as saved:
+        with np.load(path, allow_pickle=False) as saved:  # each array read from the file once
             return ([int(v) for v in saved["base"]], saved["skipped"].astype(np.int64),
                     faiss.deserialize_index(saved["delta"]))
     except (OSError, ValueError, TypeError, KeyError, RuntimeError, EOFError):

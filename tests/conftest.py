@@ -159,7 +159,7 @@ def assert_consistent(index_dir: Path, catalog_url: str | None = None) -> None:
 
     from indexer.catalog import Catalog, sqlite_url
     from retrieval.faiss_index import stored_ids
-    from retrieval.segments import delta_path, file_stamp, read_delta
+    from retrieval.segments import delta_of, file_stamp
 
     catalog = Catalog.open(catalog_url or sqlite_url(index_dir / "catalog.sqlite"))
     try:
@@ -170,10 +170,10 @@ def assert_consistent(index_dir: Path, catalog_url: str | None = None) -> None:
         files = catalog.files()
     finally:
         catalog.close()
-    delta = read_delta(delta_path(path))
-    if delta is not None and delta[0] == file_stamp(path):
-        skipped = ids // identity.num_queries
-        ids = np.concatenate([ids[~np.isin(skipped, delta[1])], stored_ids(delta[2])])
+    delta = delta_of(path, file_stamp(path))
+    if delta is not None:
+        skipped, delta_index = delta
+        ids = np.concatenate([ids[~np.isin(ids // identity.num_queries, skipped)], stored_ids(delta_index)])
     assert len(ids) == len(set(ids.tolist())), "duplicate vector ids"
     keys, per_key = np.unique(ids // identity.num_queries, return_counts=True)
     assert (per_key == identity.num_queries).all()
