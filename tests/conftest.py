@@ -248,6 +248,7 @@ class Cuttable:
         from sqlalchemy.engine import make_url
 
         self.target = make_url(url)
+        self.lock = threading.Lock()  # the accepting thread and cut() both change the live sockets
         self.listener = socket.create_server(("127.0.0.1", 0))
         self.port = self.listener.getsockname()[1]
         self.url = self.target.set(host="127.0.0.1", port=self.port).render_as_string(hide_password=False)
@@ -258,10 +259,20 @@ class Cuttable:
         while True:
             try:
                 client, _ = listener.accept()
-            except OSError:
+            except OSError:  # cut
                 return
-            server = socket.create_connection((self.target.host, self.target.port or 5432))
-            self.sockets += [client, server]
+            try:
+                server = socket.create_connection((self.target.host, self.target.port or 5432))
+            except OSError:  # the server itself refused: so does the link
+                _sever(client)
+                continue
+            with self.lock:
+                cut_meanwhile = listener is not self.listener  # accepted as cut() ran: it must not survive
+                if not cut_meanwhile:
+                    self.sockets += [client, server]
+            if cut_meanwhile:
+                _sever(client), _sever(server)
+                return
             for a, b in ((client, server), (server, client)):
                 threading.Thread(target=self._pump, args=(a, b), daemon=True).start()
 
@@ -273,20 +284,28 @@ class Cuttable:
         except OSError:
             pass
         finally:
-            sink.close()
+            # Not close() alone: while the other pump is blocked in recv() on `sink`, Linux sends no FIN,
+            # and a server connection left open outlives its client (idle in a transaction, holding locks).
+            _sever(sink)
 
     def cut(self) -> None:
-        for sock in [self.listener, *self.sockets]:  # shutdown wakes the thread blocked in accept
-            try:
-                sock.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
-            sock.close()
-        self.sockets = []
+        with self.lock:
+            cut, self.listener, self.sockets = [self.listener, *self.sockets], None, []
+        for sock in cut:  # shutdown wakes the thread blocked in accept
+            _sever(sock)
 
     def restore(self) -> None:
-        self.listener = socket.create_server(("127.0.0.1", self.port))
+        with self.lock:
+            self.listener = socket.create_server(("127.0.0.1", self.port))
         threading.Thread(target=self._accept, args=(self.listener,), daemon=True).start()
+
+
+def _sever(sock: socket.socket) -> None:
+    try:
+        sock.shutdown(socket.SHUT_RDWR)
+    except OSError:  # not connected, or already shut
+        pass
+    sock.close()
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])
