@@ -15,6 +15,10 @@ from indexer.errors import CatalogConnectionError, CatalogUnavailableError, Cata
 
 QUERY_CANCELED = "57014"  # PostgreSQL's SQLSTATE for a statement that ran past statement_timeout
 SQLITE_STEPS_PER_CHECK = 10_000  # virtual machine steps between looks at the clock: a count stops ms past its limit
+# The server's keepalive probes on each connection: idle 60 s, then every 10 s, 6 unanswered: dropped.
+# A client lost without a word (a host down, a network cut) otherwise holds its transaction's row locks
+# until the server's default probes give up, after more than two hours, and a rerun waits on them.
+SERVER_KEEPALIVES = {"tcp_keepalives_idle": 60, "tcp_keepalives_interval": 10, "tcp_keepalives_count": 6}
 
 
 def open_engine(url: str) -> Engine:
@@ -33,6 +37,8 @@ def open_engine(url: str) -> Engine:
             "SQLite and PostgreSQL (postgresql+psycopg://host/db)") from None
     if engine.dialect.name == "sqlite":
         event.listen(engine, "connect", _sqlite_connected)
+    elif engine.dialect.name == "postgresql":
+        event.listen(engine, "connect", _postgres_connected)
     try:
         _migrate(engine)
     except DatabaseError as exc:  # no server there, no such database, refused, not a database file
@@ -105,6 +111,16 @@ def _sqlite_connected(dbapi_connection, _record) -> None:
     cursor.execute("PRAGMA busy_timeout=30000")
     cursor.execute("PRAGMA foreign_keys=ON")
     cursor.close()
+
+
+def _postgres_connected(dbapi_connection, _record) -> None:
+    """Each new PostgreSQL connection: the server's keepalives, as SET (not startup options, which a
+    pooler such as PgBouncer refuses), committed so that the pool's rollback on return keeps them."""
+    cursor = dbapi_connection.cursor()
+    for name, value in SERVER_KEEPALIVES.items():
+        cursor.execute(f"SET {name} = {value}")
+    cursor.close()
+    dbapi_connection.commit()
 
 
 def scalar_within(conn: Connection, query, seconds: float):

@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 
 from indexer.catalog import Catalog, FileEntry
+from indexer.database import SERVER_KEEPALIVES
 from indexer.errors import CatalogConnectionError
 from indexer.schema import INDEXED, SKIPPED
 from retrieval.errors import ModelMismatchError
@@ -482,6 +483,22 @@ def test_remove_files_by_id_deletes_the_vectors_only_they_used(catalog):
     assert catalog.remove_files([ids["/p/a.jpg"]]) == []  # b.jpg still shows h1
     assert catalog.remove_files([ids["/p/b.jpg"], ids["/p/c.jpg"]]) != []
     assert catalog.counts()["files"] == 0 and catalog.counts()["distinct_images"] == 0
+
+
+def test_the_server_drops_a_connection_whose_client_vanished_within_two_minutes(postgres_url):
+    """Its keepalive probes: a run's host lost mid-transaction must not hold its row locks for hours.
+    (Set on each connection and kept past a rollback; a real lost host is not simulated here.)"""
+    catalog = Catalog.open(postgres_url)
+    try:
+        catalog.engine.dispose()  # a new connection, not the one whose migration check committed
+        with catalog.engine.connect() as conn:
+            for _ in range(2):  # the second after a rollback, as the pool does on each return
+                shown = {name: int(conn.exec_driver_sql(f"SHOW {name}").scalar_one()) for name in SERVER_KEEPALIVES}
+                assert shown == SERVER_KEEPALIVES
+                conn.rollback()
+        assert shown["tcp_keepalives_idle"] + shown["tcp_keepalives_interval"] * shown["tcp_keepalives_count"] <= 120
+    finally:
+        catalog.close()
 
 
 def test_a_catalog_server_that_goes_away_and_comes_back(postgres_url):
