@@ -35,6 +35,7 @@ class ThumbnailCache:
         self._lock = threading.Lock()
         self._kept_bytes: int | None = None  # in the folder, as far as this server knows; None: not listed yet
         self._evicting = False
+        self._added_while_listing = 0  # bytes written during an eviction's pass, which may not have seen them
         try:
             directory.mkdir(exist_ok=True)
         except OSError:  # a read-only index: thumbnails are made for each request instead
@@ -58,6 +59,8 @@ class ThumbnailCache:
         with self._lock:
             if self._kept_bytes is not None:
                 self._kept_bytes += size
+            if self._evicting:
+                self._added_while_listing += size
             start = not self._evicting and (self._kept_bytes is None or self._kept_bytes > self.max_bytes)
             self._evicting = self._evicting or start
         if start:
@@ -67,12 +70,14 @@ class ThumbnailCache:
         try:
             kept_bytes = evict(self.directory, self.max_bytes)
             with self._lock:
-                self._kept_bytes = kept_bytes
+                # Counted again if the pass listed them: too many bytes only bring the next pass sooner,
+                # too few let the folder grow past its limit by what a long listing missed.
+                self._kept_bytes = kept_bytes + self._added_while_listing
         except OSError:  # the folder unreadable: this server tries again with its next thumbnail
             pass
         finally:
             with self._lock:
-                self._evicting = False
+                self._evicting, self._added_while_listing = False, 0
 
 
 def evict(directory: Path, max_bytes: int) -> int:
