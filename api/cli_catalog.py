@@ -47,7 +47,7 @@ def forget(paths, index_dir, catalog_url, as_json) -> None:
 @click.option("--status", type=click.Choice(["indexed", "skipped"]), default=None,
               help="Only files of this status: skipped lists what could not be indexed, and why (error).")
 @click.option("--path", "path_glob", default=None,
-              help="Only files whose full path matches this glob, as search --path takes it.")
+              help="Only files under this folder or matching this glob, as search --path takes them.")
 def export(index_dir, catalog_url, fmt, output, status, path_glob) -> None:
     """Write one row per file in the catalog: path, status, error, size, mtime, hash, width, height,
     format, and the caption with its model, prompt and time."""

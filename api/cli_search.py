@@ -22,8 +22,9 @@ from api.options import (
                    "else ITM logit + ITC as LAVIS ranks), or ITC [default: itm+itc for a calibrated model, else itm].")
 @click.option("--min-score", type=float, default=None, help="Drop results scoring below this.")
 @click.option("--path", "path_glob", default=None,
-              help="Only files whose full path matches this glob; a relative one is taken from the current "
-                   "folder ('vacation/*'), one starting with * matches anywhere ('*2019*').")
+              help="Only files under this folder, or whose full path matches this glob; a relative one is "
+                   "taken from the current folder ('vacation', 'vacation/*.png'), one starting with * matches "
+                   "anywhere ('*2019*').")
 @click.option("--not", "negatives", multiple=True, help="Push results away from this text (repeatable).")
 @click.option("--image", "image_path", type=click.Path(dir_okay=False), default=None,
               help="Search by an example image instead of text.")

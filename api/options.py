@@ -99,12 +99,17 @@ def feature_cache(store, identity, megabytes: int | None):
 
 def absolute_glob(glob: str | None) -> str | None:
     """A `--path` glob as the catalog's absolute paths can match it: `vacation/*` matched nothing,
-    silently; a relative glob is taken from the current folder, one starting with * matches anywhere."""
-    from indexer.path_glob import anchored
+    silently; a relative glob is taken from the current folder, one starting with * matches anywhere,
+    and a folder means the files under it (`path_glob.folder_files`)."""
+    from indexer.path_glob import anchored, folder_files
 
-    if glob is None or anchored(glob):
-        return glob
-    return os.path.normpath(os.path.join(os.getcwd(), os.path.expanduser(glob)))  # ../photos/* too
+    if glob is None:
+        return None
+    if not anchored(glob):
+        folder = glob.endswith("/")
+        glob = os.path.normpath(os.path.join(os.getcwd(), os.path.expanduser(glob)))  # ../photos/* too
+        glob += "/" if folder and glob != "/" else ""  # normpath drops it
+    return folder_files(glob)
 
 
 def store_config(index_dir: Path | None, catalog_url: str | None):

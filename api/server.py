@@ -360,12 +360,14 @@ def create_app(service: Service) -> FastAPI:
 
 def _absolute_glob(glob: str | None) -> str | None:
     """A `path` glob as the catalog's absolute paths can match it; a relative one would be taken from
-    the server's working folder, which means nothing to a client."""
-    from indexer.path_glob import anchored
+    the server's working folder, which means nothing to a client. A folder means the files under it."""
+    from indexer.path_glob import anchored, folder_files
 
-    if glob is not None and not anchored(glob):
+    if glob is None:
+        return None
+    if not anchored(glob):
         raise HTTPException(400, f"path must be an absolute glob or start with *, not {glob!r}")
-    return glob
+    return folder_files(glob)
 
 
 def _image(row, caption) -> dict:

@@ -12,6 +12,7 @@ fnmatch itself registered as a SQLite function; on PostgreSQL LIKE where there i
 from __future__ import annotations
 
 import fnmatch
+import os
 from dataclasses import dataclass
 
 from sqlalchemy import and_, false, func
@@ -39,6 +40,17 @@ def literal_start(glob: str) -> str:
     """What every path `glob` matches begins with: the glob up to its first wildcard."""
     wildcards = [at for at in (glob.find(c) for c in "*?[") if at >= 0]
     return glob[: min(wildcards)] if wildcards else glob
+
+
+def folder_files(glob: str) -> str:
+    """A glob naming a folder as the glob of every file under it: one ending in '/', or one with no
+    wildcard where there is a folder. `--path ~/Pictures/2019` matched only a file of that name, and
+    so nothing, when the user meant the photos in it."""
+    if glob.endswith("/"):
+        return glob + "*"
+    if literal_start(glob) == glob and os.path.isdir(glob):
+        return glob + "/*"
+    return glob
 
 
 def conditions(column, glob: str, dialect: str) -> list:

@@ -59,3 +59,14 @@ def test_literal_start(glob, start):
 def test_a_glob_no_catalog_path_can_match_is_false_in_sql():
     for glob in ["/p/\udce9*", "/p/\x00*"]:
         assert str(path_glob.sql_condition(column("path"), glob, "postgresql")) == "false"
+
+
+def test_a_folder_means_the_files_under_it(tmp_path):
+    (tmp_path / "2019").mkdir()
+    (tmp_path / "2019" / "a.jpg").write_bytes(b"")
+    assert path_glob.folder_files(f"{tmp_path}/2019") == f"{tmp_path}/2019/*"
+    assert path_glob.folder_files(f"{tmp_path}/gone/") == f"{tmp_path}/gone/*"  # said so, there or not
+    assert path_glob.folder_files(f"{tmp_path}/gone") == f"{tmp_path}/gone"  # maybe a file, once
+    assert path_glob.folder_files(f"{tmp_path}/2019/a.jpg") == f"{tmp_path}/2019/a.jpg"
+    assert path_glob.folder_files(f"{tmp_path}/201[9]") == f"{tmp_path}/201[9]"  # a glob already
+    assert path_glob.folder_files("*2019") == "*2019"

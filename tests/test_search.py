@@ -251,6 +251,9 @@ def test_a_relative_path_glob_is_taken_from_the_current_folder(indexed):
     found = run_cli("search", QUERY, "--index", str(root / "idx"), "-k", "3", "--no-rerank", "--json",
                     "--path", f"{relative}/img000*", check=True)
     assert [os.path.basename(r["path"])[:6] for r in json.loads(found.stdout)["results"]] == ["img000"] * 3
+    folder = run_cli("search", QUERY, "--index", str(root / "idx"), "-k", "3", "--no-rerank", "--json",
+                     "--path", relative, check=True)  # a folder, no wildcard: the files under it
+    assert [os.path.dirname(r["path"]) for r in json.loads(folder.stdout)["results"]] == [str(paths[0].parent)] * 3
 
 
 def test_path_filter_and_min_score(indexed):

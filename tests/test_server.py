@@ -270,6 +270,10 @@ def test_catalog_listing_metadata_file_and_thumbnail(served):
     page = client.get("/api/images", params={"limit": 3, "offset": 2, "status": "indexed"}).json()
     assert page["total"] == 8 and len(page["images"]) == 3
     assert client.get("/api/images", params={"path": "*img0001*"}).json()["total"] == 1
+    for folder in (str(root / "photos"), f"{root}/photos/"):  # a folder: its files
+        assert client.get("/api/images", params={"path": folder}).json()["total"] == 8
+    found = client.get("/api/search", params={"q": "a photo", "path": str(root / "photos"), "k": 3}).json()
+    assert len(found["results"]) == 3
     image_id = page["images"][0]["id"]
     meta = client.get(f"/api/images/{image_id}").json()
     assert meta["path"] == page["images"][0]["path"] and meta["width"] == 160
