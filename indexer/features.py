@@ -13,12 +13,15 @@ from __future__ import annotations
 
 import contextlib
 import os
+import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 FEATURES_DIR = "features"
+STALE_TEMPORARY_S = 3600  # a temporary file this old was left by a process that died mid-write
 
 
 @dataclass(frozen=True)
@@ -39,6 +42,7 @@ class FeatureCache:
             self.directory.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             self.write_error = exc.strerror or str(exc)
+        self._lock = threading.Lock()  # a server's searches put from their own threads
         self._bytes = sum(size for _, size, _ in self._entries())
 
     @classmethod
@@ -67,19 +71,23 @@ class FeatureCache:
         if array.nbytes > self.max_bytes or self.write_error:
             return
         path = self._path(content_hash)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        # Its own name per thread: two searches putting the same image at once renamed one file twice.
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
         try:
             path.parent.mkdir(exist_ok=True)
             with open(tmp, "wb") as handle:
                 np.save(handle, array, allow_pickle=False)
-            os.replace(tmp, path)
-            self._bytes += path.stat().st_size
+            with self._lock:
+                replaced = _size(path)  # the same image put again: counted once
+                os.replace(tmp, path)
+                self._bytes += path.stat().st_size - replaced
+                over = self._bytes > self.max_bytes
         except OSError as exc:
             self.write_error = exc.strerror or str(exc)
             with contextlib.suppress(OSError):  # absent, or its folder is not one
                 tmp.unlink()
             return
-        if self._bytes > self.max_bytes:
+        if over:
             self._evict(target=int(self.max_bytes * 0.9))
 
     def _entries(self) -> list[tuple[Path, int, float]]:
@@ -94,15 +102,34 @@ class FeatureCache:
 
     def _evict(self, target: int) -> None:
         """Delete least recently used entries until the cache holds at most `target` bytes."""
-        entries = sorted(self._entries(), key=lambda entry: entry[2])
-        total = sum(size for _, size, _ in entries)
-        for path, size, _ in entries:
-            if total <= target:
-                break
-            path.unlink(missing_ok=True)
-            total -= size
-        self._bytes = total
+        with self._lock:  # one pass at a time, and no put counted meanwhile then lost
+            _remove_stale_temporaries(self.directory)
+            entries = sorted(self._entries(), key=lambda entry: entry[2])
+            total = sum(size for _, size, _ in entries)
+            for path, size, _ in entries:
+                if total <= target:
+                    break
+                path.unlink(missing_ok=True)
+                total -= size
+            self._bytes = total
 
     @property
     def bytes(self) -> int:
         return self._bytes
+
+
+def _size(path: Path) -> int:
+    try:
+        return path.stat().st_size
+    except FileNotFoundError:
+        return 0
+
+
+def _remove_stale_temporaries(directory: Path) -> None:
+    """Entries a process killed mid-write left under their temporary names: listed by no pass, so
+    never evicted, they would take room outside the limit for ever."""
+    now = time.time()
+    for tmp in directory.glob("*/.*.tmp"):
+        with contextlib.suppress(OSError):  # removed meanwhile, or still being written by another
+            if now - tmp.stat().st_mtime > STALE_TEMPORARY_S:
+                tmp.unlink()

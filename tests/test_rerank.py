@@ -117,6 +117,51 @@ def test_cache_evicts_least_recently_used(tmp_path):
     assert cache.get("01hash") is None  # the least recently used went first
 
 
+def test_eviction_removes_what_killed_writers_left(tmp_path):
+    import os
+    import time
+
+    cache = FeatureCache(tmp_path, max_bytes=2100)  # one entry of 2,128 bytes puts it over
+    (tmp_path / "ab").mkdir()
+    stale, fresh = tmp_path / "ab" / ".abhash.npy.1.2.tmp", tmp_path / "ab" / ".abhash.npy.3.4.tmp"
+    for tmp in (stale, fresh):
+        tmp.write_bytes(b"x" * 100)
+    os.utime(stale, (time.time() - 7200, time.time() - 7200))
+    cache.put("cdhash", np.zeros((10, 100), np.float32))  # over the limit: a pass
+    assert not stale.exists() and fresh.exists()  # the fresh one may be another process's, being written
+
+
+def test_two_searches_caching_the_same_image_at_once_both_keep_the_cache(tmp_path, monkeypatch):
+    """A server's searches put features from their own threads, and two asking alike put the same
+    image's: they shared one temporary file name, so the second rename failed and the cache stopped
+    writing for the rest of the server's life (`write_error`)."""
+    import threading
+
+    from indexer import features
+
+    cache = FeatureCache(tmp_path, max_bytes=10**8)
+    first_writing, second_done = threading.Event(), threading.Event()
+    save = np.save
+
+    def save_waiting(handle, array, **kwargs):
+        if threading.current_thread().name == "first":  # holds its file open while the second writes
+            first_writing.set()
+            second_done.wait(10)
+        save(handle, array, **kwargs)
+
+    monkeypatch.setattr(features.np, "save", save_waiting)
+    vit = np.random.default_rng(0).standard_normal((5, 8)).astype(np.float32)
+    first = threading.Thread(target=cache.put, args=("ab" * 32, vit), name="first")
+    first.start()
+    assert first_writing.wait(10)
+    cache.put("ab" * 32, vit)
+    second_done.set()
+    first.join()
+    assert cache.write_error is None
+    np.testing.assert_array_equal(cache.get("ab" * 32), vit.astype(np.float16))
+    assert cache.bytes == sum(entry.stat().st_size for entry in tmp_path.glob("*/*.npy"))
+
+
 def test_index_fills_the_cache_and_search_runs_with_it(tiny_model, tmp_path):
     make_images(tmp_path / "photos", 5, seed=8)
     common = ["--index", str(tmp_path / "idx"), "--model", str(tiny_model), "--feature-cache-mb", "50"]
