@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from indexer.catalog import Catalog, FileEntry
-from indexer.database import SERVER_KEEPALIVES
+from indexer.database import CLIENT_KEEPALIVES, SERVER_KEEPALIVES
 from indexer.errors import CatalogConnectionError
 from indexer.schema import INDEXED, SKIPPED
 from retrieval.errors import ModelMismatchError
@@ -485,9 +485,10 @@ def test_remove_files_by_id_deletes_the_vectors_only_they_used(catalog):
     assert catalog.counts()["files"] == 0 and catalog.counts()["distinct_images"] == 0
 
 
-def test_the_server_drops_a_connection_whose_client_vanished_within_two_minutes(postgres_url):
-    """Its keepalive probes: a run's host lost mid-transaction must not hold its row locks for hours.
-    (Set on each connection and kept past a rollback; a real lost host is not simulated here.)"""
+def test_either_side_of_a_catalog_connection_drops_it_within_two_minutes_of_a_network_cut(postgres_url):
+    """Keepalive probes, the server's: a run's host lost mid-transaction must not hold its row locks
+    for hours; and the client's: a run must not wait for hours on an answer the cut swallowed. (Set
+    on each connection, the server's kept past a rollback; a real network cut is not simulated.)"""
     catalog = Catalog.open(postgres_url)
     try:
         catalog.engine.dispose()  # a new connection, not the one whose migration check committed
@@ -497,8 +498,17 @@ def test_the_server_drops_a_connection_whose_client_vanished_within_two_minutes(
                 assert shown == SERVER_KEEPALIVES
                 conn.rollback()
         assert shown["tcp_keepalives_idle"] + shown["tcp_keepalives_interval"] * shown["tcp_keepalives_count"] <= 120
+        with catalog.engine.connect() as conn:  # and this side's, for a server lost the same way
+            client = conn.connection.dbapi_connection.info.get_parameters()
+        assert {name: int(client[name]) for name in CLIENT_KEEPALIVES} == CLIENT_KEEPALIVES
     finally:
         catalog.close()
+    own = Catalog.open(postgres_url + "?keepalives_idle=300")  # a URL's own setting is kept
+    try:
+        with own.engine.connect() as conn:
+            assert conn.connection.dbapi_connection.info.get_parameters()["keepalives_idle"] == "300"
+    finally:
+        own.close()
 
 
 def test_a_catalog_server_that_goes_away_and_comes_back(postgres_url):
