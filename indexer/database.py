@@ -42,7 +42,8 @@ def open_engine(url: str) -> Engine:
     if engine.dialect.name == "sqlite":
         event.listen(engine, "connect", _sqlite_connected)
     elif engine.dialect.name == "postgresql":
-        event.listen(engine, "do_connect", _client_keepalives)
+        if engine.dialect.driver in ("psycopg", "psycopg2"):  # libpq's parameters: pg8000 has none
+            event.listen(engine, "do_connect", _client_keepalives)
         event.listen(engine, "connect", _postgres_connected)
     try:
         _migrate(engine)
