@@ -50,7 +50,8 @@ files = Table(
     Column("embedding_id", Integer, ForeignKey("embeddings.id"), index=True),
     Column("updated_at", Float, nullable=False),
 )
-# The skipped files' paths alone (0004): a page of them reads only them.
+# The skipped files' paths alone (0004): a page of them reads only them. (On PostgreSQL, 0006 also
+# indexes the paths' trigrams where pg_trgm can be created: a migration's alone, as it may not be.)
 Index("ix_files_skipped_path", files.c.path, sqlite_where=text("status = 'skipped'"),
       postgresql_where=text("status = 'skipped'"))
 

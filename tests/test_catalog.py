@@ -80,6 +80,65 @@ def test_a_catalog_of_an_older_version_is_migrated_with_its_rows(catalog_url):
     catalog.close()
 
 
+def test_a_rare_glob_is_found_through_the_trigram_index_on_postgresql(postgres_url):
+    """0006: '*2019*' read every path to find its few matches; pg_trgm's index finds them."""
+    from sqlalchemy import select
+
+    from indexer import path_glob, schema
+
+    catalog = Catalog.open(postgres_url)
+    try:
+        catalog.write_batch([entry(f"/p/{i:04d}/IMG_{i:06d}.jpg", None, SKIPPED) for i in range(2000)], {})
+        assert [row.path for row in catalog.listing.page(0, 5, path_glob="*IMG_00123[0-4]*")[1]] == \
+            [f"/p/{i:04d}/IMG_{i:06d}.jpg" for i in range(1230, 1235)]
+        f = schema.files
+        for glob in ("*IMG_001234*", "*IMG_00123[0-4]*"):  # LIKE alone; LIKE and a regular expression
+            query = select(f.c.id).where(*path_glob.conditions(f.c.path, glob, "postgresql"))
+            compiled = query.compile(catalog.engine, compile_kwargs={"literal_binds": True})
+            with catalog.engine.begin() as conn:
+                conn.exec_driver_sql("SET LOCAL enable_seqscan = off")  # 2,000 rows: a scan would be cheaper
+                plan = "\n".join(conn.exec_driver_sql(f"EXPLAIN {compiled}".replace("%", "%%")).scalars())
+            assert "ix_files_path_trgm" in plan, plan
+    finally:
+        catalog.close()
+
+
+def test_a_catalog_user_who_may_not_create_pg_trgm_gets_a_catalog_without_its_index(postgres_url):
+    """pg_trgm needs the right to create in the database; without it, the migration goes on."""
+    from sqlalchemy import inspect
+    from sqlalchemy.engine import make_url
+
+    from tests.conftest import _postgres_admin
+
+    database = make_url(postgres_url).database
+    role = f"limited_{database[-12:]}"
+    admin = _postgres_admin()
+    with contextlib.closing(admin):
+        admin.execute(f"CREATE ROLE {role} LOGIN")
+        with contextlib.closing(_postgres_admin_of(database)) as owner:
+            owner.execute(f"GRANT CREATE, USAGE ON SCHEMA public TO {role}")  # tables, not extensions
+        catalog = Catalog.open(make_url(postgres_url).set(username=role).render_as_string(hide_password=False))
+        try:
+            catalog.write_batch([entry("/p/a.jpg", None, SKIPPED)], {})
+            assert [row.path for row in catalog.listing.page(0, 5, path_glob="*a.jpg")[1]] == ["/p/a.jpg"]
+            assert "ix_files_path_trgm" not in {index["name"] for index in inspect(catalog.engine).get_indexes("files")}
+        finally:
+            catalog.close()
+            with contextlib.closing(_postgres_admin_of(database)) as owner:
+                owner.execute(f"DROP OWNED BY {role}")
+            admin.execute(f"DROP ROLE {role}")
+
+
+def _postgres_admin_of(database: str):
+    import psycopg
+    from sqlalchemy.engine import make_url
+
+    from tests.conftest import POSTGRES_URL
+
+    url = make_url(POSTGRES_URL).set(drivername="postgresql", database=database)
+    return psycopg.connect(url.render_as_string(hide_password=False), autocommit=True)
+
+
 def test_an_older_catalog_that_cannot_be_written_is_one_clear_error(catalog_url):
     """A shared index on a read-only mount, first opened by a newer blipsearch: the schema upgrade
     (0005 adds a row) cannot be written. It said "attempt to write a readonly database" and SQL."""
@@ -94,7 +153,7 @@ def test_an_older_catalog_that_cannot_be_written_is_one_clear_error(catalog_url)
         read_only = catalog_url + "?options=-c%20default_transaction_read_only%3Don"
     with pytest.raises(CatalogVersionError) as raised:
         Catalog.open(read_only)
-    assert "has schema version 0004, older than this blipsearch's 0005, and cannot be upgraded where it is " \
+    assert "has schema version 0004, older than this blipsearch's 0006, and cannot be upgraded where it is " \
            "read-only; open it once where it can be written" in str(raised.value)
     Catalog.open(catalog_url).close()  # where it can be written, it is upgraded
     Catalog.open(read_only).close()  # and then opens read-only too
