@@ -129,6 +129,22 @@ def test_a_catalog_user_who_may_not_create_pg_trgm_gets_a_catalog_without_its_in
             admin.execute(f"DROP ROLE {role}")
 
 
+def test_pg_trgm_in_a_schema_off_the_search_path_leaves_the_catalog_without_its_index(postgres_url):
+    from sqlalchemy import inspect
+    from sqlalchemy.engine import make_url
+
+    with contextlib.closing(_postgres_admin_of(make_url(postgres_url).database)) as owner:
+        owner.execute("CREATE SCHEMA elsewhere")
+        owner.execute("CREATE EXTENSION pg_trgm SCHEMA elsewhere")  # gin_trgm_ops not found by name
+    catalog = Catalog.open(postgres_url)
+    try:
+        catalog.write_batch([entry("/p/a.jpg", None, SKIPPED)], {})
+        assert [row.path for row in catalog.listing.page(0, 5, path_glob="*a.jpg")[1]] == ["/p/a.jpg"]
+        assert "ix_files_path_trgm" not in {index["name"] for index in inspect(catalog.engine).get_indexes("files")}
+    finally:
+        catalog.close()
+
+
 def _postgres_admin_of(database: str):
     import psycopg
     from sqlalchemy.engine import make_url
