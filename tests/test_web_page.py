@@ -170,3 +170,44 @@ def test_the_address_holds_the_search_and_a_gone_image_is_an_error(server):
         assert driver.current_url == f"{server}/?like={like}&k=10"
     finally:
         driver.quit()
+
+
+def test_a_search_within_a_folder_or_a_glob(server, tmp_path):
+    """The folder field: its folder's files or its glob's, kept in the address; a relative path, which
+    means nothing to the server, is an error that says what to give."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support import expected_conditions as ready
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    driver = browser()
+    try:
+        driver.get(server + "/")
+        wait = WebDriverWait(driver, 30)
+        wait.until(ready.text_to_be_present_in_element((By.ID, "status"), "12 images indexed"))
+        driver.find_element(By.ID, "query").send_keys("a red circle")
+        driver.find_element(By.ID, "path").send_keys("*img000[0-2]*")
+        driver.find_element(By.CSS_SELECTOR, "button[type=submit]").click()
+        wait.until(ready.text_to_be_present_in_element((By.ID, "status"), "3 results for “a red circle” within *img000[0-2]*"))
+        names = {card.text.split("\n")[-1] for card in driver.find_elements(By.CSS_SELECTOR, "#results .card")}
+        assert names == {"img0000.jpg", "img0001.jpg", "img0002.jpg"}
+        driver.refresh()  # the address holds the glob too
+        wait.until(ready.text_to_be_present_in_element((By.ID, "status"), "3 results for “a red circle” within"))
+        assert driver.find_element(By.ID, "path").get_attribute("value") == "*img000[0-2]*"
+        driver.find_elements(By.CSS_SELECTOR, "#results .card")[0].click()  # more like it, within the glob
+        wait.until(ready.visibility_of_element_located((By.ID, "viewer")))
+        driver.find_element(By.ID, "like").click()
+        wait.until(ready.text_to_be_present_in_element((By.ID, "status"), "2 results for “images like img000"))
+        folder = driver.find_element(By.ID, "path")
+        folder.clear()
+        folder.send_keys(str(tmp_path / "photos"))  # a folder, no wildcard: the files under it
+        query = driver.find_element(By.ID, "query")
+        query.send_keys("a red circle")
+        driver.find_element(By.CSS_SELECTOR, "button[type=submit]").click()
+        wait.until(ready.text_to_be_present_in_element((By.ID, "status"), f"12 results for “a red circle” within {tmp_path}"))
+        folder.clear()
+        folder.send_keys("photos")
+        driver.find_element(By.CSS_SELECTOR, "button[type=submit]").click()
+        wait.until(ready.text_to_be_present_in_element((By.ID, "status"), "Error: path must be an absolute glob"))
+    finally:
+        driver.quit()
+
