@@ -115,15 +115,17 @@ def test_a_catalog_user_who_may_not_create_pg_trgm_gets_a_catalog_without_its_in
     admin = _postgres_admin()
     with contextlib.closing(admin):
         admin.execute(f"CREATE ROLE {role} LOGIN")
-        with contextlib.closing(_postgres_admin_of(database)) as owner:
-            owner.execute(f"GRANT CREATE, USAGE ON SCHEMA public TO {role}")  # tables, not extensions
-        catalog = Catalog.open(make_url(postgres_url).set(username=role).render_as_string(hide_password=False))
         try:
-            catalog.write_batch([entry("/p/a.jpg", None, SKIPPED)], {})
-            assert [row.path for row in catalog.listing.page(0, 5, path_glob="*a.jpg")[1]] == ["/p/a.jpg"]
-            assert "ix_files_path_trgm" not in {index["name"] for index in inspect(catalog.engine).get_indexes("files")}
-        finally:
-            catalog.close()
+            with contextlib.closing(_postgres_admin_of(database)) as owner:
+                owner.execute(f"GRANT CREATE, USAGE ON SCHEMA public TO {role}")  # tables, not extensions
+            catalog = Catalog.open(make_url(postgres_url).set(username=role).render_as_string(hide_password=False))
+            try:
+                catalog.write_batch([entry("/p/a.jpg", None, SKIPPED)], {})
+                assert [row.path for row in catalog.listing.page(0, 5, path_glob="*a.jpg")[1]] == ["/p/a.jpg"]
+                assert "ix_files_path_trgm" not in {i["name"] for i in inspect(catalog.engine).get_indexes("files")}
+            finally:
+                catalog.close()
+        finally:  # roles outlive the test's database
             with contextlib.closing(_postgres_admin_of(database)) as owner:
                 owner.execute(f"DROP OWNED BY {role}")
             admin.execute(f"DROP ROLE {role}")
