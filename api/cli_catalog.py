@@ -121,6 +121,7 @@ def status(index_dir, catalog_url, as_json) -> None:
             "embed_dim": identity.embed_dim if identity else None,
             "num_queries": identity.num_queries if identity else None,
             **store.catalog.counts(),
+            "path_trigram_index": store.catalog.listing.has_path_trigrams(),  # for --path '*2019*'
             "bytes_on_disk": store.disk_bytes(),
             **store.vectors_summary(),
         }

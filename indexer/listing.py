@@ -82,6 +82,17 @@ class FileListing:
         return out
 
 
+    def has_path_trigrams(self) -> bool:
+        """Whether globs without a folder start are found through pg_trgm's index (schema 0006, on
+        PostgreSQL where the database allowed it) rather than by reading every path."""
+        if self.engine.dialect.name != "postgresql":
+            return False
+        with self.engine.connect() as conn:
+            return conn.exec_driver_sql(
+                "SELECT count(*) FROM pg_indexes WHERE tablename = 'files' AND indexname = 'ix_files_path_trgm' "
+                "AND schemaname = current_schema()").scalar_one() > 0
+
+
 def file_filters(engine: Engine, status: str | None = None, has_caption: bool | None = None,
                  path_glob: str | None = None) -> list:
     """Conditions on files: of one status, with or without a caption, matching a `--path` glob."""

@@ -99,6 +99,7 @@ def test_a_rare_glob_is_found_through_the_trigram_index_on_postgresql(postgres_u
                 conn.exec_driver_sql("SET LOCAL enable_seqscan = off")  # 2,000 rows: a scan would be cheaper
                 plan = "\n".join(conn.exec_driver_sql(f"EXPLAIN {compiled}".replace("%", "%%")).scalars())
             assert "ix_files_path_trgm" in plan, plan
+        assert catalog.listing.has_path_trigrams()  # what status says
     finally:
         catalog.close()
 
@@ -123,6 +124,7 @@ def test_a_catalog_user_who_may_not_create_pg_trgm_gets_a_catalog_without_its_in
                 catalog.write_batch([entry("/p/a.jpg", None, SKIPPED)], {})
                 assert [row.path for row in catalog.listing.page(0, 5, path_glob="*a.jpg")[1]] == ["/p/a.jpg"]
                 assert "ix_files_path_trgm" not in {i["name"] for i in inspect(catalog.engine).get_indexes("files")}
+                assert not catalog.listing.has_path_trigrams()
             finally:
                 catalog.close()
         finally:  # roles outlive the test's database
@@ -286,7 +288,7 @@ def test_index_search_and_reindex_with_catalog_url(tiny_model, tmp_path, postgre
     found = run_cli("search", "a red circle", "-k", "3", "--json", *common, check=True)
     assert found.stdout.count('"path"') == 3
     status = run_cli("status", "--json", *common[:4], check=True)
-    assert '"distinct_images": 5' in status.stdout
+    assert '"distinct_images": 5' in status.stdout and '"path_trigram_index": true' in status.stdout
 
 
 def test_captions_todo_write_and_full_text_search(catalog):
