@@ -62,13 +62,14 @@ def search(texts, index_dir, catalog_url, model, device, dtype, k, candidates, n
     )
     options.validate()
     if caption_only:
-        _print_search(" ".join(texts), _caption_search(index_dir, catalog_url, " ".join(texts), options), as_json)
+        response, hint = _caption_search(index_dir, catalog_url, " ".join(texts), options)
+        _print_search(" ".join(texts), response, as_json, hint)
         return
     query = TextQuery.parse(list(texts), list(negatives)) if texts else None
-    response, label = _run_search(
+    response, label, hint = _run_search(
         index_dir, catalog_url, model, device, dtype, query, image_path, options, feature_cache_mb
     )
-    _print_search(label, response, as_json)
+    _print_search(label, response, as_json, hint)
 
 
 def _caption_search(index_dir, catalog_url, text, options):
@@ -77,9 +78,20 @@ def _caption_search(index_dir, catalog_url, text, options):
 
     store = IndexStore.open(store_config(index_dir, catalog_url))
     try:
-        return search_captions(store.catalog, text, options)
+        response = search_captions(store.catalog, text, options)
+        return response, _why_none(store, response, options)
     finally:
         store.close()
+
+
+def _why_none(store, response, options) -> str | None:
+    """For a search that found nothing within a --path: whether that is because no indexed file is
+    there (a mistyped folder, one never indexed), where the catalog can tell within half a second."""
+    if response.results or not options.path_glob:
+        return None
+    if store.catalog.listing.count_matching(status="indexed", path_glob=options.path_glob, within_s=0.5) == 0:
+        return f"no results: no indexed file is under or matches --path {options.path_glob}"
+    return None
 
 
 def _run_search(index_dir, catalog_url, model, device, dtype, query, image_path, options, feature_cache_mb):
@@ -93,19 +105,20 @@ def _run_search(index_dir, catalog_url, model, device, dtype, query, image_path,
     try:
         if image_path is not None and model is None and (content := indexed_content(store.catalog, image_path)):
             # An image the index holds: its vectors are in the catalog, and the model need not load.
-            return Searcher(store, None).search_stored(content, options), image_path
+            response = Searcher(store, None).search_stored(content, options)
+            return response, image_path, _why_none(store, response, options)
         retriever = Blip2Retriever.load(ModelConfig.retrieval(index_model(store, model), device, dtype))
         reranker = Reranker(retriever, feature_cache(store, retriever.identity, feature_cache_mb))
         searcher = Searcher(store, retriever, reranker)
         if query is not None:
-            found = searcher.search_text(query, options), " + ".join(query.texts)
+            response, label = searcher.search_text(query, options), " + ".join(query.texts)
         else:
-            found = searcher.search_image(image_path, options), image_path
+            response, label = searcher.search_image(image_path, options), image_path
         if reranker.cache and reranker.cache.write_error:
             click.echo(f"warning: cannot write the feature cache in {reranker.cache.directory} "
                        f"({reranker.cache.write_error}); searched without caching", err=True)
         slow_rerank_note(reranker, store.directory)
-        return found
+        return response, label, _why_none(store, response, options)
     finally:
         store.close()
 
@@ -123,7 +136,7 @@ def slow_rerank_note(reranker, index_dir) -> None:
                    f"image for ViT-g); --candidates fewer, or --no-rerank, are faster", err=True)
 
 
-def _print_search(label, response, as_json: bool) -> None:
+def _print_search(label, response, as_json: bool, hint: str | None = None) -> None:
     from dataclasses import asdict
 
     if as_json:
@@ -133,7 +146,7 @@ def _print_search(label, response, as_json: bool) -> None:
     warn_missing(response.missing, "skipped")
     warn_changed(response.changed, "skipped")
     if not response.results:
-        click.echo("no results", err=True)
+        click.echo(hint or "no results", err=True)
     for rank, result in enumerate(response.results, 1):
         caption = f"  {result.caption}" if result.caption else ""
         click.echo(f"{rank:>3}  {result.score:.4f}  {result.path}{caption}")

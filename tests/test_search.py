@@ -254,6 +254,11 @@ def test_a_relative_path_glob_is_taken_from_the_current_folder(indexed):
     folder = run_cli("search", QUERY, "--index", str(root / "idx"), "-k", "3", "--no-rerank", "--json",
                      "--path", relative, check=True)  # a folder, no wildcard: the files under it
     assert [os.path.dirname(r["path"]) for r in json.loads(folder.stdout)["results"]] == [str(paths[0].parent)] * 3
+    common = ["--index", str(root / "idx"), "--no-rerank"]
+    typo = run_cli("search", QUERY, *common, "--path", f"{relative}-typo", check=True)  # says why nothing came
+    assert typo.stderr == f"no results: no indexed file is under or matches --path {paths[0].parent}-typo\n"
+    strict = run_cli("search", QUERY, *common, "--path", relative, "--min-score", "1000", check=True)
+    assert strict.stderr == "no results\n"  # files are there: nothing scored enough
 
 
 def test_path_filter_and_min_score(indexed):
