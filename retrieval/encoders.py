@@ -9,6 +9,7 @@ dtype casts (the Q-Former stays fp32 when the rest runs in fp16), so scores matc
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Any, Sequence
 
@@ -19,6 +20,18 @@ from retrieval.errors import UsageError
 from retrieval.fusion import Fusion, read_fusion
 from retrieval.loading import ModelIdentity, fingerprint, load
 from retrieval.preprocess import ImageTransform
+
+
+# LAVIS's `BlipCaptionProcessor.pre_caption`, which every caption BLIP-2 was trained and evaluated on
+# went through: lower case, these marks as spaces, at most 50 words.
+_LAVIS_DROPPED = re.compile(r"([.!\"()*#:;~])")
+LAVIS_MAX_WORDS = 50
+
+
+def as_trained(text: str) -> str:
+    """`text` as LAVIS feeds captions to BLIP-2: "A dog (running)!" is read as "a dog running"."""
+    text = re.sub(r"\s{2,}", " ", _LAVIS_DROPPED.sub(" ", text.lower())).rstrip("\n").strip(" ")
+    return " ".join(text.split(" ")[:LAVIS_MAX_WORDS])
 
 
 @dataclass(frozen=True)
@@ -101,7 +114,8 @@ class Blip2Retriever:
         if isinstance(texts, str) or not texts:
             raise UsageError("expected a non-empty list of texts")
         tokens = self.tokenizer(
-            list(texts), padding="longest", truncation=True, max_length=self.max_text_tokens, return_tensors="pt"
+            [as_trained(text) for text in texts], padding="longest", truncation=True,
+            max_length=self.max_text_tokens, return_tensors="pt",
         )
         return tokens["input_ids"].to(self.device), tokens["attention_mask"].to(self.device)
 

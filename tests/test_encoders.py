@@ -93,6 +93,27 @@ def test_itm_paired_texts_and_batching_agree(retriever, images):
     np.testing.assert_allclose(batched, single, atol=1e-5)
 
 
+def test_texts_are_read_as_lavis_prepared_the_captions_blip2_learned_from(retriever, reference, images):
+    """LAVIS's caption processor: lower case, . ! " ( ) * # : ; ~ as spaces, at most 50 words. A query's
+    punctuation, never seen in training, moved its embedding."""
+    from retrieval.encoders import as_trained
+
+    assert as_trained('A Dog (running) on "the" beach!  ~Sunset*#: ok;') == "a dog running on the beach sunset ok"
+    assert as_trained("don't, stop? a-b") == "don't, stop? a-b"  # what LAVIS keeps
+    assert as_trained(" ".join(f"w{i}" for i in range(60))) == " ".join(f"w{i}" for i in range(50))
+    raw, plain = 'A red circle (on a blue background)!', "a red circle on a blue background"
+    np.testing.assert_array_equal(retriever.encode_texts([raw]), retriever.encode_texts([plain]))
+    model, processor = reference  # transformers' own model, given the text as LAVIS prepares it
+    image = images[0]
+    inputs = processor(images=image, text=[as_trained(raw)], return_tensors="pt", padding=True)
+    with torch.no_grad():
+        expected = model(**inputs, use_image_text_matching_head=False).logits_per_image.numpy().ravel()
+    sims = retriever.encode_images(retriever.transform(image)[None]).query_embeds[0] @ retriever.encode_texts([raw])[0]
+    np.testing.assert_allclose(sims.max(), expected[0], atol=1e-5)
+    vit = retriever.vit_features(retriever.transform(image)[None])
+    np.testing.assert_array_equal(retriever.itm_logits(vit, [raw]), retriever.itm_logits(vit, [plain]))
+
+
 def test_text_truncated_to_35_tokens(retriever):
     long = " ".join(["red"] * 100)
     ids, _ = retriever._tokenize([long])
