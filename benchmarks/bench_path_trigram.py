@@ -15,9 +15,9 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
-import statistics
 import time
 
+from benchmarks.bench_listing import timed  # median of 5, and the last result
 from benchmarks.bench_rewalk import postgres_databases
 
 COUNT_WITHIN_S = 0.2  # api.service.ServeConfig.count_time_limit_s
@@ -43,15 +43,6 @@ def fill(url: str, files: int) -> None:
     with catalog.engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
         conn.exec_driver_sql("ANALYZE files")  # as autovacuum would after a large run
     catalog.close()
-
-
-def median_of(run, repeats: int = 5):
-    seconds, result = [], None
-    for _ in range(repeats):
-        began = time.perf_counter()
-        result = run()
-        seconds.append(time.perf_counter() - began)
-    return statistics.median(seconds), result
 
 
 def main() -> None:
@@ -83,15 +74,15 @@ def main() -> None:
               f"{index_bytes / 2**20:.0f} MiB; median of 5")
         print(f"{'glob':32s} {'what':10s} {'baseline':>10s} {'project':>10s}  baseline / project")
         for label, glob in GLOBS.items():
-            base_s, base = median_of(lambda: baseline.listing.indexed_matching(glob, PREFILTER_FILES))
-            proj_s, proj = median_of(lambda: project.listing.indexed_matching(glob, PREFILTER_FILES))
+            base_s, base = timed(lambda: baseline.listing.indexed_matching(glob, PREFILTER_FILES))
+            proj_s, proj = timed(lambda: project.listing.indexed_matching(glob, PREFILTER_FILES))
             assert (base is None) == (proj is None) and sorted(r.path for r in base or []) == \
                 sorted(r.path for r in proj or []), label
             print(f"{label + ' ' + glob:32s} {'prefilter':10s} {base_s * 1e3:7.1f} ms {proj_s * 1e3:7.1f} ms  "
                   f"{base_s / proj_s:6.1f}x")
-            base_s, (base_total, base_rows) = median_of(lambda: baseline.listing.page(
+            base_s, (base_total, base_rows) = timed(lambda: baseline.listing.page(
                 0, 50, path_glob=glob, count_within_s=COUNT_WITHIN_S))
-            proj_s, (proj_total, proj_rows) = median_of(lambda: project.listing.page(
+            proj_s, (proj_total, proj_rows) = timed(lambda: project.listing.page(
                 0, 50, path_glob=glob, count_within_s=COUNT_WITHIN_S))
             assert [r.path for r in proj_rows] == [r.path for r in base_rows], label
             assert proj_total is None or base_total is None or proj_total == base_total, label
