@@ -187,12 +187,15 @@ def assert_consistent(index_dir: Path, catalog_url: str | None = None) -> None:
 POSTGRES_URL = os.environ.get("BLIPSEARCH_TEST_POSTGRES", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
 
 
-def _postgres_admin():
-    """An autocommit connection to the test server, or a skip (a failure where CI requires it)."""
+def _postgres_admin(database: str | None = None):
+    """An autocommit connection to the test server (to `database` on it, if given), or a skip (a
+    failure where CI requires it)."""
     try:
         import psycopg
 
         plain = POSTGRES_URL.replace("postgresql+psycopg://", "postgresql://")
+        if database is not None:
+            plain = plain.rsplit("/", 1)[0] + "/" + database
         return psycopg.connect(plain, autocommit=True, connect_timeout=3)
     except Exception as exc:  # noqa: BLE001
         if os.environ.get("BLIPSEARCH_REQUIRE_POSTGRES"):

@@ -21,7 +21,7 @@ from indexer.errors import CatalogConnectionError
 from indexer.schema import INDEXED, SKIPPED
 from retrieval.errors import ModelMismatchError
 from retrieval.loading import ModelIdentity
-from tests.conftest import ROOT, Cuttable, assert_consistent, fill_files, make_images, run_cli
+from tests.conftest import ROOT, Cuttable, _postgres_admin, assert_consistent, fill_files, make_images, run_cli
 
 Q, D = 4, 8
 IDENTITY = ModelIdentity(name="m", fingerprint="abc", embed_dim=D, num_queries=Q)
@@ -109,15 +109,13 @@ def test_a_catalog_user_who_may_not_create_pg_trgm_gets_a_catalog_without_its_in
     from sqlalchemy import inspect
     from sqlalchemy.engine import make_url
 
-    from tests.conftest import _postgres_admin
-
     database = make_url(postgres_url).database
     role = f"limited_{database[-12:]}"
     admin = _postgres_admin()
     with contextlib.closing(admin):
         admin.execute(f"CREATE ROLE {role} LOGIN")
         try:
-            with contextlib.closing(_postgres_admin_of(database)) as owner:
+            with contextlib.closing(_postgres_admin(database)) as owner:
                 owner.execute(f"GRANT CREATE, USAGE ON SCHEMA public TO {role}")  # tables, not extensions
             catalog = Catalog.open(make_url(postgres_url).set(username=role).render_as_string(hide_password=False))
             try:
@@ -128,7 +126,7 @@ def test_a_catalog_user_who_may_not_create_pg_trgm_gets_a_catalog_without_its_in
             finally:
                 catalog.close()
         finally:  # roles outlive the test's database
-            with contextlib.closing(_postgres_admin_of(database)) as owner:
+            with contextlib.closing(_postgres_admin(database)) as owner:
                 owner.execute(f"DROP OWNED BY {role}")
             admin.execute(f"DROP ROLE {role}")
 
@@ -137,7 +135,7 @@ def test_pg_trgm_in_a_schema_off_the_search_path_leaves_the_catalog_without_its_
     from sqlalchemy import inspect
     from sqlalchemy.engine import make_url
 
-    with contextlib.closing(_postgres_admin_of(make_url(postgres_url).database)) as owner:
+    with contextlib.closing(_postgres_admin(make_url(postgres_url).database)) as owner:
         owner.execute("CREATE SCHEMA elsewhere")
         owner.execute("CREATE EXTENSION pg_trgm SCHEMA elsewhere")  # gin_trgm_ops not found by name
     catalog = Catalog.open(postgres_url)
@@ -147,16 +145,6 @@ def test_pg_trgm_in_a_schema_off_the_search_path_leaves_the_catalog_without_its_
         assert "ix_files_path_trgm" not in {index["name"] for index in inspect(catalog.engine).get_indexes("files")}
     finally:
         catalog.close()
-
-
-def _postgres_admin_of(database: str):
-    import psycopg
-    from sqlalchemy.engine import make_url
-
-    from tests.conftest import POSTGRES_URL
-
-    url = make_url(POSTGRES_URL).set(drivername="postgresql", database=database)
-    return psycopg.connect(url.render_as_string(hide_password=False), autocommit=True)
 
 
 def test_an_older_catalog_that_cannot_be_written_is_one_clear_error(catalog_url):
